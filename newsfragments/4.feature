@@ -1,0 +1,1 @@
+p2pfiles runs as a twistd plugin (`twistd -n p2pfiles --id N ...`): nodes link to their peers over an authenticated, length-prefixed protocol (HMAC-SHA256 challenge-response on a shared secret), keep one control link to each member, and answer `p2pfiles status [--json] [--watch]`.

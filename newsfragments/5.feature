@@ -1,0 +1,1 @@
+Nodes elect the live node with the smallest id as leader, in epochs that only grow and are kept across restarts; a killed or hung leader is replaced within the leader timeout and a returning smaller id takes over once, with a new epoch.

@@ -1,0 +1,3 @@
+from p2pfiles.cli import main
+
+main()

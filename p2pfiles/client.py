@@ -1,0 +1,184 @@
+"""
+Talking to a node as a client: connect, authenticate, send requests, read
+replies.  Used by the command-line client and by a node that fetches a file
+from the leader.
+"""
+
+from typing import Any, Callable, List, Optional
+
+from twisted.internet.defer import Deferred, DeferredQueue, QueueUnderflow
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.error import ConnectError, TimeoutError
+from twisted.python.failure import Failure
+
+from p2pfiles.node import parseAddress
+from p2pfiles.protocol import LocalIdentity, P2PFactory, P2PProtocol
+from p2pfiles.wire import Message
+
+# Exit codes of the command-line client; also how a ClientError is classed.
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_AUTH = 4
+EXIT_TIMEOUT = 5
+EXIT_NOT_FOUND = 6
+EXIT_NO_LEADER = 7
+EXIT_VERIFY = 8
+EXIT_REFUSED = 9
+EXIT_LOCAL = 10
+
+# A node's refusal codes -> exit codes.
+_REFUSALS = {
+    "auth": EXIT_AUTH,
+    "version": EXIT_REFUSED,
+    "not-found": EXIT_NOT_FOUND,
+    "no-leader": EXIT_NO_LEADER,
+    "bad-name": EXIT_REFUSED,
+    "bad-offset": EXIT_REFUSED,
+    "conflict": EXIT_REFUSED,
+    "timeout": EXIT_TIMEOUT,
+    "verify": EXIT_VERIFY,
+    "unavailable": EXIT_UNREACHABLE,
+}
+
+
+class ClientError(Exception):
+    """
+    An expected failure, with a one-line message and an exit code.
+    """
+
+    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+    @classmethod
+    def fromRefusal(cls, code: str, reason: str) -> "ClientError":
+        return cls(reason, _REFUSALS.get(code, EXIT_REFUSED))
+
+
+class ClientConnection:
+    """
+    The handler of one client connection: a queue of received messages and a
+    sink for raw bytes.
+    """
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.protocol: Optional[P2PProtocol] = None
+        self.ready: Deferred = Deferred()
+        self._messages: DeferredQueue = DeferredQueue()
+        self._waiters: List[Deferred] = []
+        self.closedReason: Optional[ClientError] = None
+        self.rawSink: Optional[Callable[[bytes], None]] = None
+        self.rawDone: Optional[Callable[[], None]] = None
+        self.onClose: Optional[Callable[[ClientError], None]] = None
+
+    # IConnectionHandler
+
+    def connectionReady(self, connection: P2PProtocol) -> None:
+        self.protocol = connection
+        self.ready.callback(self)
+
+    def messageReceived(self, connection: P2PProtocol, message: Message) -> None:
+        self._messages.put(message)
+
+    def rawDataReceived(self, connection: P2PProtocol, data: bytes) -> None:
+        assert self.rawSink is not None
+        self.rawSink(data)
+
+    def rawDataFinished(self, connection: P2PProtocol) -> None:
+        if self.rawDone is not None:
+            self.rawDone()
+
+    def connectionClosed(self, connection: P2PProtocol, reason: Failure) -> None:
+        if connection.refusal is not None:
+            error = ClientError.fromRefusal(*connection.refusal)
+        elif connection.peer is None:
+            error = ClientError(
+                f"{self.address} closed the connection during the handshake", EXIT_UNREACHABLE
+            )
+        else:
+            error = ClientError(f"connection to {self.address} lost", EXIT_UNREACHABLE)
+        self.closedReason = error
+        if not self.ready.called:
+            self.ready.errback(error)
+        while self._messages.waiting:
+            self._messages.waiting.pop(0).errback(error)
+        if self.onClose is not None:
+            self.onClose(error)
+
+    # Use.
+
+    def send(self, message: Message) -> None:
+        assert self.protocol is not None
+        self.protocol.sendMessage(message)
+
+    def receive(self) -> Deferred:
+        """
+        The next message; fails with L{ClientError} if the connection closes
+        first, or if the node answers with an error.
+        """
+        if self._messages.pending:
+            d = self._messages.get()
+        elif self.closedReason is not None:
+            return Deferred.fromFailure(Failure(self.closedReason))
+        else:
+            try:
+                d = self._messages.get()
+            except QueueUnderflow:
+                return Deferred.fromFailure(Failure(ClientError("too many readers")))
+        return d.addCallback(_raiseErrors)
+
+    def close(self) -> None:
+        if self.protocol is not None and self.protocol.transport is not None:
+            self.protocol.transport.loseConnection()
+
+
+def _raiseErrors(message: Message) -> Message:
+    if message.type == "error":
+        raise ClientError.fromRefusal(message.code, message.reason)
+    return message
+
+
+def connect(
+    reactor: Any, address: str, secret: bytes, timeout: float = 10.0, identity: Optional[LocalIdentity] = None
+) -> Deferred:
+    """
+    Connect to the node at C{address} and authenticate; fire with a
+    L{ClientConnection}, or fail with a L{ClientError}.
+    """
+    try:
+        host, port = parseAddress(address)
+    except ValueError as e:
+        return Deferred.fromFailure(Failure(ClientError(str(e), EXIT_USAGE)))
+    endpointType = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
+    endpoint = endpointType(reactor, host, port, timeout=timeout)
+    handler = ClientConnection(address)
+    if identity is None:
+        identity = LocalIdentity("client", None, None, secret, "request")
+    factory = P2PFactory(identity, handler, reactor, listening=False)
+
+    def failedToConnect(reason: Failure) -> Failure:
+        if reason.check(ClientError):
+            return reason
+        if reason.check(TimeoutError):
+            raise ClientError(f"cannot connect to {address}: timed out", EXIT_TIMEOUT)
+        if reason.check(ConnectError):
+            detail = str(reason.value).rstrip(".")
+            raise ClientError(f"cannot connect to {address}: {detail}", EXIT_UNREACHABLE)
+        return reason
+
+    d = endpoint.connect(factory)
+    d.addCallback(lambda protocol: handler.ready)
+    d.addErrback(failedToConnect)
+    return d
+
+
+def request(connection: ClientConnection, message: Message) -> Deferred:
+    """
+    Send C{message} and fire with the reply.
+    """
+    connection.send(message)
+    return connection.receive()
+

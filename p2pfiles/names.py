@@ -1,0 +1,70 @@
+"""
+Which file names p2pfiles accepts.
+
+A shared file is named by a single path segment of its share directory.  This
+module is the one place that decides whether a name is acceptable; every node
+checks names it is asked for here, and the client checks them before sending
+so the user gets the error at once.
+"""
+
+from typing import Optional
+
+# Longest name accepted, in UTF-8 bytes: the common file system limit.
+MAX_NAME_BYTES = 255
+
+
+class BadName(ValueError):
+    """
+    A file name that p2pfiles refuses.  The string form is a one-line reason.
+    """
+
+
+def nameProblem(name: object) -> Optional[str]:
+    """
+    Return why C{name} is not an acceptable shared file name, or L{None} if
+    it is.
+
+    Refused: anything but a non-empty string; names containing C{/}, C{\\},
+    NUL or other control characters; names starting with C{.} (hidden files,
+    which include partial downloads, C{.} and C{..}); names longer than
+    L{MAX_NAME_BYTES} in UTF-8; names that are not valid Unicode text.
+    """
+    if not isinstance(name, str):
+        return "file name must be a string"
+    if not name:
+        return "file name is empty"
+    if name.startswith("."):
+        return "file name must not start with '.'"
+    for c in name:
+        if c in "/\\":
+            return "file name must not contain '/' or '\\'"
+        if ord(c) < 0x20 or ord(c) == 0x7F:
+            return "file name must not contain control characters"
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "file name is not valid UTF-8"
+    if len(encoded) > MAX_NAME_BYTES:
+        return f"file name is longer than {MAX_NAME_BYTES} bytes"
+    return None
+
+
+def checkName(name: object) -> str:
+    """
+    Return C{name} if it is acceptable, else raise L{BadName} with the
+    reason.
+    """
+    problem = nameProblem(name)
+    if problem is not None:
+        raise BadName(f"bad file name {name!r}: {problem}")
+    assert isinstance(name, str)
+    return name
+
+
+def partName(name: str) -> str:
+    """
+    The hidden name under which a download of C{name} is kept until it is
+    verified.  It starts with C{.}, so it is never shared or accepted as a
+    request.
+    """
+    return "." + name + ".part"

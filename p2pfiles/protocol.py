@@ -1,0 +1,416 @@
+"""
+The p2pfiles connection protocol: length-prefixed frames, an authenticated
+handshake, then typed messages handed to a handler.
+
+The protocol is deliberately thin.  It frames and decodes, runs the
+handshake, and passes every message to its handler (the node, a transfer, or
+the command-line client); it holds no cluster state of its own.  Anything
+malformed drops this one connection with a logged reason.
+
+Raw mode: after a C{file} header the receiver calls L{P2PProtocol.expectRaw}
+and the next C{length} bytes of the stream go to the handler's
+C{rawDataReceived} unframed, so file bytes are neither copied into frames nor
+encoded.
+"""
+
+from struct import pack, unpack
+from typing import Any, Optional
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import Int32StringReceiver
+from twisted.python.failure import Failure
+from zope.interface import Interface
+
+from p2pfiles import auth
+from p2pfiles.wire import PROTOCOL_VERSION, Message, WireError, decode, encode
+
+# How long a connection may take to finish the handshake before it is dropped.
+HANDSHAKE_TIMEOUT = 5.0
+
+ROLES = ("node", "client")
+PURPOSES = ("control", "request")
+
+
+class ProtocolViolation(Exception):
+    """
+    Raised by a handler for a message that is well formed but not allowed
+    here; the connection is dropped with this reason.
+    """
+
+
+class IConnectionHandler(Interface):
+    """
+    What a protocol hands its events to.
+    """
+
+    def connectionReady(connection):
+        """
+        The handshake succeeded; C{connection.peer} describes the other end.
+        """
+
+    def messageReceived(connection, message):
+        """
+        A control message arrived on an authenticated connection.  Raise
+        L{ProtocolViolation} to drop the connection.
+        """
+
+    def rawDataReceived(connection, data):
+        """
+        Bytes of a raw section announced with L{P2PProtocol.expectRaw}.
+        """
+
+    def rawDataFinished(connection):
+        """
+        The last byte of a raw section has been delivered.
+        """
+
+    def connectionClosed(connection, reason):
+        """
+        The connection is gone (after C{connectionReady} or not).
+        """
+
+
+class LocalIdentity:
+    """
+    Who this end of a connection is: its role (C{"node"} or C{"client"}), its
+    node id and listening address (nodes only), why it connects
+    (C{"control"} link or C{"request"}), and the cluster secret (C{b""} for
+    none).
+    """
+
+    def __init__(
+        self,
+        role: str,
+        node: Optional[int],
+        address: Optional[str],
+        secret: bytes,
+        purpose: str = "request",
+    ) -> None:
+        self.role = role
+        self.node = node
+        self.address = address
+        self.secret = secret
+        self.purpose = purpose
+
+    def withPurpose(self, purpose: str) -> "LocalIdentity":
+        return LocalIdentity(self.role, self.node, self.address, self.secret, purpose)
+
+
+class PeerInfo:
+    """
+    What the other end proved about itself in the handshake.
+    """
+
+    def __init__(self, role: str, node: Optional[int], address: Optional[str], purpose: str) -> None:
+        self.role = role
+        self.node = node
+        self.address = address
+        self.purpose = purpose
+
+    def __repr__(self) -> str:
+        who = f"node {self.node}" if self.role == "node" else "client"
+        return f"<{who} {self.purpose}>"
+
+
+class P2PProtocol(Int32StringReceiver):
+    """
+    One p2pfiles connection, either side.
+
+    @ivar peer: a L{PeerInfo} once the handshake has finished, else L{None}.
+    @ivar refusal: C{(code, reason)} if the other end refused us.
+    """
+
+    log = Logger()
+
+    # Only control messages travel in frames; the largest is an index chunk
+    # of ENTRIES_PER_FRAME entries (a few hundred KiB).  File bytes use raw
+    # mode, so anything near 1 MiB is a broken or hostile peer.
+    MAX_LENGTH = 1 << 20
+
+    peer: Optional[PeerInfo] = None
+    refusal = None
+    _rawRemaining = 0
+    _timeout = None
+    _closed = False
+    _dropReason: Optional[str] = None
+
+    def __init__(self, identity: LocalIdentity, handler: Any, clock: IReactorTime, listening: bool) -> None:
+        self.identity = identity
+        self.handler = handler
+        self.clock = clock
+        self.listening = listening
+        self._nonce = auth.makeNonce()
+        self._peerNonce: Optional[str] = None
+        self._pendingPeer: Optional[PeerInfo] = None
+        # What the handshake waits for next.
+        self._expecting = "hello"
+        self._unprocessed = b""
+
+    # Description for log lines.
+
+    def describePeer(self) -> str:
+        address = self.transport.getPeer() if self.transport else None
+        where = f"{address.host}:{address.port}" if hasattr(address, "host") else "?"
+        if self.peer is not None and self.peer.role == "node":
+            return f"node {self.peer.node} ({where})"
+        if self.peer is not None:
+            return f"client {where}"
+        return where
+
+    # Connection lifetime.
+
+    def connectionMade(self) -> None:
+        self._timeout = self.clock.callLater(HANDSHAKE_TIMEOUT, self._handshakeTimedOut)
+        if not self.listening:
+            self.sendMessage(
+                Message(
+                    "hello",
+                    version=PROTOCOL_VERSION,
+                    role=self.identity.role,
+                    node=self.identity.node,
+                    nonce=self._nonce,
+                    address=self.identity.address,
+                    proof=None,
+                    purpose=self.identity.purpose,
+                )
+            )
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self._closed = True
+        self._cancelTimeout()
+        if self._dropReason is not None and not self.isReady():
+            # The handshake failed: the drop was logged when it happened.
+            pass
+        self.handler.connectionClosed(self, reason)
+
+    def isReady(self) -> bool:
+        return self.peer is not None and self._expecting == "open"
+
+    def _cancelTimeout(self) -> None:
+        if self._timeout is not None and self._timeout.active():
+            self._timeout.cancel()
+        self._timeout = None
+
+    def _handshakeTimedOut(self) -> None:
+        self._timeout = None
+        self.drop(f"handshake not finished within {HANDSHAKE_TIMEOUT:g}s", code="timeout")
+
+    # Sending.
+
+    def sendMessage(self, message: Message) -> None:
+        if self._closed:
+            return
+        self.sendString(encode(message))
+
+    def sendError(self, code: str, reason: str) -> None:
+        self.sendMessage(Message("error", code=code, reason=reason))
+
+    def drop(self, reason: str, code: Optional[str] = None, tell: bool = True) -> None:
+        """
+        Log why, optionally tell the other end, and close this connection.
+        """
+        if self._closed or self._dropReason is not None:
+            return
+        self._dropReason = reason
+        self.log.warn("dropped {peer}: {reason}", peer=self.describePeer(), reason=reason)
+        if tell and code is not None:
+            self.sendError(code, reason)
+        self._cancelTimeout()
+        self.transport.loseConnection()
+
+    def refuse(self, code: str, reason: str) -> None:
+        """
+        Refuse an authenticated peer (for instance an id conflict): tell it why
+        and close.
+        """
+        self.drop(reason, code=code)
+
+    # Receiving: frames and raw sections.
+
+    def expectRaw(self, length: int) -> None:
+        """
+        The next C{length} bytes are raw file bytes, not frames.
+        """
+        if length == 0:
+            self.handler.rawDataFinished(self)
+        else:
+            self._rawRemaining = length
+
+    def dataReceived(self, data: bytes) -> None:
+        # Int32StringReceiver's loop, with raw sections: file bytes go to the
+        # handler as they arrive, with no copy when a read is all raw.
+        if self._unprocessed:
+            data = self._unprocessed + data
+            self._unprocessed = b""
+        offset = 0
+        end = len(data)
+        while offset < end and self._dropReason is None and not self._closed:
+            if self._rawRemaining:
+                n = min(self._rawRemaining, end - offset)
+                chunk = data if (offset == 0 and n == end) else data[offset : offset + n]
+                offset += n
+                self._rawRemaining -= n
+                self.handler.rawDataReceived(self, chunk)
+                if self._rawRemaining == 0:
+                    self.handler.rawDataFinished(self)
+                continue
+            if end - offset < 4:
+                break
+            (length,) = unpack("!I", data[offset : offset + 4])
+            if length > self.MAX_LENGTH:
+                self.lengthLimitExceeded(length)
+                return
+            frameEnd = offset + 4 + length
+            if frameEnd > end:
+                break
+            frame = data[offset + 4 : frameEnd]
+            offset = frameEnd
+            self.stringReceived(frame)
+        if offset < end and self._dropReason is None:
+            self._unprocessed = data[offset:]
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        self.drop(
+            f"frame of {length} bytes exceeds the limit of {self.MAX_LENGTH}",
+            code="protocol",
+        )
+
+    def sendString(self, string: bytes) -> None:
+        self.transport.write(pack("!I", len(string)) + string)
+
+    def stringReceived(self, frame: bytes) -> None:
+        try:
+            message = decode(frame)
+        except WireError as e:
+            self.drop(f"malformed frame: {e}", code="protocol")
+            return
+        if message.type == "error":
+            self.refusal = (message.code, message.reason)
+            self.log.warn(
+                "{peer} refused: {reason}", peer=self.describePeer(), reason=message.reason
+            )
+            self._dropReason = message.reason
+            self.transport.loseConnection()
+            return
+        if self._expecting != "open":
+            self._handshakeMessage(message)
+            return
+        try:
+            self.handler.messageReceived(self, message)
+        except ProtocolViolation as e:
+            self.drop(str(e), code="protocol")
+        except Exception:
+            self.log.failure("error handling {type} from {peer}", type=message.type, peer=self.describePeer())
+            self.drop(f"internal error handling {message.type}", code="internal")
+
+    # The handshake.
+
+    def _handshakeMessage(self, message: Message) -> None:
+        expected = self._expecting
+        if message.type != expected:
+            self.drop(f"unexpected {message.type} frame before authentication", code="protocol")
+            return
+        if expected == "hello":
+            self._helloReceived(message)
+        elif expected == "auth":
+            self._authReceived(message)
+        elif expected == "ready":
+            self._readyReceived(message)
+
+    def _checkHello(self, hello: Message) -> Optional[str]:
+        if hello.version != PROTOCOL_VERSION:
+            return (
+                f"protocol version {hello.version} is not supported "
+                f"(this end speaks version {PROTOCOL_VERSION})"
+            )
+        if not auth.validNonce(hello.nonce):
+            return "hello carries an invalid nonce"
+        if hello.role not in ROLES:
+            return f"unknown role {hello.role!r}"
+        if hello.purpose not in PURPOSES:
+            return f"unknown purpose {hello.purpose!r}"
+        if hello.role == "node" and (hello.node is None or hello.address is None):
+            return "a node must give its id and address"
+        return None
+
+    def _helloReceived(self, hello: Message) -> None:
+        problem = self._checkHello(hello)
+        if problem is not None:
+            self.drop(problem, code="version" if "version" in problem else "protocol")
+            return
+        self._peerNonce = hello.nonce
+        self._pendingPeer = PeerInfo(hello.role, hello.node, hello.address, hello.purpose)
+        secret = self.identity.secret
+        if self.listening:
+            self.sendMessage(
+                Message(
+                    "hello",
+                    version=PROTOCOL_VERSION,
+                    role=self.identity.role,
+                    node=self.identity.node,
+                    nonce=self._nonce,
+                    address=self.identity.address,
+                    proof=auth.proof(secret, auth.LISTENER, hello.nonce, self._nonce),
+                    purpose=hello.purpose,
+                )
+            )
+            self._expecting = "auth"
+            return
+        # We connected: the listener proves first.
+        if hello.proof is None or not auth.verify(
+            secret, auth.LISTENER, self._nonce, hello.nonce, hello.proof
+        ):
+            self.refusal = ("auth", "authentication failed: wrong cluster secret")
+            self.drop("authentication failed: its proof does not match our secret", code="auth")
+            return
+        self.sendMessage(
+            Message("auth", proof=auth.proof(secret, auth.CONNECTOR, self._nonce, hello.nonce))
+        )
+        self._expecting = "ready"
+
+    def _authReceived(self, message: Message) -> None:
+        assert self._peerNonce is not None
+        if not auth.verify(
+            self.identity.secret, auth.CONNECTOR, self._peerNonce, self._nonce, message.proof
+        ):
+            self.drop("authentication failed: wrong cluster secret", code="auth")
+            return
+        self.sendMessage(Message("ready", node=self.identity.node))
+        self._open()
+
+    def _readyReceived(self, message: Message) -> None:
+        self._open()
+
+    def _open(self) -> None:
+        self._cancelTimeout()
+        self._expecting = "open"
+        self.peer = self._pendingPeer
+        self.log.debug("authenticated {peer}", peer=self.describePeer())
+        self.handler.connectionReady(self)
+
+
+class P2PFactory(Factory):
+    """
+    Builds L{P2PProtocol}s that hand their events to one C{handler}.
+
+    The node listens with one of these whose handler is the node itself; a
+    node or client making a connection uses one with the handler for that
+    connection.  State lives on the handler, never on the protocol.
+    """
+
+    protocol = P2PProtocol
+    # Connections are logged by the protocol, with who is at the other end.
+    noisy = False
+
+    def __init__(self, identity: LocalIdentity, handler: Any, clock: IReactorTime, listening: bool) -> None:
+        self.identity = identity
+        self.handler = handler
+        self.clock = clock
+        self.listening = listening
+
+    def buildProtocol(self, addr: Any) -> P2PProtocol:
+        p = self.protocol(self.identity, self.handler, self.clock, self.listening)
+        p.factory = self
+        return p

@@ -1,0 +1,176 @@
+"""
+The twistd plugin's options and service: C{twistd -n p2pfiles --id 1 ...}.
+"""
+
+import ipaddress
+from typing import Any, Dict, Optional
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.python import usage
+from twisted.python.filepath import FilePath
+
+from p2pfiles.auth import SecretError, readSecret
+from p2pfiles.node import Node, NodeConfig, formatAddress, parseAddress
+from p2pfiles.protocol import P2PFactory
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be positive")
+    return value
+
+
+def isLoopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parseCluster(path: str) -> Dict[int, str]:
+    """
+    Read a cluster file: one C{ID HOST:PORT} a line, C{#} comments.
+    """
+    try:
+        lines = FilePath(path).getContent().decode("utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise usage.UsageError(f"cannot read cluster file {path}: {e}") from None
+    nodes: Dict[int, str] = {}
+    for number, line in enumerate(lines, 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not parts[0].isdigit():
+            raise usage.UsageError(f"{path}:{number}: expected 'ID HOST:PORT', got {line!r}")
+        try:
+            parseAddress(parts[1])
+        except ValueError as e:
+            raise usage.UsageError(f"{path}:{number}: {e}") from None
+        node = int(parts[0])
+        if node in nodes:
+            raise usage.UsageError(f"{path}:{number}: node {node} is listed twice")
+        nodes[node] = parts[1]
+    return nodes
+
+
+def parsePeer(text: str) -> "tuple[int, str]":
+    node, sep, address = text.partition("@")
+    if not sep or not node.isdigit():
+        raise usage.UsageError(f"--peer {text!r}: expected ID@HOST:PORT")
+    try:
+        parseAddress(address)
+    except ValueError as e:
+        raise usage.UsageError(f"--peer {text!r}: {e}") from None
+    return int(node), address
+
+
+class Options(usage.Options):
+    """
+    Options of C{twistd p2pfiles}.
+    """
+
+    synopsis = "--id N [--port P] [--peer ID@HOST:PORT ...] [options]"
+
+    optParameters = [
+        ["id", None, None, "This node's id: a non-negative integer, unique in the cluster (required).", int],
+        ["port", None, None, "TCP port to listen on (default 9000+id).", int],
+        ["interface", None, "127.0.0.1", "Address to listen on. A non-loopback address needs --secret-file."],
+        ["advertise", None, None, "HOST:PORT other nodes use to reach this one (default INTERFACE:PORT)."],
+        ["cluster", None, None, "File listing the cluster: one 'ID HOST:PORT' a line, '#' comments."],
+        ["share", None, None, "Directory whose files this node shares (default node<ID>/files)."],
+        ["state", None, None, "Directory for this node's state and peer_files.log (default node<ID>/state)."],
+        ["secret-file", None, None, "File holding the cluster secret shared by every node and client."],
+        ["heartbeat", None, 0.25, "Seconds between heartbeats.", _positive],
+        ["leader-timeout", None, 1.0, "Seconds of silence after which a member counts as down.", _positive],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["peers"] = {}
+
+    def opt_peer(self, value: str) -> None:
+        """
+        Another node known at start, as ID@HOST:PORT (repeatable).
+        """
+        node, address = parsePeer(value)
+        if node in self["peers"]:
+            raise usage.UsageError(f"--peer: node {node} given twice")
+        self["peers"][node] = address
+
+    def postOptions(self) -> None:
+        node = self["id"]
+        if node is None:
+            raise usage.UsageError("--id is required")
+        if node < 0:
+            raise usage.UsageError("--id must be a non-negative integer")
+        if self["cluster"] is not None and self["peers"]:
+            raise usage.UsageError("give either --cluster or --peer, not both")
+        if self["cluster"] is not None:
+            peers = parseCluster(self["cluster"])
+            own = peers.pop(node, None)
+            if self["port"] is None and own is not None:
+                self["port"] = parseAddress(own)[1]
+            self["peers"] = peers
+        if node in self["peers"]:
+            raise usage.UsageError(f"--peer names this node's own id {node}")
+        if self["port"] is None:
+            self["port"] = 9000 + node
+        if not 0 <= self["port"] < 65536:
+            raise usage.UsageError(f"--port {self['port']} is not a TCP port")
+        if self["advertise"] is not None:
+            try:
+                parseAddress(self["advertise"])
+            except ValueError as e:
+                raise usage.UsageError(f"--advertise: {e}") from None
+        self["secret"] = b""
+        if self["secret-file"] is not None:
+            try:
+                self["secret"] = readSecret(self["secret-file"])
+            except SecretError as e:
+                raise usage.UsageError(str(e)) from None
+        elif not isLoopback(self["interface"]):
+            raise usage.UsageError(
+                f"--interface {self['interface']} is not loopback: refusing to listen without --secret-file"
+            )
+        for name in ("share", "state"):
+            if self[name] is None:
+                self[name] = f"node{node}/{'files' if name == 'share' else 'state'}"
+
+    def nodeConfig(self, port: Optional[int] = None) -> NodeConfig:
+        port = self["port"] if port is None else port
+        address = self["advertise"] or formatAddress(self["interface"], port)
+        return NodeConfig(
+            id=self["id"],
+            address=address,
+            peers=self["peers"],
+            share=FilePath(self["share"]),
+            state=FilePath(self["state"]),
+            secret=self["secret"],
+            heartbeat=self["heartbeat"],
+            leaderTimeout=self["leader-timeout"],
+        )
+
+
+def makeService(options: Options, reactor: Any = None) -> MultiService:
+    """
+    The node and the port it listens on, as one service.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    node = Node(options.nodeConfig(), reactor)
+    factory = P2PFactory(node.identity, node, reactor, listening=True)
+    endpointType = TCP6ServerEndpoint if ":" in options["interface"] else TCP4ServerEndpoint
+    endpoint = endpointType(reactor, options["port"], interface=options["interface"])
+    listener = StreamServerEndpointService(endpoint, factory)
+    # Fail at start (twistd exits non-zero) if the port cannot be had.
+    listener._raiseSynchronously = True
+    top = MultiService()
+    listener.setServiceParent(top)
+    node.setServiceParent(top)
+    return top

@@ -1,0 +1,321 @@
+"""
+The wire format of p2pfiles.
+
+Every frame of the L{Int32StringReceiver} stream is one type byte followed by
+a payload.  Control messages are small UTF-8 JSON objects carrying a C{type};
+the codec checks each one against a schema so that the rest of the program
+only ever sees well-typed L{Message} objects.  File bytes never travel as JSON:
+after a C{file} header the sender switches the connection to raw mode for
+exactly C{length} bytes (see L{p2pfiles.protocol}).
+
+This module imports nothing else of the package.
+"""
+
+import json
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+
+PROTOCOL_VERSION = 1
+
+# The one frame type in use: a JSON control message.  Other type bytes are
+# refused so that a future version can add binary frames without ambiguity.
+CONTROL = b"C"
+
+# Largest number of index entries sent in one frame; at a few hundred bytes an
+# entry this keeps an index chunk well under the protocol's MAX_LENGTH.
+ENTRIES_PER_FRAME = 2000
+
+
+class WireError(ValueError):
+    """
+    A frame could not be decoded into a valid message.  The string form is a
+    one-line reason suitable for a log line.
+    """
+
+
+class FileEntry:
+    """
+    One shared file as a node describes it: its name, size, modification time
+    and SHA-256 (hex).
+    """
+
+    __slots__ = ("name", "size", "mtime", "sha256")
+
+    def __init__(self, name: str, size: int, mtime: float, sha256: str) -> None:
+        self.name = name
+        self.size = size
+        self.mtime = mtime
+        self.sha256 = sha256
+
+    def toDict(self) -> Dict[str, Any]:
+        return {
+            "name": self.name,
+            "size": self.size,
+            "mtime": self.mtime,
+            "sha256": self.sha256,
+        }
+
+    @classmethod
+    def fromDict(cls, value: Any) -> "FileEntry":
+        """
+        Build an entry from its JSON form, raising L{WireError} if a field is
+        missing or of the wrong type.
+        """
+        if not isinstance(value, dict):
+            raise WireError("file entry is not an object")
+        name = _check("name", value.get("name"), (str,))
+        size = _check("size", value.get("size"), (int,))
+        mtime = _check("mtime", value.get("mtime"), (int, float))
+        sha256 = _check("sha256", value.get("sha256"), (str,))
+        if size < 0:
+            raise WireError("file entry has a negative size")
+        if not _isHexDigest(sha256):
+            raise WireError("file entry sha256 is not 64 hex digits")
+        return cls(name, size, float(mtime), sha256)
+
+    def _key(self) -> Tuple[str, int, float, str]:
+        return (self.name, self.size, self.mtime, self.sha256)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, FileEntry):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return "FileEntry(name={!r}, size={!r}, mtime={!r}, sha256={!r})".format(
+            *self._key()
+        )
+
+
+def _isHexDigest(value: str) -> bool:
+    return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _check(field: str, value: Any, types: Tuple[type, ...]) -> Any:
+    # bool is an int subclass: never accept it where a number is expected.
+    if isinstance(value, bool) and bool not in types:
+        raise WireError(f"field {field!r} has the wrong type")
+    if not isinstance(value, types):
+        raise WireError(f"field {field!r} has the wrong type")
+    return value
+
+
+# Field checkers: each takes the decoded JSON value and returns the Python
+# value, or raises WireError.
+
+Checker = Callable[[str, Any], Any]
+
+
+def _typed(*types: type) -> Checker:
+    return lambda field, value: _check(field, value, types)
+
+
+def _nonNegative(field: str, value: Any) -> int:
+    _check(field, value, (int,))
+    if value < 0:
+        raise WireError(f"field {field!r} is negative")
+    return value
+
+
+def _optionalId(field: str, value: Any) -> Optional[int]:
+    if value is None:
+        return None
+    return _nonNegative(field, value)
+
+
+def _entries(field: str, value: Any) -> List[FileEntry]:
+    _check(field, value, (list,))
+    return [FileEntry.fromDict(item) for item in value]
+
+
+def _strings(field: str, value: Any) -> List[str]:
+    _check(field, value, (list,))
+    for item in value:
+        _check(field, item, (str,))
+    return value
+
+
+def _members(field: str, value: Any) -> List[Tuple[int, str]]:
+    _check(field, value, (list,))
+    result = []
+    for item in value:
+        if not isinstance(item, dict):
+            raise WireError(f"field {field!r} holds a non-object")
+        result.append(
+            (_nonNegative("id", item.get("id")), _check("address", item.get("address"), (str,)))
+        )
+    return result
+
+
+def _optional(checker: Checker) -> Checker:
+    return lambda field, value: None if value is None else checker(field, value)
+
+
+_str = _typed(str)
+_bool = _typed(bool)
+_dict = _typed(dict)
+_list = _typed(list)
+_number = _typed(int, float)
+
+# The schema of every control message: type -> {field: checker}.  Every field
+# listed is required (optional ones accept null); unknown fields are ignored so
+# that a newer peer can add fields without breaking an older one.
+SCHEMAS: Dict[str, Dict[str, Checker]] = {
+    # Handshake (see p2pfiles.auth).
+    "hello": {
+        "version": _nonNegative,
+        "role": _str,
+        "node": _optionalId,
+        "nonce": _str,
+        "address": _optional(_str),
+        "proof": _optional(_str),
+        "purpose": _str,
+    },
+    "auth": {"proof": _str},
+    "ready": {"node": _optionalId},
+    "error": {"code": _str, "reason": _str},
+    # Election and membership, on control links between nodes.
+    "heartbeat": {
+        "node": _nonNegative,
+        "epoch": _nonNegative,
+        "leader": _optionalId,
+        "members": _members,
+    },
+    "stale": {"epoch": _nonNegative, "leader": _optionalId},
+    # The index, on control links between nodes.
+    "index-request": {"epoch": _nonNegative, "request": _nonNegative},
+    "index-chunk": {
+        "epoch": _nonNegative,
+        "request": _nonNegative,
+        "entries": _entries,
+        "last": _bool,
+    },
+    "index-update": {
+        "epoch": _nonNegative,
+        "entries": _entries,
+        "removed": _strings,
+        "full": _bool,
+    },
+    # Requests from clients (and from nodes acting as clients).
+    "status": {"watch": _bool},
+    "state": {"status": _dict},
+    "ls": {},
+    "listing": {"files": _list},
+    "redirect": {"leader": _nonNegative, "address": _str},
+    "get": {"name": _str, "offset": _nonNegative, "sha256": _optional(_str)},
+    "file": {
+        "name": _str,
+        "size": _nonNegative,
+        "sha256": _str,
+        "offset": _nonNegative,
+        "holder": _nonNegative,
+        "leader": _nonNegative,
+    },
+    "fetch": {"name": _str, "overwrite": _bool},
+    "fetched": {"name": _str, "size": _nonNegative, "sha256": _str, "already": _bool},
+}
+
+
+class Message:
+    """
+    A decoded control message: its C{type} and its fields, already checked
+    against L{SCHEMAS}.  Fields are read as attributes: C{message.epoch}.
+    """
+
+    __slots__ = ("type", "fields")
+
+    def __init__(self, type: str, **fields: Any) -> None:
+        self.type = type
+        self.fields = fields
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.fields[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Message):
+            return NotImplemented
+        return self.type == other.type and self.fields == other.fields
+
+    def __repr__(self) -> str:
+        return f"Message({self.type!r}, {self.fields!r})"
+
+
+def _jsonDefault(value: Any) -> Any:
+    if isinstance(value, FileEntry):
+        return value.toDict()
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def _encodeMembers(members: Iterable[Tuple[int, str]]) -> List[Mapping[str, Any]]:
+    return [{"id": i, "address": a} for (i, a) in members]
+
+
+def encode(message: Message) -> bytes:
+    """
+    Encode a message as one frame payload (type byte + JSON).  Raises
+    L{WireError} if the message does not fit its schema, so that a bug shows
+    at the sender rather than as a dropped connection at the receiver.
+    """
+    schema = SCHEMAS.get(message.type)
+    if schema is None:
+        raise WireError(f"unknown message type {message.type!r}")
+    body = {"type": message.type}
+    for field in schema:
+        if field not in message.fields:
+            raise WireError(f"{message.type} message lacks field {field!r}")
+        value = message.fields[field]
+        if field == "members":
+            value = _encodeMembers(value)
+        body[field] = value
+    data = json.dumps(body, default=_jsonDefault, separators=(",", ":"), ensure_ascii=False)
+    encoded = CONTROL + data.encode("utf-8")
+    # Check our own output against the schema (cheap for control messages).
+    decode(encoded)
+    return encoded
+
+
+def decode(frame: bytes) -> Message:
+    """
+    Decode one frame payload.  Raises L{WireError} for anything that is not a
+    well-formed message of a known type; never raises anything else.
+    """
+    if not frame:
+        raise WireError("empty frame")
+    kind, payload = frame[:1], frame[1:]
+    if kind != CONTROL:
+        raise WireError(f"unknown frame type {kind!r}")
+    try:
+        body = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise WireError(f"invalid JSON: {str(e).splitlines()[0][:80]}") from None
+    if not isinstance(body, dict):
+        raise WireError("control frame is not a JSON object")
+    type_ = body.get("type")
+    if not isinstance(type_, str):
+        raise WireError("control frame has no type")
+    schema = SCHEMAS.get(type_)
+    if schema is None:
+        raise WireError(f"unknown message type {type_[:40]!r}")
+    fields = {}
+    for field, checker in schema.items():
+        if field not in body:
+            raise WireError(f"{type_} message lacks field {field!r}")
+        fields[field] = checker(field, body[field])
+    return Message(type_, **fields)
+
+
+def chunked(entries: List[FileEntry], size: int = ENTRIES_PER_FRAME) -> List[List[FileEntry]]:
+    """
+    Split C{entries} into lists of at most C{size}; always at least one list,
+    so that an empty index is still sent as one (empty, last) chunk.
+    """
+    if not entries:
+        return [[]]
+    return [entries[i : i + size] for i in range(0, len(entries), size)]

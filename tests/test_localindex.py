@@ -1,0 +1,675 @@
+"""
+Tests for L{p2pfiles.localindex}: a node's index of its own share directory.
+
+Most tests drive the index with a L{Clock} and run its "thread" work
+synchronously, so that every scan is deterministic and no real time passes.
+"""
+
+import hashlib
+import json
+import os
+from typing import Any, Callable, List, Tuple
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.logger import Logger, LogLevel, formatEvent
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from p2pfiles.localindex import HASH_TRIES, IndexStopped, LocalIndex, hashFile
+from p2pfiles.wire import FileEntry
+
+
+def syncThread(f: Callable[..., Any], *args: Any) -> defer.Deferred:
+    """
+    Run "thread" work at once, on the calling thread.
+    """
+    return defer.maybeDeferred(f, *args)
+
+
+class ManualThreads:
+    """
+    Thread work that runs only when the test says so, to observe what the
+    index does while a scan or a cache write is in progress.
+    """
+
+    def __init__(self) -> None:
+        self.calls: List[Tuple[Callable[..., Any], Tuple[Any, ...], defer.Deferred]] = []
+
+    def __call__(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.calls.append((f, args, d))
+        return d
+
+    def names(self) -> List[str]:
+        return [f.__name__ for (f, args, d) in self.calls]
+
+    def runNext(self) -> None:
+        f, args, d = self.calls.pop(0)
+        d.callback(f(*args))
+
+    def run(self, name: str) -> None:
+        """
+        Run the first pending call of the function called C{name}.
+        """
+        [i] = [i for (i, n) in enumerate(self.names()) if n == name][:1]
+        f, args, d = self.calls.pop(i)
+        d.callback(f(*args))
+
+    def runAll(self) -> None:
+        while self.calls:
+            self.runNext()
+
+
+class CountingHasher:
+    """
+    A hasher that counts what it hashes, and can fail or run a hook first.
+    """
+
+    def __init__(self) -> None:
+        self.calls: List[str] = []
+        self.failFor: set = set()
+        self.beforeHash: Callable[[str], None] = lambda path: None
+
+    def __call__(self, path: str) -> Tuple[str, int]:
+        name = os.path.basename(path)
+        self.calls.append(name)
+        if name in self.failFor:
+            raise PermissionError(13, "Permission denied", path)
+        self.beforeHash(path)
+        return hashFile(path)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class LocalIndexTestsMixin:
+    """
+    Build indexes over temporary directories with a L{Clock}, and stop them
+    (checking that no timer is left) at the end of each test.
+    """
+
+    def setUp(self) -> None:
+        self.share = FilePath(self.mktemp())
+        self.share.makedirs()
+        self.state = FilePath(self.mktemp())
+        self.clock = Clock()
+        self.hasher = CountingHasher()
+        self.events: List[dict] = []
+        # Tests that expect log.failure() events set this.
+        self.failuresExpected = False
+
+    def makeIndex(self, runInThread: Any = syncThread, **kwargs: Any) -> LocalIndex:
+        index = LocalIndex(
+            self.share, self.state, self.clock, runInThread=runInThread,
+            useInotify=False, hasher=self.hasher, **kwargs,
+        )
+        index.log = Logger(observer=self.events.append)
+        return index
+
+    def startIndex(self, **kwargs: Any) -> LocalIndex:
+        index = self.makeIndex(**kwargs)
+        self.assertIsNone(self.successResultOf(index.start()))
+        self.addCleanup(self.stopIndex, index)
+        return index
+
+    def stopIndex(self, index: LocalIndex) -> None:
+        self.successResultOf(index.stop())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        if not self.failuresExpected:
+            self.assertEqual(self.messages(LogLevel.critical), [])
+
+    def write(self, name: str, data: bytes) -> FilePath:
+        child = self.share.child(name)
+        child.setContent(data)
+        return child
+
+    def messages(self, level: LogLevel = LogLevel.warn) -> List[str]:
+        return [formatEvent(e) for e in self.events if e["log_level"] == level]
+
+    def poll(self, index: LocalIndex) -> None:
+        """
+        Let one poll fire and the scan it schedules run.
+        """
+        self.clock.advance(1.0)
+        self.clock.advance(0.1)
+
+
+class ListingTests(LocalIndexTestsMixin, SynchronousTestCase):
+    """
+    Which files are shared, and how they are described.
+    """
+
+    def test_regularFiles(self) -> None:
+        """
+        Each regular file at the top of the share is listed with its size,
+        mtime and SHA-256.
+        """
+        a = self.write("a.txt", b"hello")
+        b = self.write("b.bin", b"")
+        index = self.startIndex()
+        self.assertEqual(
+            index.entries,
+            {
+                "a.txt": FileEntry("a.txt", 5, os.stat(a.path).st_mtime, sha(b"hello")),
+                "b.bin": FileEntry("b.bin", 0, os.stat(b.path).st_mtime, sha(b"")),
+            },
+        )
+
+    def test_hiddenAndDirectoriesSkipped(self) -> None:
+        """
+        Hidden names (partial downloads) and subdirectories, with what they
+        hold, are not shared, and are not warned about.
+        """
+        self.write(".movie.part", b"partial")
+        sub = self.share.child("sub")
+        sub.makedirs()
+        sub.child("inner.txt").setContent(b"inner")
+        self.write("shown", b"x")
+        index = self.startIndex()
+        self.assertEqual(list(index.entries), ["shown"])
+        self.assertEqual(self.messages(), [])
+
+    def test_missingShareCreated(self) -> None:
+        """
+        A share directory that does not exist is created at start.
+        """
+        self.share = self.share.child("not").child("yet")
+        index = self.startIndex()
+        self.assertTrue(self.share.isdir())
+        self.assertEqual(index.entries, {})
+
+    def test_symlinkInsideShare(self) -> None:
+        """
+        A symlink to a regular file in the share is shared under the link's
+        name, with the target's content.
+        """
+        self.write("real", b"content")
+        os.symlink("real", self.share.child("alias").path)
+        index = self.startIndex()
+        self.assertEqual(sorted(index.entries), ["alias", "real"])
+        self.assertEqual(index.entries["alias"].sha256, sha(b"content"))
+        self.assertEqual(self.messages(), [])
+
+    def test_symlinkOutsideShareSkipped(self) -> None:
+        """
+        A symlink resolving outside the share (or to a hidden file in it) is
+        not followed, and is warned about once.
+        """
+        outside = FilePath(self.mktemp())
+        outside.setContent(b"secret")
+        os.symlink(outside.path, self.share.child("escape").path)
+        os.symlink("../" + self.share.basename(), self.share.child("loop").path)
+        self.write(".x.part", b"partial")
+        os.symlink(".x.part", self.share.child("partial").path)
+        index = self.startIndex()
+        self.assertEqual(index.entries, {})
+        self.successResultOf(index.rescan())
+        self.assertEqual(len(self.messages()), 3)
+        self.assertIn("escape", " ".join(self.messages()))
+
+    def test_unreadableFileSkipped(self) -> None:
+        """
+        A file that cannot be read is skipped with one warning, not repeated
+        on later scans; the warning comes again once the file changes.
+        """
+        self.hasher.failFor.add("locked")
+        locked = self.write("locked", b"data")
+        self.write("open", b"data")
+        index = self.startIndex()
+        self.assertEqual(list(index.entries), ["open"])
+        self.successResultOf(index.rescan())
+        self.successResultOf(index.rescan())
+        [message] = self.messages()
+        self.assertIn("locked", message)
+        self.assertIn("Permission denied", message)
+        locked.setContent(b"more data")
+        self.successResultOf(index.rescan())
+        self.assertEqual(len(self.messages()), 2)
+
+    def test_unreadableFileChmod(self) -> None:
+        """
+        A file with mode 000 is skipped with one warning by the real hasher.
+        """
+        locked = self.write("locked", b"data")
+        locked.chmod(0)
+        self.addCleanup(locked.chmod, 0o644)
+        try:
+            locked.open().close()
+        except PermissionError:
+            pass
+        else:
+            raise self.skipTest("mode 000 does not stop us reading (running as root?)")
+        index = self.startIndex()
+        self.successResultOf(index.rescan())
+        self.assertEqual(index.entries, {})
+        self.assertEqual(len(self.messages()), 1)
+
+    def test_nonUtf8NameSkipped(self) -> None:
+        """
+        A name that is not valid UTF-8 is skipped with one warning, however
+        many scans see it.
+        """
+        with open(os.path.join(os.fsencode(self.share.path), b"\xff.bin"), "wb") as f:
+            f.write(b"x")
+        self.write("fine.bin", b"x")
+        index = self.startIndex()
+        self.successResultOf(index.rescan())
+        self.successResultOf(index.rescan())
+        self.assertEqual(list(index.entries), ["fine.bin"])
+        [message] = self.messages()
+        self.assertIn("UTF-8", message)
+
+    def test_refusedNameSkipped(self) -> None:
+        """
+        A name that L{p2pfiles.names.nameProblem} refuses is skipped with one
+        warning.
+        """
+        self.write("tab\there", b"x")
+        index = self.startIndex()
+        self.successResultOf(index.rescan())
+        self.assertEqual(index.entries, {})
+        [message] = self.messages()
+        self.assertIn("control characters", message)
+
+    def test_shareRemovedWhileRunning(self) -> None:
+        """
+        A share directory removed while the index runs is created again by the
+        next scan, and its files are reported removed.
+        """
+        self.write("a", b"1")
+        index = self.startIndex()
+        seen: List[Any] = []
+        index.subscribe(lambda changed, removed: seen.append((changed, removed)))
+        self.share.remove()
+        self.successResultOf(index.rescan())
+        self.assertTrue(self.share.isdir())
+        self.assertEqual(seen, [([], ["a"])])
+
+    def test_startFails(self) -> None:
+        """
+        If the first scan fails, start() fails with the reason, the failure is
+        logged and the index does not run.
+        """
+        self.share.remove()
+        self.share.setContent(b"not a directory")
+        index = self.makeIndex()
+        self.failureResultOf(index.start(), OSError)
+        self.assertEqual(len(self.messages(LogLevel.critical)), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.failureResultOf(index.rescan(), IndexStopped)
+        self.successResultOf(index.stop())
+
+    def test_hashFileInChunks(self) -> None:
+        """
+        L{hashFile} returns the SHA-256 and length of a file longer than its
+        chunk size.
+        """
+        path = FilePath(self.mktemp())
+        data = bytes(range(256)) * 5
+        path.setContent(data)
+        self.assertEqual(hashFile(path.path, chunk=7), (sha(data), len(data)))
+        self.assertEqual(hashFile(path.path), (sha(data), len(data)))
+
+
+class HashCacheTests(LocalIndexTestsMixin, SynchronousTestCase):
+    """
+    Hashes are kept in C{hashcache.json} so that a restart does not rehash.
+    """
+
+    def restart(self, index: LocalIndex) -> LocalIndex:
+        self.successResultOf(index.stop())
+        self.hasher.calls = []
+        return self.startIndex()
+
+    def test_cacheFileContent(self) -> None:
+        """
+        The cache holds each file's size, mtime_ns, inode and hash by name.
+        """
+        f = self.write("a", b"abc")
+        self.startIndex()
+        st = os.stat(f.path)
+        cache = json.loads(self.state.child("hashcache.json").getContent())
+        self.assertEqual(
+            cache["files"],
+            {"a": {
+                "size": 3, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino, "sha256": sha(b"abc")
+            }},
+        )
+
+    def test_restartDoesNotRehash(self) -> None:
+        """
+        After a restart, unchanged files are not hashed again.
+        """
+        self.write("a", b"abc")
+        self.write("b", b"def")
+        index = self.startIndex()
+        self.assertEqual(sorted(self.hasher.calls), ["a", "b"])
+        before = index.entries
+        index = self.restart(index)
+        self.assertEqual(self.hasher.calls, [])
+        self.assertEqual(index.entries, before)
+
+    def test_changedFilesRehashed(self) -> None:
+        """
+        A file whose mtime or size changed is hashed again, after a rescan
+        and after a restart.
+        """
+        a = self.write("a", b"abc")
+        b = self.write("b", b"def")
+        index = self.startIndex()
+        self.hasher.calls = []
+        os.utime(a.path, ns=(0, 1_000_000_000))
+        self.successResultOf(index.rescan())
+        self.assertEqual(self.hasher.calls, ["a"])
+        self.assertEqual(index.entries["a"].mtime, 1.0)
+        index = self.restart(index)
+        self.assertEqual(self.hasher.calls, [])
+        with open(b.path, "ab") as f:
+            f.write(b"more")
+        index = self.restart(index)
+        self.assertEqual(self.hasher.calls, ["b"])
+        self.assertEqual(index.entries["b"].sha256, sha(b"defmore"))
+
+    def test_replacedFileRehashed(self) -> None:
+        """
+        A file replaced by another of the same size and mtime (a new inode)
+        is hashed again.
+        """
+        a = self.write("a", b"abc")
+        index = self.startIndex()
+        self.hasher.calls = []
+        old = os.stat(a.path)
+        replacement = self.share.child(".replacement")
+        replacement.setContent(b"xyz")
+        os.utime(replacement.path, ns=(old.st_atime_ns, old.st_mtime_ns))
+        os.rename(replacement.path, a.path)
+        self.assertNotEqual(os.stat(a.path).st_ino, old.st_ino)
+        self.successResultOf(index.rescan())
+        self.assertEqual(self.hasher.calls, ["a"])
+        self.assertEqual(index.entries["a"].sha256, sha(b"xyz"))
+
+    def test_corruptCacheTolerated(self) -> None:
+        """
+        A cache file that is not valid is warned about once and treated as
+        empty; it is then rewritten.
+        """
+        bad = {"size": 3, "mtime_ns": 1, "inode": 1, "sha256": "not hex"}
+        for content in [
+            b"\x00not json",
+            b"[]",
+            b'{"version": 1, "files": {"a": 3}}',
+            json.dumps({"version": 1, "files": {"a": bad}}).encode(),
+        ]:
+            self.state.makedirs(ignoreExistingDirectory=True)
+            self.state.child("hashcache.json").setContent(content)
+            self.write("a", b"abc")
+            self.events[:] = []
+            self.hasher.calls = []
+            index = self.startIndex()
+            self.assertEqual(self.hasher.calls, ["a"])
+            self.assertEqual(index.entries["a"].sha256, sha(b"abc"))
+            [message] = self.messages()
+            self.assertIn("hashcache.json", message)
+            cache = json.loads(self.state.child("hashcache.json").getContent())
+            self.assertEqual(list(cache["files"]), ["a"])
+            self.successResultOf(index.stop())
+
+    def test_cacheWritesCoalesced(self) -> None:
+        """
+        While a cache write is running, changes are saved by one later write,
+        not one per scan; stop() waits for the last write.
+        """
+        threads = ManualThreads()
+        index = self.makeIndex(runInThread=threads)
+        started = index.start()
+        threads.runNext()  # the first scan
+        self.successResultOf(started)
+        self.assertEqual(threads.names(), ["_writeCache"])
+        for data in [b"1", b"22", b"333"]:
+            self.write("f", data)
+            d = index.rescan()
+            threads.run("_scanBlocking")  # the first write is still pending
+            self.successResultOf(d)
+        self.assertEqual(threads.names(), ["_writeCache"])
+        stopped = index.stop()
+        threads.runNext()
+        self.assertNoResult(stopped)
+        self.assertEqual(threads.names(), ["_writeCache"])
+        threads.runNext()
+        self.successResultOf(stopped)
+        cache = json.loads(self.state.child("hashcache.json").getContent())
+        self.assertEqual(cache["files"]["f"]["size"], 3)
+
+
+class ChangingFileTests(LocalIndexTestsMixin, SynchronousTestCase):
+    """
+    Files that change while they are hashed.
+    """
+
+    def test_changedWhileHashingHashedAgain(self) -> None:
+        """
+        A file that changes during hashing is hashed again, and the entry
+        describes its final content.
+        """
+        f = self.write("growing", b"start")
+
+        def appendOnce(path: str) -> None:
+            self.hasher.beforeHash = lambda path: None
+            with open(path, "ab") as out:
+                out.write(b"+more")
+
+        self.hasher.beforeHash = appendOnce
+        index = self.startIndex()
+        self.assertEqual(self.hasher.calls, ["growing", "growing"])
+        self.assertEqual(index.entries["growing"].sha256, sha(b"start+more"))
+        self.assertEqual(index.entries["growing"].size, os.stat(f.path).st_size)
+
+    def test_keepsChangingRetriedNextScan(self) -> None:
+        """
+        A file that changes on every try is given up after a few tries, is
+        not listed, and is listed by a later scan once it is stable.
+        """
+        f = self.write("busy", b"x")
+
+        def appendAlways(path: str) -> None:
+            with open(path, "ab") as out:
+                out.write(b"x")
+
+        self.hasher.beforeHash = appendAlways
+        index = self.startIndex()
+        self.assertEqual(self.hasher.calls, ["busy"] * HASH_TRIES)
+        self.assertEqual(index.entries, {})
+        self.assertEqual(len(self.messages(LogLevel.info)), 1)
+        self.assertEqual(self.messages(), [])
+        seen: List[Any] = []
+        index.subscribe(lambda changed, removed: seen.append((changed, removed)))
+        self.hasher.beforeHash = lambda path: None
+        self.poll(index)
+        self.assertEqual(seen, [([index.entries["busy"]], [])])
+        self.assertEqual(index.entries["busy"].sha256, sha(f.getContent()))
+
+
+class WatchingTests(LocalIndexTestsMixin, SynchronousTestCase):
+    """
+    Noticing changes: polling, coalescing, subscribers and stopping.
+    """
+
+    def subscribed(self, index: LocalIndex) -> List[Tuple[List[FileEntry], List[str]]]:
+        seen: List[Tuple[List[FileEntry], List[str]]] = []
+        index.subscribe(lambda changed, removed: seen.append((changed, removed)))
+        return seen
+
+    def test_pollingSeesAddChangeRemove(self) -> None:
+        """
+        Polling notices an added, a changed and a removed file within one
+        poll interval plus the coalescing delay, and tells subscribers exactly
+        what changed.
+        """
+        self.write("old", b"1")
+        index = self.startIndex()
+        seen = self.subscribed(index)
+        self.clock.advance(0.9)
+        self.assertEqual(seen, [])
+        self.write("new", b"2")
+        self.poll(index)
+        self.assertEqual(seen, [([index.entries["new"]], [])])
+        self.write("new", b"22")
+        self.poll(index)
+        self.assertEqual(seen[1], ([index.entries["new"]], []))
+        self.assertEqual(index.entries["new"].size, 2)
+        self.share.child("old").remove()
+        self.poll(index)
+        self.assertEqual(seen[2], ([], ["old"]))
+        self.assertEqual(list(index.entries), ["new"])
+
+    def test_noCallbackWithoutChange(self) -> None:
+        """
+        Subscribers are not called for the first scan, nor for scans that
+        change nothing; an unsubscribed callback is not called.
+        """
+        self.write("a", b"1")
+        index = self.makeIndex()
+        seen = self.subscribed(index)
+        self.successResultOf(index.start())
+        self.addCleanup(self.stopIndex, index)
+        self.poll(index)
+        self.successResultOf(index.rescan())
+        self.assertEqual(seen, [])
+        other = self.subscribed(index)
+        index.unsubscribe(index._subscribers[-1])
+        self.write("b", b"2")
+        self.successResultOf(index.rescan())
+        self.assertEqual(len(seen), 1)
+        self.assertEqual(other, [])
+
+    def test_callbackErrorLogged(self) -> None:
+        """
+        A subscriber that raises is logged and does not keep others (or later
+        scans) from running.
+        """
+        self.failuresExpected = True
+        index = self.startIndex()
+
+        def broken(changed: Any, removed: Any) -> None:
+            raise ZeroDivisionError()
+
+        index.subscribe(broken)
+        seen = self.subscribed(index)
+        self.write("a", b"1")
+        self.successResultOf(index.rescan())
+        self.write("b", b"2")
+        self.successResultOf(index.rescan())
+        self.assertEqual([[e.name for e in changed] for (changed, removed) in seen], [["a"], ["b"]])
+        failures = [e for e in self.events if "log_failure" in e]
+        self.assertEqual(len(failures), 2)
+        self.assertIsInstance(failures[0]["log_failure"].value, ZeroDivisionError)
+
+    def test_burstCoalesced(self) -> None:
+        """
+        Many change events within the coalescing delay cause one scan; events
+        during a running scan cause exactly one more scan after it.
+        """
+        threads = ManualThreads()
+        index = self.makeIndex(runInThread=threads)
+        started = index.start()
+        threads.runAll()
+        self.successResultOf(started)
+        self.addCleanup(self.stopIndex, index)
+        for i in range(50):
+            index._changed()  # what an inotify event or a poll calls
+        self.assertEqual(len(self.clock.getDelayedCalls()), 2)  # poll + scan
+        self.clock.advance(0.1)
+        self.assertEqual(threads.names(), ["_scanBlocking"])
+        for i in range(50):
+            index._changed()
+        self.clock.advance(0.5)
+        self.assertEqual(threads.names(), ["_scanBlocking"])
+        threads.runNext()
+        self.clock.advance(0.1)
+        self.assertEqual(threads.names(), ["_scanBlocking"])
+        threads.runNext()
+        self.clock.advance(0.1)
+        self.assertEqual(threads.calls, [])
+
+    def test_rescanWaitsForLaterScan(self) -> None:
+        """
+        rescan() during a running scan fires only after a scan that started
+        after the call; a rescan while idle starts one at once.
+        """
+        threads = ManualThreads()
+        index = self.makeIndex(runInThread=threads)
+        started = index.start()
+        threads.runAll()
+        self.successResultOf(started)
+        self.addCleanup(self.stopIndex, index)
+        first = index.rescan()
+        self.assertEqual(threads.names(), ["_scanBlocking"])
+        second = index.rescan()
+        threads.runNext()
+        self.successResultOf(first)
+        self.assertNoResult(second)
+        self.clock.advance(0.1)
+        threads.runNext()
+        self.successResultOf(second)
+
+    def test_stopLeavesNoTimers(self) -> None:
+        """
+        stop() cancels the poll and a pending scan, waits for a running scan,
+        and fails a rescan that would have followed it.
+        """
+        threads = ManualThreads()
+        index = self.makeIndex(runInThread=threads)
+        started = index.start()
+        threads.runAll()
+        self.successResultOf(started)
+        index._changed()
+        self.clock.advance(0.1)
+        waiting = index.rescan()
+        index._changed()
+        stopped = index.stop()
+        self.assertNoResult(stopped)
+        threads.runAll()
+        self.successResultOf(stopped)
+        self.failureResultOf(waiting, IndexStopped)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.failureResultOf(index.rescan(), IndexStopped)
+
+
+class RealReactorTests(TestCase):
+    """
+    The index with the real reactor, real threads and inotify if the platform
+    has it.
+    """
+
+    def test_newFileAppears(self) -> None:
+        """
+        A file written into the share shows up in the index and is reported
+        to subscribers.
+        """
+        from twisted.internet import reactor
+
+        share = FilePath(self.mktemp())
+        state = FilePath(self.mktemp())
+        index = LocalIndex(share, state, reactor)
+        appeared: defer.Deferred = defer.Deferred()
+
+        def changed(entries: List[FileEntry], removed: List[str]) -> None:
+            for entry in entries:
+                if entry.name == "hello.txt" and entry.size == 5 and not appeared.called:
+                    appeared.callback(entry)
+
+        def started(ignored: object) -> defer.Deferred:
+            self.addCleanup(index.stop)
+            index.subscribe(changed)
+            with open(share.child("hello.txt").path, "wb") as f:
+                f.write(b"hello")
+            appeared.addTimeout(10, reactor)
+            return appeared
+
+        def check(entry: FileEntry) -> None:
+            self.assertEqual(entry.sha256, sha(b"hello"))
+            self.assertEqual(index.entries["hello.txt"], entry)
+
+        return index.start().addCallback(started).addCallback(check)
