@@ -12,8 +12,9 @@ import sys
 from typing import Any, Dict, List, Optional, TextIO
 
 from twisted.internet.defer import Deferred
-from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.task import react
+from twisted.internet.threads import deferToThread
+from twisted.python.filepath import FilePath
 
 from p2pfiles import __version__
 from p2pfiles.auth import SecretError, readSecret
@@ -21,13 +22,18 @@ from p2pfiles.client import (
     EXIT_ERROR,
     EXIT_NO_LEADER,
     EXIT_OK,
+    EXIT_REFUSED,
     EXIT_TIMEOUT,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
     ClientError,
+    askLeader,
+    bounded,
     connect,
     request,
 )
+from p2pfiles.names import BadName, checkName
+from p2pfiles.transfer import PartialFile, StreamSink, download
 from p2pfiles.wire import Message
 
 DEFAULT_NODE = "127.0.0.1:9001"
@@ -61,6 +67,22 @@ def makeParser() -> argparse.ArgumentParser:
     _commonOptions(status)
     status.add_argument("--json", action="store_true", help="print one JSON object")
     status.add_argument("--watch", action="store_true", help="keep printing every change")
+
+    ls = commands.add_parser("ls", help="every file the cluster shares")
+    _commonOptions(ls)
+    ls.add_argument("--json", action="store_true", help="print one JSON list")
+
+    get = commands.add_parser("get", help="download a file through the leader")
+    _commonOptions(get)
+    get.add_argument("name", metavar="NAME", help="the file's name")
+    get.add_argument("-o", "--output", metavar="PATH", help="where to save it (default ./NAME; - for stdout)")
+    get.add_argument("--json", action="store_true", help="print one JSON summary at the end")
+
+    fetch = commands.add_parser("fetch", help="have a node get a file into its own share")
+    _commonOptions(fetch)
+    fetch.add_argument("name", metavar="NAME", help="the file's name")
+    fetch.add_argument("--overwrite", action="store_true", help="replace a different file of the same name")
+    fetch.add_argument("--json", action="store_true", help="print one JSON object")
 
     return parser
 
@@ -107,10 +129,10 @@ def _print(out: TextIO, text: str) -> None:
     out.flush()
 
 
-async def statusCommand(reactor: Any, args: argparse.Namespace, out: TextIO) -> int:
+async def statusCommand(reactor: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     connection = await connect(reactor, args.node, _secret(args), args.timeout)
     try:
-        reply = await _bounded(reactor, request(connection, Message("status", watch=args.watch)), args)
+        reply = await bounded(reactor, request(connection, Message("status", watch=args.watch)), args.timeout, args.node)
         last = None
         while True:
             status = reply.status
@@ -132,18 +154,163 @@ async def statusCommand(reactor: Any, args: argparse.Namespace, out: TextIO) -> 
         connection.close()
 
 
-def _bounded(reactor: Any, d: Deferred, args: argparse.Namespace) -> Deferred:
-    def timedOut(reason: Any) -> Any:
-        if reason.check(DeferredTimeout):
-            raise ClientError(f"no answer from {args.node} within {args.timeout:g}s", EXIT_TIMEOUT)
-        return reason
+def humanSize(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
 
-    d.addTimeout(args.timeout, reactor)
-    return d.addErrback(timedOut)
+
+def formatListing(files: List[Dict[str, Any]]) -> str:
+    if not files:
+        return "no files shared"
+    width = min(max(len(f["name"]) for f in files), 60)
+    lines = [f"{'NAME':<{width}}  {'SIZE':>10}  {'HOLDERS':<12} SHA256"]
+    for f in files:
+        holders = ",".join(str(h) for h in f["holders"])
+        lines.append(f"{f['name']:<{width}}  {humanSize(f['size']):>10}  {holders:<12} {f['sha256'][:12]}")
+    return "\n".join(lines)
+
+
+async def lsCommand(reactor: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    connection, reply = await askLeader(
+        reactor, args.node, _secret(args), Message("ls"), args.timeout
+    )
+    connection.close()
+    if reply.type != "listing":
+        raise ClientError(f"unexpected {reply.type} reply to ls")
+    if args.json:
+        _print(out, json.dumps(reply.files))
+    else:
+        _print(out, formatListing(reply.files))
+    return EXIT_OK
+
+
+def _checkedName(name: str) -> str:
+    try:
+        return checkName(name)
+    except BadName as e:
+        raise ClientError(str(e), EXIT_REFUSED) from None
+
+
+def _destination(name: str, output: Optional[str]) -> FilePath:
+    """
+    Where C{get} saves C{name}: C{-o PATH}, or into PATH if it is a
+    directory, or C{./NAME}.
+    """
+    if output is None:
+        return FilePath(os.getcwd()).child(name)
+    path = FilePath(os.path.abspath(output))
+    if path.isdir():
+        return path.child(name)
+    return path
+
+
+class Progress:
+    """
+    Bytes, rate and ETA on one self-overwriting line of a terminal.
+    """
+
+    def __init__(self, reactor: Any, stream: TextIO) -> None:
+        self.reactor = reactor
+        self.stream = stream
+        self.started = reactor.seconds()
+        self.shown = 0.0
+        self.first: Optional[int] = None
+
+    def __call__(self, done: int, total: int) -> None:
+        now = self.reactor.seconds()
+        if self.first is None:
+            self.first = done
+        if now - self.shown < 0.2 and done < total:
+            return
+        self.shown = now
+        elapsed = max(now - self.started, 1e-6)
+        rate = (done - self.first) / elapsed
+        eta = (total - done) / rate if rate > 0 else 0
+        self.stream.write(
+            f"\r{humanSize(done)} / {humanSize(total)}  {humanSize(int(rate))}/s  ETA {eta:.0f}s   "
+        )
+        self.stream.flush()
+
+    def end(self) -> None:
+        if self.first is not None:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+async def _memberAddresses(reactor: Any, args: argparse.Namespace, secret: bytes) -> List[str]:
+    """
+    The node the user named, then every other member it knows: where to
+    look for a new leader if the current one dies mid-transfer.
+    """
+    connection = await connect(reactor, args.node, secret, args.timeout)
+    try:
+        reply = await bounded(reactor, request(connection, Message("status", watch=False)), args.timeout, args.node)
+    finally:
+        connection.close()
+    others = [m["address"] for m in reply.status["members"] if m["address"] != args.node]
+    return [args.node] + others
+
+
+async def getCommand(reactor: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    name = _checkedName(args.name)
+    secret = _secret(args)
+    addresses = await _memberAddresses(reactor, args, secret)
+    toStdout = args.output == "-"
+    if toStdout:
+        sink: Any = StreamSink(getattr(out, "buffer", out))
+    else:
+        target = _destination(name, args.output)
+        sink = PartialFile(target.parent(), target.basename())
+    progress = Progress(reactor, err) if (not toStdout or not out.isatty()) and err.isatty() and not args.json else None
+
+    def inThread(f: Any, *a: Any) -> Deferred:
+        return deferToThread(f, *a)
+
+    try:
+        summary = await download(
+            reactor, name, sink, addresses, secret, inThread, timeout=args.timeout, onProgress=progress
+        )
+    finally:
+        if progress is not None:
+            progress.end()
+    if args.json:
+        _print(out, json.dumps(summary))
+    elif not toStdout:
+        _print(
+            err,
+            f"saved {sink.final.path} ({humanSize(summary['size'])}, sha256 {summary['sha256'][:16]}..., "
+            f"via leader {summary['via'][0]} from node {summary['via'][1]})",
+        )
+    return EXIT_OK
+
+
+async def fetchCommand(reactor: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    name = _checkedName(args.name)
+    connection = await connect(reactor, args.node, _secret(args), args.timeout)
+    try:
+        # The node may take as long as the file takes: no timeout here.
+        reply = await request(connection, Message("fetch", name=name, overwrite=args.overwrite))
+    finally:
+        connection.close()
+    result = {"name": reply.name, "size": reply.size, "sha256": reply.sha256, "already": reply.already}
+    if args.json:
+        _print(out, json.dumps(result))
+    elif reply.already:
+        _print(out, f"{args.node} already has {name} with the same content (sha256 {reply.sha256[:16]}...)")
+    else:
+        _print(out, f"{args.node} now has {name} ({humanSize(reply.size)}, sha256 {reply.sha256[:16]}..., verified)")
+    return EXIT_OK
 
 
 COMMANDS = {
+    "get": getCommand,
+    "fetch": fetchCommand,
     "status": statusCommand,
+    "ls": lsCommand,
 }
 
 
@@ -167,7 +334,7 @@ def run(reactor: Any, argv: List[str], out: TextIO = sys.stdout, err: TextIO = s
         reason.printTraceback(err)
         return EXIT_ERROR
 
-    d = Deferred.fromCoroutine(COMMANDS[args.command](reactor, args, out))
+    d = Deferred.fromCoroutine(COMMANDS[args.command](reactor, args, out, err))
     return d.addErrback(failed)
 
 

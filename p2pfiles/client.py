@@ -4,14 +4,16 @@ replies.  Used by the command-line client and by a node that fetches a file
 from the leader.
 """
 
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 from twisted.internet.defer import Deferred, DeferredQueue, QueueUnderflow
+from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectError, TimeoutError
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
-from p2pfiles.node import parseAddress
+from p2pfiles.address import parseAddress
 from p2pfiles.protocol import LocalIdentity, P2PFactory, P2PProtocol
 from p2pfiles.wire import Message
 
@@ -40,7 +42,20 @@ _REFUSALS = {
     "timeout": EXIT_TIMEOUT,
     "verify": EXIT_VERIFY,
     "unavailable": EXIT_UNREACHABLE,
+    "io": EXIT_LOCAL,
 }
+
+
+def refusalFor(exitCode: int) -> str:
+    """
+    The refusal code a node sends for a failure with C{exitCode} (the
+    inverse of L{_REFUSALS}), so a client of a node that fetches sees the
+    same error it would have seen fetching itself.
+    """
+    for code, exit in _REFUSALS.items():
+        if exit == exitCode:
+            return code
+    return "transfer"
 
 
 class ClientError(Exception):
@@ -48,13 +63,17 @@ class ClientError(Exception):
     An expected failure, with a one-line message and an exit code.
     """
 
-    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+    def __init__(self, message: str, code: int = EXIT_ERROR, refusal: Optional[str] = None) -> None:
         super().__init__(message)
         self.code = code
+        self.refusal = refusal
 
     @classmethod
     def fromRefusal(cls, code: str, reason: str) -> "ClientError":
-        return cls(reason, _REFUSALS.get(code, EXIT_REFUSED))
+        """
+        The error for a node's refusal with C{code}.
+        """
+        return cls(reason, _REFUSALS.get(code, EXIT_REFUSED), code)
 
 
 class ClientConnection:
@@ -182,3 +201,56 @@ def request(connection: ClientConnection, message: Message) -> Deferred:
     connection.send(message)
     return connection.receive()
 
+
+
+# How long to wait for an election to finish before giving up.
+NO_LEADER_WAIT = 5.0
+MAX_REDIRECTS = 3
+
+
+def bounded(reactor: Any, d: Deferred, timeout: float, address: str) -> Deferred:
+    """
+    Fail C{d} with a L{ClientError} if it has not fired within C{timeout}.
+    """
+
+    def timedOut(reason: Failure) -> Failure:
+        if reason.check(DeferredTimeout):
+            raise ClientError(f"no answer from {address} within {timeout:g}s", EXIT_TIMEOUT)
+        return reason
+
+    return d.addTimeout(timeout, reactor).addErrback(timedOut)
+
+
+async def askLeader(
+    reactor: Any,
+    address: str,
+    secret: bytes,
+    message: Message,
+    timeout: float = 10.0,
+    identity: Optional[LocalIdentity] = None,
+    noLeaderWait: float = NO_LEADER_WAIT,
+) -> Tuple[ClientConnection, Message]:
+    """
+    Send C{message} to the leader, starting from the node at C{address}:
+    follow redirects, and wait up to C{noLeaderWait} if an election is under
+    way.  Return the open connection and the reply.
+    """
+    deadline = reactor.seconds() + noLeaderWait
+    redirects = 0
+    while True:
+        connection = await connect(reactor, address, secret, timeout, identity)
+        try:
+            reply = await bounded(reactor, request(connection, message), timeout, address)
+        except ClientError as e:
+            connection.close()
+            if e.code != EXIT_NO_LEADER or reactor.seconds() >= deadline:
+                raise
+            await deferLater(reactor, 0.25)
+            continue
+        if reply.type != "redirect":
+            return connection, reply
+        connection.close()
+        redirects += 1
+        if redirects > MAX_REDIRECTS:
+            raise ClientError("too many redirects looking for the leader", EXIT_NO_LEADER)
+        address = reply.address

@@ -12,7 +12,8 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred
+from twisted.internet import threads
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -20,34 +21,21 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
 from p2pfiles import __version__
+from p2pfiles.address import parseAddress
 from p2pfiles.atomic import atomicWrite
-from p2pfiles.election import CANDIDATE, LEADER, Claimed, ElectionState, Stale
+from p2pfiles.election import LEADER, Claimed, ElectionState, Stale
+from p2pfiles.gather import IndexKeeper
+from p2pfiles.localindex import LocalIndex
 from p2pfiles.protocol import LocalIdentity, P2PFactory, P2PProtocol, ProtocolViolation
-from p2pfiles.wire import Message
+from p2pfiles.client import EXIT_NO_LEADER, EXIT_REFUSED, ClientError, askLeader, connect, refusalFor
+from p2pfiles.names import nameProblem
+from p2pfiles.transfer import FileProducer, PartialFile, Relay, TransferError, download, openForServing
+from p2pfiles.wire import FileEntry, Message, chunked
 
 # Reconnection to a peer: start fast, never wait much more than a second, so
 # that a restarted peer is seen quickly.
 RETRY_INITIAL = 0.1
 RETRY_MAX = 1.0
-
-
-def formatAddress(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def parseAddress(text: str) -> Tuple[str, int]:
-    """
-    Split C{HOST:PORT} (or C{[V6HOST]:PORT}) into host and port; raise
-    L{ValueError} with a one-line reason if it is not one.
-    """
-    host, sep, port = text.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"{text!r} is not HOST:PORT")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{text!r} has no valid port")
-    return host, int(port)
 
 
 class NodeConfig:
@@ -134,11 +122,37 @@ class Node(MultiService):
 
     log = Logger()
 
-    def __init__(self, config: NodeConfig, reactor: Any) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        reactor: Any,
+        runInThread: Optional[Callable[..., Deferred]] = None,
+        useInotify: bool = True,
+    ) -> None:
         super().__init__()
         self.config = config
         self.id = config.id
         self.reactor = reactor
+        if runInThread is None:
+
+            def runInThread(f: Callable[..., Any], *args: Any) -> Deferred:
+                return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+        self.runInThread = runInThread
+        self.localIndex = LocalIndex(
+            config.share, config.state, reactor, runInThread=runInThread, useInotify=useInotify
+        )
+        self.localIndex.subscribe(self._localChanges)
+        self._localReady = False
+        self._localWaiters: List[Deferred] = []
+        self.keeper = IndexKeeper(
+            config.id,
+            config.address,
+            config.state.child("peer_files.log"),
+            reactor,
+            runInThread,
+            self.sendTo,
+        )
         self.identity = LocalIdentity("node", config.id, config.address, config.secret, "control")
         self.epochs = EpochStore(config.state)
         self.election = ElectionState(
@@ -150,6 +164,8 @@ class Node(MultiService):
         )
         self.members: Dict[int, Member] = {}
         self._watchers: Set[P2PProtocol] = set()
+        self._transfers: Dict[P2PProtocol, Any] = {}
+        self._relayCount = 0
         self._heartbeats = LoopingCall(self._tick)
         self._heartbeats.clock = reactor
         self._lastTick: Optional[float] = None
@@ -180,13 +196,67 @@ class Node(MultiService):
             peers=", ".join(str(p) for p in sorted(self.config.peers)) or "none",
         )
         self._heartbeats.start(self.config.heartbeat, now=True)
+        self.localIndex.start().addCallbacks(self._localStarted, self._localFailed)
 
     def stopService(self) -> Deferred:
         if self._heartbeats.running:
             self._heartbeats.stop()
         for watcher in list(self._watchers):
             watcher.transport.loseConnection()
-        return super().stopService()
+        stopping = [
+            super().stopService(),
+            self.localIndex.stop(),
+            self.keeper.stop(),
+        ]
+        return DeferredList(stopping, consumeErrors=True)
+
+    # This node's own files.
+
+    def _localStarted(self, ignored: object) -> None:
+        self.log.info(
+            "sharing {count} files from {share}", count=len(self.localIndex.entries), share=self.config.share.path
+        )
+        self._localReady = True
+        if self.keeper.epoch is not None:
+            self.keeper.ownChanges(list(self.localIndex.entries.values()), [])
+        waiters, self._localWaiters = self._localWaiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def _localFailed(self, reason: Failure) -> None:
+        self.log.failure("cannot index the share {share}", reason, share=self.config.share.path)
+
+    def whenLocalReady(self) -> Deferred:
+        """
+        Fire once the first scan of the share is done.
+        """
+        if self._localReady:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._localWaiters.append(d)
+        return d
+
+    def _localChanges(self, changed: List[FileEntry], removed: List[str]) -> None:
+        if self.keeper.epoch is not None:
+            self.keeper.ownChanges(changed, removed)
+            return
+        leader = self.election.leader
+        if leader is None or leader == self.id:
+            return
+        # Followers send only changes, tagged with the epoch; a change lost
+        # in an election is covered by the new leader's full gather.
+        parts = chunked(changed) if changed else [[]]
+        for i, part in enumerate(parts):
+            self.sendTo(
+                leader,
+                Message(
+                    "index-update",
+                    epoch=self.election.epoch,
+                    entries=part,
+                    removed=removed if i == 0 else [],
+                    full=False,
+                ),
+            )
 
     # Membership.
 
@@ -243,6 +313,9 @@ class Node(MultiService):
 
     def connectionClosed(self, connection: P2PProtocol, reason: Failure) -> None:
         self._watchers.discard(connection)
+        transfer = self._transfers.pop(connection, None)
+        if isinstance(transfer, Relay):
+            transfer.downstreamLost()
         peer = connection.peer
         if peer is None or not self._isControl(connection):
             return
@@ -253,6 +326,8 @@ class Node(MultiService):
         if not member.links:
             self.log.info("member {id} link down ({address})", id=member.id, address=member.address)
             self._apply(self.election.memberDown(member.id))
+            if self.keeper.epoch is not None:
+                self.keeper.memberGone(member.id)
             self._changed()
 
     # Messages.
@@ -287,10 +362,257 @@ class Node(MultiService):
         self._apply(self.election.staleReceived(sender, message.epoch, message.leader))
         self._changed()
 
+    def _control_index_request(self, sender: int, connection: P2PProtocol, message: Message) -> None:
+        epoch = message.epoch
+        if epoch < self.election.epoch:
+            self.log.info(
+                "rejected message from {sender}: stale epoch {old} < {current}",
+                sender=sender,
+                old=epoch,
+                current=self.election.epoch,
+            )
+            self.sendTo(sender, Message("stale", epoch=self.election.epoch, leader=self.election.leader))
+            return
+        if epoch != self.election.epoch or sender != self.election.leader:
+            # A claim we have not heard yet: the leader asks again.
+            return
+
+        def send(ignored: object) -> None:
+            if self.election.epoch != epoch or self.election.leader != sender:
+                return
+            entries = sorted(self.localIndex.entries.values(), key=lambda e: e.name)
+            parts = chunked(entries)
+            for i, part in enumerate(parts):
+                # On the same link as later changes, so they cannot overtake it.
+                self.sendTo(
+                    sender,
+                    Message(
+                        "index-chunk",
+                        epoch=epoch,
+                        request=message.request,
+                        entries=part,
+                        last=i == len(parts) - 1,
+                    ),
+                )
+
+        self.whenLocalReady().addCallback(send)
+
+    def _control_index_chunk(self, sender: int, connection: P2PProtocol, message: Message) -> None:
+        self.keeper.chunkReceived(sender, message)
+
+    def _control_index_update(self, sender: int, connection: P2PProtocol, message: Message) -> None:
+        self.keeper.updateReceived(sender, self.members[sender].address, message)
+
     def request_status(self, connection: P2PProtocol, message: Message) -> None:
         connection.sendMessage(Message("state", status=self.status()))
         if message.watch:
             self._watchers.add(connection)
+
+    def request_ls(self, connection: P2PProtocol, message: Message) -> None:
+        if self.isLeader():
+            connection.sendMessage(Message("listing", files=self.keeper.index.listing()))
+        else:
+            self._redirect(connection)
+
+    def request_lookup(self, connection: P2PProtocol, message: Message) -> None:
+        name = message.name
+        if not self._checkName(connection, name):
+            return
+        if not self.isLeader():
+            self._redirect(connection)
+            return
+        holders = self.keeper.index.holders(name)
+        if not holders:
+            connection.sendError("not-found", f"not found: {name}")
+            return
+        # The lowest id's copy names the content when holders disagree.
+        entry = holders[0][2]
+        connection.sendMessage(
+            Message(
+                "found",
+                name=name,
+                size=entry.size,
+                sha256=entry.sha256,
+                holders=[node for node, _, e in holders if e.sha256 == entry.sha256],
+            )
+        )
+
+    def _checkName(self, connection: P2PProtocol, name: str) -> bool:
+        problem = nameProblem(name)
+        if problem is not None:
+            connection.sendError("bad-name", f"bad file name {name!r}: {problem}")
+            return False
+        return True
+
+    def request_get(self, connection: P2PProtocol, message: Message) -> None:
+        if connection in self._transfers:
+            raise ProtocolViolation("request sent during a transfer")
+        name = message.name
+        if not self._checkName(connection, name):
+            return
+        assert connection.peer is not None
+        entry = self.localIndex.entries.get(name)
+        mine = entry is not None and message.sha256 in (None, entry.sha256)
+        if mine and (self.isLeader() or connection.peer.role == "node"):
+            self._serveLocal(connection, entry, message.offset)
+            return
+        if not self.isLeader():
+            if connection.peer.role == "node":
+                connection.sendError("not-found", f"not found: {name} (node {self.id} does not have it)")
+            else:
+                self._redirect(connection)
+            return
+        candidates = [
+            (node, address, e)
+            for node, address, e in self.keeper.index.holders(name, message.sha256)
+            if node != self.id and self.election.isLive(node)
+        ]
+        if not candidates:
+            connection.sendError("not-found", f"not found: {name}")
+            return
+        # The lowest id's copy names the content when holders disagree; any
+        # holder of that same content can serve it.
+        content = candidates[0][2]
+        holders = [(node, address) for node, address, e in candidates if e.sha256 == content.sha256]
+        if message.offset > content.size:
+            connection.sendError(
+                "bad-offset", f"offset {message.offset} is beyond the size of {name} ({content.size} bytes)"
+            )
+            return
+        # Spread relays over the holders.
+        start = self._relayCount % len(holders)
+        self._relayCount += 1
+        relay = Relay(
+            connection,
+            name,
+            content.sha256,
+            content.size,
+            message.offset,
+            holders[start:] + holders[:start],
+            self._openUpstream,
+            self.id,
+            clock=self.reactor,
+        )
+        self._track(connection, relay, relay.start(), f"relay of {name}")
+
+    def _openUpstream(self, address: str) -> Deferred:
+        return connect(
+            self.reactor, address, self.config.secret, 10.0, self.identity.withPurpose("request")
+        )
+
+    def _serveLocal(self, connection: P2PProtocol, entry: FileEntry, offset: int) -> None:
+        try:
+            f = openForServing(self.config.share, entry.name, entry.size, offset)
+        except TransferError as e:
+            connection.sendError(e.code, str(e))
+            return
+        except OSError as e:
+            connection.sendError("not-found", f"cannot open {entry.name}: {e.strerror or e}")
+            return
+        connection.sendMessage(
+            Message(
+                "file",
+                name=entry.name,
+                size=entry.size,
+                sha256=entry.sha256,
+                offset=offset,
+                holder=self.id,
+                leader=self.election.leader if self.election.leader is not None else self.id,
+            )
+        )
+        producer = FileProducer(f, entry.size - offset, connection.transport)
+        self._track(connection, producer, producer.start(), f"sending {entry.name}")
+
+    def _track(self, connection: P2PProtocol, transfer: Any, done: Deferred, what: str) -> None:
+        """
+        Remember a transfer running on C{connection} until it ends, and log
+        how it ended.
+        """
+        self._transfers[connection] = transfer
+        started = self.reactor.seconds()
+
+        def ended(result: Any) -> None:
+            self._transfers.pop(connection, None)
+            if isinstance(result, Failure):
+                self.log.warn("{what} to {peer} failed: {reason}", what=what, peer=connection.describePeer(), reason=result.getErrorMessage())
+            else:
+                self.log.info(
+                    "{what} to {peer}: {bytes} bytes in {s:.2f}s",
+                    what=what,
+                    peer=connection.describePeer(),
+                    bytes=result,
+                    s=self.reactor.seconds() - started,
+                )
+
+        done.addBoth(ended)
+
+    def request_fetch(self, connection: P2PProtocol, message: Message) -> None:
+        name = message.name
+        if not self._checkName(connection, name):
+            return
+        d = Deferred.fromCoroutine(self._fetch(name, message.overwrite))
+
+        def fetched(reply: Message) -> None:
+            connection.sendMessage(reply)
+
+        def failed(reason: Failure) -> None:
+            if reason.check(ClientError):
+                code = reason.value.refusal or refusalFor(reason.value.code)
+                connection.sendError(code, str(reason.value))
+            else:
+                self.log.failure("fetch of {name} failed", reason, name=name)
+                connection.sendError("internal", f"fetch of {name} failed: {reason.getErrorMessage()}")
+
+        d.addCallbacks(fetched, failed)
+
+    async def _fetch(self, name: str, overwrite: bool) -> Message:
+        """
+        Get C{name} from the leader into this node's share, as the original
+        system's node-to-leader request did.
+        """
+        leader = self.leaderAddress()
+        if leader is None:
+            raise ClientError("no leader elected right now; try again shortly", EXIT_NO_LEADER, "no-leader")
+        identity = self.identity.withPurpose("request")
+        connection, found = await askLeader(self.reactor, leader, self.config.secret, Message("lookup", name=name), 10.0, identity)
+        connection.close()
+        mine = self.localIndex.entries.get(name)
+        if mine is None and self.config.share.child(name).exists():
+            await self.localIndex.rescan()
+            mine = self.localIndex.entries.get(name)
+        if mine is not None and mine.sha256 == found.sha256:
+            return Message("fetched", name=name, size=mine.size, sha256=mine.sha256, already=True)
+        if mine is not None and not overwrite:
+            raise ClientError(
+                f"{name} already exists on node {self.id} with other content; use --overwrite to replace it",
+                EXIT_REFUSED,
+                "conflict",
+            )
+        addresses = [leader] + [a for m, a in sorted(self._liveMembers().items()) if a != leader]
+        sink = PartialFile(self.config.share, name)
+        summary = await download(
+            self.reactor, name, sink, addresses, self.config.secret, self.runInThread, identity
+        )
+        self.log.info(
+            "fetched {name} ({size} bytes) via {via} in {seconds:.2f}s",
+            name=name,
+            size=summary["size"],
+            via=summary["via"],
+            seconds=summary["seconds"],
+        )
+        await self.localIndex.rescan()
+        return Message("fetched", name=name, size=summary["size"], sha256=summary["sha256"], already=False)
+
+    def _redirect(self, connection: P2PProtocol) -> None:
+        """
+        Point a client at the leader, or tell it there is none right now.
+        """
+        address = self.leaderAddress()
+        leader = self.election.leader
+        if leader is None or address is None:
+            connection.sendError("no-leader", "no leader elected right now; try again shortly")
+        else:
+            connection.sendMessage(Message("redirect", leader=leader, address=address))
 
     # The election's answers.
 
@@ -302,8 +624,31 @@ class Node(MultiService):
                 self.sendTo(action.to, Message("stale", epoch=action.epoch, leader=action.leader))
             elif isinstance(action, Claimed):
                 self._broadcastHeartbeat()
+                self._lead(action.epoch)
                 for hook in self._leadershipHooks:
                     hook(action.epoch)
+        if self.keeper.epoch is not None and (
+            not self.isLeader() or self.keeper.epoch != self.election.epoch
+        ):
+            self.keeper.resign()
+
+    def _liveMembers(self) -> Dict[int, str]:
+        return {m: self.members[m].address for m in self.election.liveMembers() if m != self.id}
+
+    def _lead(self, epoch: int) -> None:
+        started = self.reactor.seconds()
+        own = list(self.localIndex.entries.values())
+
+        def gathered(members: List[int]) -> None:
+            self.log.info(
+                "index of epoch {epoch}: {files} files on {nodes} nodes, gathered in {ms:.0f} ms",
+                epoch=epoch,
+                files=self.keeper.index.fileCount(),
+                nodes=len(self.keeper.index.nodes()),
+                ms=(self.reactor.seconds() - started) * 1000,
+            )
+
+        self.keeper.lead(epoch, own, self._liveMembers()).addCallback(gathered)
 
     def _saveEpoch(self, epoch: int) -> None:
         try:
@@ -355,6 +700,8 @@ class Node(MultiService):
         self._lastTick = now
         self._apply(self.election.tick())
         self._broadcastHeartbeat()
+        if self.keeper.epoch is not None:
+            self.keeper.reconcile(self._liveMembers())
         self._changed()
 
     # Status.

@@ -12,7 +12,8 @@ from twisted.python import usage
 from twisted.python.filepath import FilePath
 
 from p2pfiles.auth import SecretError, readSecret
-from p2pfiles.node import Node, NodeConfig, formatAddress, parseAddress
+from p2pfiles.address import formatAddress, parseAddress
+from p2pfiles.node import Node, NodeConfig
 from p2pfiles.protocol import P2PFactory
 
 

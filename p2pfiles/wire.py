@@ -12,6 +12,7 @@ This module imports nothing else of the package.
 """
 
 import json
+import math
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 PROTOCOL_VERSION = 1
@@ -68,6 +69,8 @@ class FileEntry:
         sha256 = _check("sha256", value.get("sha256"), (str,))
         if size < 0:
             raise WireError("file entry has a negative size")
+        if not math.isfinite(mtime):
+            raise WireError("file entry mtime is not a finite number")
         if not _isHexDigest(sha256):
             raise WireError("file entry sha256 is not 64 hex digits")
         return cls(name, size, float(mtime), sha256)
@@ -213,6 +216,8 @@ SCHEMAS: Dict[str, Dict[str, Checker]] = {
         "holder": _nonNegative,
         "leader": _nonNegative,
     },
+    "lookup": {"name": _str},
+    "found": {"name": _str, "size": _nonNegative, "sha256": _str, "holders": _list},
     "fetch": {"name": _str, "overwrite": _bool},
     "fetched": {"name": _str, "size": _nonNegative, "sha256": _str, "already": _bool},
 }

@@ -1,0 +1,1 @@
+The leader gathers every live node's files (name, size, mtime, SHA-256; hashed in threads and cached across restarts) into `peer_files.log` in its state directory, written atomically with a header and one JSON object a line, and keeps it current as files come and go (inotify, or polling); `p2pfiles ls [--json]` lists the cluster's files from any node.

@@ -1,0 +1,1 @@
+`p2pfiles get NAME` downloads a file through the leader, which streams it from its own share or relays it from a holder with back-pressure; the receiver writes a hidden `.NAME.part`, verifies the SHA-256 and only then renames it, and resumes interrupted transfers, through a new leader if the old one died. `p2pfiles fetch NAME --node N` has node N get the file into its own share.

@@ -1,0 +1,25 @@
+"""
+Node addresses as written on the command line and on the wire: C{HOST:PORT},
+or C{[V6HOST]:PORT}.
+"""
+
+from typing import Tuple
+
+
+def formatAddress(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parseAddress(text: str) -> Tuple[str, int]:
+    """
+    Split C{HOST:PORT} (or C{[V6HOST]:PORT}) into host and port; raise
+    L{ValueError} with a one-line reason if it is not one.
+    """
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} has no valid port")
+    return host, int(port)

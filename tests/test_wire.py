@@ -1,0 +1,721 @@
+"""
+Tests for L{p2pfiles.wire}: the frame codec, its schemas and index chunking.
+"""
+
+import json
+import math
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from p2pfiles.protocol import P2PProtocol
+from p2pfiles.wire import (
+    CONTROL,
+    ENTRIES_PER_FRAME,
+    PROTOCOL_VERSION,
+    SCHEMAS,
+    FileEntry,
+    Message,
+    WireError,
+    chunked,
+    decode,
+    encode,
+)
+
+SHA = "0123456789abcdef" * 4
+
+# Property tests: enough examples to find edge cases, no deadline (a loaded CI
+# machine must not turn a slow example into a failure), no example database
+# written into the work tree.
+PROPERTY = settings(
+    max_examples=300,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+def frame(body: object) -> bytes:
+    """
+    A control frame whose JSON payload is C{body}.
+    """
+    return CONTROL + json.dumps(body).encode("utf-8")
+
+
+def entryDict(**overrides: object) -> dict:
+    value = {"name": "a.txt", "size": 3, "mtime": 1.5, "sha256": SHA}
+    value.update(overrides)
+    return value
+
+
+def indexUpdate(*entries: object) -> bytes:
+    return frame(
+        {"type": "index-update", "epoch": 1, "entries": list(entries), "removed": [], "full": False}
+    )
+
+
+# One plain, valid example of every message type.
+EXAMPLES = {
+    "hello": dict(version=1, role="node", node=1, nonce="ab" * 32, address="h:1", proof=None, purpose="control"),
+    "auth": dict(proof="cd" * 32),
+    "ready": dict(node=None),
+    "error": dict(code="auth", reason="wrong secret"),
+    "heartbeat": dict(node=1, epoch=2, leader=1, members=[(1, "h:1"), (2, "h:2")]),
+    "stale": dict(epoch=3, leader=None),
+    "index-request": dict(epoch=3, request=9),
+    "index-chunk": dict(epoch=3, request=9, entries=[FileEntry("a", 1, 2.5, SHA)], last=True),
+    "index-update": dict(epoch=3, entries=[FileEntry("b", 0, 0.0, SHA)], removed=["c"], full=False),
+    "status": dict(watch=False),
+    "state": dict(status={"leader": 1, "members": [1, 2], "epoch": 3}),
+    "ls": dict(),
+    "listing": dict(files=[{"name": "a", "holders": [1]}]),
+    "redirect": dict(leader=1, address="h:1"),
+    "get": dict(name="a", offset=0, sha256=SHA),
+    "file": dict(name="a", size=1, sha256=SHA, offset=0, holder=2, leader=1),
+    "fetch": dict(name="a", overwrite=True),
+    "fetched": dict(name="a", size=1, sha256=SHA, already=False),
+    "lookup": dict(name="a"),
+    "found": dict(name="a", size=1, sha256=SHA, holders=[{"node": 1, "address": "h:1"}]),
+}
+
+
+# Valid field values, one strategy per kind of checker.
+
+ids = st.integers(min_value=0, max_value=2**64)
+optionalIds = st.none() | ids
+# Any Unicode scalar value: newlines, NUL, quotes, backslashes, U+2028, astral.
+texts = st.text()
+optionalTexts = st.none() | texts
+bools = st.booleans()
+sha256s = st.text(alphabet="0123456789abcdef", min_size=64, max_size=64)
+fileEntries = st.builds(
+    FileEntry,
+    name=texts,
+    size=ids,
+    mtime=st.floats(allow_nan=False, allow_infinity=False),
+    sha256=sha256s,
+)
+entryLists = st.lists(fileEntries, max_size=5)
+members = st.lists(st.tuples(ids, texts), max_size=5)
+finiteJSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(), children, max_size=4),
+    max_leaves=12,
+)
+jsonObjects = st.dictionaries(st.text(), finiteJSON, max_size=4)
+
+# The fields of every message type and how to generate valid values for them.
+# test_fieldStrategiesMatchSchemas keeps this table in step with SCHEMAS.
+FIELDS = {
+    "hello": {
+        "version": ids,
+        "role": texts,
+        "node": optionalIds,
+        "nonce": texts,
+        "address": optionalTexts,
+        "proof": optionalTexts,
+        "purpose": texts,
+    },
+    "auth": {"proof": texts},
+    "ready": {"node": optionalIds},
+    "error": {"code": texts, "reason": texts},
+    "heartbeat": {"node": ids, "epoch": ids, "leader": optionalIds, "members": members},
+    "stale": {"epoch": ids, "leader": optionalIds},
+    "index-request": {"epoch": ids, "request": ids},
+    "index-chunk": {"epoch": ids, "request": ids, "entries": entryLists, "last": bools},
+    "index-update": {
+        "epoch": ids,
+        "entries": entryLists,
+        "removed": st.lists(texts, max_size=5),
+        "full": bools,
+    },
+    "status": {"watch": bools},
+    "state": {"status": jsonObjects},
+    "ls": {},
+    "listing": {"files": st.lists(jsonObjects, max_size=4)},
+    "redirect": {"leader": ids, "address": texts},
+    "get": {"name": texts, "offset": ids, "sha256": st.none() | sha256s},
+    "file": {
+        "name": texts,
+        "size": ids,
+        "sha256": sha256s,
+        "offset": ids,
+        "holder": ids,
+        "leader": ids,
+    },
+    "fetch": {"name": texts, "overwrite": bools},
+    "fetched": {"name": texts, "size": ids, "sha256": sha256s, "already": bools},
+    "lookup": {"name": texts},
+    "found": {"name": texts, "size": ids, "sha256": sha256s, "holders": st.lists(finiteJSON, max_size=4)},
+}
+
+
+def messagesOf(type_: str) -> st.SearchStrategy:
+    return st.fixed_dictionaries(FIELDS[type_]).map(lambda fields: Message(type_, **fields))
+
+
+validMessages = st.sampled_from(sorted(FIELDS)).flatmap(messagesOf)
+
+# Hostile values: wrong types, negatives, non-finite and oversized numbers,
+# deep nesting, texts with lone surrogates (legal as JSON escapes).
+hugeInts = st.integers(min_value=10**300, max_value=10**330)
+surrogates = st.characters(categories=["Cs"])
+nastyTexts = st.text() | st.tuples(st.text(), surrogates, st.text()).map("".join)
+nastyScalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | hugeInts
+    | st.floats()
+    | nastyTexts
+    | st.sampled_from(["", SHA, SHA.upper(), "node", "control", "version"])
+)
+nastyJSON = st.recursive(
+    nastyScalars,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4),
+    max_leaves=12,
+)
+@st.composite
+def nastyEntries(draw: st.DrawFn) -> list:
+    """
+    Lists of file entry objects whose fields are usually plausible (the
+    right type, though perhaps non-finite or huge), sometimes hostile and
+    sometimes missing, so that every check in L{FileEntry.fromDict} is reached.
+    """
+    plausible = {
+        "name": nastyTexts,
+        "size": ids,
+        "mtime": st.floats() | hugeInts,
+        "sha256": sha256s,
+    }
+    entries = []
+    for _ in range(draw(st.integers(min_value=0, max_value=3))):
+        entry = {}
+        for field, strategy in plausible.items():
+            mode = draw(st.sampled_from(["plausible", "plausible", "plausible", "hostile", "missing"]))
+            if mode == "plausible":
+                entry[field] = draw(strategy)
+            elif mode == "hostile":
+                entry[field] = draw(nastyJSON)
+        entries.append(entry)
+    return entries
+
+
+def plausibleJSON(type_: str, field: str) -> st.SearchStrategy:
+    """
+    The JSON form of a plausible value of a field: the valid values, except
+    that texts may hold lone surrogates and file entries may be broken.
+    """
+    strategy = FIELDS[type_][field]
+    if strategy is texts:
+        return nastyTexts
+    if strategy is optionalTexts:
+        return st.none() | nastyTexts
+    if strategy is entryLists:
+        return nastyEntries()
+    if strategy is members:
+        return members.map(lambda ms: [{"id": i, "address": a} for (i, a) in ms])
+    return strategy
+
+
+@st.composite
+def nastyBodies(draw: st.DrawFn) -> object:
+    """
+    JSON values shaped like control messages: usually an object with a known
+    type whose fields are each plausible, hostile or missing.
+    """
+    if draw(st.integers(min_value=0, max_value=4)) == 0:
+        return draw(nastyJSON)
+    type_ = draw(st.sampled_from(sorted(FIELDS)))
+    body = {"type": type_}
+    for field in FIELDS[type_]:
+        mode = draw(st.sampled_from(["plausible", "plausible", "plausible", "hostile", "missing"]))
+        if mode == "plausible":
+            body[field] = draw(plausibleJSON(type_, field))
+        elif mode == "hostile":
+            body[field] = draw(nastyJSON)
+    return body
+
+
+class RoundTripTests(SynchronousTestCase):
+    """
+    Every valid message survives C{encode} then C{decode} unchanged.
+    """
+
+    def test_fieldStrategiesMatchSchemas(self) -> None:
+        """
+        The generators used by these tests cover exactly the message types and
+        fields of L{SCHEMAS}, so a schema change cannot leave a message type
+        untested.
+        """
+        self.assertEqual(
+            {t: sorted(fields) for t, fields in FIELDS.items()},
+            {t: sorted(fields) for t, fields in SCHEMAS.items()},
+        )
+
+    @PROPERTY
+    @given(validMessages)
+    def test_roundTrip(self, message: Message) -> None:
+        """
+        C{decode(encode(m)) == m} for every message type, with any Unicode in
+        strings (newlines, NUL, quotes, astral characters), large ids, null
+        optional ids, file entries and nested JSON objects.
+        """
+        encoded = encode(message)
+        self.assertEqual(encoded[:1], CONTROL)
+        self.assertEqual(decode(encoded), message)
+
+    def test_everyTypeRoundTrips(self) -> None:
+        """
+        One hand-written example of each message type round-trips: the
+        property above draws types at random, this pins that none is missed.
+        """
+        self.assertEqual(sorted(EXAMPLES), sorted(SCHEMAS))
+        for type_, fields in EXAMPLES.items():
+            message = Message(type_, **fields)
+            self.assertEqual(decode(encode(message)), message, type_)
+
+    def test_membersWireForm(self) -> None:
+        """
+        Heartbeat members are sent as C{{"id", "address"}} objects and decode
+        to C{(id, address)} tuples.
+        """
+        message = Message("heartbeat", node=1, epoch=2, leader=None, members=[(1, "h:1"), (3, "h:3")])
+        body = json.loads(encode(message)[1:].decode("utf-8"))
+        self.assertEqual(body["members"], [{"id": 1, "address": "h:1"}, {"id": 3, "address": "h:3"}])
+        self.assertEqual(decode(encode(message)).members, [(1, "h:1"), (3, "h:3")])
+
+    def test_unknownFieldsIgnored(self) -> None:
+        """
+        Fields a message type does not define are dropped, so a newer peer can
+        add fields without breaking an older one.
+        """
+        message = decode(frame({"type": "status", "watch": True, "colour": "blue"}))
+        self.assertEqual(message, Message("status", watch=True))
+
+    def test_attributes(self) -> None:
+        """
+        Fields read as attributes; a field the message lacks is an
+        L{AttributeError}, not a L{KeyError}.
+        """
+        message = decode(frame({"type": "stale", "epoch": 4, "leader": None}))
+        self.assertEqual((message.type, message.epoch, message.leader), ("stale", 4, None))
+        self.assertRaises(AttributeError, getattr, message, "request")
+
+    def test_integerMtimeBecomesFloat(self) -> None:
+        """
+        A file entry whose mtime is a JSON integer decodes to a float, so
+        entries compare and hash the same whatever form the sender used.
+        """
+        (entry,) = decode(indexUpdate(entryDict(mtime=7))).entries
+        self.assertIsInstance(entry.mtime, float)
+        self.assertEqual(entry, FileEntry("a.txt", 3, 7.0, SHA))
+
+
+class DecodeRobustnessTests(SynchronousTestCase):
+    """
+    C{decode} returns a L{Message} or raises L{WireError}, whatever it is
+    given.
+    """
+
+    def assertMessageOrWireError(self, data: bytes) -> None:
+        try:
+            result = decode(data)
+        except WireError as e:
+            self.assertTrue(str(e))
+            self.assertNotIn("\n", str(e))
+        else:
+            self.assertIsInstance(result, Message)
+            self.assertIn(result.type, SCHEMAS)
+
+    @PROPERTY
+    @given(st.binary(max_size=200))
+    def test_arbitraryBytes(self, data: bytes) -> None:
+        """
+        Arbitrary bytes decode to a message or raise L{WireError}, never any
+        other exception.
+        """
+        self.assertMessageOrWireError(data)
+
+    @PROPERTY
+    @given(st.binary(max_size=200))
+    def test_arbitraryControlPayload(self, data: bytes) -> None:
+        """
+        A control type byte followed by arbitrary bytes decodes to a message
+        or raises L{WireError}.
+        """
+        self.assertMessageOrWireError(CONTROL + data)
+
+    @PROPERTY
+    @given(nastyBodies())
+    def test_arbitraryJSON(self, body: object) -> None:
+        """
+        A control frame holding any JSON value - typically a known message
+        type with some fields valid, some missing and some of the wrong type,
+        negative, non-finite, huge or deeply nested - decodes to a message or
+        raises L{WireError}.
+        """
+        self.assertMessageOrWireError(frame(body))
+
+    @PROPERTY
+    @given(nastyEntries())
+    def test_arbitraryFileEntries(self, entries: list) -> None:
+        """
+        An index update whose file entries are broken in any way (missing,
+        mistyped, negative, non-finite or huge fields) decodes or raises
+        L{WireError}.
+        """
+        self.assertMessageOrWireError(indexUpdate(*entries))
+
+    @PROPERTY
+    @given(nastyBodies())
+    def test_decodedMessagesReencode(self, body: object) -> None:
+        """
+        Whatever C{decode} accepts, C{encode} can send on unchanged: a node
+        relays names and entries it received, and must not fail to encode
+        them.
+        """
+        try:
+            message = decode(frame(body))
+        except WireError:
+            return
+        encoded = encode(message)
+        self.assertEqual(encode(decode(encoded)), encoded)
+
+    def test_loneSurrogateName(self) -> None:
+        """
+        A name holding a lone surrogate (a legal C{\\udXXX} JSON escape) is
+        either refused by C{decode} or survives re-encoding: a node that
+        accepted it must be able to relay it (index chunks, listings) without
+        C{encode} raising C{UnicodeEncodeError}.
+        """
+        data = b'C{"type":"fetch","name":"a\\ud800b","overwrite":false}'
+        try:
+            message = decode(data)
+        except WireError:
+            return
+        self.assertEqual(decode(encode(message)), message)
+
+    def test_deepNesting(self) -> None:
+        """
+        Deeply nested JSON (which exhausts the parser's recursion) is a
+        L{WireError}.
+        """
+        self.assertRaises(WireError, decode, CONTROL + b"[" * 100000 + b"]" * 100000)
+        self.assertRaises(
+            WireError, decode, CONTROL + b'{"type":"state","status":' + b'{"a":' * 100000 + b"1" + b"}" * 100001
+        )
+
+    def test_hugeInteger(self) -> None:
+        """
+        An integer too long for Python's int parsing limit is a L{WireError}.
+        """
+        data = CONTROL + b'{"type":"stale","epoch":' + b"9" * 5000 + b',"leader":null}'
+        self.assertRaises(WireError, decode, data)
+
+    def test_httpRequest(self) -> None:
+        """
+        An HTTP request (someone pointing a browser at a node) is a
+        L{WireError}.
+        """
+        self.assertRaises(WireError, decode, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+
+
+class DecodeRejectsTests(SynchronousTestCase):
+    """
+    Specific malformed frames that C{decode} refuses with L{WireError}.
+    """
+
+    def assertRejected(self, data: bytes, reasonPart: str = "") -> WireError:
+        error = self.assertRaises(WireError, decode, data)
+        self.assertIn(reasonPart, str(error))
+        return error
+
+    def test_emptyFrame(self) -> None:
+        """
+        An empty frame is refused.
+        """
+        self.assertRejected(b"", "empty")
+
+    def test_unknownFrameType(self) -> None:
+        """
+        A frame whose type byte is not C{C} is refused even if its payload
+        is a valid message, so future binary frames cannot be misread.
+        """
+        valid = encode(Message("status", watch=True))
+        self.assertRejected(b"X" + valid[1:], "unknown frame type")
+        self.assertRejected(b"c" + valid[1:], "unknown frame type")
+        self.assertRejected(b"\x00" + valid[1:], "unknown frame type")
+
+    def test_invalidUTF8(self) -> None:
+        """
+        A payload that is not UTF-8 is refused.
+        """
+        self.assertRejected(b'C{"type":"fetch","name":"\xff\xfe","overwrite":false}', "invalid JSON")
+
+    def test_invalidJSON(self) -> None:
+        """
+        A payload that is not JSON (truncated, trailing garbage, bare words)
+        is refused.
+        """
+        for data in (b'C{"type":', b"C", b'C{"type":"ls"} x', b"Cls", b"C{'type':'ls'}"):
+            self.assertRejected(data, "invalid JSON")
+
+    def test_nonObjectJSON(self) -> None:
+        """
+        JSON that is not an object (a list, string, number, null) is refused.
+        """
+        for data in (b'C["ls"]', b'C"ls"', b"C1", b"Cnull", b"Ctrue"):
+            self.assertRejected(data, "not a JSON object")
+
+    def test_missingOrBadType(self) -> None:
+        """
+        An object without a string C{type} is refused.
+        """
+        for body in ({}, {"type": 1}, {"type": None}, {"type": ["ls"]}):
+            self.assertRejected(frame(body), "no type")
+
+    def test_unknownType(self) -> None:
+        """
+        A message type outside L{SCHEMAS} is refused.
+        """
+        self.assertRejected(frame({"type": "shutdown"}), "unknown message type")
+
+    def test_missingField(self) -> None:
+        """
+        Every schema field is required, including optional ones (which must
+        be sent as null).
+        """
+        self.assertRejected(frame({"type": "stale", "epoch": 1}), "lacks field 'leader'")
+        self.assertRejected(frame({"type": "get", "name": "a", "offset": 0}), "lacks field 'sha256'")
+
+    def test_boolIsNotInt(self) -> None:
+        """
+        C{true} is refused where an integer is expected, even though Python's
+        C{bool} is an C{int}.
+        """
+        self.assertRejected(frame({"type": "stale", "epoch": True, "leader": None}), "'epoch'")
+        self.assertRejected(frame({"type": "stale", "epoch": 1, "leader": False}), "'leader'")
+        self.assertRejected(indexUpdate(entryDict(size=True)), "'size'")
+        self.assertRejected(indexUpdate(entryDict(mtime=True)), "'mtime'")
+
+    def test_wrongFieldTypes(self) -> None:
+        """
+        Strings, floats, lists and objects are refused where another type is
+        expected.
+        """
+        for body in (
+            {"type": "stale", "epoch": "1", "leader": None},
+            {"type": "stale", "epoch": 1.0, "leader": None},
+            {"type": "status", "watch": 1},
+            {"type": "status", "watch": "true"},
+            {"type": "fetch", "name": 5, "overwrite": False},
+            {"type": "fetch", "name": None, "overwrite": False},
+            {"type": "state", "status": []},
+            {"type": "listing", "files": {}},
+            {"type": "index-update", "epoch": 1, "entries": {}, "removed": [], "full": True},
+            {"type": "index-update", "epoch": 1, "entries": [], "removed": [1], "full": True},
+            {"type": "heartbeat", "node": 1, "epoch": 1, "leader": None, "members": [[1, "h"]]},
+            {"type": "heartbeat", "node": 1, "epoch": 1, "leader": None, "members": [{"id": 1}]},
+            {"type": "hello", "version": 1, "role": "node", "node": 1, "nonce": "n",
+             "address": 5, "proof": None, "purpose": "control"},
+        ):
+            self.assertRejected(frame(body))
+
+    def test_negativeIds(self) -> None:
+        """
+        Negative ids, epochs, offsets and sizes are refused, including
+        optional ids and member ids.
+        """
+        for body in (
+            {"type": "stale", "epoch": -1, "leader": None},
+            {"type": "stale", "epoch": 1, "leader": -1},
+            {"type": "get", "name": "a", "offset": -1, "sha256": None},
+            {"type": "heartbeat", "node": -1, "epoch": 1, "leader": None, "members": []},
+            {"type": "heartbeat", "node": 1, "epoch": 1, "leader": None,
+             "members": [{"id": -2, "address": "h"}]},
+            {"type": "ready", "node": -5},
+        ):
+            self.assertRejected(frame(body), "negative")
+
+    def test_nonFiniteMtime(self) -> None:
+        """
+        A file entry whose mtime is NaN, Infinity or -Infinity (which Python's
+        JSON parser accepts) or a float literal that overflows to infinity is
+        refused.
+        """
+        for literal in (b"NaN", b"Infinity", b"-Infinity", b"1e400"):
+            data = indexUpdate(entryDict(mtime=0)).replace(b'"mtime": 0', b'"mtime": ' + literal)
+            self.assertIn(literal, data)
+            self.assertRejected(data)
+
+    def test_hugeIntegerMtime(self) -> None:
+        """
+        A file entry whose mtime is an integer too large for a float is
+        refused with L{WireError} (not an C{OverflowError} escaping
+        C{decode}).
+        """
+        self.assertRejected(indexUpdate(entryDict(mtime=10**400)))
+
+    def test_nonFiniteNumbersAnywhere(self) -> None:
+        """
+        NaN and Infinity are not JSON: they are refused wherever they appear,
+        not just in file entries, so every decoded message can be sent to a
+        strict JSON peer and compares equal to itself.
+        """
+        for literal in (b"NaN", b"Infinity", b"-Infinity"):
+            self.assertRejected(b'C{"type":"state","status":{"load":' + literal + b"}}")
+            self.assertRejected(b'C{"type":"listing","files":[{"size":' + literal + b"}]}")
+
+
+class FileEntryTests(SynchronousTestCase):
+    """
+    Tests for L{FileEntry.fromDict}.
+    """
+
+    def test_valid(self) -> None:
+        """
+        A well-formed entry builds an equal L{FileEntry}, which converts back
+        to the same dict.
+        """
+        entry = FileEntry.fromDict(entryDict())
+        self.assertEqual(entry, FileEntry("a.txt", 3, 1.5, SHA))
+        self.assertEqual(entry.toDict(), entryDict())
+        self.assertEqual(hash(entry), hash(FileEntry("a.txt", 3, 1.5, SHA)))
+
+    def test_badSha256(self) -> None:
+        """
+        The sha256 must be exactly 64 lower-case hex digits.
+        """
+        for bad in (SHA[:-1], SHA + "0", SHA.upper(), "g" * 64, "", " " * 64, 5, None):
+            self.assertRaises(WireError, FileEntry.fromDict, entryDict(sha256=bad))
+
+    def test_negativeSize(self) -> None:
+        """
+        A negative size is refused.
+        """
+        error = self.assertRaises(WireError, FileEntry.fromDict, entryDict(size=-1))
+        self.assertIn("negative", str(error))
+
+    def test_missingAndWrongFields(self) -> None:
+        """
+        Missing fields, wrong types and non-objects are refused.
+        """
+        for field in ("name", "size", "mtime", "sha256"):
+            value = entryDict()
+            del value[field]
+            self.assertRaises(WireError, FileEntry.fromDict, value)
+        for bad in (entryDict(name=1), entryDict(size=1.0), entryDict(mtime="1"), [], "a", None):
+            self.assertRaises(WireError, FileEntry.fromDict, bad)
+
+
+class EncodeTests(SynchronousTestCase):
+    """
+    C{encode} refuses messages that do not fit their schema, at the sender.
+    """
+
+    def test_missingField(self) -> None:
+        """
+        A message lacking a schema field is a L{WireError} naming the field.
+        """
+        error = self.assertRaises(WireError, encode, Message("stale", epoch=1))
+        self.assertIn("leader", str(error))
+
+    def test_unknownType(self) -> None:
+        """
+        A message of an unknown type is a L{WireError}.
+        """
+        self.assertRaises(WireError, encode, Message("shutdown"))
+
+    def test_invalidValue(self) -> None:
+        """
+        A field of the wrong type or out of range is a L{WireError} at the
+        sender, so the bug does not show as a dropped connection elsewhere.
+        """
+        self.assertRaises(WireError, encode, Message("stale", epoch=-1, leader=None))
+        self.assertRaises(WireError, encode, Message("status", watch=1))
+        self.assertRaises(
+            WireError,
+            encode,
+            Message("index-chunk", epoch=1, request=1, entries=[FileEntry("a", 1, math.nan, SHA)], last=True),
+        )
+
+    def test_compactUTF8(self) -> None:
+        """
+        Non-ASCII text is sent as UTF-8, not as C{\\u} escapes, and without
+        padding: index chunks stay small.
+        """
+        encoded = encode(Message("fetch", name="caf\u00e9", overwrite=False))
+        self.assertEqual(encoded, 'C{"type":"fetch","name":"caf\u00e9","overwrite":false}'.encode("utf-8"))
+
+    def test_versionConstant(self) -> None:
+        """
+        This end speaks protocol version 1, the version the handshake tests
+        and peers assume.
+        """
+        self.assertEqual(PROTOCOL_VERSION, 1)
+
+
+class ChunkedTests(SynchronousTestCase):
+    """
+    Tests for L{chunked} and the size of index chunks.
+    """
+
+    def test_empty(self) -> None:
+        """
+        No entries is one empty chunk, so an empty index is still sent.
+        """
+        self.assertEqual(chunked([]), [[]])
+
+    def test_splits(self) -> None:
+        """
+        Entries are split in order into lists of at most C{size}, every one
+        full except the last.
+        """
+        entries = [FileEntry(f"f{i}", i, 0.0, SHA) for i in range(7)]
+        self.assertEqual(chunked(entries, 3), [entries[0:3], entries[3:6], entries[6:7]])
+        self.assertEqual(chunked(entries, 7), [entries])
+        self.assertEqual(chunked(entries, 100), [entries])
+
+    def test_defaultSize(self) -> None:
+        """
+        The default chunk size is L{ENTRIES_PER_FRAME}.
+        """
+        entries = [FileEntry(f"f{i}", i, 0.0, SHA) for i in range(2 * ENTRIES_PER_FRAME + 1)]
+        parts = chunked(entries)
+        self.assertEqual([len(p) for p in parts], [ENTRIES_PER_FRAME, ENTRIES_PER_FRAME, 1])
+        self.assertEqual([e for p in parts for e in p], entries)
+
+    def assertChunkFits(self, name: str) -> None:
+        self.assertLessEqual(len(name.encode("utf-8")), 255)
+        entries = [
+            FileEntry(name, 2**63 - 1, -1.2345678901234567e-300, SHA) for _ in range(ENTRIES_PER_FRAME)
+        ]
+        message = Message("index-chunk", epoch=2**63, request=2**63, entries=entries, last=True)
+        self.assertLess(len(encode(message)), P2PProtocol.MAX_LENGTH)
+
+    def test_fullChunkFits(self) -> None:
+        """
+        An index chunk of L{ENTRIES_PER_FRAME} entries with 255-byte names
+        (ASCII, or 2- and 3-byte UTF-8 characters), huge sizes and long mtimes
+        is smaller than the protocol's C{MAX_LENGTH}.
+        """
+        self.assertChunkFits("a" * 255)
+        self.assertChunkFits("\u00e9" * 127)
+        self.assertChunkFits("\u20ac" * 85)
+
+    def test_fullChunkOfQuotedNamesFits(self) -> None:
+        """
+        The same holds for legal 255-byte names made of characters JSON must
+        escape (C{"} doubles in size; control characters and backslashes are
+        not legal names): such a chunk must not exceed C{MAX_LENGTH}, or the
+        receiver drops the connection and the index never transfers.
+        """
+        self.assertChunkFits('"' * 255)
