@@ -30,6 +30,7 @@ from p2pfiles.client import (
     askLeader,
     bounded,
     connect,
+    receiveListing,
     request,
 )
 from p2pfiles.names import BadName, checkName
@@ -178,13 +179,14 @@ async def lsCommand(reactor: Any, args: argparse.Namespace, out: TextIO, err: Te
     connection, reply = await askLeader(
         reactor, args.node, _secret(args), Message("ls"), args.timeout
     )
-    connection.close()
-    if reply.type != "listing":
-        raise ClientError(f"unexpected {reply.type} reply to ls")
+    try:
+        files = await receiveListing(reactor, connection, reply, args.timeout, args.node)
+    finally:
+        connection.close()
     if args.json:
-        _print(out, json.dumps(reply.files))
+        _print(out, json.dumps(files))
     else:
-        _print(out, formatListing(reply.files))
+        _print(out, formatListing(files))
     return EXIT_OK
 
 

@@ -6,7 +6,7 @@ from the leader.
 
 from typing import Any, Callable, List, Optional, Tuple
 
-from twisted.internet.defer import Deferred, DeferredQueue, QueueUnderflow
+from twisted.internet.defer import Deferred, DeferredQueue, QueueUnderflow, fail
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectError, TimeoutError
@@ -141,12 +141,12 @@ class ClientConnection:
         if self._messages.pending:
             d = self._messages.get()
         elif self.closedReason is not None:
-            return Deferred.fromFailure(Failure(self.closedReason))
+            return fail(self.closedReason)
         else:
             try:
                 d = self._messages.get()
             except QueueUnderflow:
-                return Deferred.fromFailure(Failure(ClientError("too many readers")))
+                return fail(ClientError("too many readers"))
         return d.addCallback(_raiseErrors)
 
     def close(self) -> None:
@@ -170,7 +170,7 @@ def connect(
     try:
         host, port = parseAddress(address)
     except ValueError as e:
-        return Deferred.fromFailure(Failure(ClientError(str(e), EXIT_USAGE)))
+        return fail(ClientError(str(e), EXIT_USAGE))
     endpointType = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
     endpoint = endpointType(reactor, host, port, timeout=timeout)
     handler = ClientConnection(address)
@@ -254,3 +254,18 @@ async def askLeader(
         if redirects > MAX_REDIRECTS:
             raise ClientError("too many redirects looking for the leader", EXIT_NO_LEADER)
         address = reply.address
+
+
+async def receiveListing(reactor: Any, connection: ClientConnection, first: Message, timeout: float, address: str) -> List[dict]:
+    """
+    Collect a listing sent in several frames, starting from C{first}.
+    """
+    files: List[dict] = []
+    reply = first
+    while True:
+        if reply.type != "listing":
+            raise ClientError(f"unexpected {reply.type} reply to ls")
+        files.extend(reply.files)
+        if reply.last:
+            return files
+        reply = await bounded(reactor, connection.receive(), timeout, address)

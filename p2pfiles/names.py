@@ -24,10 +24,12 @@ def nameProblem(name: object) -> Optional[str]:
     Return why C{name} is not an acceptable shared file name, or L{None} if
     it is.
 
-    Refused: anything but a non-empty string; names containing C{/}, C{\\},
-    NUL or other control characters; names starting with C{.} (hidden files,
-    which include partial downloads, C{.} and C{..}); names longer than
-    L{MAX_NAME_BYTES} in UTF-8; names that are not valid Unicode text.
+    Refused: anything but a non-empty string; names containing C{/}, C{\\}
+    or NUL; names starting with C{.} (hidden files, which include partial
+    downloads, C{.} and C{..}); names longer than L{MAX_NAME_BYTES} in UTF-8;
+    names that are not valid Unicode text.  Other characters, newlines and
+    tabs included, are legal in file names and are shared: every place that
+    writes a name (the wire, C{peer_files.log}) escapes it.
     """
     if not isinstance(name, str):
         return "file name must be a string"
@@ -35,11 +37,10 @@ def nameProblem(name: object) -> Optional[str]:
         return "file name is empty"
     if name.startswith("."):
         return "file name must not start with '.'"
-    for c in name:
-        if c in "/\\":
-            return "file name must not contain '/' or '\\'"
-        if ord(c) < 0x20 or ord(c) == 0x7F:
-            return "file name must not contain control characters"
+    if "/" in name or "\\" in name:
+        return "file name must not contain '/' or '\\'"
+    if "\0" in name:
+        return "file name must not contain NUL"
     try:
         encoded = name.encode("utf-8")
     except UnicodeEncodeError:

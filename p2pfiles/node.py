@@ -403,6 +403,14 @@ class Node(MultiService):
     def _control_index_update(self, sender: int, connection: P2PProtocol, message: Message) -> None:
         self.keeper.updateReceived(sender, self.members[sender].address, message)
 
+    def request_error(self, connection: P2PProtocol, message: Message) -> None:
+        self.log.warn(
+            "{peer} reports an error: {reason} ({code})",
+            peer=connection.describePeer(),
+            reason=message.reason,
+            code=message.code,
+        )
+
     def request_status(self, connection: P2PProtocol, message: Message) -> None:
         connection.sendMessage(Message("state", status=self.status()))
         if message.watch:
@@ -410,7 +418,9 @@ class Node(MultiService):
 
     def request_ls(self, connection: P2PProtocol, message: Message) -> None:
         if self.isLeader():
-            connection.sendMessage(Message("listing", files=self.keeper.index.listing()))
+            parts = chunked(self.keeper.index.listing())
+            for i, part in enumerate(parts):
+                connection.sendMessage(Message("listing", files=part, last=i == len(parts) - 1))
         else:
             self._redirect(connection)
 
@@ -521,7 +531,17 @@ class Node(MultiService):
             )
         )
         producer = FileProducer(f, entry.size - offset, connection.transport)
-        self._track(connection, producer, producer.start(), f"sending {entry.name}")
+        done = producer.start()
+
+        def failed(reason: Failure) -> Failure:
+            # Mid-file no frame can say why: close, so that the receiver
+            # notices at once and resumes (or the relay fails over).
+            if not (reason.check(TransferError) and reason.value.code == "gone"):
+                connection.transport.loseConnection()
+            return reason
+
+        done.addErrback(failed)
+        self._track(connection, producer, done, f"sending {entry.name}")
 
     def _track(self, connection: P2PProtocol, transfer: Any, done: Deferred, what: str) -> None:
         """

@@ -14,8 +14,9 @@ encoded.
 """
 
 from struct import pack, unpack
-from typing import Any, Optional
+from typing import Any, Callable, List, Optional, Set, Tuple
 
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -147,6 +148,7 @@ class P2PProtocol(Int32StringReceiver):
         # What the handshake waits for next.
         self._expecting = "hello"
         self._unprocessed = b""
+        self._closeWaiters: List[Deferred] = []
 
     # Description for log lines.
 
@@ -162,6 +164,8 @@ class P2PProtocol(Int32StringReceiver):
     # Connection lifetime.
 
     def connectionMade(self) -> None:
+        if self.factory is not None:
+            self.factory.protocols.add(self)
         self._timeout = self.clock.callLater(HANDSHAKE_TIMEOUT, self._handshakeTimedOut)
         if not self.listening:
             self.sendMessage(
@@ -180,10 +184,22 @@ class P2PProtocol(Int32StringReceiver):
     def connectionLost(self, reason: Failure = None) -> None:
         self._closed = True
         self._cancelTimeout()
-        if self._dropReason is not None and not self.isReady():
-            # The handshake failed: the drop was logged when it happened.
-            pass
+        if self.factory is not None:
+            self.factory.protocols.discard(self)
         self.handler.connectionClosed(self, reason)
+        waiters, self._closeWaiters = self._closeWaiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def whenClosed(self) -> Deferred:
+        """
+        A Deferred that fires once this connection is closed.
+        """
+        if self._closed:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._closeWaiters.append(d)
+        return d
 
     def isReady(self) -> bool:
         return self.peer is not None and self._expecting == "open"
@@ -234,7 +250,7 @@ class P2PProtocol(Int32StringReceiver):
         The next C{length} bytes are raw file bytes, not frames.
         """
         if length == 0:
-            self.handler.rawDataFinished(self)
+            self._toHandler(self.handler.rawDataFinished)
         else:
             self._rawRemaining = length
 
@@ -252,9 +268,9 @@ class P2PProtocol(Int32StringReceiver):
                 chunk = data if (offset == 0 and n == end) else data[offset : offset + n]
                 offset += n
                 self._rawRemaining -= n
-                self.handler.rawDataReceived(self, chunk)
+                self._toHandler(self.handler.rawDataReceived, chunk)
                 if self._rawRemaining == 0:
-                    self.handler.rawDataFinished(self)
+                    self._toHandler(self.handler.rawDataFinished)
                 continue
             if end - offset < 4:
                 break
@@ -286,7 +302,9 @@ class P2PProtocol(Int32StringReceiver):
         except WireError as e:
             self.drop(f"malformed frame: {e}", code="protocol")
             return
-        if message.type == "error":
+        if message.type == "error" and self._expecting != "open":
+            # Refused during the handshake.  After it, an error answers a
+            # request and goes to the handler like any reply.
             self.refusal = (message.code, message.reason)
             self.log.warn(
                 "{peer} refused: {reason}", peer=self.describePeer(), reason=message.reason
@@ -297,13 +315,19 @@ class P2PProtocol(Int32StringReceiver):
         if self._expecting != "open":
             self._handshakeMessage(message)
             return
+        self._toHandler(self.handler.messageReceived, message, what=message.type)
+
+    def _toHandler(self, method: Callable[..., None], *args: Any, what: str = "an event") -> None:
+        """
+        Call the handler; whatever it raises drops this connection only.
+        """
         try:
-            self.handler.messageReceived(self, message)
+            method(self, *args)
         except ProtocolViolation as e:
             self.drop(str(e), code="protocol")
         except Exception:
-            self.log.failure("error handling {type} from {peer}", type=message.type, peer=self.describePeer())
-            self.drop(f"internal error handling {message.type}", code="internal")
+            self.log.failure("error handling {what} from {peer}", what=what, peer=self.describePeer())
+            self.drop(f"internal error handling {what}", code="internal")
 
     # The handshake.
 
@@ -319,26 +343,31 @@ class P2PProtocol(Int32StringReceiver):
         elif expected == "ready":
             self._readyReceived(message)
 
-    def _checkHello(self, hello: Message) -> Optional[str]:
+    def _checkHello(self, hello: Message) -> Optional[Tuple[str, str]]:
+        """
+        Return C{(code, reason)} if C{hello} is unacceptable.
+        """
         if hello.version != PROTOCOL_VERSION:
             return (
+                "version",
                 f"protocol version {hello.version} is not supported "
-                f"(this end speaks version {PROTOCOL_VERSION})"
+                f"(this end speaks version {PROTOCOL_VERSION})",
             )
         if not auth.validNonce(hello.nonce):
-            return "hello carries an invalid nonce"
+            return ("protocol", "hello carries an invalid nonce")
         if hello.role not in ROLES:
-            return f"unknown role {hello.role!r}"
+            return ("protocol", f"unknown role {hello.role!r}")
         if hello.purpose not in PURPOSES:
-            return f"unknown purpose {hello.purpose!r}"
+            return ("protocol", f"unknown purpose {hello.purpose!r}")
         if hello.role == "node" and (hello.node is None or hello.address is None):
-            return "a node must give its id and address"
+            return ("protocol", "a node must give its id and address")
         return None
 
     def _helloReceived(self, hello: Message) -> None:
         problem = self._checkHello(hello)
         if problem is not None:
-            self.drop(problem, code="version" if "version" in problem else "protocol")
+            code, reason = problem
+            self.drop(reason, code=code)
             return
         self._peerNonce = hello.nonce
         self._pendingPeer = PeerInfo(hello.role, hello.node, hello.address, hello.purpose)
@@ -388,7 +417,7 @@ class P2PProtocol(Int32StringReceiver):
         self._expecting = "open"
         self.peer = self._pendingPeer
         self.log.debug("authenticated {peer}", peer=self.describePeer())
-        self.handler.connectionReady(self)
+        self._toHandler(self.handler.connectionReady, what="a new connection")
 
 
 class P2PFactory(Factory):
@@ -409,6 +438,17 @@ class P2PFactory(Factory):
         self.handler = handler
         self.clock = clock
         self.listening = listening
+        self.protocols: Set[P2PProtocol] = set()
+
+    def closeAll(self) -> Deferred:
+        """
+        Close every open connection of this factory; fire when all are gone.
+        """
+        waiting = []
+        for protocol in list(self.protocols):
+            waiting.append(protocol.whenClosed())
+            protocol.transport.abortConnection()
+        return DeferredList(waiting)
 
     def buildProtocol(self, addr: Any) -> P2PProtocol:
         p = self.protocol(self.identity, self.handler, self.clock, self.listening)

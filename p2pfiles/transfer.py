@@ -79,7 +79,8 @@ class FileProducer:
 
     def start(self) -> Deferred:
         if self.remaining == 0:
-            self._finish(None)
+            self.file.close()
+            self.done.callback(0)
         else:
             self.consumer.registerProducer(self, False)
         return self.done
@@ -478,7 +479,7 @@ async def download(
                 sink.restart()
                 continue
             if e.code in FINAL_EXITS:
-                sink.close()
+                _giveUp(sink)
                 raise
             attempt, giveUpAt = await _pause(reactor, attempt, giveUpAt, resumeFor, e, sink)
             continue
@@ -496,12 +497,16 @@ async def download(
             connection.close()
             sink.close()
             raise ClientError(f"the node answered from offset {header.offset}, not {sink.offset}")
+        before = sink.offset
         try:
             await _receive(connection, header, sink, onProgress)
         except ClientError as e:
             if e.code == EXIT_LOCAL:
                 sink.close()
                 raise
+            if sink.offset > before:
+                # It made progress: this loss gets a resume window of its own.
+                giveUpAt = None
             attempt, giveUpAt = await _pause(reactor, attempt, giveUpAt, resumeFor, e, sink)
             continue
         finally:
@@ -525,6 +530,17 @@ async def download(
         }
 
 
+def _giveUp(sink: Any) -> None:
+    """
+    Stop for good: keep a part that holds bytes (a later run resumes it),
+    remove one that holds none.
+    """
+    if sink.offset == 0:
+        sink.discard()
+    else:
+        sink.close()
+
+
 async def _pause(
     reactor: Any, attempt: int, giveUpAt: Optional[float], resumeFor: float, error: Exception, sink: Any
 ) -> Tuple[int, float]:
@@ -532,7 +548,7 @@ async def _pause(
     if giveUpAt is None:
         giveUpAt = now + resumeFor
     if now >= giveUpAt:
-        sink.close()
+        _giveUp(sink)
         raise error
     await deferLater(reactor, min(0.1 * (attempt + 1), 1.0))
     return attempt + 1, giveUpAt

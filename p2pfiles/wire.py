@@ -21,9 +21,10 @@ PROTOCOL_VERSION = 1
 # refused so that a future version can add binary frames without ambiguity.
 CONTROL = b"C"
 
-# Largest number of index entries sent in one frame; at a few hundred bytes an
-# entry this keeps an index chunk well under the protocol's MAX_LENGTH.
-ENTRIES_PER_FRAME = 2000
+# Largest number of index (or listing) entries sent in one frame.  The worst
+# entry is a 255-byte name of characters JSON escapes as \uXXXX (about 1.7 KB
+# encoded), so a full frame stays under the protocol's 1 MiB MAX_LENGTH.
+ENTRIES_PER_FRAME = 500
 
 
 class WireError(ValueError):
@@ -69,11 +70,15 @@ class FileEntry:
         sha256 = _check("sha256", value.get("sha256"), (str,))
         if size < 0:
             raise WireError("file entry has a negative size")
+        try:
+            mtime = float(mtime)
+        except OverflowError:
+            raise WireError("file entry mtime is not a finite number") from None
         if not math.isfinite(mtime):
             raise WireError("file entry mtime is not a finite number")
         if not _isHexDigest(sha256):
             raise WireError("file entry sha256 is not 64 hex digits")
-        return cls(name, size, float(mtime), sha256)
+        return cls(name, size, mtime, sha256)
 
     def _key(self) -> Tuple[str, int, float, str]:
         return (self.name, self.size, self.mtime, self.sha256)
@@ -205,7 +210,7 @@ SCHEMAS: Dict[str, Dict[str, Checker]] = {
     "status": {"watch": _bool},
     "state": {"status": _dict},
     "ls": {},
-    "listing": {"files": _list},
+    "listing": {"files": _list, "last": _bool},
     "redirect": {"leader": _nonNegative, "address": _str},
     "get": {"name": _str, "offset": _nonNegative, "sha256": _optional(_str)},
     "file": {
@@ -279,11 +284,21 @@ def encode(message: Message) -> bytes:
         if field == "members":
             value = _encodeMembers(value)
         body[field] = value
-    data = json.dumps(body, default=_jsonDefault, separators=(",", ":"), ensure_ascii=False)
-    encoded = CONTROL + data.encode("utf-8")
+    # ASCII-only JSON: every string, even one holding a lone surrogate that
+    # a peer sent as an escape, encodes without error.
+    try:
+        data = json.dumps(body, default=_jsonDefault, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise WireError(f"cannot encode {message.type} message: {e}") from None
+    encoded = CONTROL + data.encode("ascii")
     # Check our own output against the schema (cheap for control messages).
     decode(encoded)
     return encoded
+
+
+def _refuseConstant(name: str) -> None:
+    # NaN and Infinity are not JSON; Python's parser accepts them by default.
+    raise ValueError(f"{name} is not a number")
 
 
 def decode(frame: bytes) -> Message:
@@ -297,7 +312,7 @@ def decode(frame: bytes) -> Message:
     if kind != CONTROL:
         raise WireError(f"unknown frame type {kind!r}")
     try:
-        body = json.loads(payload.decode("utf-8"))
+        body = json.loads(payload.decode("utf-8"), parse_constant=_refuseConstant)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise WireError(f"invalid JSON: {str(e).splitlines()[0][:80]}") from None
     if not isinstance(body, dict):

@@ -70,7 +70,7 @@ EXAMPLES = {
     "status": dict(watch=False),
     "state": dict(status={"leader": 1, "members": [1, 2], "epoch": 3}),
     "ls": dict(),
-    "listing": dict(files=[{"name": "a", "holders": [1]}]),
+    "listing": dict(files=[{"name": "a", "holders": [1]}], last=True),
     "redirect": dict(leader=1, address="h:1"),
     "get": dict(name="a", offset=0, sha256=SHA),
     "file": dict(name="a", size=1, sha256=SHA, offset=0, holder=2, leader=1),
@@ -139,7 +139,7 @@ FIELDS = {
     "status": {"watch": bools},
     "state": {"status": jsonObjects},
     "ls": {},
-    "listing": {"files": st.lists(jsonObjects, max_size=4)},
+    "listing": {"files": st.lists(jsonObjects, max_size=4), "last": st.booleans()},
     "redirect": {"leader": ids, "address": texts},
     "get": {"name": texts, "offset": ids, "sha256": st.none() | sha256s},
     "file": {
@@ -519,7 +519,7 @@ class DecodeRejectsTests(SynchronousTestCase):
             {"type": "fetch", "name": 5, "overwrite": False},
             {"type": "fetch", "name": None, "overwrite": False},
             {"type": "state", "status": []},
-            {"type": "listing", "files": {}},
+            {"type": "listing", "files": {}, "last": True},
             {"type": "index-update", "epoch": 1, "entries": {}, "removed": [], "full": True},
             {"type": "index-update", "epoch": 1, "entries": [], "removed": [1], "full": True},
             {"type": "heartbeat", "node": 1, "epoch": 1, "leader": None, "members": [[1, "h"]]},
@@ -647,13 +647,16 @@ class EncodeTests(SynchronousTestCase):
             Message("index-chunk", epoch=1, request=1, entries=[FileEntry("a", 1, math.nan, SHA)], last=True),
         )
 
-    def test_compactUTF8(self) -> None:
+    def test_asciiOnly(self) -> None:
         """
-        Non-ASCII text is sent as UTF-8, not as C{\\u} escapes, and without
-        padding: index chunks stay small.
+        Frames are ASCII JSON: non-ASCII text travels as C{\\u} escapes, so
+        any string a peer could send (even a lone surrogate it wrote as an
+        escape) encodes without error, and there is no padding.
         """
         encoded = encode(Message("fetch", name="caf\u00e9", overwrite=False))
-        self.assertEqual(encoded, 'C{"type":"fetch","name":"caf\u00e9","overwrite":false}'.encode("utf-8"))
+        self.assertEqual(encoded, b'C{"type":"fetch","name":"caf\\u00e9","overwrite":false}')
+        lone = encode(Message("fetch", name="a\ud800b", overwrite=False))
+        self.assertEqual(decode(lone).name, "a\ud800b")
 
     def test_versionConstant(self) -> None:
         """

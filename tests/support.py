@@ -1,0 +1,294 @@
+"""
+Helpers for integration tests: real nodes on 127.0.0.1 in this process, real
+twistd processes, and polling with a deadline (never a fixed sleep).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.task import deferLater
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import TestCase
+
+from p2pfiles.node import Node, NodeConfig
+from p2pfiles.protocol import LocalIdentity, P2PFactory
+
+# Generous: the machine running the tests may be loaded.
+DEADLINE = 30.0
+
+ROOT = FilePath(__file__).parent().parent()
+
+
+async def waitFor(condition: Callable[[], Any], what: str, timeout: float = DEADLINE, interval: float = 0.05) -> Any:
+    """
+    Poll C{condition} until it returns something true; fail after
+    C{timeout} seconds saying C{what} was awaited.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        await deferLater(reactor, interval)
+
+
+async def waitForAsync(
+    fetch: Callable[[], Any], predicate: Callable[[Any], Any], what: str, timeout: float = DEADLINE
+) -> Any:
+    """
+    Like L{waitFor}, for a value that takes a Deferred to get: await
+    C{fetch()} until C{predicate} holds for its result.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await fetch()
+        if predicate(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}; last: {value!r}")
+        await deferLater(reactor, 0.1)
+
+
+class InProcessNode:
+    """
+    A node listening on a real port of 127.0.0.1, in this process.
+    """
+
+    def __init__(self, node: Node, port: Any, factory: P2PFactory) -> None:
+        self.node = node
+        self.port = port
+        self.factory = factory
+        self.running = True
+
+    @property
+    def address(self) -> str:
+        return self.node.config.address
+
+    @property
+    def share(self) -> FilePath:
+        return self.node.config.share
+
+    def stop(self) -> Deferred:
+        """
+        Stop the node as if its process died: links, port, every connection.
+        """
+        if not self.running:
+            return Deferred.fromCoroutine(_nothing())
+        self.running = False
+        return DeferredList(
+            [self.node.stopService(), self.port.stopListening(), self.factory.closeAll()],
+            consumeErrors=True,
+        )
+
+
+async def _nothing() -> None:
+    return None
+
+
+def startCluster(
+    testcase: TestCase,
+    ids: List[int],
+    secret: bytes = b"",
+    files: Optional[Dict[int, Dict[str, bytes]]] = None,
+    peersOf: Optional[Callable[[int, Dict[int, str]], Dict[int, str]]] = None,
+) -> Dict[int, InProcessNode]:
+    """
+    Start one in-process node per id, each knowing all the others (or those
+    C{peersOf} picks), with the given files in their shares.  Every node is
+    stopped in the test's cleanup.
+    """
+    base = FilePath(testcase.mktemp())
+    factories = {}
+    ports = {}
+    for node in ids:
+        factory = P2PFactory(LocalIdentity("node", node, None, secret), None, reactor, listening=True)
+        ports[node] = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        factories[node] = factory
+    addresses = {node: f"127.0.0.1:{ports[node].getHost().port}" for node in ids}
+    cluster = {}
+    for node in ids:
+        share = base.child(f"node{node}").child("files")
+        share.makedirs()
+        for name, data in (files or {}).get(node, {}).items():
+            share.child(name).setContent(data)
+        peers = {p: a for p, a in addresses.items() if p != node}
+        if peersOf is not None:
+            peers = peersOf(node, addresses)
+        config = NodeConfig(
+            id=node,
+            address=addresses[node],
+            peers=peers,
+            share=share,
+            state=base.child(f"node{node}").child("state"),
+            secret=secret,
+        )
+        instance = Node(config, reactor)
+        factories[node].identity = instance.identity
+        factories[node].handler = instance
+        cluster[node] = InProcessNode(instance, ports[node], factories[node])
+    for node in ids:
+        cluster[node].node.startService()
+        testcase.addCleanup(cluster[node].stop)
+    return cluster
+
+
+def agreed(cluster: Dict[int, InProcessNode], leader: int, count: Optional[int] = None) -> bool:
+    """
+    Whether every running node follows C{leader} in one epoch and sees
+    C{count} live members.
+    """
+    running = [c.node for c in cluster.values() if c.running]
+    if count is None:
+        count = len(running)
+    views = {(n.election.leader, n.election.epoch) for n in running}
+    return (
+        len(views) == 1
+        and views.pop()[0] == leader
+        and all(len(n.election.liveMembers()) == count for n in running)
+    )
+
+
+# Real processes.
+
+
+def childEnvironment() -> Dict[str, str]:
+    """
+    The environment for a child process: this checkout first on its path, so
+    a child runs the code under test.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([ROOT.path] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env.pop("P2PFILES_NODE", None)
+    env.pop("P2PFILES_SECRET_FILE", None)
+    return env
+
+
+def freePorts(count: int) -> List[int]:
+    """
+    Ports that were free a moment ago on 127.0.0.1.
+    """
+    import socket
+
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+class NodeProcess:
+    """
+    A C{twistd -n p2pfiles} process.
+    """
+
+    def __init__(self, base: FilePath, node: int, port: int, peers: Dict[int, int], extra: List[str] = ()) -> None:
+        self.base = base
+        self.id = node
+        self.port = port
+        self.peers = peers
+        self.extra = list(extra)
+        self.dir = base.child(f"node{node}")
+        self.share = self.dir.child("files")
+        self.share.makedirs(ignoreExistingDirectory=True)
+        self.process: Optional[subprocess.Popen] = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        args = [
+            sys.executable, "-m", "twisted", "--logfile", self.dir.child("twistd.log").path,
+            "--pidfile", "", "-n", "p2pfiles",
+            "--id", str(self.id), "--port", str(self.port),
+            "--share", self.share.path, "--state", self.dir.child("state").path,
+        ]
+        for peer, port in sorted(self.peers.items()):
+            args += ["--peer", f"{peer}@127.0.0.1:{port}"]
+        self.process = subprocess.Popen(
+            args + self.extra,
+            env=childEnvironment(),
+            cwd=self.dir.path,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def kill(self) -> None:
+        """
+        SIGKILL, and reap it.
+        """
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+            self.process.kill()
+            self.process.wait(timeout=DEADLINE)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=DEADLINE)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def startProcesses(testcase: TestCase, ids: List[int], extra: List[str] = ()) -> Dict[int, NodeProcess]:
+    """
+    Start one twistd node per id, each knowing all the others; every process
+    is killed in the test's cleanup.
+    """
+    base = FilePath(testcase.mktemp())
+    base.makedirs()
+    ports = dict(zip(ids, freePorts(len(ids))))
+    nodes = {}
+    for node in ids:
+        peers = {p: port for p, port in ports.items() if p != node}
+        nodes[node] = NodeProcess(base, node, ports[node], peers, extra)
+        testcase.addCleanup(nodes[node].stop)
+        nodes[node].start()
+    return nodes
+
+
+def cli(*args: str, timeout: float = DEADLINE, stdin: Any = subprocess.DEVNULL, cwd: Optional[str] = None) -> subprocess.CompletedProcess:
+    """
+    Run the p2pfiles command, as a user would, and return what it did.
+    """
+    return subprocess.run(
+        [sys.executable, "-m", "p2pfiles"] + list(args),
+        env=childEnvironment(),
+        capture_output=True,
+        timeout=timeout,
+        stdin=stdin,
+        cwd=cwd,
+    )
+
+
+def statusOf(address: str) -> Optional[Dict[str, Any]]:
+    """
+    A node's status as C{p2pfiles status --json} prints it, or None if it
+    cannot be had right now.
+    """
+    result = cli("status", "--node", address, "--json", "--timeout", "5")
+    if result.returncode != 0:
+        return None
+    return json.loads(result.stdout)
