@@ -85,6 +85,10 @@ def makeParser() -> argparse.ArgumentParser:
     fetch.add_argument("--overwrite", action="store_true", help="replace a different file of the same name")
     fetch.add_argument("--json", action="store_true", help="print one JSON object")
 
+    demo = commands.add_parser("demo", help="run three local nodes through the original scenario")
+    demo.add_argument("--dir", help="workspace directory (default: a temporary one, removed afterwards)")
+    demo.add_argument("--keep", action="store_true", help="leave the nodes running")
+
     return parser
 
 
@@ -350,6 +354,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     """
     if argv is None:
         argv = sys.argv[1:]
+    if argv[:1] == ["demo"]:
+        # The demo drives processes, not a reactor.
+        from p2pfiles import demo
+
+        raise SystemExit(demo.main(argv[1:]))
 
     def start(reactor: Any) -> Deferred:
         return run(reactor, argv).addCallback(_exitWith)

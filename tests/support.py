@@ -17,6 +17,7 @@ from twisted.internet.task import deferLater
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
+from p2pfiles.demo import twistdCommand
 from p2pfiles.node import Node, NodeConfig
 from p2pfiles.protocol import LocalIdentity, P2PFactory
 
@@ -211,8 +212,8 @@ class NodeProcess:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        args = [
-            sys.executable, "-m", "twisted", "--logfile", self.dir.child("twistd.log").path,
+        args = twistdCommand() + [
+            "--logfile", self.dir.child("twistd.log").path,
             "--pidfile", "", "-n", "p2pfiles",
             "--id", str(self.id), "--port", str(self.port),
             "--share", self.share.path, "--state", self.dir.child("state").path,

@@ -1,0 +1,1 @@
+`make demo` (`p2pfiles demo [--dir DIR] [--keep]`) runs the original scenario on three real twistd nodes: election, the leader's `peer_files.log`, node 3 fetching `12241300.png` through leader 1 from node 2 with matching SHA-256 sums, then a SIGKILL of the leader, node 2 taking over, and a get through the new leader; it stops every node it started.

@@ -1,0 +1,225 @@
+"""
+Integration tests with real processes: twistd nodes killed, hung, restarted,
+and the p2pfiles command as a user runs it.
+"""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.support import DEADLINE, childEnvironment, cli, freePorts, startProcesses, statusOf
+from p2pfiles.demo import twistdCommand
+
+
+def poll(condition, what, timeout=DEADLINE, interval=0.05):
+    """
+    Call C{condition} until it returns something true; fail after
+    C{timeout} seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+def agreement(nodes, leader):
+    """
+    The common epoch if every node in C{nodes} follows C{leader} and sees
+    all of them alive, else None.
+    """
+    statuses = [statusOf(n.address) for n in nodes]
+    if any(s is None for s in statuses):
+        return None
+    views = {(s["leader"], s["epoch"]) for s in statuses}
+    if len(views) != 1:
+        return None
+    seenLeader, epoch = views.pop()
+    ids = {n.id for n in nodes}
+    for s in statuses:
+        if {m["id"] for m in s["members"] if m["alive"]} != ids:
+            return None
+    return epoch if seenLeader == leader else None
+
+
+class ElectionProcessTests(SynchronousTestCase):
+    """
+    The election across real processes.
+    """
+
+    def test_killAndRestartLeader(self):
+        """
+        kill -9 of the leader: the survivors agree on the next smallest id in
+        a new epoch.  Restarted, the old leader takes over again in a higher
+        epoch still (its epoch survived on disk), and the cluster stays put.
+        """
+        nodes = startProcesses(self, [1, 2, 3])
+        first = poll(lambda: agreement(nodes.values(), 1), "leader 1")
+        nodes[1].kill()
+        second = poll(lambda: agreement([nodes[2], nodes[3]], 2), "leader 2")
+        self.assertGreater(second, first)
+        nodes[1].start()
+        third = poll(lambda: agreement(nodes.values(), 1), "leader 1 again")
+        self.assertGreater(third, second)
+        saved = int(nodes[1].dir.child("state").child("epoch").getContent())
+        self.assertGreaterEqual(saved, third)
+        for _ in range(5):
+            self.assertEqual(agreement(nodes.values(), 1), third)
+
+    def test_hungLeader(self):
+        """
+        SIGSTOP of the leader: the others agree on the next smallest id once
+        it has been silent for the leader timeout.  SIGCONT: it learns the new
+        epoch, then takes over with a higher one, and nobody flaps after.
+        """
+        nodes = startProcesses(self, [1, 2, 3])
+        first = poll(lambda: agreement(nodes.values(), 1), "leader 1")
+        nodes[1].signal(signal.SIGSTOP)
+        second = poll(lambda: agreement([nodes[2], nodes[3]], 2), "leader 2 while 1 is hung")
+        self.assertGreater(second, first)
+        nodes[1].signal(signal.SIGCONT)
+        third = poll(lambda: agreement(nodes.values(), 1), "leader 1 after SIGCONT")
+        self.assertGreater(third, second)
+        for _ in range(5):
+            self.assertEqual(agreement(nodes.values(), 1), third)
+
+
+class CommandTests(SynchronousTestCase):
+    """
+    The p2pfiles command against real nodes.
+    """
+
+    def test_statusAndErrors(self):
+        """
+        status --json prints the contract fields; a wrong secret, an
+        unreachable node, an unknown file and a traversal name are each one
+        line on stderr with their documented exit codes, and create nothing.
+        """
+        secret = FilePath(self.mktemp())
+        secret.setContent(b"s3cret\n")
+        nodes = startProcesses(self, [1, 2], extra=["--secret-file", secret.path])
+        wrong = FilePath(self.mktemp())
+        wrong.setContent(b"nope\n")
+
+        def status():
+            result = cli("status", "--node", nodes[2].address, "--json", "--secret-file", secret.path)
+            return json.loads(result.stdout) if result.returncode == 0 else None
+
+        got = poll(lambda: (s := status()) and s["leader"] == 1 and s, "leader 1")
+        self.assertEqual(set(got), {"id", "address", "role", "leader", "epoch", "members", "version"})
+        self.assertEqual((got["id"], got["role"]), (2, "follower"))
+
+        result = cli("status", "--node", nodes[1].address, "--secret-file", wrong.path)
+        self.assertEqual(result.returncode, 4)
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+
+        [closed] = freePorts(1)
+        result = cli("status", "--node", f"127.0.0.1:{closed}")
+        self.assertEqual(result.returncode, 3)
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+
+        out = FilePath(self.mktemp())
+        out.makedirs()
+        result = cli("get", "nothing.here", "--node", nodes[2].address, "--secret-file", secret.path, cwd=out.path)
+        self.assertEqual(result.returncode, 6)
+        self.assertEqual(result.stderr.decode().strip(), "p2pfiles get: error: not found: nothing.here")
+        result = cli("get", "../secret", "--node", nodes[2].address, "--secret-file", secret.path, cwd=out.path)
+        self.assertEqual(result.returncode, 9)
+        self.assertEqual(out.listdir(), [])
+
+    def test_badOptionsExitNonZero(self):
+        """
+        A node started without --id, or with a peer naming its own id, exits
+        non-zero with a one-line reason.
+        """
+        cases = [
+            (["--port", "0"], b"--id is required"),
+            (["--id", "1", "--peer", "1@127.0.0.1:9"], b"names this node's own id 1"),
+            (["--id", "-3"], b"--id must be a non-negative integer"),
+            (["--id", "1", "--interface", "0.0.0.0"], b"refusing to listen without --secret-file"),
+        ]
+        for args, reason in cases:
+            result = subprocess.run(
+                twistdCommand() + ["-n", "p2pfiles"] + args,
+                env=childEnvironment(),
+                capture_output=True,
+                timeout=DEADLINE,
+                stdin=subprocess.DEVNULL,
+            )
+            self.assertNotEqual(result.returncode, 0, args)
+            # twistd prints the usage, then the reason on a line of its own.
+            [line] = [l for l in (result.stdout + result.stderr).splitlines() if reason in l]
+            self.assertTrue(line.startswith(b"/") or line.startswith(b"twistd"), line)
+
+    def test_getSurvivesLeaderKill(self):
+        """
+        kill -9 of the leader in the middle of a large relayed get: the
+        client finds the new leader among the members it learned at the start
+        and resumes; the file arrives identical.
+        """
+        nodes = startProcesses(self, [1, 2, 3])
+        data = os.urandom(24 * 1024 * 1024)
+        nodes[3].share.child("big.bin").setContent(data)
+        poll(lambda: agreement(nodes.values(), 1), "leader 1")
+
+        def listed():
+            result = cli("ls", "--node", nodes[1].address, "--json")
+            return result.returncode == 0 and any(f["name"] == "big.bin" for f in json.loads(result.stdout))
+
+        poll(listed, "big.bin in the index")
+        # Write to a pipe we read slowly, so the transfer is in flight when
+        # the leader dies.
+        client = subprocess.Popen(
+            [sys.executable, "-m", "p2pfiles", "get", "big.bin", "--node", nodes[1].address, "-o", "-"],
+            env=childEnvironment(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+        )
+        self.addCleanup(lambda: client.poll() is None and client.kill())
+        received = client.stdout.read(1024 * 1024)
+        nodes[1].kill()
+        received += client.stdout.read()
+        client.wait(timeout=DEADLINE)
+        self.assertEqual(client.returncode, 0, client.stderr.read())
+        self.assertEqual(hashlib.sha256(received).hexdigest(), hashlib.sha256(data).hexdigest())
+        self.assertEqual(len(received), len(data))
+
+
+class DemoTests(SynchronousTestCase):
+    """
+    The README's first command.
+    """
+
+    def test_demoRunsEndToEnd(self):
+        """
+        p2pfiles demo exits 0, says the fetched PNG's sums match and that
+        node 2 took over, and leaves no node running.
+        """
+        workspace = FilePath(self.mktemp())
+        result = subprocess.run(
+            [sys.executable, "-m", "p2pfiles", "demo", "--dir", workspace.path],
+            env=childEnvironment(),
+            capture_output=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertIn("the SHA-256 sums match", result.stdout)
+        self.assertIn("node 2 took over", result.stdout)
+        png = workspace.child("node3").child("files").child("12241300.png").getContent()
+        self.assertEqual(png, workspace.child("node2").child("files").child("12241300.png").getContent())
+        self.assertTrue(png.startswith(b"\x89PNG\r\n\x1a\n"))
+        leftover = subprocess.run(["pgrep", "-f", workspace.path], capture_output=True)
+        self.assertEqual(leftover.stdout, b"", "processes left running")
