@@ -70,7 +70,7 @@ class IndexKeeper:
         """
         self._cancelPending()
         self.epoch = epoch
-        self.index.clear()
+        self._freshIndex()
         self.index.replaceNode(self.me, self.address, ownEntries)
         self._changed()
         ds = [self.gather(member, address) for member, address in sorted(members.items())]
@@ -86,7 +86,14 @@ class IndexKeeper:
             self.log.info("no longer keeping the index of epoch {epoch}", epoch=self.epoch)
         self.epoch = None
         self._cancelPending()
-        self.index.clear()
+        self._freshIndex()
+
+    def _freshIndex(self) -> None:
+        # A new object rather than clear(): a log write still pending renders
+        # the index it was scheduled for, so the old leadership's last log
+        # is complete, never emptied.
+        self.index = ClusterIndex()
+        self._writtenVersion = -1
 
     def isGathering(self, member: int) -> bool:
         return member in self._pending
@@ -194,8 +201,8 @@ class IndexKeeper:
         if self.epoch is None or self.index.version == self._writtenVersion:
             return
         self._writtenVersion = self.index.version
-        epoch = self.epoch
-        self.writer.changed(lambda: renderLog(self.index, self.me, epoch, self.clock.seconds()))
+        epoch, index = self.epoch, self.index
+        self.writer.changed(lambda: renderLog(index, self.me, epoch, self.clock.seconds()))
 
     def stop(self) -> Deferred:
         self._cancelPending()
