@@ -416,7 +416,7 @@ class P2PProtocol(Int32StringReceiver):
         self._cancelTimeout()
         self._expecting = "open"
         self.peer = self._pendingPeer
-        self.log.debug("authenticated {peer}", peer=self.describePeer())
+        self.log.info("authenticated {peer}", peer=self.describePeer())
         self._toHandler(self.handler.connectionReady, what="a new connection")
 
 

@@ -21,7 +21,7 @@ from typing import Any, BinaryIO, Callable, List, Optional, Tuple
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer, IPullProducer
-from twisted.internet.task import deferLater
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
@@ -33,6 +33,7 @@ from p2pfiles.client import (
     EXIT_LOCAL,
     EXIT_NOT_FOUND,
     EXIT_REFUSED,
+    EXIT_TIMEOUT,
     EXIT_USAGE,
     EXIT_VERIFY,
     ClientError,
@@ -499,7 +500,7 @@ async def download(
             raise ClientError(f"the node answered from offset {header.offset}, not {sink.offset}")
         before = sink.offset
         try:
-            await _receive(connection, header, sink, onProgress)
+            await _receive(reactor, connection, header, sink, onProgress, timeout)
         except ClientError as e:
             if e.code == EXIT_LOCAL:
                 sink.close()
@@ -554,13 +555,40 @@ async def _pause(
     return attempt + 1, giveUpAt
 
 
-def _receive(connection: Any, header: Message, sink: Any, onProgress: Optional[Callable[[int, int], None]]) -> Deferred:
+def _receive(
+    reactor: Any,
+    connection: Any,
+    header: Message,
+    sink: Any,
+    onProgress: Optional[Callable[[int, int], None]],
+    stallTimeout: float,
+) -> Deferred:
     """
     Write the raw section that follows C{header} into C{sink}; fire when it
-    is all there.
+    is all there.  A sender that goes quiet for C{stallTimeout} seconds (a
+    hung leader keeps its connection open) fails the transfer so that it
+    resumes elsewhere.
     """
     done: Deferred = Deferred()
     size = header.size
+    seen = [sink.offset]
+
+    def watch() -> None:
+        if sink.offset == seen[0] and not done.called:
+            done.errback(ClientError(f"no data from {connection.address} for {stallTimeout:g}s", EXIT_TIMEOUT))
+            connection.close()
+        seen[0] = sink.offset
+
+    watchdog = LoopingCall(watch)
+    watchdog.clock = reactor
+    watchdog.start(stallTimeout, now=False)
+
+    def stopWatching(result: Any) -> Any:
+        if watchdog.running:
+            watchdog.stop()
+        return result
+
+    done.addBoth(stopWatching)
 
     def write(data: bytes) -> None:
         if done.called:

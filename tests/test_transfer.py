@@ -1132,6 +1132,29 @@ class DownloadTests(SynchronousTestCase):
             },
         )
 
+    def test_stalledSenderResumesElsewhere(self) -> None:
+        """
+        A sender that stops sending but keeps its connection open (a hung
+        leader) is given up on when a whole C{timeout} period passes without
+        a byte; the
+        download closes that connection and resumes on the next address from
+        its offset.
+        """
+        self.leader.script = [fileHeader(0), fileHeader(3000)]
+        d = self.start(timeout=5.0)
+        first = self.leader.connections[0]
+        feed(first, CONTENT[:3000])
+        # Checked every 5 s: progress by the first check, none by the second.
+        self.clock.advance(9.9)
+        self.assertFalse(closedByUs(first))
+        self.clock.advance(0.2)
+        self.assertTrue(closedByUs(first))
+        self.clock.advance(0.1)
+        self.assertEqual(self.offsetsAsked(), [("n1:7000", 0), ("n2:7000", 3000)])
+        feed(self.leader.connections[1], CONTENT[3000:])
+        self.successResultOf(d)
+        self.assertEqual(self.final.getContent(), CONTENT)
+
     def test_resumesAfterLossOnNextAddress(self) -> None:
         """
         When the connection breaks mid-file, the download keeps the bytes,
