@@ -160,11 +160,14 @@ async def statusCommand(reactor: Any, args: argparse.Namespace, out: TextIO, err
 
 
 def humanSize(size: int) -> str:
+    if size < 1024:
+        return f"{size} B"
     value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
         value /= 1024
+        # Judge by the rounded figure, so 1048575 is "1.0 MiB", not "1024.0 KiB".
+        if round(value, 1) < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}"
     raise AssertionError("unreachable")
 
 

@@ -3,6 +3,7 @@ The twistd plugin's options and service: C{twistd -n p2pfiles --id 1 ...}.
 """
 
 import ipaddress
+import math
 from typing import Any, Dict, Optional
 
 from twisted.application.internet import StreamServerEndpointService
@@ -19,9 +20,14 @@ from p2pfiles.protocol import P2PFactory
 
 def _positive(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise ValueError("must be positive")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError("must be a positive number of seconds")
     return value
+
+
+def _nodeId(text: str) -> Optional[int]:
+    # isdecimal() alone accepts digits int() may not; keep to ASCII.
+    return int(text) if text.isascii() and text.isdecimal() else None
 
 
 def isLoopback(host: str) -> bool:
@@ -47,7 +53,7 @@ def parseCluster(path: str) -> Dict[int, str]:
         if not line:
             continue
         parts = line.split()
-        if len(parts) != 2 or not parts[0].isdigit():
+        if len(parts) != 2 or _nodeId(parts[0]) is None:
             raise usage.UsageError(f"{path}:{number}: expected 'ID HOST:PORT', got {line!r}")
         try:
             parseAddress(parts[1])
@@ -62,7 +68,7 @@ def parseCluster(path: str) -> Dict[int, str]:
 
 def parsePeer(text: str) -> "tuple[int, str]":
     node, sep, address = text.partition("@")
-    if not sep or not node.isdigit():
+    if not sep or _nodeId(node) is None:
         raise usage.UsageError(f"--peer {text!r}: expected ID@HOST:PORT")
     try:
         parseAddress(address)
@@ -124,6 +130,12 @@ class Options(usage.Options):
             self["port"] = 9000 + node
         if not 0 <= self["port"] < 65536:
             raise usage.UsageError(f"--port {self['port']} is not a TCP port")
+        if self["port"] == 0 and self["advertise"] is None:
+            raise usage.UsageError("--port 0 needs --advertise: other nodes could not reach this one")
+        if self["leader-timeout"] < 2 * self["heartbeat"]:
+            raise usage.UsageError(
+                "--leader-timeout must be at least twice --heartbeat, or members would flap between up and down"
+            )
         if self["advertise"] is not None:
             try:
                 parseAddress(self["advertise"])

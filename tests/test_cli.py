@@ -1,0 +1,529 @@
+"""
+Tests for L{p2pfiles.cli}: argument handling, exit codes and one-line
+errors, the readable and JSON output, against in-memory nodes on a
+L{MemoryReactorClock}.
+"""
+
+import io
+import json
+import os
+import sys
+from typing import Any, List
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionRefusedError, TimeoutError
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
+from twisted.test.iosim import ConnectionCompleter, IOPump
+from twisted.trial.unittest import SynchronousTestCase
+
+from p2pfiles import __version__
+from p2pfiles.cli import formatListing, formatStatus, humanSize, run
+from p2pfiles.client import (
+    EXIT_AUTH,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_TIMEOUT,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+)
+from p2pfiles.protocol import P2PFactory
+from p2pfiles.wire import Message
+
+from tests.test_node import HEARTBEAT, Harness, RecordingHandler, heartbeat, nodeIdentity
+
+NODE = "127.0.0.1:9001"
+
+# What `p2pfiles status --json` promises.
+STATUS_KEYS = {"id", "role", "leader", "epoch", "members", "version"}
+MEMBER_KEYS = {"id", "address", "alive"}
+
+
+class CommandTestCase(SynchronousTestCase):
+    """
+    Runs commands with their output captured, in an environment without
+    C{P2PFILES_*} variables.
+    """
+
+    def setUp(self) -> None:
+        self.patch(os, "environ", {k: v for k, v in os.environ.items() if not k.startswith("P2PFILES_")})
+        self.out = io.StringIO()
+        self.err = io.StringIO()
+        # argparse writes --version, --help and usage errors to the real
+        # streams: keep them too.
+        self.stdout = io.StringIO()
+        self.stderr = io.StringIO()
+        self.patch(sys, "stdout", self.stdout)
+        self.patch(sys, "stderr", self.stderr)
+
+    def reset(self) -> None:
+        """
+        Forget what earlier commands of this test wrote.
+        """
+        for stream in (self.out, self.err, self.stdout, self.stderr):
+            stream.seek(0)
+            stream.truncate()
+
+    def run_(self, reactor: Any, *argv: str) -> Deferred:
+        return run(reactor, list(argv), self.out, self.err)
+
+    def exitCode(self, reactor: Any, *argv: str) -> int:
+        """
+        Run a command that finishes without any I/O; return its exit code.
+        """
+        return self.successResultOf(self.run_(reactor, *argv))
+
+    def allOutput(self) -> str:
+        return self.out.getvalue() + self.stdout.getvalue()
+
+    def allErrors(self) -> str:
+        return self.err.getvalue() + self.stderr.getvalue()
+
+    def assertOneErrorLine(self, command: str) -> str:
+        """
+        The command wrote exactly one line to its error stream, starting
+        C{p2pfiles COMMAND: error:}, and no traceback anywhere; return it.
+        """
+        lines = self.err.getvalue().splitlines()
+        self.assertEqual(len(lines), 1, self.err.getvalue())
+        self.assertTrue(lines[0].startswith(f"p2pfiles {command}: error: "), lines[0])
+        self.assertNotIn("Traceback", self.allErrors() + self.allOutput())
+        return lines[0]
+
+
+class ArgumentTests(CommandTestCase):
+    """
+    Bad arguments are usage errors (exit 2), never tracebacks.
+    """
+
+    def test_badArguments(self) -> None:
+        """
+        No command, an unknown command or option, a missing file name, or a
+        non-numeric timeout: exit code 2 with a usage message, no traceback,
+        and no connection attempted.
+        """
+        reactor = MemoryReactorClock()
+        for argv in (
+            [],
+            ["bogus"],
+            ["status", "--nope"],
+            ["get"],
+            ["fetch"],
+            ["status", "--timeout", "soon"],
+            ["ls", "extra"],
+        ):
+            self.reset()
+            self.assertEqual(self.exitCode(reactor, *argv), EXIT_USAGE, argv)
+            self.assertIn("usage:", self.allErrors())
+            self.assertNotIn("Traceback", self.allErrors())
+        self.assertEqual(reactor.tcpClients, [])
+
+    def test_version(self) -> None:
+        """
+        C{--version} prints the version and exits 0.
+        """
+        self.assertEqual(self.exitCode(MemoryReactorClock(), "--version"), EXIT_OK)
+        self.assertEqual(self.allOutput().strip(), f"p2pfiles {__version__}")
+
+    def test_help(self) -> None:
+        """
+        C{--help} lists every command and exits 0.
+        """
+        self.assertEqual(self.exitCode(MemoryReactorClock(), "--help"), EXIT_OK)
+        for command in ("status", "ls", "get", "fetch"):
+            self.assertIn(command, self.allOutput())
+
+    def test_badNodeAddress(self) -> None:
+        """
+        A C{--node} that is not HOST:PORT is a usage error in one line,
+        with no connection attempted.
+        """
+        reactor = MemoryReactorClock()
+        self.assertEqual(self.exitCode(reactor, "status", "--node", "localhost"), EXIT_USAGE)
+        self.assertIn("localhost", self.assertOneErrorLine("status"))
+        self.assertEqual(reactor.tcpClients, [])
+
+    def test_missingSecretFile(self) -> None:
+        """
+        A secret file that cannot be read is a usage error in one line,
+        before any connection.
+        """
+        reactor = MemoryReactorClock()
+        missing = FilePath(self.mktemp()).path
+        self.assertEqual(self.exitCode(reactor, "status", "--node", NODE, "--secret-file", missing), EXIT_USAGE)
+        self.assertIn(missing, self.assertOneErrorLine("status"))
+        self.assertEqual(reactor.tcpClients, [])
+
+    def test_secretFileFromEnvironment(self) -> None:
+        """
+        C{$P2PFILES_SECRET_FILE} is the default secret file.
+        """
+        reactor = MemoryReactorClock()
+        missing = FilePath(self.mktemp()).path
+        os.environ["P2PFILES_SECRET_FILE"] = missing
+        self.assertEqual(self.exitCode(reactor, "status", "--node", NODE), EXIT_USAGE)
+        self.assertIn(missing, self.assertOneErrorLine("status"))
+
+    def test_nodeFromEnvironment(self) -> None:
+        """
+        C{$P2PFILES_NODE} is the default node.
+        """
+        reactor = MemoryReactorClock()
+        os.environ["P2PFILES_NODE"] = "127.0.0.1:9555"
+        d = self.run_(reactor, "status")
+        [(host, port, *_)] = reactor.tcpClients
+        self.assertEqual((host, port), ("127.0.0.1", 9555))
+        ConnectionCompleter(reactor).failOnce()
+        self.assertEqual(self.successResultOf(d), EXIT_UNREACHABLE)
+        self.assertIn("127.0.0.1:9555", self.assertOneErrorLine("status"))
+
+
+class BadNameTests(CommandTestCase):
+    """
+    C{get} and C{fetch} check the name before connecting anywhere.
+    """
+
+    def test_getTraversal(self) -> None:
+        """
+        C{get ../secret} exits 9 with one error line and no connection.
+        """
+        reactor = MemoryReactorClock()
+        self.assertEqual(self.exitCode(reactor, "get", "../secret", "--node", NODE), EXIT_REFUSED)
+        line = self.assertOneErrorLine("get")
+        self.assertIn("../secret", line)
+        self.assertEqual(reactor.tcpClients, [])
+        self.assertEqual(self.allOutput(), "")
+
+    def test_otherBadNames(self) -> None:
+        """
+        Hidden names, paths, empty and over-long names are refused the same
+        way by C{get} and C{fetch}.
+        """
+        for command in ("get", "fetch"):
+            for name in (".hidden", "a/b", "a\\b", "", "x" * 256, "/etc/passwd"):
+                reactor = MemoryReactorClock()
+                self.reset()
+                self.assertEqual(self.exitCode(reactor, command, name, "--node", NODE), EXIT_REFUSED, (command, name))
+                self.assertOneErrorLine(command)
+                self.assertEqual(reactor.tcpClients, [])
+
+
+class FormatTests(SynchronousTestCase):
+    """
+    The readable forms of a status and a listing.
+    """
+
+    STATUS = {
+        "id": 2,
+        "address": "127.0.0.1:9002",
+        "role": "follower",
+        "leader": 1,
+        "epoch": 3,
+        "members": [
+            {"id": 1, "address": "127.0.0.1:9001", "alive": True},
+            {"id": 2, "address": "127.0.0.1:9002", "alive": True},
+            {"id": 3, "address": "127.0.0.1:9003", "alive": False},
+        ],
+        "version": __version__,
+    }
+
+    def rows(self, text: str) -> List[List[str]]:
+        return [line.split() for line in text.splitlines()[2:]]
+
+    def test_status(self) -> None:
+        """
+        The first line says who the node is, its role, leader and epoch; a
+        header follows, then one row per member with the leader marked and
+        dead members shown as not alive.
+        """
+        text = formatStatus(self.STATUS)
+        lines = text.splitlines()
+        self.assertEqual(lines[0], "node 2 at 127.0.0.1:9002: follower, leader 1, epoch 3")
+        self.assertEqual(lines[1].split(), ["ID", "ADDRESS", "ALIVE", "ROLE"])
+        self.assertEqual(
+            self.rows(text),
+            [
+                ["1", "127.0.0.1:9001", "yes", "leader"],
+                ["2", "127.0.0.1:9002", "yes", "member"],
+                ["3", "127.0.0.1:9003", "no", "-"],
+            ],
+        )
+
+    def test_statusColumnsAligned(self) -> None:
+        """
+        Rows line up under the header.
+        """
+        lines = formatStatus(self.STATUS).splitlines()[1:]
+        column = lines[0].index("ALIVE")
+        for line in lines[1:]:
+            self.assertIn(line[column : column + 3], ("yes", "no "))
+
+    def test_statusNoLeader(self) -> None:
+        """
+        With no leader the first line says C{leader none} and nobody is
+        marked leader.
+        """
+        status = dict(self.STATUS, role="candidate", leader=None)
+        text = formatStatus(status)
+        self.assertIn("candidate, leader none, epoch 3", text.splitlines()[0])
+        self.assertNotIn("leader", [row[-1] for row in self.rows(text)])
+
+    def test_statusLeaderZero(self) -> None:
+        """
+        Node 0 as leader is shown as leader 0, not as none.
+        """
+        status = dict(
+            self.STATUS,
+            leader=0,
+            members=[{"id": 0, "address": "127.0.0.1:9000", "alive": True}] + self.STATUS["members"],
+        )
+        text = formatStatus(status)
+        self.assertIn("leader 0,", text.splitlines()[0])
+        self.assertEqual(self.rows(text)[0], ["0", "127.0.0.1:9000", "yes", "leader"])
+
+    def test_statusWithoutAddress(self) -> None:
+        """
+        A status without its own address (an older node) still renders.
+        """
+        status = {k: v for k, v in self.STATUS.items() if k != "address"}
+        self.assertTrue(formatStatus(status).startswith("node 2 at ?: follower"))
+
+    def test_listingEmpty(self) -> None:
+        """
+        An empty listing says so.
+        """
+        self.assertEqual(formatListing([]), "no files shared")
+
+    def test_listing(self) -> None:
+        """
+        A listing shows a header, then each file's name, human size,
+        holders joined by commas and the first 12 hex digits of its hash.
+        """
+        files = [
+            {"name": "a.png", "size": 2048, "sha256": "ab" * 32, "holders": [2, 3]},
+            {"name": "notes with spaces.txt", "size": 17, "sha256": "0123456789" * 6 + "abcd", "holders": [1]},
+        ]
+        lines = formatListing(files).splitlines()
+        self.assertEqual(lines[0].split(), ["NAME", "SIZE", "HOLDERS", "SHA256"])
+        self.assertTrue(lines[1].startswith("a.png "))
+        self.assertEqual(lines[1].split()[1:], ["2.0", "KiB", "2,3", "abababababab"])
+        self.assertTrue(lines[2].startswith("notes with spaces.txt "))
+        self.assertEqual(lines[2].split()[-4:], ["17", "B", "1", "012345678901"])
+        self.assertEqual(len(lines), 3)
+
+    def test_humanSize(self) -> None:
+        """
+        Bytes below 1 KiB are whole; above, one decimal in the largest unit
+        that keeps the number below 1024.
+        """
+        for size, text in [
+            (0, "0 B"),
+            (1, "1 B"),
+            (1023, "1023 B"),
+            (1024, "1.0 KiB"),
+            (1536, "1.5 KiB"),
+            (1024**2, "1.0 MiB"),
+            (5 * 1024**2 + 1024**2 // 2, "5.5 MiB"),
+            (1024**3, "1.0 GiB"),
+            (1024**4, "1.0 TiB"),
+            (1024**5, "1024.0 TiB"),
+        ]:
+            self.assertEqual(humanSize(size), text, size)
+
+    def test_humanSizeJustBelowUnit(self) -> None:
+        """
+        A size just below the next unit never shows as C{1024.0} of the
+        smaller unit (rounding must not outgrow the unit it picked).
+        """
+        for power in (2, 3, 4):
+            for size in (1024**power - 1, 1024**power - 1024 ** (power - 2)):
+                shown = humanSize(size)
+                self.assertFalse(shown.startswith("1024"), f"humanSize({size}) == {shown!r}")
+
+
+class UnreachableTests(CommandTestCase):
+    """
+    Failing to reach a node is exit 3 (or 5 on a timeout) with one line.
+    """
+
+    def test_refused(self) -> None:
+        """
+        A refused connection ends C{status} with exit 3 and one line naming
+        the node.
+        """
+        reactor = MemoryReactorClock()
+        d = self.run_(reactor, "status", "--node", NODE)
+        self.assertNoResult(d)
+        [(host, port, factory, timeout, bindAddress)] = reactor.tcpClients
+        self.assertEqual((host, port, timeout), ("127.0.0.1", 9001, 10.0))
+        ConnectionCompleter(reactor).failOnce(Failure(ConnectionRefusedError()))
+        self.assertEqual(self.successResultOf(d), EXIT_UNREACHABLE)
+        self.assertIn(f"cannot connect to {NODE}", self.assertOneErrorLine("status"))
+        self.assertEqual(self.out.getvalue(), "")
+        self.assertEqual(reactor.getDelayedCalls(), [])
+
+    def test_connectTimeout(self) -> None:
+        """
+        A connection attempt that times out is exit 5, and C{--timeout} is
+        the connection timeout.
+        """
+        reactor = MemoryReactorClock()
+        d = self.run_(reactor, "status", "--node", NODE, "--timeout", "2.5")
+        self.assertEqual(reactor.tcpClients[0][3], 2.5)
+        ConnectionCompleter(reactor).failOnce(Failure(TimeoutError()))
+        self.assertEqual(self.successResultOf(d), EXIT_TIMEOUT)
+        self.assertIn("timed out", self.assertOneErrorLine("status"))
+
+
+class LiveNodeTests(CommandTestCase):
+    """
+    Commands against a listening node in memory: the CLI's pending
+    C{connectTCP} is completed with L{ConnectionCompleter}.
+    """
+
+    def startNode(self, **kwargs: Any) -> Harness:
+        """
+        A started node 1 listening on 127.0.0.1:9001 of its memory reactor.
+        """
+        harness = Harness(self, node=1, **kwargs).start()
+        harness.reactor.listenTCP(9001, harness.factory, interface="127.0.0.1")
+        return harness
+
+    def connectCLI(self, harness: Harness) -> IOPump:
+        """
+        Join the CLI's pending connection to the node and run the exchange.
+        """
+        return harness.complete()
+
+    def test_statusJSON(self) -> None:
+        """
+        C{status --json} prints one JSON object with the contract's keys:
+        id, role, leader, epoch, members (each id, address, alive) and
+        version, matching the node's status.
+        """
+        harness = self.startNode()
+        d = self.run_(harness.reactor, "status", "--node", NODE, "--json")
+        self.assertNoResult(d)
+        self.connectCLI(harness)
+        self.assertEqual(self.successResultOf(d), EXIT_OK)
+        lines = self.out.getvalue().splitlines()
+        self.assertEqual(len(lines), 1)
+        status = json.loads(lines[0])
+        self.assertTrue(STATUS_KEYS <= set(status), sorted(status))
+        # The node adds its own address, which the table shows.
+        self.assertEqual(set(status) - STATUS_KEYS, {"address"})
+        for member in status["members"]:
+            self.assertEqual(set(member), MEMBER_KEYS)
+        self.assertEqual(
+            (status["id"], status["role"], status["leader"], status["epoch"], status["version"]),
+            (1, "leader", 1, 1, __version__),
+        )
+        self.assertEqual(status["members"], [{"id": 1, "address": NODE, "alive": True}])
+        self.assertEqual(status, harness.node.status())
+        self.assertEqual(self.err.getvalue(), "")
+
+    def test_statusTable(self) -> None:
+        """
+        C{status} without C{--json} prints the table of L{formatStatus}.
+        """
+        harness = self.startNode()
+        d = self.run_(harness.reactor, "status", "--node", NODE)
+        self.connectCLI(harness)
+        self.assertEqual(self.successResultOf(d), EXIT_OK)
+        self.assertEqual(self.out.getvalue(), formatStatus(harness.node.status()) + "\n")
+        self.assertTrue(self.out.getvalue().startswith("node 1 at 127.0.0.1:9001: leader, leader 1, epoch 1"))
+
+    def test_statusWatch(self) -> None:
+        """
+        C{status --watch --json} prints the status, one more line at each
+        change, and ends with exit 3 and one line when the node goes away.
+        """
+        harness = self.startNode()
+        d = self.run_(harness.reactor, "status", "--node", NODE, "--json", "--watch")
+        self.connectCLI(harness)
+        self.assertNoResult(d)
+        self.assertEqual(len(self.out.getvalue().splitlines()), 1)
+        peer = harness.peer(2)
+        harness.flush()
+        peer.send(heartbeat(2, 1, 1))
+        harness.flush()
+        shown = [json.loads(line) for line in self.out.getvalue().splitlines()]
+        self.assertEqual([[m["alive"] for m in s["members"]] for s in shown], [[True], [True, False], [True, True]])
+        harness.advance(HEARTBEAT)
+        self.assertEqual(len(self.out.getvalue().splitlines()), 3)
+        stopped = harness.node.stopService()
+        harness.flush()
+        self.successResultOf(stopped)
+        self.assertEqual(self.successResultOf(d), EXIT_UNREACHABLE)
+        self.assertIn("went away", self.assertOneErrorLine("status"))
+
+    def test_ls(self) -> None:
+        """
+        C{ls} against the leader prints its listing; C{ls --json} the list
+        itself.
+        """
+        harness = self.startNode(files={"a.txt": b"hello", "big.bin": b"\0" * 3000})
+        d = self.run_(harness.reactor, "ls", "--node", NODE)
+        self.connectCLI(harness)
+        self.assertEqual(self.successResultOf(d), EXIT_OK)
+        lines = self.out.getvalue().splitlines()
+        self.assertEqual([line.split()[0] for line in lines], ["NAME", "a.txt", "big.bin"])
+        self.assertEqual(lines[2].split()[1:4], ["2.9", "KiB", "1"])
+        self.reset()
+        d = self.run_(harness.reactor, "ls", "--node", NODE, "--json")
+        self.connectCLI(harness)
+        self.assertEqual(self.successResultOf(d), EXIT_OK)
+        files = json.loads(self.out.getvalue())
+        self.assertEqual([(f["name"], f["size"], f["holders"]) for f in files], [("a.txt", 5, [1]), ("big.bin", 3000, [1])])
+
+    def test_wrongSecret(self) -> None:
+        """
+        A client with a secret the node does not share fails
+        authentication: exit 4, one line.
+        """
+        harness = self.startNode()
+        secret = FilePath(self.mktemp())
+        secret.setContent(b"not the cluster's\n")
+        d = self.run_(harness.reactor, "status", "--node", NODE, "--secret-file", secret.path)
+        self.connectCLI(harness)
+        self.assertEqual(self.successResultOf(d), EXIT_AUTH)
+        self.assertIn("authentication failed", self.assertOneErrorLine("status"))
+
+    def test_noAnswer(self) -> None:
+        """
+        A node that authenticates but never answers makes C{status} give up
+        after C{--timeout} seconds with exit 5 and one line.
+        """
+        reactor = MemoryReactorClock()
+        silent = RecordingHandler()
+        reactor.listenTCP(9001, P2PFactory(nodeIdentity(1), silent, reactor, listening=True))
+        d = self.run_(reactor, "status", "--node", NODE, "--timeout", "3")
+        pump = ConnectionCompleter(reactor).succeedOnce()
+        pump.flush()
+        self.assertEqual(silent.messages, [Message("status", watch=False)])
+        reactor.advance(2.9)
+        self.assertNoResult(d)
+        reactor.advance(0.1)
+        pump.flush()
+        self.assertEqual(self.successResultOf(d), EXIT_TIMEOUT)
+        self.assertIn("no answer from 127.0.0.1:9001 within 3s", self.assertOneErrorLine("status"))
+        self.assertEqual(silent.closed, 1)
+        self.assertEqual(reactor.getDelayedCalls(), [])
+
+    def test_closedDuringHandshake(self) -> None:
+        """
+        A node that hangs up before the handshake ends is exit 3, one line.
+        """
+        reactor = MemoryReactorClock()
+        listener = RecordingHandler()
+        factory = P2PFactory(nodeIdentity(1), listener, reactor, listening=True)
+        reactor.listenTCP(9001, factory)
+        d = self.run_(reactor, "status", "--node", NODE)
+        pump = ConnectionCompleter(reactor).succeedOnce(greet=False)
+        (server,) = factory.protocols
+        server.transport.loseConnection()
+        pump.flush()
+        self.assertEqual(self.successResultOf(d), EXIT_UNREACHABLE)
+        self.assertIn("during the handshake", self.assertOneErrorLine("status"))
+        self.assertEqual(reactor.getDelayedCalls(), [])

@@ -1,0 +1,708 @@
+"""
+Tests for L{p2pfiles.tap}: the twistd plugin's options, the service it
+builds, the plugin itself and the example C{.tac} file.
+"""
+
+import os
+import runpy
+from typing import Any, Dict, List
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, IServiceCollection, IServiceMaker, MultiService
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python import usage
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SynchronousTestCase
+
+from p2pfiles.address import parseAddress
+from p2pfiles.node import Node
+from p2pfiles.protocol import P2PFactory
+from p2pfiles.tap import Options, isLoopback, makeService, parseCluster
+
+ROOT = FilePath(__file__).parent().parent()
+
+
+def parse(*arguments: str) -> Options:
+    """
+    Parse C{arguments} as twistd would hand them to the plugin.
+    """
+    options = Options()
+    options.parseOptions(list(arguments))
+    return options
+
+
+class OptionsTestCase(SynchronousTestCase):
+    """
+    Helpers shared by the option tests.
+    """
+
+    def assertUsageError(self, *arguments: str) -> str:
+        """
+        Parsing C{arguments} fails with a one-line L{usage.UsageError};
+        return its message.
+        """
+        error = self.assertRaises(usage.UsageError, parse, *arguments)
+        message = str(error)
+        self.assertTrue(message, "a usage error must say what is wrong")
+        self.assertNotIn("\n", message)
+        return message
+
+    def writeFile(self, content: bytes) -> str:
+        """
+        A fresh temporary file holding C{content}; return its path.
+        """
+        path = FilePath(self.mktemp())
+        path.parent().makedirs(ignoreExistingDirectory=True)
+        path.setContent(content)
+        return path.path
+
+
+class IdAndPortTests(OptionsTestCase):
+    """
+    C{--id} is required and a non-negative integer; C{--port} defaults to
+    9000+id and must be a TCP port.
+    """
+
+    def test_idRequired(self) -> None:
+        """
+        Without C{--id} the options are refused, naming the option.
+        """
+        self.assertIn("--id", self.assertUsageError())
+        self.assertIn("--id", self.assertUsageError("--port", "9001"))
+
+    def test_idNegative(self) -> None:
+        """
+        A negative id is refused.
+        """
+        self.assertIn("non-negative", self.assertUsageError("--id", "-1"))
+
+    def test_idNotAnInteger(self) -> None:
+        """
+        An id that is not an integer is refused as a usage error, not a
+        traceback.
+        """
+        for bad in ("abc", "1.5", "", "0x10"):
+            self.assertUsageError("--id", bad)
+
+    def test_idNotAsciiDigits(self) -> None:
+        """
+        An id written with digits that C{int} does not read (a superscript
+        two) is a usage error.
+        """
+        self.assertUsageError("--id", "\u00b2")
+
+    def test_idZero(self) -> None:
+        """
+        Id 0 is a real id (the original treated it as "no leader"): it is
+        accepted, with port 9000.
+        """
+        options = parse("--id", "0")
+        self.assertEqual((options["id"], options["port"]), (0, 9000))
+
+    def test_defaultPort(self) -> None:
+        """
+        Without C{--port} a node listens on 9000+id.
+        """
+        self.assertEqual(parse("--id", "7")["port"], 9007)
+
+    def test_explicitPort(self) -> None:
+        """
+        C{--port} overrides the default.
+        """
+        self.assertEqual(parse("--id", "7", "--port", "12345")["port"], 12345)
+
+    def test_portRange(self) -> None:
+        """
+        Ports outside 0..65535, given or implied by a large id, are refused;
+        65535 is accepted.
+        """
+        self.assertEqual(parse("--id", "1", "--port", "65535")["port"], 65535)
+        self.assertIn("65536", self.assertUsageError("--id", "1", "--port", "65536"))
+        self.assertUsageError("--id", "1", "--port", "-1")
+        self.assertUsageError("--id", "1", "--port", "http")
+        self.assertIn("not a TCP port", self.assertUsageError("--id", "70000"))
+        self.assertEqual(parse("--id", "70000", "--port", "9001")["port"], 9001)
+
+    def test_portZeroAdvertisesUsableAddress(self) -> None:
+        """
+        C{--port 0} is either refused or gives a node whose advertised
+        address other nodes can use: C{HOST:0} is not one (every node's
+        C{parseAddress} refuses it, so no peer could ever link back).
+        """
+        try:
+            options = parse("--id", "1", "--port", "0")
+        except usage.UsageError:
+            return
+        address = options.nodeConfig().address
+        try:
+            parseAddress(address)
+        except ValueError as e:
+            self.fail(f"--port 0 was accepted but the node advertises {address!r}: {e}")
+
+
+class PeerTests(OptionsTestCase):
+    """
+    C{--peer ID@HOST:PORT}, repeatable.
+    """
+
+    def test_peers(self) -> None:
+        """
+        Each C{--peer} adds one id and address; IPv6 addresses in brackets
+        are accepted.
+        """
+        options = parse(
+            "--id", "1", "--peer", "2@127.0.0.1:9002", "--peer", "3@[::1]:9003", "--peer", "0@localhost:9000"
+        )
+        self.assertEqual(options["peers"], {2: "127.0.0.1:9002", 3: "[::1]:9003", 0: "localhost:9000"})
+
+    def test_noPeers(self) -> None:
+        """
+        A node may start knowing no peer.
+        """
+        self.assertEqual(parse("--id", "1")["peers"], {})
+
+    def test_peersNotShared(self) -> None:
+        """
+        Two Options objects do not share one peers dict.
+        """
+        first = parse("--id", "1", "--peer", "2@127.0.0.1:9002")
+        second = parse("--id", "1")
+        self.assertEqual(second["peers"], {})
+        self.assertEqual(first["peers"], {2: "127.0.0.1:9002"})
+
+    def test_badForms(self) -> None:
+        """
+        A peer without C{@}, with a non-numeric id, without a host, or
+        without a valid port is refused in one line naming what was given.
+        """
+        for bad in (
+            "127.0.0.1:9002",
+            "2-127.0.0.1:9002",
+            "x@127.0.0.1:9002",
+            "-2@127.0.0.1:9002",
+            "@127.0.0.1:9002",
+            "2@127.0.0.1",
+            "2@127.0.0.1:",
+            "2@127.0.0.1:port",
+            "2@127.0.0.1:70000",
+            "2@127.0.0.1:0",
+            "2@:9002",
+            "2@",
+        ):
+            message = self.assertUsageError("--id", "1", "--peer", bad)
+            self.assertIn("--peer", message)
+            self.assertIn(repr(bad), message)
+
+    def test_idNotAsciiDigits(self) -> None:
+        """
+        A peer id written with a digit C{str.isdigit} accepts but C{int}
+        does not read (a superscript two) is a usage error, not a
+        ValueError traceback out of twistd.
+        """
+        self.assertUsageError("--id", "1", "--peer", "\u00b2@127.0.0.1:9002")
+
+    def test_ownId(self) -> None:
+        """
+        A peer with the node's own id is refused.
+        """
+        message = self.assertUsageError("--id", "1", "--peer", "1@127.0.0.1:9001")
+        self.assertIn("own id 1", message)
+
+    def test_sameTwice(self) -> None:
+        """
+        The same peer id given twice is refused, even with the same address.
+        """
+        for second in ("2@127.0.0.1:9002", "2@127.0.0.1:9012"):
+            message = self.assertUsageError("--id", "1", "--peer", "2@127.0.0.1:9002", "--peer", second)
+            self.assertIn("node 2 given twice", message)
+
+
+class ClusterFileTests(OptionsTestCase):
+    """
+    C{--cluster FILE}: one C{ID HOST:PORT} a line, C{#} comments.
+    """
+
+    CLUSTER = (
+        b"# the demo cluster\n"
+        b"\n"
+        b"1 127.0.0.1:9101   # the first\n"
+        b"   2 127.0.0.1:9102\n"
+        b"\t\n"
+        b"3 [::1]:9103\n"
+        b"# 4 127.0.0.1:9104\n"
+    )
+
+    def test_ownLineSkippedAndGivesPort(self) -> None:
+        """
+        Comments and blank lines are ignored; the node's own line is not a
+        peer and gives the port when C{--port} is absent.
+        """
+        path = self.writeFile(self.CLUSTER)
+        options = parse("--id", "2", "--cluster", path)
+        self.assertEqual(options["peers"], {1: "127.0.0.1:9101", 3: "[::1]:9103"})
+        self.assertEqual(options["port"], 9102)
+
+    def test_explicitPortWins(self) -> None:
+        """
+        C{--port} overrides the port of the node's own line.
+        """
+        path = self.writeFile(self.CLUSTER)
+        self.assertEqual(parse("--id", "2", "--port", "9999", "--cluster", path)["port"], 9999)
+
+    def test_notListed(self) -> None:
+        """
+        A node absent from the file gets every listed node as a peer and the
+        default port.
+        """
+        path = self.writeFile(self.CLUSTER)
+        options = parse("--id", "9", "--cluster", path)
+        self.assertEqual(sorted(options["peers"]), [1, 2, 3])
+        self.assertEqual(options["port"], 9009)
+
+    def test_parseCluster(self) -> None:
+        """
+        L{parseCluster} returns every listed node, the node's own included.
+        """
+        path = self.writeFile(self.CLUSTER)
+        self.assertEqual(parseCluster(path), {1: "127.0.0.1:9101", 2: "127.0.0.1:9102", 3: "[::1]:9103"})
+
+    def test_duplicate(self) -> None:
+        """
+        An id listed twice is refused, naming the file and the second line.
+        """
+        path = self.writeFile(b"1 127.0.0.1:9001\n# x\n1 127.0.0.1:9011\n")
+        message = self.assertUsageError("--id", "2", "--cluster", path)
+        self.assertIn(f"{path}:3", message)
+        self.assertIn("listed twice", message)
+
+    def test_malformedLines(self) -> None:
+        """
+        A line that is not C{ID HOST:PORT} is refused naming file:line.
+        """
+        for bad in (
+            b"1\n",
+            b"1 127.0.0.1:9001 extra\n",
+            b"x 127.0.0.1:9001\n",
+            b"-1 127.0.0.1:9001\n",
+            b"1 127.0.0.1\n",
+            b"1 127.0.0.1:port\n",
+            b"1@127.0.0.1:9001\n",
+        ):
+            path = self.writeFile(b"# header\n2 127.0.0.1:9002\n" + bad)
+            message = self.assertUsageError("--id", "2", "--cluster", path)
+            self.assertIn(f"{path}:3", message)
+
+    def test_idNotAsciiDigits(self) -> None:
+        """
+        A line whose id is a digit C{str.isdigit} accepts but C{int} does
+        not read (a superscript two) is a usage error naming file:line, not
+        a ValueError traceback out of twistd.
+        """
+        path = self.writeFile("2 127.0.0.1:9002\n\u00b2 127.0.0.1:9001\n".encode("utf-8"))
+        message = self.assertUsageError("--id", "2", "--cluster", path)
+        self.assertIn(f"{path}:2", message)
+
+    def test_unreadable(self) -> None:
+        """
+        A missing or non-UTF-8 cluster file is a usage error naming it.
+        """
+        missing = FilePath(self.mktemp()).path
+        self.assertIn(missing, self.assertUsageError("--id", "1", "--cluster", missing))
+        binary = self.writeFile(b"1 127.0.0.1:9001\n\xff\xfe\n")
+        self.assertIn(binary, self.assertUsageError("--id", "1", "--cluster", binary))
+
+    def test_withPeer(self) -> None:
+        """
+        C{--cluster} and C{--peer} together are refused.
+        """
+        path = self.writeFile(self.CLUSTER)
+        message = self.assertUsageError("--id", "2", "--cluster", path, "--peer", "5@127.0.0.1:9005")
+        self.assertIn("--cluster", message)
+        self.assertIn("--peer", message)
+
+
+class InterfaceAndSecretTests(OptionsTestCase):
+    """
+    A node never listens beyond loopback without a cluster secret.
+    """
+
+    def test_isLoopback(self) -> None:
+        """
+        Loopback means localhost, 127.0.0.0/8 or ::1; anything else
+        (including names, which are not resolved) is not.
+        """
+        for host in ("localhost", "127.0.0.1", "127.1.2.3", "::1"):
+            self.assertTrue(isLoopback(host), host)
+        for host in ("0.0.0.0", "::", "10.0.0.1", "example.com", "", "localhost.example.com"):
+            self.assertFalse(isLoopback(host), host)
+
+    def test_defaultInterface(self) -> None:
+        """
+        By default a node listens on 127.0.0.1, with no secret.
+        """
+        options = parse("--id", "1")
+        self.assertEqual((options["interface"], options["secret"]), ("127.0.0.1", b""))
+
+    def test_nonLoopbackNeedsSecret(self) -> None:
+        """
+        A non-loopback interface without C{--secret-file} is refused.
+        """
+        for interface in ("0.0.0.0", "::", "192.168.1.10"):
+            message = self.assertUsageError("--id", "1", "--interface", interface)
+            self.assertIn("--secret-file", message)
+
+    def test_loopbackWithoutSecret(self) -> None:
+        """
+        Loopback interfaces need no secret.
+        """
+        for interface in ("127.0.0.1", "::1", "localhost"):
+            self.assertEqual(parse("--id", "1", "--interface", interface)["interface"], interface)
+
+    def test_nonLoopbackWithSecret(self) -> None:
+        """
+        With a secret file the node may listen anywhere; the secret is the
+        file's content without surrounding whitespace.
+        """
+        path = self.writeFile(b"  s3cret \n")
+        options = parse("--id", "1", "--interface", "0.0.0.0", "--secret-file", path)
+        self.assertEqual(options["secret"], b"s3cret")
+
+    def test_emptySecretFile(self) -> None:
+        """
+        An empty (or blank) secret file is refused, naming it.
+        """
+        for content in (b"", b" \n\t\n"):
+            path = self.writeFile(content)
+            message = self.assertUsageError("--id", "1", "--secret-file", path)
+            self.assertIn(path, message)
+            self.assertIn("empty", message)
+
+    def test_unreadableSecretFile(self) -> None:
+        """
+        A missing secret file, or a directory, is refused naming it.
+        """
+        missing = FilePath(self.mktemp()).path
+        self.assertIn(missing, self.assertUsageError("--id", "1", "--secret-file", missing))
+        directory = FilePath(self.mktemp())
+        directory.makedirs()
+        self.assertIn(directory.path, self.assertUsageError("--id", "1", "--secret-file", directory.path))
+
+
+class DirectoryAndTimingTests(OptionsTestCase):
+    """
+    C{--share}, C{--state}, C{--advertise}, C{--heartbeat} and
+    C{--leader-timeout}.
+    """
+
+    def test_directoryDefaults(self) -> None:
+        """
+        Share and state default to C{node<ID>/files} and C{node<ID>/state}.
+        """
+        options = parse("--id", "4")
+        self.assertEqual((options["share"], options["state"]), ("node4/files", "node4/state"))
+        options = parse("--id", "0")
+        self.assertEqual((options["share"], options["state"]), ("node0/files", "node0/state"))
+
+    def test_directoriesGiven(self) -> None:
+        """
+        Given directories are kept as they are.
+        """
+        options = parse("--id", "4", "--share", "/srv/share", "--state", "/var/lib/p2p")
+        self.assertEqual((options["share"], options["state"]), ("/srv/share", "/var/lib/p2p"))
+
+    def test_advertise(self) -> None:
+        """
+        C{--advertise} must be HOST:PORT; it becomes the node's address.
+        Without it the address is INTERFACE:PORT, bracketed for IPv6.
+        """
+        options = parse("--id", "1", "--advertise", "127.1.2.3:7001")
+        self.assertEqual(options.nodeConfig().address, "127.1.2.3:7001")
+        self.assertEqual(parse("--id", "1").nodeConfig().address, "127.0.0.1:9001")
+        self.assertEqual(parse("--id", "1", "--interface", "::1").nodeConfig().address, "[::1]:9001")
+        for bad in ("127.1.2.3", "127.1.2.3:", ":7001", "127.1.2.3:0", "127.1.2.3:99999", "host:port"):
+            self.assertIn("--advertise", self.assertUsageError("--id", "1", "--advertise", bad))
+
+    def test_leaderTimeoutCoversTwoHeartbeats(self) -> None:
+        """
+        A leader timeout shorter than two heartbeats would mark live members
+        down between heartbeats: refused with the reason.
+        """
+        self.assertIn("twice --heartbeat", self.assertUsageError("--id", "1", "--heartbeat", "0.6"))
+        options = parse("--id", "1", "--heartbeat", "0.5", "--leader-timeout", "1.0")
+        self.assertEqual((options["heartbeat"], options["leader-timeout"]), (0.5, 1.0))
+
+    def test_portZeroNeedsAdvertise(self) -> None:
+        """
+        Port 0 picks a port at start, which no peer could be told in
+        advance: it needs --advertise.
+        """
+        self.assertIn("--advertise", self.assertUsageError("--id", "1", "--port", "0"))
+
+    def test_timingDefaults(self) -> None:
+        """
+        Heartbeats every 0.25s, members down after 1s of silence.
+        """
+        options = parse("--id", "1")
+        self.assertEqual((options["heartbeat"], options["leader-timeout"]), (0.25, 1.0))
+
+    def test_timingGiven(self) -> None:
+        """
+        Fractional seconds are accepted for both.
+        """
+        options = parse("--id", "1", "--heartbeat", "0.1", "--leader-timeout", "2.5")
+        self.assertEqual((options["heartbeat"], options["leader-timeout"]), (0.1, 2.5))
+
+    def test_timingMustBePositive(self) -> None:
+        """
+        Zero, negative, NaN or non-numeric values are refused for both.
+        """
+        for option in ("--heartbeat", "--leader-timeout"):
+            for bad in ("0", "-1", "-0.5", "nan", "soon"):
+                self.assertUsageError("--id", "1", option, bad)
+
+    def test_timingMustBeFinite(self) -> None:
+        """
+        Infinity is not a usable interval: with C{--heartbeat inf} the node
+        would send one heartbeat and never tick again (and a reactor with
+        only that timer asks epoll to wait beyond C{time_t}).
+        """
+        for option in ("--heartbeat", "--leader-timeout"):
+            self.assertUsageError("--id", "1", option, "inf")
+
+
+class MakeServiceTests(OptionsTestCase):
+    """
+    L{makeService} builds the node and its listening port as one service.
+    """
+
+    def build(self, *arguments: str) -> "tuple[MultiService, StreamServerEndpointService, Node, MemoryReactorClock]":
+        reactor = MemoryReactorClock()
+        base = FilePath(self.mktemp())
+        options = parse(
+            "--share", base.child("files").path, "--state", base.child("state").path, *arguments
+        )
+        top = makeService(options, reactor=reactor)
+        services = list(top)
+        listeners = [s for s in services if isinstance(s, StreamServerEndpointService)]
+        nodes = [s for s in services if isinstance(s, Node)]
+        self.assertEqual((len(services), len(listeners), len(nodes)), (2, 1, 1))
+        return top, listeners[0], nodes[0], reactor
+
+    def test_tree(self) -> None:
+        """
+        The service is a L{MultiService} holding a
+        L{StreamServerEndpointService} and a L{Node}, neither running.
+        """
+        top, listener, node, reactor = self.build("--id", "1")
+        self.assertIsInstance(top, MultiService)
+        self.assertTrue(IService.providedBy(top))
+        self.assertFalse(top.running or listener.running or node.running)
+        self.assertEqual(reactor.tcpServers, [])
+
+    def test_nodeConfig(self) -> None:
+        """
+        The node is configured from the options: id, address, peers,
+        directories, secret and timings, and uses the given reactor.
+        """
+        secret = self.writeFile(b"cluster-secret\n")
+        top, listener, node, reactor = self.build(
+            "--id", "3", "--port", "9333",
+            "--peer", "1@127.0.0.1:9001", "--peer", "2@127.0.0.1:9002",
+            "--secret-file", secret, "--heartbeat", "0.5", "--leader-timeout", "3",
+        )
+        config = node.config
+        self.assertEqual(config.id, 3)
+        self.assertEqual(node.id, 3)
+        self.assertEqual(config.address, "127.0.0.1:9333")
+        self.assertEqual(config.peers, {1: "127.0.0.1:9001", 2: "127.0.0.1:9002"})
+        self.assertTrue(config.share.path.endswith("files"))
+        self.assertTrue(config.state.path.endswith("state"))
+        self.assertEqual(config.secret, b"cluster-secret")
+        self.assertEqual((config.heartbeat, config.leaderTimeout), (0.5, 3.0))
+        self.assertIs(node.reactor, reactor)
+        self.assertEqual(
+            (node.identity.role, node.identity.node, node.identity.address, node.identity.secret, node.identity.purpose),
+            ("node", 3, "127.0.0.1:9333", b"cluster-secret", "control"),
+        )
+
+    def test_advertisedAddress(self) -> None:
+        """
+        C{--advertise} is the address the node gives others.
+        """
+        top, listener, node, reactor = self.build("--id", "1", "--advertise", "node1.example:7001")
+        self.assertEqual(node.config.address, "node1.example:7001")
+
+    def test_listener(self) -> None:
+        """
+        The port listens on the options' port and interface with a listening
+        L{P2PFactory} whose handler is the node; it fails at start if the
+        port cannot be had.
+        """
+        top, listener, node, reactor = self.build("--id", "2", "--port", "9222")
+        self.assertIsInstance(listener.endpoint, TCP4ServerEndpoint)
+        self.assertEqual((listener.endpoint._port, listener.endpoint._interface), (9222, "127.0.0.1"))
+        factory = listener.factory
+        self.assertIsInstance(factory, P2PFactory)
+        self.assertIs(factory.handler, node)
+        self.assertIs(factory.identity, node.identity)
+        self.assertIs(factory.clock, reactor)
+        self.assertTrue(factory.listening)
+        self.assertTrue(listener._raiseSynchronously)
+
+    def test_listenerIPv6(self) -> None:
+        """
+        An IPv6 interface gets an IPv6 endpoint.
+        """
+        top, listener, node, reactor = self.build("--id", "2", "--interface", "::1")
+        self.assertIsInstance(listener.endpoint, TCP6ServerEndpoint)
+        self.assertEqual(listener.endpoint._interface, "::1")
+
+    def test_listenerStarts(self) -> None:
+        """
+        Started on a memory reactor, the listener asks for the configured
+        port and interface with the node's factory, and lets go of it when
+        stopped.
+        """
+        top, listener, node, reactor = self.build("--id", "2", "--port", "9222")
+        listener.privilegedStartService()
+        listener.startService()
+        self.addCleanup(lambda: self.successResultOf(listener.stopService()))
+        [(port, factory, backlog, interface)] = reactor.tcpServers
+        self.assertEqual((port, interface), (9222, "127.0.0.1"))
+        self.assertIs(factory, listener.factory)
+
+
+class PluginTests(SynchronousTestCase):
+    """
+    The twistd plugin in C{twisted/plugins/p2pfiles_plugin.py}.
+    """
+
+    def assertIsOurPlugin(self, plugin: Any) -> None:
+        self.assertTrue(IServiceMaker.providedBy(plugin))
+        self.assertEqual(plugin.tapname, "p2pfiles")
+        self.assertTrue(plugin.description)
+        self.assertIs(plugin.options, Options)
+        self.assertIs(plugin.makeService, makeService)
+
+    def test_importable(self) -> None:
+        """
+        C{twisted.plugins.p2pfiles_plugin.p2pfiles} is an L{IServiceMaker}
+        named C{p2pfiles} whose options are L{p2pfiles.tap.Options}.
+        """
+        from twisted.plugins.p2pfiles_plugin import p2pfiles
+
+        self.assertIsOurPlugin(p2pfiles)
+
+    def test_repositoryFile(self) -> None:
+        """
+        The plugin file in this checkout (not only an installed copy)
+        defines the same service maker.
+        """
+        path = ROOT.child("twisted").child("plugins").child("p2pfiles_plugin.py")
+        namespace = runpy.run_path(path.path)
+        self.assertIsOurPlugin(namespace["p2pfiles"])
+
+    def test_noPackageInit(self) -> None:
+        """
+        Neither C{twisted/} nor C{twisted/plugins/} has an C{__init__.py}:
+        one would hide every other Twisted plugin.
+        """
+        self.assertFalse(ROOT.child("twisted").child("__init__.py").exists())
+        self.assertFalse(ROOT.child("twisted").child("plugins").child("__init__.py").exists())
+
+
+class TacTests(SynchronousTestCase):
+    """
+    C{tac/p2pfiles.tac} builds the plugin's service from environment
+    variables.
+    """
+
+    def load(self, environment: Dict[str, str]) -> Node:
+        """
+        Run the tac file with exactly C{environment} as C{os.environ};
+        return the one L{Node} in its application.
+        """
+        self.patch(os, "environ", dict(environment))
+        namespace = runpy.run_path(ROOT.child("tac").child("p2pfiles.tac").path)
+        application = namespace["application"]
+        top = list(IServiceCollection(application))
+        self.assertEqual(len(top), 1)
+        nodes: List[Node] = [s for s in top[0] if isinstance(s, Node)]
+        listeners = [s for s in top[0] if isinstance(s, StreamServerEndpointService)]
+        self.assertEqual((len(nodes), len(listeners)), (1, 1))
+        self.assertFalse(nodes[0].running)
+        self.assertFalse(listeners[0].running)
+        self.assertIs(listeners[0].factory.handler, nodes[0])
+        return nodes[0]
+
+    def test_environment(self) -> None:
+        """
+        Id, port, peers (the node's own entry skipped), share and state come
+        from the C{P2PFILES_*} variables.
+        """
+        base = FilePath(self.mktemp())
+        node = self.load(
+            {
+                "P2PFILES_ID": "2",
+                "P2PFILES_PORT": "9502",
+                "P2PFILES_PEERS": "1@127.0.0.1:9501 2@127.0.0.1:9502 3@127.0.0.1:9503",
+                "P2PFILES_SHARE": base.child("files").path,
+                "P2PFILES_STATE": base.child("state").path,
+            }
+        )
+        config = node.config
+        self.assertEqual(config.id, 2)
+        self.assertEqual(config.address, "127.0.0.1:9502")
+        self.assertEqual(config.peers, {1: "127.0.0.1:9501", 3: "127.0.0.1:9503"})
+        self.assertEqual(config.share, base.child("files"))
+        self.assertEqual(config.state, base.child("state"))
+        self.assertEqual(config.secret, b"")
+        self.assertFalse(base.exists(), "loading the tac must not create directories")
+
+    def test_defaults(self) -> None:
+        """
+        Without variables the tac describes node 1 of the three-node demo
+        cluster on ports 9001-9003.
+        """
+        node = self.load({})
+        config = node.config
+        self.assertEqual((config.id, config.address), (1, "127.0.0.1:9001"))
+        self.assertEqual(config.peers, {2: "127.0.0.1:9002", 3: "127.0.0.1:9003"})
+        self.assertEqual((config.share.basename(), config.state.basename()), ("files", "state"))
+        self.assertEqual(config.share.parent().basename(), "node1")
+
+    def test_portFollowsId(self) -> None:
+        """
+        Without C{P2PFILES_PORT} the port is 9000+id.
+        """
+        base = FilePath(self.mktemp())
+        node = self.load(
+            {
+                "P2PFILES_ID": "3",
+                "P2PFILES_SHARE": base.child("f").path,
+                "P2PFILES_STATE": base.child("s").path,
+            }
+        )
+        self.assertEqual(node.config.address, "127.0.0.1:9003")
+        self.assertEqual(node.config.peers, {1: "127.0.0.1:9001", 2: "127.0.0.1:9002"})
+
+    def test_secretFile(self) -> None:
+        """
+        C{P2PFILES_SECRET_FILE} names the cluster secret.
+        """
+        base = FilePath(self.mktemp())
+        base.makedirs()
+        secret = base.child("secret")
+        secret.setContent(b"tac-secret\n")
+        node = self.load(
+            {
+                "P2PFILES_ID": "1",
+                "P2PFILES_PEERS": "",
+                "P2PFILES_SHARE": base.child("f").path,
+                "P2PFILES_STATE": base.child("s").path,
+                "P2PFILES_SECRET_FILE": secret.path,
+            }
+        )
+        self.assertEqual(node.config.secret, b"tac-secret")
+        self.assertEqual(node.config.peers, {})
