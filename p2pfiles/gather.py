@@ -188,7 +188,8 @@ class IndexKeeper:
         """
         if self.epoch is None:
             return
-        for member in self.index.nodes():
+        # A member still being gathered can leave too: cancel its gather.
+        for member in sorted(set(self.index.nodes()) | set(self._pending)):
             if member != self.me and member not in live:
                 self.memberGone(member)
         for member, address in live.items():
