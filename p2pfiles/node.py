@@ -254,7 +254,6 @@ class Node(MultiService):
                     epoch=self.election.epoch,
                     entries=part,
                     removed=removed if i == 0 else [],
-                    full=False,
                 ),
             )
 

@@ -204,7 +204,6 @@ SCHEMAS: Dict[str, Dict[str, Checker]] = {
         "epoch": _nonNegative,
         "entries": _entries,
         "removed": _strings,
-        "full": _bool,
     },
     # Requests from clients (and from nodes acting as clients).
     "status": {"watch": _bool},

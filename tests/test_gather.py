@@ -128,7 +128,7 @@ class KeeperTestCase(SynchronousTestCase):
         self.keeper.updateReceived(
             member,
             ADDRESSES[member],
-            onWire(Message("index-update", epoch=epoch, entries=list(changed), removed=list(removed), full=False)),
+            onWire(Message("index-update", epoch=epoch, entries=list(changed), removed=list(removed))),
         )
 
     def files(self, node: int) -> List[FileEntry]:

@@ -947,7 +947,7 @@ def garbage(rng: random.Random) -> bytes:
                 Message("stale", epoch=rng.randrange(0, 10), leader=rng.choice([None, 0, 2])),
                 Message("index-request", epoch=rng.randrange(0, 10), request=rng.randrange(0, 3)),
                 Message("index-chunk", epoch=rng.randrange(0, 10), request=rng.randrange(0, 3), entries=[], last=rng.random() < 0.5),
-                Message("index-update", epoch=rng.randrange(0, 10), entries=[], removed=["a"], full=False),
+                Message("index-update", epoch=rng.randrange(0, 10), entries=[], removed=["a"]),
             ]
         )
     )

@@ -52,7 +52,7 @@ def entryDict(**overrides: object) -> dict:
 
 def indexUpdate(*entries: object) -> bytes:
     return frame(
-        {"type": "index-update", "epoch": 1, "entries": list(entries), "removed": [], "full": False}
+        {"type": "index-update", "epoch": 1, "entries": list(entries), "removed": []}
     )
 
 
@@ -66,7 +66,7 @@ EXAMPLES = {
     "stale": dict(epoch=3, leader=None),
     "index-request": dict(epoch=3, request=9),
     "index-chunk": dict(epoch=3, request=9, entries=[FileEntry("a", 1, 2.5, SHA)], last=True),
-    "index-update": dict(epoch=3, entries=[FileEntry("b", 0, 0.0, SHA)], removed=["c"], full=False),
+    "index-update": dict(epoch=3, entries=[FileEntry("b", 0, 0.0, SHA)], removed=["c"]),
     "status": dict(watch=False),
     "state": dict(status={"leader": 1, "members": [1, 2], "epoch": 3}),
     "ls": dict(),
@@ -134,7 +134,6 @@ FIELDS = {
         "epoch": ids,
         "entries": entryLists,
         "removed": st.lists(texts, max_size=5),
-        "full": bools,
     },
     "status": {"watch": bools},
     "state": {"status": jsonObjects},
@@ -520,8 +519,8 @@ class DecodeRejectsTests(SynchronousTestCase):
             {"type": "fetch", "name": None, "overwrite": False},
             {"type": "state", "status": []},
             {"type": "listing", "files": {}, "last": True},
-            {"type": "index-update", "epoch": 1, "entries": {}, "removed": [], "full": True},
-            {"type": "index-update", "epoch": 1, "entries": [], "removed": [1], "full": True},
+            {"type": "index-update", "epoch": 1, "entries": {}, "removed": []},
+            {"type": "index-update", "epoch": 1, "entries": [], "removed": [1]},
             {"type": "heartbeat", "node": 1, "epoch": 1, "leader": None, "members": [[1, "h"]]},
             {"type": "heartbeat", "node": 1, "epoch": 1, "leader": None, "members": [{"id": 1}]},
             {"type": "hello", "version": 1, "role": "node", "node": 1, "nonce": "n",
