@@ -46,16 +46,26 @@ _REFUSALS = {
 }
 
 
+# Exit codes -> the refusal code a node sends for them.
+_EXIT_REFUSALS = {
+    EXIT_AUTH: "auth",
+    EXIT_NOT_FOUND: "not-found",
+    EXIT_NO_LEADER: "no-leader",
+    EXIT_REFUSED: "conflict",
+    EXIT_TIMEOUT: "timeout",
+    EXIT_VERIFY: "verify",
+    EXIT_UNREACHABLE: "unavailable",
+    EXIT_LOCAL: "io",
+}
+
+
 def refusalFor(exitCode: int) -> str:
     """
-    The refusal code a node sends for a failure with C{exitCode} (the
-    inverse of L{_REFUSALS}), so a client of a node that fetches sees the
-    same error it would have seen fetching itself.
+    The refusal code a node sends for a failure with C{exitCode}, so that a
+    client of a node that fetches sees the error it would have seen
+    fetching itself.
     """
-    for code, exit in _REFUSALS.items():
-        if exit == exitCode:
-            return code
-    return "transfer"
+    return _EXIT_REFUSALS.get(exitCode, "transfer")
 
 
 class ClientError(Exception):

@@ -245,15 +245,16 @@ class Node(MultiService):
             return
         # Followers send only changes, tagged with the epoch; a change lost
         # in an election is covered by the new leader's full gather.
-        parts = chunked(changed) if changed else [[]]
-        for i, part in enumerate(parts):
+        parts = chunked(changed)
+        gone = chunked(removed)
+        for i in range(max(len(parts), len(gone))):
             self.sendTo(
                 leader,
                 Message(
                     "index-update",
                     epoch=self.election.epoch,
-                    entries=part,
-                    removed=removed if i == 0 else [],
+                    entries=parts[i] if i < len(parts) else [],
+                    removed=gone[i] if i < len(gone) else [],
                 ),
             )
 
@@ -341,6 +342,12 @@ class Node(MultiService):
         handler = getattr(self, "request_" + message.type.replace("-", "_"), None)
         if handler is None:
             raise ProtocolViolation(f"unexpected {message.type} message")
+        if message.type != "error":
+            if self._isControl(connection):
+                raise ProtocolViolation(f"{message.type} is not accepted on a control link")
+            if connection in self._transfers:
+                # Its bytes are on the wire: a reply now would land in them.
+                raise ProtocolViolation(f"{message.type} sent during a transfer")
         handler(connection, message)
 
     def rawDataReceived(self, connection: P2PProtocol, data: bytes) -> None:
@@ -454,8 +461,8 @@ class Node(MultiService):
         return True
 
     def request_get(self, connection: P2PProtocol, message: Message) -> None:
-        if connection in self._transfers:
-            raise ProtocolViolation("request sent during a transfer")
+        if connection in self._watchers:
+            raise ProtocolViolation("get on a connection that is watching status")
         name = message.name
         if not self._checkName(connection, name):
             return
@@ -466,7 +473,8 @@ class Node(MultiService):
             self._serveLocal(connection, entry, message.offset)
             return
         if not self.isLeader():
-            if connection.peer.role == "node":
+            if connection.peer.role == "node" and connection.peer.node == self.election.leader:
+                # Our leader relaying from us: it should look elsewhere.
                 connection.sendError("not-found", f"not found: {name} (node {self.id} does not have it)")
             else:
                 self._redirect(connection)

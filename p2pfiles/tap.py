@@ -14,7 +14,7 @@ from twisted.python.filepath import FilePath
 
 from p2pfiles.auth import SecretError, readSecret
 from p2pfiles.address import formatAddress, parseAddress
-from p2pfiles.node import Node, NodeConfig
+from p2pfiles.node import EpochStore, Node, NodeConfig
 from p2pfiles.protocol import P2PFactory
 
 
@@ -154,6 +154,10 @@ class Options(usage.Options):
         for name in ("share", "state"):
             if self[name] is None:
                 self[name] = f"node{node}/{'files' if name == 'share' else 'state'}"
+        try:
+            EpochStore(FilePath(self["state"])).load()
+        except (OSError, ValueError) as e:
+            raise usage.UsageError(f"cannot use --state {self['state']}: {e}") from None
 
     def nodeConfig(self, port: Optional[int] = None) -> NodeConfig:
         port = self["port"] if port is None else port

@@ -479,9 +479,12 @@ async def download(
                 restarted = True
                 sink.restart()
                 continue
-            if e.code in FINAL_EXITS:
+            if e.code in FINAL_EXITS and not (e.code == EXIT_NOT_FOUND and expected is not None):
                 _giveUp(sink)
                 raise
+            # A file we were already receiving can be "not found" for a
+            # moment after an election, until the new leader has gathered
+            # its holders: keep trying within the resume window.
             attempt, giveUpAt = await _pause(reactor, attempt, giveUpAt, resumeFor, e, sink)
             continue
         if header.type != "file" or header.name != name:

@@ -885,6 +885,74 @@ class RequestTests(SynchronousTestCase):
         self.assertEqual([code for code, _ in client.errors()], ["not-found"])
 
 
+class RequestRoutingTests(SynchronousTestCase):
+    """
+    Which requests a node answers, and on which connections.
+    """
+
+    def follower(self, files: Optional[Dict[str, bytes]] = None) -> Harness:
+        harness = Harness(self, node=2, peers={1: address(1)}, files=files).start()
+        harness.peer(1).send(heartbeat(1, 1, 1, [(1, address(1)), (2, address(2))]))
+        return harness
+
+    def test_leaderRelayMissesElsewhere(self) -> None:
+        """
+        The leader asking a follower for a file the follower lacks is told
+        C{not-found}, so that its relay tries another holder.
+        """
+        harness = self.follower()
+        relay = harness.peer(1, "request")
+        relay.send(Message("get", name="a.png", offset=0, sha256=None))
+        self.assertEqual([code for code, _ in relay.errors()], ["not-found"])
+
+    def test_otherNodeRedirected(self) -> None:
+        """
+        Another node (one fetching a file, say) asking a follower that lacks
+        the file is pointed at the leader, like a client: after an election
+        its resume finds the new leader this way.
+        """
+        harness = self.follower()
+        fetching = harness.peer(3, "request")
+        fetching.send(Message("get", name="a.png", offset=0, sha256=None))
+        self.assertEqual(fetching.handler.messages, [Message("redirect", leader=1, address=address(1))])
+
+    def test_requestOnControlLinkRefused(self) -> None:
+        """
+        Requests belong on request connections: one on a control link drops
+        that link with the reason.
+        """
+        harness = self.follower()
+        control = harness.peer(3)
+        control.send(Message("ls"))
+        self.assertTrue(control.isClosed)
+        self.assertTrue(any("not accepted on a control link" in line for line in harness.drops()))
+
+    def test_requestDuringTransferRefused(self) -> None:
+        """
+        While a file's bytes are being sent on a connection, any request on
+        it is a protocol violation (a reply would land inside the file): the
+        connection is dropped.
+        """
+        harness = Harness(self, node=1, files={"big.bin": b"x" * (1 << 20)}).start()
+        client = harness.client()
+        client.serverTransport.pauseProducing()
+        client.client.sendMessage(Message("get", name="big.bin", offset=0, sha256=None))
+        client.client.sendMessage(Message("status", watch=False))
+        client.pump.flush()
+        self.assertTrue(client.isClosed)
+        self.assertTrue(any("sent during a transfer" in line for line in harness.drops()))
+
+    def test_getOnWatchingConnectionRefused(self) -> None:
+        """
+        A connection that watches status gets pushed C{state} frames at any
+        time, so it cannot also carry a file: C{get} on it is refused.
+        """
+        harness = Harness(self, node=1, files={"a.txt": b"a"}).start()
+        client = harness.client()
+        client.send(Message("status", watch=True), Message("get", name="a.txt", offset=0, sha256=None))
+        self.assertTrue(client.isClosed)
+
+
 def randomValue(rng: random.Random) -> Any:
     return rng.choice(
         [None, 0, 1, 2, -1, 2**70, 1.5, float("1e308"), "", "x", "../etc/passwd", "a\nb", True, False,

@@ -423,6 +423,17 @@ class DirectoryAndTimingTests(OptionsTestCase):
         for bad in ("127.1.2.3", "127.1.2.3:", ":7001", "127.1.2.3:0", "127.1.2.3:99999", "host:port"):
             self.assertIn("--advertise", self.assertUsageError("--id", "1", "--advertise", bad))
 
+    def test_corruptEpochFile(self) -> None:
+        """
+        A state directory whose C{epoch} file is not a number is refused at
+        start with a one-line reason naming it, not a traceback.
+        """
+        state = FilePath(self.mktemp())
+        state.makedirs()
+        state.child("epoch").setContent(b"garbage\n")
+        message = self.assertUsageError("--id", "1", "--state", state.path)
+        self.assertIn("does not hold an epoch number", message)
+
     def test_leaderTimeoutCoversTwoHeartbeats(self) -> None:
         """
         A leader timeout shorter than two heartbeats would mark live members

@@ -1212,6 +1212,27 @@ class DownloadTests(SynchronousTestCase):
         self.assertEqual(len(self.leader.asks), 1)
         self.assertFalse(self.final.exists())
 
+    def test_notFoundDuringResumeIsRetried(self) -> None:
+        """
+        Once the file is known to exist (its first header arrived), a "not
+        found" while resuming is the new leader not having gathered its
+        holders yet: it is retried within the resume window.
+        """
+        self.leader.script = [
+            fileHeader(0),
+            ClientError.fromRefusal("not-found", f"not found: {NAME}"),
+            fileHeader(2000),
+        ]
+        d = self.start()
+        feed(self.leader.connections[0], CONTENT[:2000])
+        lose(self.leader.connections[0])
+        for _ in range(10):
+            self.clock.advance(0.1)
+        self.assertEqual(self.offsetsAsked(), [("n1:7000", 0), ("n2:7000", 2000), ("n3:7000", 2000)])
+        feed(self.leader.connections[-1], CONTENT[2000:])
+        self.successResultOf(d)
+        self.assertEqual(self.final.getContent(), CONTENT)
+
     def test_notFoundLeavesNoEmptyPart(self) -> None:
         """
         A download refused before any byte arrived leaves no trace in the
