@@ -87,7 +87,13 @@ class Options(usage.Options):
     optParameters = [
         ["id", None, None, "This node's id: a non-negative integer, unique in the cluster (required).", int],
         ["port", None, None, "TCP port to listen on (default 9000+id).", int],
-        ["interface", None, "127.0.0.1", "Address to listen on. A non-loopback address needs --secret-file."],
+        [
+            "interface",
+            None,
+            None,
+            "Address to listen on (default: the host of this node's --cluster line, else 127.0.0.1). "
+            "A non-loopback address needs --secret-file.",
+        ],
         ["advertise", None, None, "HOST:PORT other nodes use to reach this one (default INTERFACE:PORT)."],
         ["cluster", None, None, "File listing the cluster: one 'ID HOST:PORT' a line, '#' comments."],
         ["share", None, None, "Directory whose files this node shares (default node<ID>/files)."],
@@ -121,9 +127,18 @@ class Options(usage.Options):
         if self["cluster"] is not None:
             peers = parseCluster(self["cluster"])
             own = peers.pop(node, None)
-            if self["port"] is None and own is not None:
-                self["port"] = parseAddress(own)[1]
+            if own is not None:
+                # The node's own line says where the others expect it.
+                host, port = parseAddress(own)
+                if self["port"] is None:
+                    self["port"] = port
+                if self["interface"] is None:
+                    self["interface"] = host
+                if self["advertise"] is None and self["port"] == port:
+                    self["advertise"] = own
             self["peers"] = peers
+        if self["interface"] is None:
+            self["interface"] = "127.0.0.1"
         if node in self["peers"]:
             raise usage.UsageError(f"--peer names this node's own id {node}")
         if self["port"] is None:

@@ -233,6 +233,20 @@ class ClusterFileTests(OptionsTestCase):
         b"# 4 127.0.0.1:9104\n"
     )
 
+    def test_ownLineGivesListeningAddress(self) -> None:
+        """
+        The node's own line in the cluster file says where the others will
+        look for it: it listens on that host and port and advertises that
+        address, unless told otherwise.
+        """
+        cluster = FilePath(self.mktemp())
+        cluster.setContent(b"1 127.0.0.5:7101\n2 127.0.0.6:7102\n")
+        options = parse("--id", "1", "--cluster", cluster.path)
+        self.assertEqual((options["interface"], options["port"]), ("127.0.0.5", 7101))
+        self.assertEqual(options.nodeConfig().address, "127.0.0.5:7101")
+        options = parse("--id", "1", "--cluster", cluster.path, "--interface", "127.0.0.1", "--port", "7200")
+        self.assertEqual(options.nodeConfig().address, "127.0.0.1:7200")
+
     def test_ownLineSkippedAndGivesPort(self) -> None:
         """
         Comments and blank lines are ignored; the node's own line is not a
