@@ -11,6 +11,7 @@ dropped when it leaves.
 """
 
 import itertools
+from functools import partial
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
@@ -203,7 +204,13 @@ class IndexKeeper:
             return
         self._writtenVersion = self.index.version
         epoch, index = self.epoch, self.index
-        self.writer.changed(lambda: renderLog(index, self.me, epoch, self.clock.seconds()))
+
+        def render() -> Callable[[], bytes]:
+            # Copy now, on the reactor; build the text in the writer's thread
+            # (tens of thousands of lines would stall heartbeats here).
+            return partial(renderLog, index.snapshot(), self.me, epoch, self.clock.seconds())
+
+        self.writer.changed(render)
 
     def stop(self) -> Deferred:
         self._cancelPending()

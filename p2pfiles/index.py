@@ -15,7 +15,7 @@ the reactor.  Time and threads are handed in by the node service.
 import json
 import re
 from datetime import datetime, timezone
-from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -142,6 +142,18 @@ class ClusterIndex:
             row["holders"].append(node)
         return [groups[key] for key in sorted(groups)]
 
+    def snapshot(self) -> "ClusterIndex":
+        """
+        A copy that later changes to this index do not touch: cheap to take
+        on the reactor thread, safe to render in another.
+        """
+        copy = ClusterIndex()
+        copy._files = {node: dict(files) for node, files in self._files.items()}
+        copy._addresses = dict(self._addresses)
+        copy._byName = {name: set(nodes) for name, nodes in self._byName.items()}
+        copy.version = self.version
+        return copy
+
     def entries(self) -> List[Holder]:
         """
         Every C{(node, address, entry)}, sorted by name then node.
@@ -255,6 +267,12 @@ def parseLog(data: bytes) -> Tuple[dict, List[dict]]:
     return header, rows
 
 
+def _buildAndWrite(path: FilePath, data: Any) -> None:
+    if callable(data):
+        data = data()
+    atomicWrite(path, data)
+
+
 class LogWriter:
     """
     Keep C{peer_files.log} current without writing it once per update.
@@ -286,9 +304,14 @@ class LogWriter:
         self._stopped = False
         self.writes = 0
 
-    def changed(self, render: Callable[[], bytes]) -> None:
+    def changed(self, render: Callable[[], Any]) -> None:
         """
         Something in the index changed: write the output of C{render} soon.
+
+        C{render} is called on the reactor thread when the write starts.  It
+        returns the bytes to write, or, for output that is slow to build, a
+        callable that builds them, which then runs in the writer's thread
+        with the write itself.
         """
         if self._stopped:
             return
@@ -335,7 +358,7 @@ class LogWriter:
         except Exception:
             self.log.failure("could not render {path}", path=self._path.path)
             return succeed(None)
-        writing = maybeDeferred(self._runInThread, atomicWrite, self._path, data)
+        writing = maybeDeferred(self._runInThread, _buildAndWrite, self._path, data)
         self._writing = writing
         writing.addCallbacks(self._succeeded, self._failed)
         writing.addCallback(self._written)

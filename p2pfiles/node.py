@@ -30,7 +30,7 @@ from p2pfiles.protocol import LocalIdentity, P2PFactory, P2PProtocol, ProtocolVi
 from p2pfiles.client import EXIT_NO_LEADER, EXIT_REFUSED, ClientError, askLeader, connect, refusalFor
 from p2pfiles.names import nameProblem
 from p2pfiles.transfer import FileProducer, PartialFile, Relay, TransferError, download, openForServing
-from p2pfiles.wire import FileEntry, Message, chunked
+from p2pfiles.wire import FileEntry, Message, chunked, encode
 
 # Reconnection to a peer: start fast, never wait much more than a second, so
 # that a restarted peer is seen quickly.
@@ -361,8 +361,15 @@ class Node(MultiService):
             raise ProtocolViolation(f"heartbeat names node {message.node} on node {sender}'s link")
         for member, address in message.members:
             self._learn(member, address)
+        before = self._electionView(sender)
         self._apply(self.election.heartbeatReceived(sender, message.epoch, message.leader))
-        self._changed()
+        # Most heartbeats change nothing; the tick catches what time changes.
+        if self._electionView(sender) != before:
+            self._changed()
+
+    def _electionView(self, member: int) -> Tuple[Any, ...]:
+        election = self.election
+        return (election.role, election.leader, election.epoch, election.isLive(member))
 
     def _control_stale(self, sender: int, connection: P2PProtocol, message: Message) -> None:
         self._apply(self.election.staleReceived(sender, message.epoch, message.leader))
@@ -712,9 +719,12 @@ class Node(MultiService):
         )
 
     def _broadcastHeartbeat(self) -> None:
-        heartbeat = self._heartbeat()
-        for member in self.members:
-            self.sendTo(member, heartbeat)
+        # Encoded once for every member: this runs each tick on each link.
+        heartbeat = encode(self._heartbeat())
+        for member in self.members.values():
+            link = member.link()
+            if link is not None:
+                link.sendEncoded(heartbeat)
 
     def _tick(self) -> None:
         now = self.reactor.seconds()

@@ -30,6 +30,9 @@ from p2pfiles.wire import PROTOCOL_VERSION, Message, WireError, decode, encode
 # How long a connection may take to finish the handshake before it is dropped.
 HANDSHAKE_TIMEOUT = 5.0
 
+# How much a connection reads at once while receiving a raw section.
+RAW_READ_SIZE = 256 * 1024
+
 ROLES = ("node", "client")
 PURPOSES = ("control", "request")
 
@@ -216,9 +219,16 @@ class P2PProtocol(Int32StringReceiver):
     # Sending.
 
     def sendMessage(self, message: Message) -> None:
+        self.sendEncoded(encode(message))
+
+    def sendEncoded(self, payload: bytes) -> None:
+        """
+        Send a frame payload already made by L{encode}: one encoding can go
+        to many connections.
+        """
         if self._closed:
             return
-        self.sendString(encode(message))
+        self.sendString(payload)
 
     def sendError(self, code: str, reason: str) -> None:
         self.sendMessage(Message("error", code=code, reason=reason))
@@ -249,6 +259,10 @@ class P2PProtocol(Int32StringReceiver):
         """
         The next C{length} bytes are raw file bytes, not frames.
         """
+        if length > RAW_READ_SIZE and getattr(self.transport, "bufferSize", RAW_READ_SIZE) < RAW_READ_SIZE:
+            # Fewer, larger reads for bulk bytes: per-read overhead is a
+            # good share of a receiver's CPU at Twisted's default 64 KiB.
+            self.transport.bufferSize = RAW_READ_SIZE
         if length == 0:
             self._toHandler(self.handler.rawDataFinished)
         else:

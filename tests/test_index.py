@@ -141,6 +141,28 @@ class ClusterIndexTests(SynchronousTestCase):
         self.assertEqual(list(index.listing()[0]), ["name", "size", "sha256", "holders"])
 
 
+class SnapshotTests(SynchronousTestCase):
+    """
+    L{ClusterIndex.snapshot} is a copy that later changes do not reach.
+    """
+
+    def test_independent(self) -> None:
+        """
+        Changes to the index after a snapshot leave the snapshot as it was,
+        and the snapshot renders the same log the index did when taken.
+        """
+        index = ClusterIndex()
+        index.replaceNode(1, "127.0.0.1:9001", [entry("a"), entry("b")])
+        index.replaceNode(2, "127.0.0.1:9002", [entry("a")])
+        before = renderLog(index, 1, 3, 100.0)
+        copy = index.snapshot()
+        index.applyChanges(1, "127.0.0.1:9001", [entry("c")], ["a"])
+        index.removeNode(2)
+        self.assertEqual(renderLog(copy, 1, 3, 100.0), before)
+        self.assertEqual([h[0] for h in copy.holders("a")], [1, 2])
+        self.assertEqual(index.holders("a"), [])
+
+
 class RenderLogTests(SynchronousTestCase):
     """
     Tests for L{renderLog} and L{parseLog}: the C{peer_files.log} contract.
@@ -280,6 +302,27 @@ class LogWriterTests(SynchronousTestCase):
     def writer(self, runInThread=syncThread) -> LogWriter:
         writer = LogWriter(self.path, self.clock, runInThread, minInterval=0.25)
         return writer
+
+    def test_slowRenderingRunsInTheThread(self) -> None:
+        """
+        A render that returns a callable has that callable run by
+        C{runInThread}, with the write, not on the reactor thread.
+        """
+        calls = []
+
+        def runInThread(f, *args):
+            calls.append("thread")
+            return syncThread(f, *args)
+
+        def build() -> bytes:
+            calls.append("build")
+            return b"built\n"
+
+        writer = self.writer(runInThread)
+        writer.changed(lambda: build)
+        self.clock.advance(0.25)
+        self.assertEqual(calls, ["thread", "build"])
+        self.assertEqual(self.path.getContent(), b"built\n")
 
     def test_coalesced(self) -> None:
         """
