@@ -16,7 +16,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeout
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
@@ -26,6 +26,10 @@ from p2pfiles.wire import FileEntry, Message
 
 # How long a member may take to send its whole index before it is asked again.
 GATHER_TIMEOUT = 10.0
+
+# How long a new leader holds back its first peer_files.log while the gather
+# is under way: a complete first log soon beats a partial one at once.
+FIRST_WRITE_HOLD = 1.0
 
 
 class IndexKeeper:
@@ -60,6 +64,7 @@ class IndexKeeper:
         # member -> (request id, entries so far, Deferred)
         self._pending: Dict[int, Tuple[int, List[FileEntry], Deferred]] = {}
         self._writtenVersion = -1
+        self._hold: Optional[IDelayedCall] = None
 
     # Leadership.
 
@@ -72,12 +77,31 @@ class IndexKeeper:
         self._cancelPending()
         self.epoch = epoch
         self._freshIndex()
+        self._cancelHold()
+        self._hold = self.clock.callLater(FIRST_WRITE_HOLD, self._release)
         self.index.replaceNode(self.me, self.address, ownEntries)
-        self._changed()
         ds = [self.gather(member, address) for member, address in sorted(members.items())]
-        return gatherResults(ds, consumeErrors=True).addCallback(
-            lambda results: sorted(m for m in results if m is not None)
-        )
+
+        def gathered(results: List[Optional[int]]) -> List[int]:
+            if self.epoch == epoch:
+                self._release()
+            return sorted(m for m in results if m is not None)
+
+        return gatherResults(ds, consumeErrors=True).addCallback(gathered)
+
+    def _release(self) -> None:
+        """
+        End the hold on the first log of this leadership and write it now.
+        """
+        self._cancelHold()
+        if self.epoch is not None:
+            self._changed()
+            self.writer.flush()
+
+    def _cancelHold(self) -> None:
+        if self._hold is not None and self._hold.active():
+            self._hold.cancel()
+        self._hold = None
 
     def resign(self) -> None:
         """
@@ -87,6 +111,7 @@ class IndexKeeper:
             self.log.info("no longer keeping the index of epoch {epoch}", epoch=self.epoch)
         self.epoch = None
         self._cancelPending()
+        self._cancelHold()
         self._freshIndex()
 
     def _freshIndex(self) -> None:
@@ -200,7 +225,7 @@ class IndexKeeper:
     # The log.
 
     def _changed(self) -> None:
-        if self.epoch is None or self.index.version == self._writtenVersion:
+        if self.epoch is None or self._hold is not None or self.index.version == self._writtenVersion:
             return
         self._writtenVersion = self.index.version
         epoch, index = self.epoch, self.index
@@ -214,6 +239,7 @@ class IndexKeeper:
 
     def stop(self) -> Deferred:
         self._cancelPending()
+        self._cancelHold()
         return self.writer.flush().addCallback(lambda _: self.writer.stop())
 
     def _cancelPending(self, member: Optional[int] = None) -> None:

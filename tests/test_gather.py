@@ -17,7 +17,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2pfiles.gather import GATHER_TIMEOUT, IndexKeeper
+from p2pfiles.gather import FIRST_WRITE_HOLD, GATHER_TIMEOUT, IndexKeeper
 from p2pfiles.index import parseLog
 from p2pfiles.wire import FileEntry, Message, chunked, decode, encode
 
@@ -333,16 +333,19 @@ class TimeoutTests(KeeperTestCase):
 
     def test_slowMemberDoesNotHoldUpOthers(self) -> None:
         """
-        While one member stays silent, the others' files are in the index
-        and in the log well before the timeout; C{lead}'s Deferred fires at
-        the timeout with only the members that answered, and the silent one
-        is no longer being gathered.
+        While one member stays silent, the others' files are in the index at
+        once and in the log when the first-write hold ends, well before the
+        timeout; C{lead}'s Deferred fires at the timeout with only the
+        members that answered, and the silent one is no longer being
+        gathered.
         """
         d = self.keeper.lead(6, [entry("own")], members(2, 3, 4))
         self.answer(2, [entry("two")])
         self.answer(4, [entry("four")])
         self.assertEqual(self.keeper.index.nodes(), [ME, 2, 4])
-        self.clock.advance(MIN_INTERVAL)
+        self.clock.advance(FIRST_WRITE_HOLD - 0.001)
+        self.assertFalse(self.logPath.exists())
+        self.clock.advance(0.001)
         header, rows = self.readLog()
         self.assertEqual(header["nodes"], 3)
         self.assertEqual(self.logged(rows), [(4, "four"), (ME, "own"), (2, "two")])
@@ -350,7 +353,7 @@ class TimeoutTests(KeeperTestCase):
         self.assertTrue(self.keeper.isGathering(3))
 
         with capturedLogs() as events:
-            self.clock.advance(TIMEOUT - MIN_INTERVAL - 0.001)
+            self.clock.advance(TIMEOUT - FIRST_WRITE_HOLD - 0.001)
             self.assertNoResult(d)
             self.clock.advance(0.001)
         self.assertEqual(self.successResultOf(d), [2, 4])
@@ -429,8 +432,10 @@ class NoLinkTests(KeeperTestCase):
         d = self.keeper.gather(3, ADDRESSES[3])
         self.assertIsNone(self.successResultOf(d))
         self.assertFalse(self.keeper.isGathering(3))
-        # Only the log write of lead() is scheduled.
-        self.assertEqual([c.getTime() for c in self.clock.getDelayedCalls()], [MIN_INTERVAL])
+        # lead() with no members to gather wrote its log at once; the
+        # failed gather scheduled nothing.
+        self.assertTrue(self.logPath.exists())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_leadNotHeldUp(self) -> None:
         """
@@ -494,7 +499,8 @@ class UpdateTests(KeeperTestCase):
         self.update(2, 5, [entry("edit", "e", size=99), entry("new")], ["gone", "never-had"])
         self.assertEqual(self.files(2), [entry("edit", "e", size=99), entry("keep"), entry("new")])
         self.assertEqual(self.keeper.index.holders("gone"), [])
-        self.clock.advance(MIN_INTERVAL)
+        # Member 3 has not answered: the first log waits for the hold.
+        self.clock.advance(FIRST_WRITE_HOLD)
         _, rows = self.readLog()
         self.assertEqual(
             self.logged(rows), [(2, "edit"), (2, "keep"), (2, "new"), (ME, "own")]
@@ -667,14 +673,15 @@ class ResignTests(KeeperTestCase):
         self.keeper.lead(5, [entry("own")], members(2, 3))
         self.answer(2, [entry("two")])
         self.answer(3, [entry("three")])
+        self.assertEqual(self.keeper.writer.writes, 1)
+        self.update(3, 5, [entry("more")])
         self.keeper.resign()
-        self.assertFalse(self.logPath.exists())
         self.clock.advance(MIN_INTERVAL)
         header, rows = self.readLog()
         self.assertEqual((header["leader"], header["epoch"]), (ME, 5))
-        self.assertEqual((header["nodes"], header["files"]), (3, 3))
-        self.assertEqual(self.logged(rows), [(ME, "own"), (3, "three"), (2, "two")])
-        self.assertEqual(self.keeper.writer.writes, 1)
+        self.assertEqual((header["nodes"], header["files"]), (3, 4))
+        self.assertEqual(self.logged(rows), [(3, "more"), (ME, "own"), (3, "three"), (2, "two")])
+        self.assertEqual(self.keeper.writer.writes, 2)
 
     def test_ignoresAfterResign(self) -> None:
         """
@@ -705,22 +712,22 @@ class LogTests(KeeperTestCase):
 
     def test_logAfterGather(self) -> None:
         """
-        Once members are gathered, the log is written C{minInterval} later:
-        its header names the leader, the epoch, the node and file counts,
-        and its rows list the leader's own files beside the members'.
+        A new leader writes no partial first log: it writes the log as soon
+        as the last member is gathered.  Its header names the leader, the
+        epoch, the node and file counts, and its rows list the leader's own
+        files beside the members'.
         """
         self.keeper.lead(9, [entry("mine", "c", size=3)], members(2, 3))
         self.answer(2, [entry("a"), entry("b")])
-        self.answer(3, [])
-        self.clock.advance(MIN_INTERVAL - 0.001)
+        self.clock.advance(0.5)
         self.assertFalse(self.logPath.exists())
-        self.clock.advance(0.001)
+        self.answer(3, [])
         header, rows = self.readLog()
         self.assertEqual(header["leader"], ME)
         self.assertEqual(header["epoch"], 9)
         self.assertEqual(header["nodes"], 3)
         self.assertEqual(header["files"], 3)
-        self.assertEqual(header["time"], MIN_INTERVAL)
+        self.assertEqual(header["time"], 0.5)
         self.assertEqual(
             rows,
             [
@@ -732,15 +739,18 @@ class LogTests(KeeperTestCase):
 
     def test_burstIsOneWrite(self) -> None:
         """
-        The request, every answer and a change arriving within C{minInterval}
-        cost one write, which shows the latest state.
+        After the first log, changes arriving within C{minInterval} cost one
+        write, which shows the latest state.
         """
         self.keeper.lead(9, [entry("mine")], members(2, 3))
         self.answer(2, [entry("a")])
         self.answer(3, [entry("b")])
-        self.update(2, 9, [entry("c")])
-        self.clock.advance(MIN_INTERVAL)
         self.assertEqual(self.keeper.writer.writes, 1)
+        self.update(2, 9, [entry("c")])
+        self.update(3, 9, [], ["b"])
+        self.update(3, 9, [entry("b")])
+        self.clock.advance(MIN_INTERVAL)
+        self.assertEqual(self.keeper.writer.writes, 2)
         _, rows = self.readLog()
         self.assertEqual(self.logged(rows), [(2, "a"), (3, "b"), (2, "c"), (ME, "mine")])
 
@@ -786,7 +796,7 @@ class NewEpochTests(KeeperTestCase):
         self.update(3, 1, [entry("old-change")])
         self.assertFalse(self.keeper.index.hasNode(3))
 
-        self.clock.advance(MIN_INTERVAL)
+        self.clock.advance(FIRST_WRITE_HOLD)
         header, rows = self.readLog()
         self.assertEqual((header["epoch"], header["nodes"]), (2, 1))
         self.assertEqual(self.logged(rows), [(ME, "own2")])
@@ -824,8 +834,10 @@ class StopTests(KeeperTestCase):
         clock, and leaves no timer behind.
         """
         self.keeper.lead(3, [entry("own")], members(2))
-        self.answer(2, [entry("two")])
-        self.assertFalse(self.logPath.exists())
+        self.answer(2, [])
+        self.update(2, 3, [entry("two")])
+        _, rows = self.readLog()
+        self.assertEqual(self.logged(rows), [(ME, "own")])
         self.stopKeeper()
         header, rows = self.readLog()
         self.assertEqual((header["epoch"], header["nodes"]), (3, 2))
