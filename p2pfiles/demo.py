@@ -76,6 +76,22 @@ def makePNG(width: int = 1000, height: int = 1000, seed: int = 12241300) -> byte
     )
 
 
+def freePorts(count: int) -> List[int]:
+    """
+    C{count} ports that were free on 127.0.0.1 a moment ago.
+    """
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def portsFor(count: int, preferred: List[int]) -> List[int]:
     """
     The preferred ports if all are free, else free ones.
@@ -91,16 +107,7 @@ def portsFor(count: int, preferred: List[int]) -> List[int]:
 
     if all(free(p) for p in preferred):
         return preferred
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+    return freePorts(count)
 
 
 def sha256Of(path: str) -> str:

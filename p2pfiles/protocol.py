@@ -171,18 +171,7 @@ class P2PProtocol(Int32StringReceiver):
             self.factory.protocols.add(self)
         self._timeout = self.clock.callLater(HANDSHAKE_TIMEOUT, self._handshakeTimedOut)
         if not self.listening:
-            self.sendMessage(
-                Message(
-                    "hello",
-                    version=PROTOCOL_VERSION,
-                    role=self.identity.role,
-                    node=self.identity.node,
-                    nonce=self._nonce,
-                    address=self.identity.address,
-                    proof=None,
-                    purpose=self.identity.purpose,
-                )
-            )
+            self._sendHello(proof=None, purpose=self.identity.purpose)
 
     def connectionLost(self, reason: Failure = None) -> None:
         self._closed = True
@@ -357,6 +346,20 @@ class P2PProtocol(Int32StringReceiver):
         elif expected == "ready":
             self._readyReceived(message)
 
+    def _sendHello(self, proof: Optional[str], purpose: str) -> None:
+        self.sendMessage(
+            Message(
+                "hello",
+                version=PROTOCOL_VERSION,
+                role=self.identity.role,
+                node=self.identity.node,
+                nonce=self._nonce,
+                address=self.identity.address,
+                proof=proof,
+                purpose=purpose,
+            )
+        )
+
     def _checkHello(self, hello: Message) -> Optional[Tuple[str, str]]:
         """
         Return C{(code, reason)} if C{hello} is unacceptable.
@@ -387,18 +390,8 @@ class P2PProtocol(Int32StringReceiver):
         self._pendingPeer = PeerInfo(hello.role, hello.node, hello.address, hello.purpose)
         secret = self.identity.secret
         if self.listening:
-            self.sendMessage(
-                Message(
-                    "hello",
-                    version=PROTOCOL_VERSION,
-                    role=self.identity.role,
-                    node=self.identity.node,
-                    nonce=self._nonce,
-                    address=self.identity.address,
-                    proof=auth.proof(secret, auth.LISTENER, hello.nonce, self._nonce),
-                    purpose=hello.purpose,
-                )
-            )
+            # The listener answers for the connector's purpose, and proves first.
+            self._sendHello(auth.proof(secret, auth.LISTENER, hello.nonce, self._nonce), hello.purpose)
             self._expecting = "auth"
             return
         # We connected: the listener proves first.

@@ -17,7 +17,7 @@ from twisted.internet.task import deferLater
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
-from p2pfiles.demo import twistdCommand
+from p2pfiles.demo import freePorts, twistdCommand
 from p2pfiles.node import Node, NodeConfig
 from p2pfiles.protocol import LocalIdentity, P2PFactory
 
@@ -171,24 +171,6 @@ def childEnvironment() -> Dict[str, str]:
     env.pop("P2PFILES_NODE", None)
     env.pop("P2PFILES_SECRET_FILE", None)
     return env
-
-
-def freePorts(count: int) -> List[int]:
-    """
-    Ports that were free a moment ago on 127.0.0.1.
-    """
-    import socket
-
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 class NodeProcess:
