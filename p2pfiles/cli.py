@@ -136,6 +136,10 @@ def _print(out: TextIO, text: str) -> None:
 
 async def statusCommand(reactor: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     connection = await connect(reactor, args.node, _secret(args), args.timeout)
+    # Ctrl-C or SIGTERM stops the reactor, which closes the connection: that
+    # is the user leaving, not the node going away.
+    leaving = []
+    trigger = reactor.addSystemEventTrigger("before", "shutdown", leaving.append, True)
     try:
         reply = await bounded(reactor, request(connection, Message("status", watch=args.watch)), args.timeout, args.node)
         last = None
@@ -152,10 +156,14 @@ async def statusCommand(reactor: Any, args: argparse.Namespace, out: TextIO, err
                 return EXIT_OK
             reply = await connection.receive()
     except ClientError as e:
+        if leaving:
+            return EXIT_OK
         if args.watch and e.code == EXIT_UNREACHABLE:
             raise ClientError(f"node {args.node} went away", EXIT_UNREACHABLE) from None
         raise
     finally:
+        if not leaving:
+            reactor.removeSystemEventTrigger(trigger)
         connection.close()
 
 

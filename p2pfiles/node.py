@@ -375,16 +375,25 @@ class Node(MultiService):
         self._apply(self.election.staleReceived(sender, message.epoch, message.leader))
         self._changed()
 
+    def _rejectStale(self, sender: int, epoch: int) -> bool:
+        """
+        If C{epoch} is older than ours, log it, tell C{sender} the current
+        epoch and leader, and return True: the message must not be acted on.
+        """
+        if epoch >= self.election.epoch:
+            return False
+        self.log.info(
+            "rejected message from {sender}: stale epoch {old} < {current}",
+            sender=sender,
+            old=epoch,
+            current=self.election.epoch,
+        )
+        self.sendTo(sender, Message("stale", epoch=self.election.epoch, leader=self.election.leader))
+        return True
+
     def _control_index_request(self, sender: int, connection: P2PProtocol, message: Message) -> None:
         epoch = message.epoch
-        if epoch < self.election.epoch:
-            self.log.info(
-                "rejected message from {sender}: stale epoch {old} < {current}",
-                sender=sender,
-                old=epoch,
-                current=self.election.epoch,
-            )
-            self.sendTo(sender, Message("stale", epoch=self.election.epoch, leader=self.election.leader))
+        if self._rejectStale(sender, epoch):
             return
         if epoch != self.election.epoch or sender != self.election.leader:
             # A claim we have not heard yet: the leader asks again.
@@ -414,6 +423,8 @@ class Node(MultiService):
         self.keeper.chunkReceived(sender, message)
 
     def _control_index_update(self, sender: int, connection: P2PProtocol, message: Message) -> None:
+        if self._rejectStale(sender, message.epoch):
+            return
         self.keeper.updateReceived(sender, self.members[sender].address, message)
 
     def request_error(self, connection: P2PProtocol, message: Message) -> None:

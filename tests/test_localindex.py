@@ -228,24 +228,6 @@ class ListingTests(LocalIndexTestsMixin, SynchronousTestCase):
         self.successResultOf(index.rescan())
         self.assertEqual(len(self.messages()), 2)
 
-    def test_unreadableFileChmod(self) -> None:
-        """
-        A file with mode 000 is skipped with one warning by the real hasher.
-        """
-        locked = self.write("locked", b"data")
-        locked.chmod(0)
-        self.addCleanup(locked.chmod, 0o644)
-        try:
-            locked.open().close()
-        except PermissionError:
-            pass
-        else:
-            raise self.skipTest("mode 000 does not stop us reading (running as root?)")
-        index = self.startIndex()
-        self.successResultOf(index.rescan())
-        self.assertEqual(index.entries, {})
-        self.assertEqual(len(self.messages()), 1)
-
     def test_nonUtf8NameSkipped(self) -> None:
         """
         A name that is not valid UTF-8 is skipped with one warning, however

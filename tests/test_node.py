@@ -597,6 +597,23 @@ class HeartbeatTests(SynchronousTestCase):
         status = harness.node.status()
         self.assertEqual((status["role"], status["leader"], status["epoch"]), ("leader", 1, 6))
 
+    def test_staleIndexUpdateTold(self) -> None:
+        """
+        An index update tagged with an older epoch is not applied; its sender
+        is told the current epoch and leader, and the line is logged.
+        """
+        harness = Harness(self, node=1)
+        harness.config.state.makedirs()
+        harness.config.state.child("epoch").setContent(b"5\n")
+        harness.start()
+        peer = harness.peer(2)
+        peer.send(heartbeat(2, 6, 1))
+        harness.advance(HEARTBEAT)
+        peer.send(Message("index-update", epoch=4, entries=[], removed=["x"]))
+        (stale,) = peer.handler.of("stale")
+        self.assertEqual((stale.epoch, stale.leader), (6, 1))
+        self.assertIn("rejected message from 2: stale epoch 4 < 6", harness.lines())
+
     def test_staleFollowerNotTold(self) -> None:
         """
         A heartbeat of an older epoch from a node that only follows someone
