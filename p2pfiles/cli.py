@@ -138,8 +138,9 @@ async def statusCommand(reactor: Any, args: argparse.Namespace, out: TextIO, err
     connection = await connect(reactor, args.node, _secret(args), args.timeout)
     # Ctrl-C or SIGTERM stops the reactor, which closes the connection: that
     # is the user leaving, not the node going away.
-    leaving = []
-    trigger = reactor.addSystemEventTrigger("before", "shutdown", leaving.append, True)
+    # (The trigger can stay: the command ends the process when it returns.)
+    leaving: List[bool] = []
+    reactor.addSystemEventTrigger("before", "shutdown", leaving.append, True)
     try:
         reply = await bounded(reactor, request(connection, Message("status", watch=args.watch)), args.timeout, args.node)
         last = None
@@ -162,8 +163,6 @@ async def statusCommand(reactor: Any, args: argparse.Namespace, out: TextIO, err
             raise ClientError(f"node {args.node} went away", EXIT_UNREACHABLE) from None
         raise
     finally:
-        if not leaving:
-            reactor.removeSystemEventTrigger(trigger)
         connection.close()
 
 
