@@ -45,6 +45,12 @@ class DemoFailed(Exception):
     """
 
 
+class NodeExited(DemoFailed):
+    """
+    A node process ended on its own (its port taken, say).
+    """
+
+
 def makePNG(width: int = 1000, height: int = 1000, seed: int = 12241300) -> bytes:
     """
     A real, viewable PNG: colour bands with noise, stored with light
@@ -183,6 +189,9 @@ class Demo:
     def waitForAgreement(self, nodes: List[int], leader: int) -> Dict[str, Any]:
         deadline = time.monotonic() + DEADLINE
         while True:
+            for node in nodes:
+                if self.processes[node].poll() is not None:
+                    raise NodeExited(f"node {node} exited (status {self.processes[node].returncode})")
             statuses = [self.status(n) for n in nodes]
             if all(s is not None for s in statuses):
                 views = {(s["leader"], s["epoch"]) for s in statuses}
@@ -208,13 +217,28 @@ class Demo:
 
     # The story.
 
+    def startCluster(self) -> Dict[str, Any]:
+        """
+        Start nodes 1-3 on ports 9001-9003, or on free ports if those are
+        taken (also if another program takes one between our check and the
+        node's start), and wait until they agree on leader 1.
+        """
+        preferred = [9001, 9002, 9003]
+        self.ports = dict(zip([1, 2, 3], portsFor(3, preferred)))
+        for attempt in range(3):
+            for node in (1, 2, 3):
+                self.startNode(node)
+            try:
+                return self.waitForAgreement([1, 2, 3], 1)
+            except NodeExited:
+                self.stopAll()
+                self.ports = dict(zip([1, 2, 3], freePorts(3)))
+        raise DemoFailed("the nodes could not start: see node*/node.log in the workspace")
+
     def run(self) -> None:
-        self.ports = dict(zip([1, 2, 3], portsFor(3, [9001, 9002, 9003])))
         self.prepare()
         started = time.monotonic()
-        for node in (1, 2, 3):
-            self.startNode(node)
-        status = self.waitForAgreement([1, 2, 3], 1)
+        status = self.startCluster()
         self.say(
             f"started nodes 1, 2, 3 on ports {', '.join(str(self.ports[n]) for n in (1, 2, 3))}; "
             f"they elected leader: {status['leader']}, epoch {status['epoch']} "

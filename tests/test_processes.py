@@ -223,3 +223,28 @@ class DemoTests(SynchronousTestCase):
         self.assertTrue(png.startswith(b"\x89PNG\r\n\x1a\n"))
         leftover = subprocess.run(["pgrep", "-f", workspace.path], capture_output=True)
         self.assertEqual(leftover.stdout, b"", "processes left running")
+
+    def test_demoMovesOffATakenPort(self):
+        """
+        A port that looked free but is taken by the time a node starts (by
+        another program, or a second demo) makes the demo start its nodes on
+        free ports instead, not hang or fail.
+        """
+        import io
+        import socket
+
+        from p2pfiles import demo
+
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        self.addCleanup(taken.close)
+        ports = [taken.getsockname()[1]] + freePorts(2)
+        self.patch(demo, "portsFor", lambda count, preferred: ports)
+        self.patch(os, "environ", childEnvironment())
+        out = io.StringIO()
+        workspace = FilePath(self.mktemp())
+        code = demo.main(["--dir", workspace.path], out=out)
+        self.assertEqual(code, 0, out.getvalue())
+        self.assertNotIn(f"ports {ports[0]},", out.getvalue())
+        self.assertIn("every step succeeded", out.getvalue())
