@@ -162,8 +162,10 @@ def waitForPort(port: int, deadline: float) -> bool:
 # Status.
 
 
-def _sendFrame(sock: socket.socket, body: Dict[str, Any]) -> None:
-    payload = b"C" + json.dumps(body, separators=(",", ":")).encode("utf-8")
+def _sendMessage(sock: socket.socket, message: Any) -> None:
+    from p2pfiles.wire import encode
+
+    payload = encode(message)
     sock.sendall(struct.pack("!I", len(payload)) + payload)
 
 
@@ -177,52 +179,52 @@ def _receiveExactly(sock: socket.socket, n: int) -> bytes:
     return data
 
 
-def _receiveFrame(sock: socket.socket) -> Dict[str, Any]:
+def _receiveMessage(sock: socket.socket) -> Any:
+    from p2pfiles.wire import decode
+
     (length,) = struct.unpack("!I", _receiveExactly(sock, 4))
-    payload = _receiveExactly(sock, length)
-    if payload[:1] != b"C":
-        raise ConnectionError(f"unexpected frame type {payload[:1]!r}")
-    body = json.loads(payload[1:].decode("utf-8"))
-    if body.get("type") == "error":
-        raise ConnectionError(f"refused: {body.get('reason')}")
-    return body
+    message = decode(_receiveExactly(sock, length))
+    if message.type == "error":
+        raise ConnectionError(f"refused: {message.reason}")
+    return message
 
 
 def directStatus(address: str, timeout: float = 2.0, secret: bytes = b"") -> Dict[str, Any]:
     """
     What C{p2pfiles status --json} would print for the node at C{address},
-    asked over a plain blocking socket from this process: the client
-    handshake (see L{p2pfiles.auth}) then one C{status} request.  Raises
-    C{OSError} (or C{ValueError}) when the node cannot answer.
+    asked over a plain blocking socket from this process (starting a CLI
+    process per poll would cost more CPU than what is measured): the
+    client's side of the handshake (see L{p2pfiles.protocol}), then one
+    C{status} request.  Raises C{OSError} (or C{ValueError}) when the node
+    cannot answer.
     """
     from p2pfiles import auth
-    from p2pfiles.wire import PROTOCOL_VERSION
+    from p2pfiles.wire import PROTOCOL_VERSION, Message
 
     host, port = address.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=timeout) as sock:
         sock.settimeout(timeout)
         nonce = auth.makeNonce()
-        _sendFrame(
+        _sendMessage(
             sock,
-            {
-                "type": "hello",
-                "version": PROTOCOL_VERSION,
-                "role": "client",
-                "node": None,
-                "nonce": nonce,
-                "address": None,
-                "proof": None,
-                "purpose": "request",
-            },
+            Message(
+                "hello",
+                version=PROTOCOL_VERSION,
+                role="client",
+                node=None,
+                nonce=nonce,
+                address=None,
+                proof=None,
+                purpose="request",
+            ),
         )
-        hello = _receiveFrame(sock)
-        if hello.get("type") != "hello":
-            raise ConnectionError(f"expected hello, got {hello.get('type')}")
-        _sendFrame(sock, {"type": "auth", "proof": auth.proof(secret, auth.CONNECTOR, nonce, hello["nonce"])})
-        _receiveFrame(sock)  # ready
-        _sendFrame(sock, {"type": "status", "watch": False})
-        state = _receiveFrame(sock)
-        return state["status"]
+        hello = _receiveMessage(sock)
+        if hello.type != "hello" or not auth.verify(secret, auth.LISTENER, nonce, hello.nonce, hello.proof or ""):
+            raise ConnectionError(f"bad handshake from {address}")
+        _sendMessage(sock, Message("auth", proof=auth.proof(secret, auth.CONNECTOR, nonce, hello.nonce)))
+        _receiveMessage(sock)  # ready
+        _sendMessage(sock, Message("status", watch=False))
+        return _receiveMessage(sock).status
 
 
 def cliStatus(address: str, timeout: float = 5.0) -> Dict[str, Any]:
