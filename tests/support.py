@@ -27,10 +27,27 @@ DEADLINE = 30.0
 ROOT = FilePath(__file__).parent().parent()
 
 
+def poll(condition: Callable[[], Any], what: str, timeout: float = DEADLINE, interval: float = 0.05) -> Any:
+    """
+    Blocking: call C{condition} until it returns something true, sleeping
+    C{interval} between calls, for tests whose nodes are other processes
+    (nothing in this process needs the reactor meanwhile); fail after
+    C{timeout} seconds saying C{what} was awaited.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
 async def waitFor(condition: Callable[[], Any], what: str, timeout: float = DEADLINE, interval: float = 0.05) -> Any:
     """
-    Poll C{condition} until it returns something true; fail after
-    C{timeout} seconds saying C{what} was awaited.
+    Like L{poll}, for tests whose nodes run in this process: wait on the
+    reactor between calls, so that the nodes keep running.
     """
     deadline = time.monotonic() + timeout
     while True:

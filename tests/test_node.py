@@ -25,6 +25,7 @@ from p2pfiles import __version__, auth
 from p2pfiles.node import Node, NodeConfig
 from p2pfiles.protocol import IConnectionHandler, LocalIdentity, P2PFactory, P2PProtocol
 from p2pfiles.wire import PROTOCOL_VERSION, SCHEMAS, Message, decode, encode
+from tests.frames import frame, parseFrames, rawFrame
 
 HEARTBEAT = 0.25
 LEADER_TIMEOUT = 1.0
@@ -39,32 +40,6 @@ def inline(f: Any, *args: Any) -> Deferred:
     Run "threaded" work at once, on the calling thread.
     """
     return maybeDeferred(f, *args)
-
-
-def frame(message: Message) -> bytes:
-    """
-    C{message} as it travels: 4-byte length, type byte, JSON.
-    """
-    payload = encode(message)
-    return pack("!I", len(payload)) + payload
-
-
-def rawFrame(payload: bytes) -> bytes:
-    return pack("!I", len(payload)) + payload
-
-
-def parseFrames(data: bytes) -> List[Message]:
-    """
-    Decode every complete frame in C{data}.
-    """
-    messages = []
-    while len(data) >= 4:
-        length = int.from_bytes(data[:4], "big")
-        if len(data) < 4 + length:
-            break
-        messages.append(decode(data[4 : 4 + length]))
-        data = data[4 + length :]
-    return messages
 
 
 def heartbeat(node: int, epoch: int, leader: Optional[int], members: Optional[List[Tuple[int, str]]] = None) -> Message:

@@ -9,28 +9,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support import DEADLINE, childEnvironment, cli, freePorts, startProcesses, statusOf
+from tests.support import DEADLINE, childEnvironment, cli, freePorts, poll, startProcesses, statusOf
 from p2pfiles.demo import twistdCommand
-
-
-def poll(condition, what, timeout=DEADLINE, interval=0.05):
-    """
-    Call C{condition} until it returns something true; fail after
-    C{timeout} seconds.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
 
 
 def agreement(nodes, leader):

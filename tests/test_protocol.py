@@ -30,6 +30,7 @@ from p2pfiles.protocol import (
     ProtocolViolation,
 )
 from p2pfiles.wire import PROTOCOL_VERSION, Message, decode, encode
+from tests.frames import frame, parseFrames, rawFrame
 
 SECRET = b"the cluster secret"
 
@@ -95,32 +96,6 @@ class RecordingHandler:
     @property
     def closed(self) -> int:
         return len(self.of("closed"))
-
-
-def frame(message: Message) -> bytes:
-    """
-    C{message} as it travels: length prefix, type byte, JSON.
-    """
-    payload = encode(message)
-    return pack("!I", len(payload)) + payload
-
-
-def rawFrame(payload: bytes) -> bytes:
-    return pack("!I", len(payload)) + payload
-
-
-def parseFrames(data: bytes) -> List[Message]:
-    """
-    Decode every complete frame in C{data}.
-    """
-    messages = []
-    while len(data) >= 4:
-        length = int.from_bytes(data[:4], "big")
-        if len(data) < 4 + length:
-            break
-        messages.append(decode(data[4 : 4 + length]))
-        data = data[4 + length :]
-    return messages
 
 
 def hello(identity: LocalIdentity, nonce: str, proof: Optional[str] = None, **overrides: Any) -> Message:

@@ -1,0 +1,33 @@
+"""
+Frames as they travel, for tests that write to or read from a transport.
+"""
+
+from struct import pack
+from typing import List
+
+from p2pfiles.wire import Message, decode, encode
+
+
+def frame(message: Message) -> bytes:
+    """
+    C{message} as it travels: 4-byte length, type byte, JSON.
+    """
+    return rawFrame(encode(message))
+
+
+def rawFrame(payload: bytes) -> bytes:
+    return pack("!I", len(payload)) + payload
+
+
+def parseFrames(data: bytes) -> List[Message]:
+    """
+    Decode every complete frame in C{data}.
+    """
+    messages = []
+    while len(data) >= 4:
+        length = int.from_bytes(data[:4], "big")
+        if len(data) < 4 + length:
+            break
+        messages.append(decode(data[4 : 4 + length]))
+        data = data[4 + length :]
+    return messages
