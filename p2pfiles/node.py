@@ -417,7 +417,9 @@ class Node(MultiService):
                     ),
                 )
 
-        self.whenLocalReady().addCallback(send)
+        self.whenLocalReady().addCallback(send).addErrback(
+            lambda reason: self.log.failure("cannot send the index to {leader}", reason, leader=sender)
+        )
 
     def _control_index_chunk(self, sender: int, connection: P2PProtocol, message: Message) -> None:
         self.keeper.chunkReceived(sender, message)
@@ -738,6 +740,14 @@ class Node(MultiService):
                 link.sendEncoded(heartbeat)
 
     def _tick(self) -> None:
+        # The heartbeat loop must outlive any bug in one tick: a LoopingCall
+        # whose function raises stops for good, and the node would go silent.
+        try:
+            self._tickOnce()
+        except Exception:
+            self.log.failure("error in the heartbeat tick")
+
+    def _tickOnce(self) -> None:
         now = self.reactor.seconds()
         if self._lastTick is not None and now - self._lastTick > self.config.leaderTimeout + self.config.heartbeat:
             self.log.warn(

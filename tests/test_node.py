@@ -544,6 +544,31 @@ class HeartbeatTests(SynchronousTestCase):
         sent = [m for m in parseFrames(transport.value()) if m.type == "heartbeat"]
         self.assertEqual(sent, [heartbeat(1, 1, 1, [(1, address(1)), (2, address(2))])])
 
+    def test_tickSurvivesAnError(self) -> None:
+        """
+        An exception in one heartbeat tick is logged and the heartbeats go on:
+        a stopped loop would make the node fall silent for good.
+        """
+        harness = Harness(self, node=1).start()
+        peer = harness.peer(2)
+        peer.send(heartbeat(2, 0, None))
+        original = harness.node._broadcastHeartbeat
+        failures = []
+
+        def brokenOnce() -> None:
+            if not failures:
+                failures.append(True)
+                raise RuntimeError("one bad tick")
+            original()
+
+        self.patch(harness.node, "_broadcastHeartbeat", brokenOnce)
+        before = len(peer.handler.of("heartbeat"))
+        harness.advance(HEARTBEAT)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(len(peer.handler.of("heartbeat")), before)
+        harness.advance(HEARTBEAT)
+        self.assertGreater(len(peer.handler.of("heartbeat")), before)
+
     def test_notSentToClients(self) -> None:
         """
         A client connection gets no heartbeats.
