@@ -105,6 +105,9 @@ def portsFor(count: int, preferred: List[int]) -> List[int]:
 
     def free(port: int) -> bool:
         with socket.socket() as s:
+            # As Twisted listens: a recent connection's TIME_WAIT does not
+            # make the port busy.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
