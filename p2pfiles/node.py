@@ -16,7 +16,13 @@ from twisted.internet import threads
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.logger import (
+    FilteringLogObserver,
+    Logger,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogPublisher,
+)
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
@@ -36,6 +42,20 @@ from p2pfiles.wire import FileEntry, Message, chunked, encode
 # that a restarted peer is seen quickly.
 RETRY_INITIAL = 0.1
 RETRY_MAX = 1.0
+
+
+class PeerLink(ClientService):
+    """
+    The control link to one peer, reconnecting for as long as the node runs.
+
+    ClientService logs every retry at info level: once a second, forever,
+    for a peer that is down.  The node logs the link going down and coming
+    back instead, so only warnings and worse pass from here.
+    """
+
+    _log = Logger(
+        observer=FilteringLogObserver(globalLogPublisher, [LogLevelFilterPredicate(LogLevel.warn)])
+    )
 
 
 class NodeConfig:
@@ -276,7 +296,7 @@ class Node(MultiService):
         endpointType = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
         factory = P2PFactory(self.identity, self, self.reactor, listening=False)
         factory.expectedNode = member
-        record.service = ClientService(
+        record.service = PeerLink(
             endpointType(self.reactor, host, port, timeout=5),
             factory,
             retryPolicy=backoffPolicy(RETRY_INITIAL, RETRY_MAX, factor=2.0, jitter=lambda: 0.0),
