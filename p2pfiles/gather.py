@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
 from p2pfiles.index import ClusterIndex, LogWriter, renderLog
+from p2pfiles.names import nameProblem
 from p2pfiles.wire import FileEntry, Message
 
 # How long a member may take to send its whole index before it is asked again.
@@ -173,7 +174,7 @@ class IndexKeeper:
         if message.epoch != self.epoch or pending is None or pending[0] != message.request:
             self.log.debug("ignoring index chunk {request} from node {member}", request=message.request, member=member)
             return
-        pending[1].extend(message.entries)
+        pending[1].extend(self._acceptable(member, message.entries))
         if message.last:
             del self._pending[member]
             pending[2].callback(pending[1])
@@ -191,8 +192,23 @@ class IndexKeeper:
             # Its whole index is on its way (or will be asked for): that
             # includes this change.
             return
-        self.index.applyChanges(member, address, message.entries, message.removed)
+        self.index.applyChanges(member, address, self._acceptable(member, message.entries), message.removed)
         self._changed()
+
+    def _acceptable(self, member: int, entries: List[FileEntry]) -> List[FileEntry]:
+        """
+        The entries whose names every node would accept: a member's list is
+        checked again here, since whatever enters the index is offered to
+        every client.
+        """
+        good = [e for e in entries if nameProblem(e.name) is None]
+        if len(good) != len(entries):
+            self.log.warn(
+                "ignored {count} entries with unacceptable names from node {member}",
+                count=len(entries) - len(good),
+                member=member,
+            )
+        return good
 
     def ownChanges(self, changed: List[FileEntry], removed: List[str]) -> None:
         if self.epoch is None:

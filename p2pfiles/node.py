@@ -349,6 +349,13 @@ class Node(MultiService):
             if self.keeper.epoch is not None:
                 self.keeper.memberGone(member.id)
             self._changed()
+        elif self.keeper.epoch is not None and (
+            self.keeper.index.hasNode(member.id) or self.keeper.isGathering(member.id)
+        ):
+            # Index messages are not acknowledged: an update, a request or
+            # its answer may have been lost with the link that closed.  Its
+            # whole index again covers that.
+            self.keeper.gather(member.id, member.address)
 
     # Messages.
 

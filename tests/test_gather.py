@@ -466,6 +466,43 @@ class NoLinkTests(KeeperTestCase):
         self.assertEqual(self.files(3), [entry("three")])
 
 
+class NameCheckTests(KeeperTestCase):
+    """
+    Names from members are checked again before they enter the index.
+    """
+
+    def test_badNamesDropped(self) -> None:
+        """
+        Entries whose names no node would accept (a path, a leading dot) are
+        left out of a gathered index and of an update, with one warning
+        each time; the good entries go in.
+        """
+        self.keeper.lead(5, [entry("own")], members(2))
+        with capturedLogs() as events:
+            self.keeper.chunkReceived(
+                2,
+                Message(
+                    "index-chunk",
+                    epoch=5,
+                    request=self.send.lastRequest(2).request,
+                    entries=[entry("../escape"), entry("fine"), entry(".hidden")],
+                    last=True,
+                ),
+            )
+            self.keeper.updateReceived(
+                2, ADDRESSES[2], Message("index-update", epoch=5, entries=[entry("a/b"), entry("ok")], removed=[])
+            )
+        self.assertEqual(self.files(2), [entry("fine"), entry("ok")])
+        warnings = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+        self.assertEqual(
+            warnings,
+            [
+                "ignored 2 entries with unacceptable names from node 2",
+                "ignored 1 entries with unacceptable names from node 2",
+            ],
+        )
+
+
 class UpdateTests(KeeperTestCase):
     """
     Tests for L{IndexKeeper.updateReceived} and L{IndexKeeper.ownChanges}.

@@ -435,6 +435,23 @@ class MembershipTests(SynchronousTestCase):
         self.assertIn("member 2 link down (127.0.0.1:9002)", harness.lines())
         self.assertFalse(harness.node.election.isLive(2))
 
+    def test_leaderRegathersAfterLosingOneLink(self) -> None:
+        """
+        When one of a member's two links closes, the leader asks it for its
+        whole index again: an unacknowledged update may have been lost with
+        that link.
+        """
+        harness = Harness(self, node=1).start()
+        first, second = harness.peer(2), harness.peer(2)
+        first.send(heartbeat(2, 1, 1))
+        harness.advance(HEARTBEAT)
+        requests = len(first.handler.of("index-request")) + len(second.handler.of("index-request"))
+        self.assertEqual(requests, 1)
+        first.close()
+        harness.flush()
+        self.assertEqual(len(second.handler.of("index-request")) + len(first.handler.of("index-request")), 2)
+        self.assertTrue(harness.node.keeper.isGathering(2))
+
     def test_silenceTakesMemberDown(self) -> None:
         """
         A linked member that stops sending heartbeats is not alive once the
