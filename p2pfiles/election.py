@@ -118,12 +118,6 @@ class ElectionState:
             return True
         return self._known <= self._heard
 
-    def acceptsEpoch(self, epoch: int) -> bool:
-        """
-        Whether a message tagged with C{epoch} is current.
-        """
-        return epoch >= self.epoch
-
     # Events.
 
     def peerKnown(self, member: int) -> List[object]:

@@ -191,7 +191,6 @@ class Node(MultiService):
         self._lastTick: Optional[float] = None
         self._snapshot: Optional[Tuple[Any, ...]] = None
         self._savedEpoch = 0
-        self._leadershipHooks: List[Callable[[int], None]] = []
 
     # Life cycle.
 
@@ -699,8 +698,6 @@ class Node(MultiService):
             elif isinstance(action, Claimed):
                 self._broadcastHeartbeat()
                 self._lead(action.epoch)
-                for hook in self._leadershipHooks:
-                    hook(action.epoch)
         if self.keeper.epoch is not None and (
             not self.isLeader() or self.keeper.epoch != self.election.epoch
         ):
@@ -731,12 +728,6 @@ class Node(MultiService):
             self.log.error("cannot save epoch {epoch}: {reason}", epoch=epoch, reason=e.strerror or str(e))
         else:
             self._savedEpoch = epoch
-
-    def onLeadership(self, hook: Callable[[int], None]) -> None:
-        """
-        Call C{hook(epoch)} each time this node becomes leader.
-        """
-        self._leadershipHooks.append(hook)
 
     def sendTo(self, member: int, message: Message) -> bool:
         record = self.members.get(member)
