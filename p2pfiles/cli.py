@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Any, Dict, List, Optional, TextIO
 
 from twisted.internet.defer import Deferred
@@ -129,6 +130,16 @@ def formatStatus(status: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def formatChange(status: Dict[str, Any], now: float) -> str:
+    """
+    One line for a change seen by C{status --watch}.
+    """
+    alive = ",".join(str(m["id"]) for m in status["members"] if m["alive"]) or "none"
+    leader = "none" if status["leader"] is None else status["leader"]
+    when = time.strftime("%H:%M:%S", time.localtime(now))
+    return f"{when} {status['role']}, leader {leader}, epoch {status['epoch']}, alive {alive}"
+
+
 def _print(out: TextIO, text: str) -> None:
     out.write(text + "\n")
     out.flush()
@@ -148,11 +159,13 @@ async def statusCommand(reactor: Any, args: argparse.Namespace, out: TextIO, err
             status = reply.status
             key = (status["role"], status["leader"], status["epoch"], json.dumps(status["members"]))
             if key != last:
-                last = key
                 if args.json:
                     _print(out, json.dumps(status, sort_keys=True))
-                else:
+                elif last is None:
                     _print(out, formatStatus(status))
+                else:
+                    _print(out, formatChange(status, reactor.seconds()))
+                last = key
             if not args.watch:
                 return EXIT_OK
             reply = await connection.receive()

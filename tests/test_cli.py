@@ -458,6 +458,29 @@ class LiveNodeTests(CommandTestCase):
         self.assertEqual(self.successResultOf(d), EXIT_UNREACHABLE)
         self.assertIn("went away", self.assertOneErrorLine("status"))
 
+    def test_statusWatchTable(self) -> None:
+        """
+        Without C{--json}, C{status --watch} prints the table once, then one
+        line per change: time, role, leader, epoch and who is alive.
+        """
+        harness = self.startNode()
+        d = self.run_(harness.reactor, "status", "--node", NODE, "--watch")
+        self.connectCLI(harness)
+        self.assertNoResult(d)
+        table = self.out.getvalue().splitlines()
+        self.assertIn("leader 1", table[0])
+        peer = harness.peer(2)
+        harness.flush()
+        peer.send(heartbeat(2, 1, 1))
+        harness.flush()
+        changes = self.out.getvalue().splitlines()[len(table):]
+        self.assertEqual(len(changes), 2)
+        self.assertRegex(changes[-1], r"^\d\d:\d\d:\d\d leader, leader 1, epoch 1, alive 1,2$")
+        stopped = harness.node.stopService()
+        harness.flush()
+        self.successResultOf(stopped)
+        self.assertEqual(self.successResultOf(d), EXIT_UNREACHABLE)
+
     def test_ls(self) -> None:
         """
         C{ls} against the leader prints its listing; C{ls --json} the list
