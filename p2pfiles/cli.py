@@ -21,10 +21,8 @@ from p2pfiles import __version__
 from p2pfiles.auth import SecretError, readSecret
 from p2pfiles.client import (
     EXIT_ERROR,
-    EXIT_NO_LEADER,
     EXIT_OK,
     EXIT_REFUSED,
-    EXIT_TIMEOUT,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
     ClientError,

@@ -3,7 +3,6 @@ Integration tests: real nodes talking TCP on 127.0.0.1, in this process.
 """
 
 import hashlib
-import json
 import os
 import random
 import socket
@@ -11,14 +10,12 @@ import struct
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.protocol import ClientCreator, Protocol
 from twisted.internet.threads import deferToThread
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
 from p2pfiles.client import EXIT_AUTH, EXIT_NOT_FOUND, EXIT_REFUSED, ClientError, askLeader, connect, receiveListing, request
 from p2pfiles.index import parseLog
-from p2pfiles.protocol import P2PProtocol
 from p2pfiles.transfer import PartialFile, download
 from p2pfiles.wire import Message, encode
 

@@ -24,8 +24,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from p2pfiles import __version__, auth
 from p2pfiles.node import Node, NodeConfig
 from p2pfiles.protocol import IConnectionHandler, LocalIdentity, P2PFactory, P2PProtocol
-from p2pfiles.wire import PROTOCOL_VERSION, SCHEMAS, Message, decode, encode
-from tests.frames import frame, parseFrames, rawFrame
+from p2pfiles.wire import SCHEMAS, Message
+from tests.frames import frame, hello, parseFrames, rawFrame
 
 HEARTBEAT = 0.25
 LEADER_TIMEOUT = 1.0
@@ -233,20 +233,7 @@ class Harness:
         protocol = self.factory.buildProtocol(None)
         transport = self.fresh(protocol)
         nonce = auth.makeNonce()
-        protocol.dataReceived(
-            frame(
-                Message(
-                    "hello",
-                    version=PROTOCOL_VERSION,
-                    role=identity.role,
-                    node=identity.node,
-                    nonce=nonce,
-                    address=identity.address,
-                    proof=None,
-                    purpose=identity.purpose,
-                )
-            )
-        )
+        protocol.dataReceived(frame(hello(identity, nonce)))
         (answer,) = parseFrames(transport.value())
         self.case.assertEqual(answer.proof, auth.proof(b"", auth.LISTENER, nonce, answer.nonce))
         transport.clear()

@@ -29,8 +29,8 @@ from p2pfiles.protocol import (
     P2PProtocol,
     ProtocolViolation,
 )
-from p2pfiles.wire import PROTOCOL_VERSION, Message, decode, encode
-from tests.frames import frame, parseFrames, rawFrame
+from p2pfiles.wire import PROTOCOL_VERSION, Message, encode
+from tests.frames import frame, hello, parseFrames, rawFrame
 
 SECRET = b"the cluster secret"
 
@@ -96,20 +96,6 @@ class RecordingHandler:
     @property
     def closed(self) -> int:
         return len(self.of("closed"))
-
-
-def hello(identity: LocalIdentity, nonce: str, proof: Optional[str] = None, **overrides: Any) -> Message:
-    fields = dict(
-        version=PROTOCOL_VERSION,
-        role=identity.role,
-        node=identity.node,
-        nonce=nonce,
-        address=identity.address,
-        proof=proof,
-        purpose=identity.purpose,
-    )
-    fields.update(overrides)
-    return Message("hello", **fields)
 
 
 def captureLogs(case: SynchronousTestCase) -> List[dict]:
