@@ -13,7 +13,7 @@ This module imports nothing else of the package.
 
 import json
 import math
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 PROTOCOL_VERSION = 1
 
@@ -21,9 +21,29 @@ PROTOCOL_VERSION = 1
 # refused so that a future version can add binary frames without ambiguity.
 CONTROL = b"C"
 
-# Largest number of index (or listing) entries sent in one frame.  The worst
-# entry is a 255-byte name of characters JSON escapes as \uXXXX (about 1.7 KB
-# encoded), so a full frame stays under the protocol's 1 MiB MAX_LENGTH.
+# Largest frame payload (type byte + JSON) either end accepts: control
+# messages only, file bytes go in raw mode, so 1 MiB is ample and bounds what
+# a hostile peer makes us buffer.  The protocol's MAX_LENGTH is this value.
+MAX_FRAME = 1 << 20
+
+# Bytes of each frame kept for everything around the listed items: the type
+# byte, the braces, the type name, the field names, the list brackets and the
+# numbers and flags.  The largest such envelope, an index-chunk's
+#     C{"type":"index-chunk","epoch":E,"request":R,"entries":[],"last":false}
+# is 69 bytes plus the digits of E and R (109 in all for 64-bit ids); 1 KiB
+# leaves room for ids of hundreds of digits and a few more fields.
+ENVELOPE_ROOM = 1024
+
+# Bytes of each frame left for the listed items.  The splitters charge an
+# item its encoded JSON (as encode writes it) plus one byte for the comma
+# that separates it from the next, and keep the total within this budget;
+# with the envelope that is at most MAX_FRAME.
+ITEM_BUDGET = MAX_FRAME - ENVELOPE_ROOM
+
+# Most items (index entries, removed names, listing rows) in one frame, on top
+# of the byte budget, which alone guarantees the fit.  Frames of ordinary
+# names then stay at tens of KiB, so a heartbeat on the same control link
+# does not wait behind a megabyte of index.
 ENTRIES_PER_FRAME = 500
 
 
@@ -266,11 +286,20 @@ def _encodeMembers(members: Iterable[Tuple[int, str]]) -> List[Mapping[str, Any]
     return [{"id": i, "address": a} for (i, a) in members]
 
 
+def _dumps(value: Any) -> str:
+    # ASCII-only JSON: every string, even one holding a lone surrogate that
+    # a peer sent as an escape, encodes without error.
+    return json.dumps(value, default=_jsonDefault, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
 def encode(message: Message) -> bytes:
     """
     Encode a message as one frame payload (type byte + JSON).  Raises
-    L{WireError} if the message does not fit its schema, so that a bug shows
-    at the sender rather than as a dropped connection at the receiver.
+    L{WireError} if the message does not fit its schema or the payload is
+    longer than L{MAX_FRAME}, so that a bug shows at the sender rather than
+    as a dropped connection at the receiver.  Lists that can grow without
+    bound are cut to fit by L{splitEntries}, L{splitUpdate} and
+    L{splitListing}.
     """
     schema = SCHEMAS.get(message.type)
     if schema is None:
@@ -283,13 +312,17 @@ def encode(message: Message) -> bytes:
         if field == "members":
             value = _encodeMembers(value)
         body[field] = value
-    # ASCII-only JSON: every string, even one holding a lone surrogate that
-    # a peer sent as an escape, encodes without error.
     try:
-        data = json.dumps(body, default=_jsonDefault, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+        data = _dumps(body)
     except (TypeError, ValueError) as e:
         raise WireError(f"cannot encode {message.type} message: {e}") from None
     encoded = CONTROL + data.encode("ascii")
+    # The one place the frame limit is checked for sending: the receiver
+    # drops a connection that sends anything longer.
+    if len(encoded) > MAX_FRAME:
+        raise WireError(
+            f"{message.type} message is {len(encoded)} bytes, over the frame limit of {MAX_FRAME}"
+        )
     # Check our own output against the schema (cheap for control messages).
     decode(encoded)
     return encoded
@@ -330,11 +363,115 @@ def decode(frame: bytes) -> Message:
     return Message(type_, **fields)
 
 
-def chunked(entries: List[FileEntry], size: int = ENTRIES_PER_FRAME) -> List[List[FileEntry]]:
+# Splitting long lists into frames.
+#
+# Each splitter packs items in order, greedily: a piece takes items while
+# their cost (encoded JSON + 1 for the comma) stays within C{budget} and their
+# number within C{count}, then a new piece starts.  A message built from a
+# piece and an envelope of at most ENVELOPE_ROOM bytes therefore fits in
+# MAX_FRAME.  An item that alone costs more than the budget (no valid entry
+# or listing row comes near: a 255-byte name escapes to at most 1530 bytes)
+# goes in a piece of its own, so the others still travel and encode refuses
+# that one piece with a WireError.  Every splitter returns at least one
+# piece, possibly empty, so that an empty index is still sent as one
+# (empty, last) chunk.
+
+
+def _cost(item: Any) -> int:
     """
-    Split C{entries} into lists of at most C{size}; always at least one list,
-    so that an empty index is still sent as one (empty, last) chunk.
+    The bytes C{item} adds to a frame: its JSON as L{encode} writes it, plus
+    a separating comma.  Raises L{WireError} if it cannot be encoded at all.
     """
-    if not entries:
-        return [[]]
-    return [entries[i : i + size] for i in range(0, len(entries), size)]
+    try:
+        return len(_dumps(item)) + 1
+    except (TypeError, ValueError) as e:
+        raise WireError(f"cannot encode {type(item).__name__}: {e}") from None
+
+
+def _pack(costs: Iterable[int], budget: int, count: int) -> List[int]:
+    """
+    Where the pieces start: the indexes at which a greedy packing of items of
+    the given C{costs} into pieces of at most C{budget} bytes and C{count}
+    items begins a new piece.  The first piece starts at 0.
+    """
+    if count < 1:
+        raise ValueError("count must be at least 1")
+    starts = [0]
+    used = items = 0
+    for i, cost in enumerate(costs):
+        if items and (used + cost > budget or items == count):
+            starts.append(i)
+            used = items = 0
+        used += cost
+        items += 1
+    return starts
+
+
+def _split(items: Sequence[Any], budget: int, count: int) -> List[List[Any]]:
+    items = list(items)
+    starts = _pack((_cost(item) for item in items), budget, count)
+    ends = starts[1:] + [len(items)]
+    return [items[a:b] for a, b in zip(starts, ends)]
+
+
+def splitEntries(
+    entries: Sequence[FileEntry], budget: int = ITEM_BUDGET, count: int = ENTRIES_PER_FRAME
+) -> List[List[FileEntry]]:
+    """
+    Split C{entries}, in order, into the C{entries} lists of consecutive
+    C{index-chunk} messages, each small enough that its frame fits
+    L{MAX_FRAME}: at most C{budget} bytes of entries and at most C{count}
+    entries per list.  Always at least one list, possibly empty.
+    """
+    return _split(entries, budget, count)
+
+
+def splitListing(
+    files: Sequence[Dict[str, Any]], budget: int = ITEM_BUDGET, count: int = ENTRIES_PER_FRAME
+) -> List[List[Dict[str, Any]]]:
+    """
+    Split listing rows (C{{"name", "size", "sha256", "holders"}} objects),
+    in order, into the C{files} lists of consecutive C{listing} messages.
+    A row is sized by its whole encoded JSON, so rows with many holders
+    take their real room.  Always at least one list, possibly empty.
+    """
+    return _split(files, budget, count)
+
+
+def splitUpdate(
+    changed: Sequence[FileEntry],
+    removed: Sequence[str],
+    budget: int = ITEM_BUDGET,
+    count: int = ENTRIES_PER_FRAME,
+) -> List[Tuple[List[FileEntry], List[str]]]:
+    """
+    Split one index change into the C{(entries, removed)} pairs of
+    consecutive C{index-update} messages, each small enough that its frame
+    fits L{MAX_FRAME}: changed entries and removed names share each piece's
+    C{budget} bytes and C{count} items.
+
+    Changed entries fill the pieces first and removed names follow, so every
+    change comes before every removal, as in the single update: applying the
+    pieces in order (each one's changes, then its removals) has the same
+    effect as applying the whole update at once.  Always at least one pair,
+    possibly C{([], [])}.
+    """
+    changed = list(changed)
+    removed = list(removed)
+    costs = [_cost(entry) for entry in changed] + [_cost(name) for name in removed]
+    starts = _pack(costs, budget, count)
+    ends = starts[1:] + [len(costs)]
+    n = len(changed)
+    return [
+        (changed[min(a, n) : min(b, n)], removed[max(a - n, 0) : max(b - n, 0)])
+        for a, b in zip(starts, ends)
+    ]
+
+
+def chunked(entries: Sequence[FileEntry], size: int = ENTRIES_PER_FRAME) -> List[List[FileEntry]]:
+    """
+    Split C{entries} into lists of at most C{size} that each fit in a frame
+    (L{splitEntries} with a count of C{size}); always at least one list, so
+    that an empty index is still sent as one (empty, last) chunk.
+    """
+    return splitEntries(entries, count=size)

@@ -1,5 +1,6 @@
 """
-Tests for L{p2pfiles.wire}: the frame codec, its schemas and index chunking.
+Tests for L{p2pfiles.wire}: the frame codec, its schemas, its frame limit
+and the splitting of long lists into frames that fit it.
 """
 
 import json
@@ -14,6 +15,9 @@ from p2pfiles.protocol import P2PProtocol
 from p2pfiles.wire import (
     CONTROL,
     ENTRIES_PER_FRAME,
+    ENVELOPE_ROOM,
+    ITEM_BUDGET,
+    MAX_FRAME,
     PROTOCOL_VERSION,
     SCHEMAS,
     FileEntry,
@@ -22,6 +26,9 @@ from p2pfiles.wire import (
     chunked,
     decode,
     encode,
+    splitEntries,
+    splitListing,
+    splitUpdate,
 )
 
 SHA = "0123456789abcdef" * 4
@@ -701,13 +708,13 @@ class ChunkedTests(SynchronousTestCase):
             FileEntry(name, 2**63 - 1, -1.2345678901234567e-300, SHA) for _ in range(ENTRIES_PER_FRAME)
         ]
         message = Message("index-chunk", epoch=2**63, request=2**63, entries=entries, last=True)
-        self.assertLess(len(encode(message)), P2PProtocol.MAX_LENGTH)
+        self.assertLess(len(encode(message)), MAX_FRAME)
 
     def test_fullChunkFits(self) -> None:
         """
         An index chunk of L{ENTRIES_PER_FRAME} entries with 255-byte names
         (ASCII, or 2- and 3-byte UTF-8 characters), huge sizes and long mtimes
-        is smaller than the protocol's C{MAX_LENGTH}.
+        is smaller than L{MAX_FRAME}.
         """
         self.assertChunkFits("a" * 255)
         self.assertChunkFits("\u00e9" * 127)
@@ -716,8 +723,360 @@ class ChunkedTests(SynchronousTestCase):
     def test_fullChunkOfQuotedNamesFits(self) -> None:
         """
         The same holds for legal 255-byte names made of characters JSON must
-        escape (C{"} doubles in size; control characters and backslashes are
-        not legal names): such a chunk must not exceed C{MAX_LENGTH}, or the
+        escape: C{"} doubles in size, control characters grow sixfold as
+        C{\\u00XX}.  Such a chunk must not exceed L{MAX_FRAME}, or the
         receiver drops the connection and the index never transfers.
         """
         self.assertChunkFits('"' * 255)
+        self.assertChunkFits("\x01" * 255)
+
+
+class FrameLimitTests(SynchronousTestCase):
+    """
+    C{encode} refuses any frame the receiver would drop for its length.
+    """
+
+    def fetchOfSize(self, size: int) -> Message:
+        """
+        A C{fetch} message whose frame is exactly C{size} bytes long.
+        """
+        empty = len(encode(Message("fetch", name="", overwrite=False)))
+        return Message("fetch", name="a" * (size - empty), overwrite=False)
+
+    def test_limitIsTheProtocols(self) -> None:
+        """
+        The sender's limit is the receiver's: L{MAX_FRAME} is 1 MiB and
+        equals the protocol's C{MAX_LENGTH}, so a frame C{encode} accepts
+        is never dropped for its length.
+        """
+        self.assertEqual(MAX_FRAME, 1 << 20)
+        self.assertEqual(P2PProtocol.MAX_LENGTH, MAX_FRAME)
+
+    def test_atTheLimit(self) -> None:
+        """
+        A frame of exactly L{MAX_FRAME} bytes is sent (the receiver drops
+        only longer ones); one byte more is a L{WireError} naming the size
+        and the limit.
+        """
+        self.assertEqual(len(encode(self.fetchOfSize(MAX_FRAME))), MAX_FRAME)
+        error = self.assertRaises(WireError, encode, self.fetchOfSize(MAX_FRAME + 1))
+        self.assertIn(str(MAX_FRAME + 1), str(error))
+        self.assertIn(str(MAX_FRAME), str(error))
+
+    def test_escapesCount(self) -> None:
+        """
+        The limit applies to the encoded bytes, not to the characters: a
+        name of a sixth of L{MAX_FRAME} control characters, each sent as
+        C{\\\\u00XX}, is refused.
+        """
+        self.assertRaises(WireError, encode, Message("fetch", name="\x01" * (MAX_FRAME // 6 + 1), overwrite=False))
+
+    def test_oldOverlongUpdate(self) -> None:
+        """
+        The index update a node used to build for 500 changed entries and
+        500 removed names, all 255 bytes of characters JSON escapes as
+        C{\\\\uXXXX}, is about 1.6 MB: C{encode} now refuses it at the
+        sender instead of the receiver dropping the link.
+        """
+        changed, removed = escapedUpdate()
+        message = Message("index-update", epoch=2**63, entries=changed, removed=removed)
+        error = self.assertRaises(WireError, encode, message)
+        self.assertIn("frame limit", str(error))
+
+
+def escapedName(i: int) -> str:
+    """
+    A distinct 255-byte name whose characters JSON escapes as C{\\\\u0001}:
+    the longest encoding a legal name can have.
+    """
+    name = "\x01" * 251 + f"{i:04d}"
+    assert len(name.encode("utf-8")) == 255
+    return name
+
+
+def escapedUpdate() -> tuple:
+    """
+    The changed entries and removed names of the old over-long update.
+    """
+    changed = [FileEntry(escapedName(i), 2**63 - 1, -1.2345678901234567e-300, SHA) for i in range(500)]
+    removed = [escapedName(500 + i) for i in range(500)]
+    return changed, removed
+
+
+# Names as a node may list them: any Unicode scalar value, with a bias to
+# those JSON escapes (control characters, quotes, backslashes, U+2028, astral
+# characters as surrogate pairs), cut to at most 255 UTF-8 bytes.
+escapedCharacters = st.sampled_from(["\x01", "\x1f", '"', "\\", "\u2028", "\u00e9", "\U0001f600", "\U0010ffff"])
+nameCharacters = st.characters(codec="utf-8") | escapedCharacters
+
+
+def cutToBytes(text: str, limit: int = 255) -> str:
+    """
+    The longest prefix of C{text} of at most C{limit} UTF-8 bytes.
+    """
+    return text.encode("utf-8")[:limit].decode("utf-8", "ignore")
+
+
+wireNames = st.text(nameCharacters, max_size=255).map(cutToBytes) | nameCharacters.map(
+    lambda c: cutToBytes(c * 255)
+)
+wireEntries = st.builds(
+    FileEntry,
+    name=wireNames,
+    size=ids,
+    mtime=st.floats(allow_nan=False, allow_infinity=False),
+    sha256=sha256s,
+)
+listingRows = st.fixed_dictionaries(
+    {"name": wireNames, "size": ids, "sha256": sha256s, "holders": st.lists(ids, max_size=40)}
+)
+# Budgets from smaller than one item up to a few dozen items, so that pieces
+# split by bytes, by count, and around items too big for any piece.
+budgets = st.integers(min_value=0, max_value=20000)
+counts = st.integers(min_value=1, max_value=12)
+
+# Every id at its 64-bit largest, so the envelope is as long as it gets.
+BIG = 2**64
+
+
+def chunkMessage(entries: list) -> Message:
+    return Message("index-chunk", epoch=BIG, request=BIG, entries=entries, last=False)
+
+
+def updateMessage(piece: tuple) -> Message:
+    entries, removed = piece
+    return Message("index-update", epoch=BIG, entries=entries, removed=removed)
+
+
+def listingMessage(files: list) -> Message:
+    return Message("listing", files=files, last=False)
+
+
+def itemBytes(message: Message, empty: Message) -> int:
+    """
+    What a splitter charges for the items of C{message}, measured on the
+    encoded frame: its length beyond the same message with empty lists, plus
+    one comma per item (the JSON has one fewer per non-empty list).
+    """
+    lists = [value for value in message.fields.values() if isinstance(value, list)]
+    items = sum(len(value) for value in lists)
+    commas = items - sum(1 for value in lists if value)
+    return len(encode(message)) - len(encode(empty)) + items - commas
+
+
+class SplitTests(SynchronousTestCase):
+    """
+    L{splitEntries}, L{splitUpdate} and L{splitListing} cut long lists into
+    pieces whose frames fit L{MAX_FRAME}.
+    """
+
+    def assertPacked(self, pieces: list, message, empty: Message, budget: int, count: int, grow) -> None:
+        """
+        Every piece fits C{budget} bytes (measured on the encoded frame) and
+        C{count} items, unless it is one item too big for any piece; and
+        every piece but the last is full: the next piece's first item would
+        not have fitted in it.
+        """
+        for i, piece in enumerate(pieces):
+            built = message(piece)
+            size = itemBytes(built, empty)
+            items = sum(len(value) for value in built.fields.values() if isinstance(value, list))
+            self.assertLessEqual(items, count)
+            if items > 1:
+                self.assertLessEqual(size, budget)
+            if i + 1 < len(pieces):
+                self.assertGreater(items, 0)
+                bigger = message(grow(piece, pieces[i + 1]))
+                self.assertTrue(items == count or itemBytes(bigger, empty) > budget)
+
+    @PROPERTY
+    @given(st.lists(wireEntries, max_size=30), budgets, counts)
+    def test_entriesPacked(self, entries: list, budget: int, count: int) -> None:
+        """
+        C{splitEntries} keeps the entries in order, packs each piece to its
+        byte budget and count and no further, and returns at least one
+        (possibly empty) piece.
+        """
+        pieces = splitEntries(entries, budget=budget, count=count)
+        self.assertGreaterEqual(len(pieces), 1)
+        self.assertEqual([e for piece in pieces for e in piece], entries)
+        self.assertPacked(
+            pieces, chunkMessage, chunkMessage([]), budget, count, lambda piece, next: piece + next[:1]
+        )
+
+    @PROPERTY
+    @given(st.lists(listingRows, max_size=20), budgets, counts)
+    def test_listingPacked(self, files: list, budget: int, count: int) -> None:
+        """
+        C{splitListing} does the same for listing rows, sized with all their
+        holders.
+        """
+        pieces = splitListing(files, budget=budget, count=count)
+        self.assertGreaterEqual(len(pieces), 1)
+        self.assertEqual([f for piece in pieces for f in piece], files)
+        self.assertPacked(
+            pieces, listingMessage, listingMessage([]), budget, count, lambda piece, next: piece + next[:1]
+        )
+
+    @PROPERTY
+    @given(st.lists(wireEntries, max_size=20), st.lists(wireNames, max_size=20), budgets, counts)
+    def test_updatePacked(self, changed: list, removed: list, budget: int, count: int) -> None:
+        """
+        C{splitUpdate} keeps changes and removals in order with every change
+        before every removal (so applying the pieces in turn is applying the
+        whole update), and packs changes and removals together into each
+        piece's budget and count.
+        """
+        pieces = splitUpdate(changed, removed, budget=budget, count=count)
+        self.assertGreaterEqual(len(pieces), 1)
+        inTurn = [item for es, rs in pieces for item in [("changed", e) for e in es] + [("removed", r) for r in rs]]
+        self.assertEqual(inTurn, [("changed", e) for e in changed] + [("removed", r) for r in removed])
+
+        def grow(piece: tuple, next: tuple) -> tuple:
+            (entries, names), (nextEntries, nextNames) = piece, next
+            if nextEntries:
+                return (entries + nextEntries[:1], names)
+            return (entries, names + nextNames[:1])
+
+        self.assertPacked(pieces, updateMessage, updateMessage(([], [])), budget, count, grow)
+
+    @PROPERTY
+    @given(st.lists(wireEntries, max_size=30), st.lists(wireNames, max_size=30), st.lists(listingRows, max_size=30))
+    def test_defaultsFit(self, entries: list, removed: list, files: list) -> None:
+        """
+        With the default budget and count, every piece of any entries,
+        removed names and listing rows encodes, at most L{MAX_FRAME} bytes
+        long, and the pieces put together give back the inputs in order.
+        """
+        pieces = splitEntries(entries)
+        self.assertEqual([e for piece in pieces for e in piece], entries)
+        for piece in pieces:
+            self.assertLessEqual(len(encode(chunkMessage(piece))), MAX_FRAME)
+        updates = splitUpdate(entries, removed)
+        self.assertEqual([e for piece, _ in updates for e in piece], entries)
+        self.assertEqual([r for _, piece in updates for r in piece], removed)
+        for piece in updates:
+            self.assertLessEqual(len(encode(updateMessage(piece))), MAX_FRAME)
+        rows = splitListing(files)
+        self.assertEqual([f for piece in rows for f in piece], files)
+        for piece in rows:
+            self.assertLessEqual(len(encode(listingMessage(piece))), MAX_FRAME)
+
+    def test_empty(self) -> None:
+        """
+        Nothing to send is still one empty piece, so an empty index goes as
+        one (empty, last) chunk and an empty listing as one reply.
+        """
+        self.assertEqual(splitEntries([]), [[]])
+        self.assertEqual(splitListing([]), [[]])
+        self.assertEqual(splitUpdate([], []), [([], [])])
+
+    def test_envelopeRoom(self) -> None:
+        """
+        L{ENVELOPE_ROOM} holds the envelope of every split message type with
+        64-bit ids, and with L{ITEM_BUDGET} makes exactly L{MAX_FRAME}.
+        """
+        for empty in (chunkMessage([]), updateMessage(([], [])), listingMessage([])):
+            self.assertLessEqual(len(encode(empty)), ENVELOPE_ROOM, empty.type)
+        self.assertEqual(ITEM_BUDGET + ENVELOPE_ROOM, MAX_FRAME)
+
+    def test_exactBudget(self) -> None:
+        """
+        An item costs its encoded bytes plus one for its comma, and a piece
+        may use its whole budget: three items fit a budget of exactly three
+        costs, and one byte less leaves room for two.
+        """
+        entry = FileEntry("caf\u00e9 \u2028", 12, 1.5, SHA)
+        cost = len(encode(chunkMessage([entry]))) - len(encode(chunkMessage([]))) + 1
+        entries = [entry] * 7
+        self.assertEqual([len(p) for p in splitEntries(entries, budget=3 * cost)], [3, 3, 1])
+        self.assertEqual([len(p) for p in splitEntries(entries, budget=3 * cost - 1)], [2, 2, 2, 1])
+        pieces = splitUpdate(entries[:2], ["caf\u00e9"], budget=2 * cost + len('"caf\\u00e9",'))
+        self.assertEqual(pieces, [(entries[:2], ["caf\u00e9"])])
+
+    def test_oldOverlongUpdateSplits(self) -> None:
+        """
+        The old 1.6 MB update (500 changed entries and 500 removed names of
+        255 escaped bytes each) splits into pieces that all encode within
+        L{MAX_FRAME}, with nothing lost or reordered; by bytes alone, with
+        no count cap, it still needs two.
+        """
+        changed, removed = escapedUpdate()
+        for count in (ENTRIES_PER_FRAME, 10**6):
+            pieces = splitUpdate(changed, removed, count=count)
+            self.assertEqual(len(pieces), 2)
+            for piece in pieces:
+                self.assertLessEqual(len(encode(updateMessage(piece))), MAX_FRAME)
+            self.assertEqual([e for piece, _ in pieces for e in piece], changed)
+            self.assertEqual([r for _, piece in pieces for r in piece], removed)
+
+    def test_fullFrames(self) -> None:
+        """
+        Without a count cap, the default budget fills frames to within one
+        item of L{MAX_FRAME} and never past it: the budget is neither too
+        large (a frame over the limit) nor needlessly small.
+        """
+        entries = [FileEntry(escapedName(i), 2**63 - 1, 1.5, SHA) for i in range(1500)]
+        largest = max(len(json.dumps(e.toDict(), separators=(",", ":"))) + 1 for e in entries)
+        pieces = splitEntries(entries, count=10**6)
+        self.assertEqual([e for piece in pieces for e in piece], entries)
+        self.assertGreater(len(pieces), 1)
+        for piece in pieces[:-1]:
+            length = len(encode(chunkMessage(piece)))
+            self.assertLessEqual(length, MAX_FRAME)
+            self.assertGreater(length, MAX_FRAME - ENVELOPE_ROOM - largest)
+
+    def test_manyHolders(self) -> None:
+        """
+        A listing row is sized with all its holders: rows of 40,000 holders
+        (about 0.8 MB each) go one to a frame although there are fewer than
+        L{ENTRIES_PER_FRAME} of them.
+        """
+        rows = [
+            {"name": f"f{i}", "size": 1, "sha256": SHA, "holders": list(range(2**60, 2**60 + 40000))}
+            for i in range(3)
+        ]
+        pieces = splitListing(rows)
+        self.assertEqual(pieces, [[row] for row in rows])
+        for piece in pieces:
+            self.assertLessEqual(len(encode(listingMessage(piece))), MAX_FRAME)
+
+    def test_itemTooBigAlone(self) -> None:
+        """
+        An item too big for any frame travels alone, so its neighbours still
+        go, and C{encode} refuses that one piece.
+        """
+        huge = FileEntry("a" * MAX_FRAME, 1, 1.5, SHA)
+        small = [FileEntry(f"f{i}", 1, 1.5, SHA) for i in range(4)]
+        pieces = splitEntries(small[:2] + [huge] + small[2:])
+        self.assertEqual(pieces, [small[:2], [huge], small[2:]])
+        self.assertRaises(WireError, encode, chunkMessage(pieces[1]))
+        encode(chunkMessage(pieces[0]))
+        encode(chunkMessage(pieces[2]))
+
+    def test_unencodableItem(self) -> None:
+        """
+        An item that cannot be encoded at all (a NaN mtime) is a
+        L{WireError} at splitting, as it would be at encoding.
+        """
+        self.assertRaises(WireError, splitEntries, [FileEntry("a", 1, math.nan, SHA)])
+        self.assertRaises(WireError, splitUpdate, [FileEntry("a", 1, math.nan, SHA)], [])
+
+    def test_countAtLeastOne(self) -> None:
+        """
+        A count below one is a programming error, not an endless split.
+        """
+        self.assertRaises(ValueError, splitEntries, [FileEntry("a", 1, 1.5, SHA)], count=0)
+
+    def test_chunkedIsSizeAware(self) -> None:
+        """
+        C{chunked} caps pieces at C{size} entries and at the byte budget:
+        entries too big for C{size} of them to share a frame are split
+        further, so its callers' frames fit too.
+        """
+        entries = [FileEntry("a" * 200000, 1, 1.5, SHA) for _ in range(12)]
+        pieces = chunked(entries, 10)
+        self.assertEqual([e for piece in pieces for e in piece], entries)
+        self.assertEqual([len(p) for p in pieces], [5, 5, 2])
+        for piece in pieces:
+            self.assertLessEqual(len(encode(chunkMessage(piece))), MAX_FRAME)
