@@ -213,6 +213,19 @@ class LocalIndex:
     def unsubscribe(self, callback: Subscriber) -> None:
         self._subscribers.remove(callback)
 
+    def signature(self, name: str) -> Optional[Tuple[int, int, int]]:
+        """
+        C{(size, mtime_ns, inode)} of shared file C{name} (of its target, for
+        a symlink) when it was last hashed, or L{None} if it is not shared:
+        what the file must still have to be the one in C{entries}.
+        """
+        if name not in self.entries or self._cache is None:
+            return None
+        item = self._cache.get(name)
+        if item is None:
+            return None
+        return (item["size"], item["mtime_ns"], item["inode"])
+
     # Watching
 
     def _startWatching(self, ignored: object) -> None:

@@ -7,10 +7,15 @@ checks names it is asked for here, and the client checks them before sending
 so the user gets the error at once.
 """
 
+import hashlib
 from typing import Optional
 
 # Longest name accepted, in UTF-8 bytes: the common file system limit.
 MAX_NAME_BYTES = 255
+
+# A download of NAME is kept as .NAME.part until it is verified.
+_PART_PREFIX = "."
+_PART_SUFFIX = ".part"
 
 
 class BadName(ValueError):
@@ -67,5 +72,16 @@ def partName(name: str) -> str:
     The hidden name under which a download of C{name} is kept until it is
     verified.  It starts with C{.}, so it is never shared or accepted as a
     request.
+
+    It is C{.NAME.part} when that fits in L{MAX_NAME_BYTES} UTF-8 bytes.  A
+    name within 6 bytes of the limit gets a fixed-length name made from its
+    SHA-256 instead, C{.p2pfiles-<40 hex digits>.part}, the same each time so
+    that a later attempt finds the part again.  A shared name could be chosen
+    to give the same part name as a long one: the two downloads then take
+    turns (one writer per part), and a part resumed by the wrong one is a
+    wrong prefix, which verification throws away.
     """
-    return "." + name + ".part"
+    encoded = name.encode("utf-8", "surrogateescape")
+    if len(encoded) + len(_PART_PREFIX) + len(_PART_SUFFIX) <= MAX_NAME_BYTES:
+        return _PART_PREFIX + name + _PART_SUFFIX
+    return _PART_PREFIX + "p2pfiles-" + hashlib.sha256(encoded).hexdigest()[:40] + _PART_SUFFIX

@@ -192,6 +192,23 @@ class ListingTests(LocalIndexTestsMixin, SynchronousTestCase):
         self.assertEqual(index.entries["alias"].sha256, sha(b"content"))
         self.assertEqual(self.messages(), [])
 
+    def test_signature(self) -> None:
+        """
+        C{signature(name)} is the size, C{st_mtime_ns} and inode a shared
+        file (a link's target, for a link) had when hashed; L{None} for a
+        name that is not shared.
+        """
+        real = self.write("real", b"content")
+        os.symlink("real", self.share.child("alias").path)
+        self.write(".hidden", b"x")
+        index = self.startIndex()
+        st = os.stat(real.path)
+        expected = (7, st.st_mtime_ns, st.st_ino)
+        self.assertEqual(index.signature("real"), expected)
+        self.assertEqual(index.signature("alias"), expected)
+        self.assertIsNone(index.signature(".hidden"))
+        self.assertIsNone(index.signature("absent"))
+
     def test_symlinkOutsideShareSkipped(self) -> None:
         """
         A symlink resolving outside the share (or to a hidden file in it) is
