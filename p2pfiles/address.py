@@ -3,7 +3,9 @@ Node addresses as written on the command line and on the wire: C{HOST:PORT},
 or C{[V6HOST]:PORT}.
 """
 
-from typing import Tuple
+from typing import Any, Tuple
+
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
 
 
 def formatAddress(host: str, port: int) -> str:
@@ -23,3 +25,22 @@ def parseAddress(text: str) -> Tuple[str, int]:
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"{text!r} has no valid port")
     return host, int(port)
+
+
+def clientEndpoint(reactor: Any, address: str, timeout: float) -> Any:
+    """
+    The endpoint that connects to C{address} (C{HOST:PORT}); raises
+    L{ValueError} if it is not one.  HostnameEndpoint handles IPv4, IPv6
+    and names alike.
+    """
+    host, port = parseAddress(address)
+    return HostnameEndpoint(reactor, host, port, timeout=timeout)
+
+
+def serverEndpoint(reactor: Any, interface: str, port: int) -> Any:
+    """
+    The endpoint that listens on C{interface} and C{port}.
+    """
+    if ":" in interface:
+        return TCP6ServerEndpoint(reactor, port, interface=interface)
+    return TCP4ServerEndpoint(reactor, port, interface=interface)

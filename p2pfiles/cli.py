@@ -1,8 +1,9 @@
 """
 The C{p2pfiles} command: C{status}, C{ls}, C{get}, C{fetch}, C{demo}.
 
-Every expected failure is one line on stderr and a documented exit code (see
-L{p2pfiles.client}); a traceback means a bug.
+Every expected failure is one line on stderr and a documented exit code; a
+traceback means a bug.  This module is the only place where the system's
+refusal codes (L{p2pfiles.errors}) become exit codes.
 """
 
 import argparse
@@ -20,23 +21,65 @@ from twisted.python.filepath import FilePath
 from p2pfiles import __version__
 from p2pfiles.auth import SecretError, readSecret
 from p2pfiles.client import (
-    EXIT_ERROR,
-    EXIT_OK,
-    EXIT_REFUSED,
-    EXIT_UNREACHABLE,
-    EXIT_USAGE,
-    ClientError,
     askLeader,
     bounded,
     connect,
     receiveListing,
     request,
 )
+from p2pfiles.errors import P2PError
 from p2pfiles.names import BadName, checkName
-from p2pfiles.transfer import PartialFile, StreamSink, download
+from p2pfiles.partfile import PartialFile, StreamSink
+from p2pfiles.transfer import download
 from p2pfiles.wire import Message
 
 DEFAULT_NODE = "127.0.0.1:9001"
+
+# Exit codes (documented in the README).
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_AUTH = 4
+EXIT_TIMEOUT = 5
+EXIT_NOT_FOUND = 6
+EXIT_NO_LEADER = 7
+EXIT_VERIFY = 8
+EXIT_REFUSED = 9
+EXIT_LOCAL = 10
+
+# Refusal codes -> exit codes.  Every code in p2pfiles.errors.CODES is here
+# (a test checks it).
+EXIT_CODES = {
+    "auth": EXIT_AUTH,
+    "version": EXIT_REFUSED,
+    "protocol": EXIT_ERROR,
+    "internal": EXIT_ERROR,
+    "not-found": EXIT_NOT_FOUND,
+    "no-leader": EXIT_NO_LEADER,
+    "bad-name": EXIT_REFUSED,
+    "bad-offset": EXIT_REFUSED,
+    "conflict": EXIT_REFUSED,
+    "busy": EXIT_REFUSED,
+    "changed": EXIT_UNREACHABLE,
+    "timeout": EXIT_TIMEOUT,
+    "verify": EXIT_VERIFY,
+    "unavailable": EXIT_UNREACHABLE,
+    "unreachable": EXIT_UNREACHABLE,
+    "gone": EXIT_UNREACHABLE,
+    "io": EXIT_LOCAL,
+    "usage": EXIT_USAGE,
+    "limit": EXIT_REFUSED,
+    "transfer": EXIT_ERROR,
+    "refused": EXIT_REFUSED,
+}
+
+
+def exitCode(error: P2PError) -> int:
+    """
+    The exit code for C{error}.
+    """
+    return EXIT_CODES.get(error.code, EXIT_ERROR)
 
 
 def _commonOptions(parser: argparse.ArgumentParser) -> None:
@@ -97,7 +140,7 @@ def _secret(args: argparse.Namespace) -> bytes:
     try:
         return readSecret(args.secret_file)
     except SecretError as e:
-        raise ClientError(str(e), EXIT_USAGE) from None
+        raise P2PError(str(e), "usage") from None
 
 
 def formatStatus(status: Dict[str, Any]) -> str:
@@ -167,11 +210,11 @@ async def statusCommand(reactor: Any, args: argparse.Namespace, out: TextIO, err
             if not args.watch:
                 return EXIT_OK
             reply = await connection.receive()
-    except ClientError as e:
+    except P2PError as e:
         if leaving:
             return EXIT_OK
-        if args.watch and e.code == EXIT_UNREACHABLE:
-            raise ClientError(f"node {args.node} went away", EXIT_UNREACHABLE) from None
+        if args.watch and e.code == "unreachable":
+            raise P2PError(f"node {args.node} went away", "unreachable") from None
         raise
     finally:
         connection.close()
@@ -219,7 +262,7 @@ def _checkedName(name: str) -> str:
     try:
         return checkName(name)
     except BadName as e:
-        raise ClientError(str(e), EXIT_REFUSED) from None
+        raise P2PError(str(e), "bad-name") from None
 
 
 def _destination(name: str, output: Optional[str]) -> FilePath:
@@ -353,10 +396,10 @@ def run(reactor: Any, argv: List[str], out: TextIO = sys.stdout, err: TextIO = s
         return Deferred.fromCoroutine(_const(int(e.code or 0)))
 
     def failed(reason: Any) -> int:
-        if reason.check(ClientError):
+        if reason.check(P2PError):
             err.write(f"p2pfiles {args.command}: error: {reason.value}\n")
             err.flush()
-            return reason.value.code
+            return exitCode(reason.value)
         err.write(f"p2pfiles {args.command}: internal error: {reason.getErrorMessage()}\n")
         reason.printTraceback(err)
         return EXIT_ERROR

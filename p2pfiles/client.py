@@ -1,95 +1,37 @@
 """
 Talking to a node as a client: connect, authenticate, send requests, read
-replies.  Used by the command-line client and by a node that fetches a file
-from the leader.
+replies, receive file bytes.  Used by the command-line client, by a node that
+fetches a file from the leader, and by the leader relaying from a holder.
+
+Every failure is a L{P2PError}; what exit code it becomes is decided in
+L{p2pfiles.cli} alone.
 """
 
 from typing import Any, Callable, List, Optional, Tuple
 
 from twisted.internet.defer import Deferred, DeferredQueue, QueueUnderflow, fail
 from twisted.internet.defer import TimeoutError as DeferredTimeout
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectError, TimeoutError
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from p2pfiles.address import parseAddress
-from p2pfiles.protocol import LocalIdentity, P2PFactory, P2PProtocol
+from p2pfiles.address import clientEndpoint
+from p2pfiles.errors import P2PError
+from p2pfiles.protocol import IConnectionHandler, LocalIdentity, P2PFactory, P2PProtocol
 from p2pfiles.wire import Message
 
-# Exit codes of the command-line client; also how a ClientError is classed.
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3
-EXIT_AUTH = 4
-EXIT_TIMEOUT = 5
-EXIT_NOT_FOUND = 6
-EXIT_NO_LEADER = 7
-EXIT_VERIFY = 8
-EXIT_REFUSED = 9
-EXIT_LOCAL = 10
 
-# A node's refusal codes -> exit codes.
-_REFUSALS = {
-    "auth": EXIT_AUTH,
-    "version": EXIT_REFUSED,
-    "not-found": EXIT_NOT_FOUND,
-    "no-leader": EXIT_NO_LEADER,
-    "bad-name": EXIT_REFUSED,
-    "bad-offset": EXIT_REFUSED,
-    "conflict": EXIT_REFUSED,
-    "timeout": EXIT_TIMEOUT,
-    "verify": EXIT_VERIFY,
-    "unavailable": EXIT_UNREACHABLE,
-    "io": EXIT_LOCAL,
-}
-
-
-# Exit codes -> the refusal code a node sends for them.
-_EXIT_REFUSALS = {
-    EXIT_AUTH: "auth",
-    EXIT_NOT_FOUND: "not-found",
-    EXIT_NO_LEADER: "no-leader",
-    EXIT_REFUSED: "conflict",
-    EXIT_TIMEOUT: "timeout",
-    EXIT_VERIFY: "verify",
-    EXIT_UNREACHABLE: "unavailable",
-    EXIT_LOCAL: "io",
-}
-
-
-def refusalFor(exitCode: int) -> str:
-    """
-    The refusal code a node sends for a failure with C{exitCode}, so that a
-    client of a node that fetches sees the error it would have seen
-    fetching itself.
-    """
-    return _EXIT_REFUSALS.get(exitCode, "transfer")
-
-
-class ClientError(Exception):
-    """
-    An expected failure, with a one-line message and an exit code.
-    """
-
-    def __init__(self, message: str, code: int = EXIT_ERROR, refusal: Optional[str] = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.refusal = refusal
-
-    @classmethod
-    def fromRefusal(cls, code: str, reason: str) -> "ClientError":
-        """
-        The error for a node's refusal with C{code}.
-        """
-        return cls(reason, _REFUSALS.get(code, EXIT_REFUSED), code)
-
-
+@implementer(IConnectionHandler)
 class ClientConnection:
     """
-    The handler of one client connection: a queue of received messages and a
-    sink for raw bytes.
+    The handler of one client connection: a queue of received messages, and
+    the receiving end of a raw section.
+
+    A C{file} header switches the protocol to raw mode at once, inside
+    L{messageReceived}, and pauses reading until the user of the connection
+    says where the bytes go (L{receiveRaw}); the few bytes that arrived with
+    the header wait here meanwhile.
     """
 
     def __init__(self, address: str) -> None:
@@ -97,11 +39,13 @@ class ClientConnection:
         self.protocol: Optional[P2PProtocol] = None
         self.ready: Deferred = Deferred()
         self._messages: DeferredQueue = DeferredQueue()
-        self._waiters: List[Deferred] = []
-        self.closedReason: Optional[ClientError] = None
-        self.rawSink: Optional[Callable[[bytes], None]] = None
-        self.rawDone: Optional[Callable[[], None]] = None
-        self.onClose: Optional[Callable[[ClientError], None]] = None
+        self.closedReason: Optional[P2PError] = None
+        self._rawSink: Optional[Callable[[bytes], None]] = None
+        self._rawDone: Optional[Callable[[], None]] = None
+        self._held: List[bytes] = []
+        self._heldDone = False
+        self._paused = False
+        self.onClose: Optional[Callable[[P2PError], None]] = None
 
     # IConnectionHandler
 
@@ -110,32 +54,46 @@ class ClientConnection:
         self.ready.callback(self)
 
     def messageReceived(self, connection: P2PProtocol, message: Message) -> None:
+        if message.type == "file":
+            if message.offset > message.size:
+                raise P2PError(f"file header offset {message.offset} is beyond its size {message.size}", "protocol")
+            self._rawSink = self._rawDone = None
+            self._held = []
+            self._heldDone = False
+            connection.expectRaw(message.size - message.offset)
+            if not self._heldDone:
+                connection.transport.pauseProducing()
+                self._paused = True
         self._messages.put(message)
 
     def rawDataReceived(self, connection: P2PProtocol, data: bytes) -> None:
-        assert self.rawSink is not None
-        self.rawSink(data)
+        if self._rawSink is None:
+            self._held.append(data)
+        else:
+            self._rawSink(data)
 
     def rawDataFinished(self, connection: P2PProtocol) -> None:
-        if self.rawDone is not None:
-            self.rawDone()
+        if self._rawDone is None:
+            self._heldDone = True
+        else:
+            done, self._rawSink, self._rawDone = self._rawDone, None, None
+            done()
 
     def connectionClosed(self, connection: P2PProtocol, reason: Failure) -> None:
         if connection.refusal is not None:
-            error = ClientError.fromRefusal(*connection.refusal)
+            error = P2PError(connection.refusal[1], connection.refusal[0])
         elif connection.peer is None:
-            error = ClientError(
-                f"{self.address} closed the connection during the handshake", EXIT_UNREACHABLE
-            )
+            error = P2PError(f"{self.address} closed the connection during the handshake", "unreachable")
         else:
-            error = ClientError(f"connection to {self.address} lost", EXIT_UNREACHABLE)
+            error = P2PError(f"connection to {self.address} lost", "unreachable")
         self.closedReason = error
         if not self.ready.called:
             self.ready.errback(error)
         while self._messages.waiting:
             self._messages.waiting.pop(0).errback(error)
-        if self.onClose is not None:
-            self.onClose(error)
+        onClose, self.onClose = self.onClose, None
+        if onClose is not None:
+            onClose(error)
 
     # Use.
 
@@ -145,7 +103,7 @@ class ClientConnection:
 
     def receive(self) -> Deferred:
         """
-        The next message; fails with L{ClientError} if the connection closes
+        The next message; fails with L{P2PError} if the connection closes
         first, or if the node answers with an error.
         """
         if self._messages.pending:
@@ -156,17 +114,52 @@ class ClientConnection:
             try:
                 d = self._messages.get()
             except QueueUnderflow:
-                return fail(ClientError("too many readers"))
+                return fail(P2PError("too many readers", "internal"))
         return d.addCallback(_raiseErrors)
 
+    def receiveRaw(self, sink: Callable[[bytes], None], done: Callable[[], None]) -> None:
+        """
+        Send the raw section announced by the last C{file} header to
+        C{sink}, then call C{done}.  Bytes that came before this call are
+        delivered first, then reading resumes.
+        """
+        held, self._held = self._held, []
+        for data in held:
+            sink(data)
+        if self._heldDone:
+            self._heldDone = False
+            done()
+        else:
+            self._rawSink = sink
+            self._rawDone = done
+        self.resumeReading()
+
+    @property
+    def transport(self) -> Any:
+        return self.protocol.transport if self.protocol is not None else None
+
+    def pauseReading(self) -> None:
+        if self.protocol is not None and not self._paused and not self.protocol.closed:
+            self._paused = True
+            self.protocol.transport.pauseProducing()
+
+    def resumeReading(self) -> None:
+        if self._paused and self.protocol is not None and not self.protocol.closed:
+            self._paused = False
+            self.protocol.transport.resumeProducing()
+
     def close(self) -> None:
-        if self.protocol is not None and self.protocol.transport is not None:
-            self.protocol.transport.loseConnection()
+        if self.protocol is not None:
+            self.protocol.close()
+
+    def abort(self) -> None:
+        if self.protocol is not None:
+            self.protocol.abort()
 
 
 def _raiseErrors(message: Message) -> Message:
     if message.type == "error":
-        raise ClientError.fromRefusal(message.code, message.reason)
+        raise P2PError(message.reason, message.code)
     return message
 
 
@@ -175,27 +168,25 @@ def connect(
 ) -> Deferred:
     """
     Connect to the node at C{address} and authenticate; fire with a
-    L{ClientConnection}, or fail with a L{ClientError}.
+    L{ClientConnection}, or fail with a L{P2PError}.
     """
     try:
-        host, port = parseAddress(address)
+        endpoint = clientEndpoint(reactor, address, timeout)
     except ValueError as e:
-        return fail(ClientError(str(e), EXIT_USAGE))
-    endpointType = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
-    endpoint = endpointType(reactor, host, port, timeout=timeout)
+        return fail(P2PError(str(e), "usage"))
     handler = ClientConnection(address)
     if identity is None:
         identity = LocalIdentity("client", None, None, secret, "request")
     factory = P2PFactory(identity, handler, reactor, listening=False)
 
     def failedToConnect(reason: Failure) -> Failure:
-        if reason.check(ClientError):
+        if reason.check(P2PError):
             return reason
         if reason.check(TimeoutError):
-            raise ClientError(f"cannot connect to {address}: timed out", EXIT_TIMEOUT)
+            raise P2PError(f"cannot connect to {address}: timed out", "timeout")
         if reason.check(ConnectError):
             detail = str(reason.value).rstrip(".")
-            raise ClientError(f"cannot connect to {address}: {detail}", EXIT_UNREACHABLE)
+            raise P2PError(f"cannot connect to {address}: {detail}", "unreachable")
         return reason
 
     d = endpoint.connect(factory)
@@ -212,7 +203,6 @@ def request(connection: ClientConnection, message: Message) -> Deferred:
     return connection.receive()
 
 
-
 # How long to wait for an election to finish before giving up.
 NO_LEADER_WAIT = 5.0
 MAX_REDIRECTS = 3
@@ -220,12 +210,12 @@ MAX_REDIRECTS = 3
 
 def bounded(reactor: Any, d: Deferred, timeout: float, address: str) -> Deferred:
     """
-    Fail C{d} with a L{ClientError} if it has not fired within C{timeout}.
+    Fail C{d} with a L{P2PError} if it has not fired within C{timeout}.
     """
 
     def timedOut(reason: Failure) -> Failure:
         if reason.check(DeferredTimeout):
-            raise ClientError(f"no answer from {address} within {timeout:g}s", EXIT_TIMEOUT)
+            raise P2PError(f"no answer from {address} within {timeout:g}s", "timeout")
         return reason
 
     return d.addTimeout(timeout, reactor).addErrback(timedOut)
@@ -251,9 +241,9 @@ async def askLeader(
         connection = await connect(reactor, address, secret, timeout, identity)
         try:
             reply = await bounded(reactor, request(connection, message), timeout, address)
-        except ClientError as e:
+        except P2PError as e:
             connection.close()
-            if e.code != EXIT_NO_LEADER or reactor.seconds() >= deadline:
+            if e.code != "no-leader" or reactor.seconds() >= deadline:
                 raise
             await deferLater(reactor, 0.25)
             continue
@@ -262,7 +252,7 @@ async def askLeader(
         connection.close()
         redirects += 1
         if redirects > MAX_REDIRECTS:
-            raise ClientError("too many redirects looking for the leader", EXIT_NO_LEADER)
+            raise P2PError("too many redirects looking for the leader", "no-leader")
         address = reply.address
 
 
@@ -274,7 +264,7 @@ async def receiveListing(reactor: Any, connection: ClientConnection, first: Mess
     reply = first
     while True:
         if reply.type != "listing":
-            raise ClientError(f"unexpected {reply.type} reply to ls")
+            raise P2PError(f"unexpected {reply.type} reply to ls", "protocol")
         files.extend(reply.files)
         if reply.last:
             return files

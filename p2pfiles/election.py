@@ -166,15 +166,26 @@ class ElectionState:
                     self._follow(leader)
             elif self.leader is None or leader < self.leader:
                 self._follow(leader)
-        elif epoch < self.epoch and leader is not None and leader == sender:
-            self.log.info(
-                "rejected message from {sender}: stale epoch {old} < {current}",
-                sender=sender,
-                old=epoch,
-                current=self.epoch,
-            )
-            actions.append(Stale(sender, self.epoch, self.leader))
+        elif leader is not None and leader == sender:
+            stale = self.staleFrom(sender, epoch)
+            if stale is not None:
+                actions.append(stale)
         return actions + self._evaluate()
+
+    def staleFrom(self, sender: int, epoch: int) -> Optional[Stale]:
+        """
+        If C{epoch} is older than ours, log it and return the L{Stale} notice
+        for C{sender}: whatever it sent must not be acted on.
+        """
+        if epoch >= self.epoch:
+            return None
+        self.log.info(
+            "rejected message from {sender}: stale epoch {old} < {current}",
+            sender=sender,
+            old=epoch,
+            current=self.epoch,
+        )
+        return Stale(sender, self.epoch, self.leader)
 
     def staleReceived(self, sender: int, epoch: int, leader: Optional[int]) -> List[object]:
         """

@@ -127,6 +127,21 @@ class ClusterIndex:
                 result.append((node, self._addresses[node], entry))
         return result
 
+    def content(self, name: str, sha256: Optional[str] = None, usable: Optional[Callable[[int], bool]] = None) -> Optional[Tuple[FileEntry, List[Tuple[int, str]]]]:
+        """
+        The content served under C{name}, and the nodes that can send it:
+        C{(entry, [(node, address), ...])}, or L{None} if nobody holds it.
+
+        When holders disagree, the lowest id's copy names the content (the
+        rule every client sees in C{ls}); any holder of that same content
+        can serve it.  C{usable} narrows the holders (e.g. to live nodes).
+        """
+        holders = [h for h in self.holders(name, sha256) if usable is None or usable(h[0])]
+        if not holders:
+            return None
+        entry = holders[0][2]
+        return entry, [(node, address) for node, address, e in holders if e.sha256 == entry.sha256]
+
     def listing(self) -> List[dict]:
         """
         The C{p2pfiles ls --json} contract: one object per distinct

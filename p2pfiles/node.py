@@ -1,61 +1,49 @@
 """
-A p2pfiles node: its configuration, its members and control links, and the
-wiring between the election, the index and file transfers.
+A p2pfiles node: the service that wires its parts together.
 
-L{Node} is the handler behind every connection's factory.  Protocols hand it
-messages; it feeds the decisions to L{ElectionState} and the index objects,
-and carries out their answers on the links.  It holds all of the node's
-state; the protocols hold none.
+The parts, each in its own module:
+  - L{Membership}: the members and the control links to them;
+  - L{HeartbeatCoordinator}: who leads (the built-in election);
+  - L{LocalIndex}: this node's own files; L{IndexKeeper}: the cluster's
+    index and C{peer_files.log} while this node leads;
+  - L{ControlSession} and L{RequestSession}: one per connection;
+  - L{Fetcher}: downloads into this node's share.
+
+The node holds no protocol state.  It routes each new connection to the
+session for its purpose, gives the sessions the small views they need, and
+carries the coordinator's decisions to the index keeper.
 """
 
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet import threads
-from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import LoopingCall
-from twisted.logger import (
-    FilteringLogObserver,
-    Logger,
-    LogLevel,
-    LogLevelFilterPredicate,
-    globalLogPublisher,
-)
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
+from zope.interface import implementer
 
 from p2pfiles import __version__
-from p2pfiles.address import parseAddress
-from p2pfiles.atomic import atomicWrite
-from p2pfiles.election import LEADER, Claimed, ElectionState, Stale
+from p2pfiles.client import connect
+from p2pfiles.control import ControlSession
+from p2pfiles.errors import P2PError
+from p2pfiles.fetcher import Fetcher
 from p2pfiles.gather import IndexKeeper
+from p2pfiles.heartbeat import EpochStore, HeartbeatCoordinator
 from p2pfiles.localindex import LocalIndex
-from p2pfiles.protocol import LocalIdentity, P2PFactory, P2PProtocol, ProtocolViolation
-from p2pfiles.client import EXIT_NO_LEADER, EXIT_REFUSED, ClientError, askLeader, connect, refusalFor
-from p2pfiles.names import nameProblem
-from p2pfiles.transfer import FileProducer, PartialFile, Relay, TransferError, download, openForServing
-from p2pfiles.wire import FileEntry, Message, chunked, encode
+from p2pfiles.membership import Membership
+from p2pfiles.protocol import IConnectionHandler, LocalIdentity, P2PFactory, P2PProtocol
+from p2pfiles.session import IRequestContext, RequestSession
+from p2pfiles.partfile import openShared, removeStaleParts
+from p2pfiles.waiting import Once
+from p2pfiles.wire import FileEntry, Message, splitEntries, splitUpdate
 
-# Reconnection to a peer: start fast, never wait much more than a second, so
-# that a restarted peer is seen quickly.
-RETRY_INITIAL = 0.1
-RETRY_MAX = 1.0
+__all__ = ["Node", "NodeConfig", "EpochStore"]
 
-
-class PeerLink(ClientService):
-    """
-    The control link to one peer, reconnecting for as long as the node runs.
-
-    ClientService logs every retry at info level: once a second, forever,
-    for a peer that is down.  The node logs the link going down and coming
-    back instead, so only warnings and worse pass from here.
-    """
-
-    _log = Logger(
-        observer=FilteringLogObserver(globalLogPublisher, [LogLevelFilterPredicate(LogLevel.warn)])
-    )
+# How often partial downloads are looked at for removal.
+PART_SWEEP_INTERVAL = 24 * 3600.0
 
 
 class NodeConfig:
@@ -74,8 +62,10 @@ class NodeConfig:
         secret: bytes = b"",
         heartbeat: float = 0.25,
         leaderTimeout: float = 1.0,
+        partMaxAge: float = 7 * 24 * 3600.0,
     ) -> None:
         self.id = id
+        self.partMaxAge = partMaxAge
         self.address = address
         self.peers = dict(peers)
         self.share = share
@@ -85,59 +75,65 @@ class NodeConfig:
         self.leaderTimeout = leaderTimeout
 
 
-class EpochStore:
+@implementer(IConnectionHandler)
+class Incoming:
     """
-    The highest epoch this node has seen, kept in C{epoch} in the state
-    directory so that a restart never reuses one.
-    """
-
-    def __init__(self, state: FilePath) -> None:
-        self.path = state.child("epoch")
-
-    def load(self) -> int:
-        """
-        Return the stored epoch (0 if none).  A file that is not a number is
-        an error: starting from 0 could reuse an epoch.
-        """
-        if not self.path.exists():
-            return 0
-        text = self.path.getContent().strip()
-        if not text.isdigit():
-            raise ValueError(f"{self.path.path} does not hold an epoch number; remove it to start from 0")
-        return int(text)
-
-    def save(self, epoch: int) -> None:
-        # A few bytes, written rarely: cheap enough to do on the reactor.
-        atomicWrite(self.path, b"%d\n" % (epoch,))
-
-
-class Member:
-    """
-    One other node as this node knows it: id, address, and its open control
-    connections (ours to it, and its to us).
+    The first handler of a connection made to this node: once the handshake
+    says what the connection is for, it hands the connection to a session
+    of that kind.
     """
 
-    def __init__(self, id: int, address: str) -> None:
-        self.id = id
-        self.address = address
-        self.links: Set[P2PProtocol] = set()
-        self.service: Optional[ClientService] = None
+    def __init__(self, route: Callable[[P2PProtocol], Any]) -> None:
+        self.route = route
 
-    def link(self) -> Optional[P2PProtocol]:
-        """
-        The connection to send on: our own outgoing one if it is up.
-        """
-        best = None
-        for link in self.links:
-            if not link.listening:
-                return link
-            best = link
-        return best
+    def connectionReady(self, connection: P2PProtocol) -> None:
+        session = self.route(connection)
+        connection.setHandler(session)
+        session.connectionReady(connection)
+
+    def messageReceived(self, connection: P2PProtocol, message: Message) -> None:
+        raise AssertionError("messages reach the session, not the router")
+
+    def rawDataReceived(self, connection: P2PProtocol, data: bytes) -> None:
+        raise AssertionError("raw data reaches the session, not the router")
+
+    def rawDataFinished(self, connection: P2PProtocol) -> None:
+        raise AssertionError("raw data reaches the session, not the router")
+
+    def connectionClosed(self, connection: P2PProtocol, reason: Failure) -> None:
+        # Closed during the handshake: nothing was set up.
+        pass
+
+
+class Transfer:
+    """
+    One transfer in flight on this node, for status and the web view.
+    """
+
+    def __init__(self, session: Any, direction: str, name: str, peer: str, size: int, started: float) -> None:
+        self.session = session
+        self.direction = direction
+        self.name = name
+        self.peer = peer
+        self.size = size
+        self.started = started
+
+    def describe(self) -> Dict[str, Any]:
+        return {
+            "name": self.name,
+            "direction": self.direction,
+            "peer": self.peer,
+            "bytes": self.session.progress(),
+            "size": self.size,
+            "started": self.started,
+        }
 
 
 class Node(MultiService):
     """
-    The node.  Its child services are the links to its peers.
+    The node.  Its child services are its membership (with the links to its
+    peers) and, while running, nothing else: the coordinator, indexes and
+    fetcher are started and stopped by the node itself.
     """
 
     log = Logger()
@@ -159,45 +155,112 @@ class Node(MultiService):
                 return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
 
         self.runInThread = runInThread
+        self.identity = LocalIdentity("node", config.id, config.address, config.secret, "control")
         self.localIndex = LocalIndex(
             config.share, config.state, reactor, runInThread=runInThread, useInotify=useInotify
         )
         self.localIndex.subscribe(self._localChanges)
-        self._localReady = False
-        self._localWaiters: List[Deferred] = []
+        self._localReady = Once()
+        self.membership = Membership(config.id, config.address, self.identity, reactor, self._outgoingControl)
+        self.membership.setServiceParent(self)
+        self.coordinator = HeartbeatCoordinator(
+            config.id,
+            reactor,
+            EpochStore(config.state),
+            runInThread,
+            self.membership.sendTo,
+            self.membership.broadcast,
+            self.membership.addressOf,
+            config.heartbeat,
+            config.leaderTimeout,
+            knownPeers=config.peers,
+        )
         self.keeper = IndexKeeper(
             config.id,
             config.address,
             config.state.child("peer_files.log"),
             reactor,
             runInThread,
-            self.sendTo,
+            self.membership.sendTo,
         )
-        self.identity = LocalIdentity("node", config.id, config.address, config.secret, "control")
-        self.epochs = EpochStore(config.state)
-        self.election = ElectionState(
+        self.fetcher = Fetcher(
             config.id,
+            config.share,
             reactor,
-            config.leaderTimeout,
-            epoch=0,
-            knownPeers=config.peers,
+            config.secret,
+            self.identity.withPurpose("request"),
+            runInThread,
+            self.leaderAddress,
+            lambda: [a for m, a in sorted(self._liveMembers().items())],
+            self.localIndex.entries.get,
+            self.localIndex.rescan,
         )
-        self.members: Dict[int, Member] = {}
-        self._watchers: Set[P2PProtocol] = set()
-        self._transfers: Dict[P2PProtocol, Any] = {}
-        self._relayCount = 0
-        self._heartbeats = LoopingCall(self._tick)
-        self._heartbeats.clock = reactor
-        self._lastTick: Optional[float] = None
+        self.membership.onLinkUp = self._linkUp
+        self.membership.onLinkDown = self._linkDown
+        self.membership.onLinkLost = self._linkLost
+        self.membership.onChange = self._changed
+        self.coordinator.subscribe(self._leadershipChanged)
+        # Control messages: type -> function of (sender, message).
+        self.controlHandlers: Dict[str, Callable[[int, Message], None]] = {
+            "heartbeat": self._heartbeat,
+            "stale": self.coordinator.staleReceived,
+            "index-request": self._indexRequest,
+            "index-chunk": self.keeper.chunkReceived,
+            "index-update": self._indexUpdate,
+            "error": self._controlError,
+        }
+        self.context = RequestContext(self)
+        self.factories: List[P2PFactory] = []
+        self.transfers: Dict[Any, Transfer] = {}
+        self._watchers: List[Callable[[Dict[str, Any]], None]] = []
         self._snapshot: Optional[Tuple[Any, ...]] = None
-        self._savedEpoch = 0
+        # Housekeeping at the heartbeat's pace: retry gathers that failed,
+        # and notice members whose silence made them count as down.
+        self._housekeeping = LoopingCall(self._tick)
+        self._housekeeping.clock = reactor
+        # Parts of abandoned downloads go at start and then daily.
+        self._partSweep = LoopingCall(self._sweepParts)
+        self._partSweep.clock = reactor
+
+    # Connections.
+
+    def listeningFactory(self) -> P2PFactory:
+        """
+        The factory for the node's listening port: one session per
+        connection, routed by purpose once authenticated.
+        """
+        factory = P2PFactory(
+            self.identity, lambda: Incoming(self._route), self.reactor, listening=True, perConnection=True
+        )
+        self.factories.append(factory)
+        return factory
+
+    def _route(self, connection: P2PProtocol) -> Any:
+        peer = connection.peer
+        assert peer is not None
+        if peer.role == "node" and peer.purpose == "control":
+            return self._controlSession()
+        return RequestSession(self.context)
+
+    def _outgoingControl(self) -> ControlSession:
+        return self._controlSession()
+
+    def _controlSession(self) -> ControlSession:
+        return ControlSession(self.controlHandlers, self._controlReady, self._controlClosed)
+
+    def _controlReady(self, connection: P2PProtocol) -> bool:
+        accepted = self.membership.controlReady(connection)
+        self._changed()
+        return accepted
+
+    def _controlClosed(self, connection: P2PProtocol) -> None:
+        self.membership.controlClosed(connection)
 
     # Life cycle.
 
     def startService(self) -> None:
         self.config.share.makedirs(ignoreExistingDirectory=True)
         self.config.state.makedirs(ignoreExistingDirectory=True)
-        self._savedEpoch = self.election.epoch = self.epochs.load()
         if not self.config.secret:
             self.log.warn(
                 "node {id} runs without a cluster secret: any local process can join; "
@@ -205,42 +268,68 @@ class Node(MultiService):
                 id=self.id,
             )
         for peer, address in sorted(self.config.peers.items()):
-            self._learn(peer, address)
+            self.membership.learn(peer, address, configured=True)
         super().startService()
+        self.coordinator.start()
+        self._housekeeping.start(self.config.heartbeat, now=False)
+        self._partSweep.start(PART_SWEEP_INTERVAL, now=True)
         self.log.info(
             "node {id} up at {address} (epoch {epoch}, peers {peers})",
             id=self.id,
             address=self.config.address,
-            epoch=self.election.epoch,
+            epoch=self.coordinator.epoch(),
             peers=", ".join(str(p) for p in sorted(self.config.peers)) or "none",
         )
-        self._heartbeats.start(self.config.heartbeat, now=True)
         self.localIndex.start().addCallbacks(self._localStarted, self._localFailed)
 
     def stopService(self) -> Deferred:
-        if self._heartbeats.running:
-            self._heartbeats.stop()
+        """
+        Stop claiming and heartbeating first, then close every connection
+        this node owns, incoming ones included, and cancel what is pending.
+        """
+        for loop in (self._housekeeping, self._partSweep):
+            if loop.running:
+                loop.stop()
+        stopping = [self.coordinator.stop(), self.fetcher.stop()]
         for watcher in list(self._watchers):
-            watcher.transport.loseConnection()
-        stopping = [
-            super().stopService(),
-            self.localIndex.stop(),
-            self.keeper.stop(),
-        ]
+            self._watchers.remove(watcher)
+        stopping.append(super().stopService())
+        stopping.append(self.membership.closeLinks())
+        for factory in self.factories:
+            stopping.append(factory.closeAll())
+        stopping.append(self.localIndex.stop())
+        stopping.append(self.keeper.stop())
+        self._localReady.fire(Failure(P2PError("the node stopped", "unavailable")))
         return DeferredList(stopping, consumeErrors=True)
 
     # This node's own files.
+
+    def _sweepParts(self) -> Deferred:
+        share = self.config.share
+        d = self.runInThread(removeStaleParts, share, self.config.partMaxAge, self.reactor.seconds())
+
+        def removed(names: List[str]) -> None:
+            if names:
+                self.log.info(
+                    "removed {count} partial downloads older than {days:g} days from {share}: {names}",
+                    count=len(names),
+                    days=self.config.partMaxAge / 86400,
+                    share=share.path,
+                    names=", ".join(names[:5]) + (" ..." if len(names) > 5 else ""),
+                )
+
+        def failed(reason: Failure) -> None:
+            self.log.warn("cannot clean partial downloads in {share}: {reason}", share=share.path, reason=reason.getErrorMessage())
+
+        return d.addCallbacks(removed, failed)
 
     def _localStarted(self, ignored: object) -> None:
         self.log.info(
             "sharing {count} files from {share}", count=len(self.localIndex.entries), share=self.config.share.path
         )
-        self._localReady = True
         if self.keeper.epoch is not None:
             self.keeper.ownChanges(list(self.localIndex.entries.values()), [])
-        waiters, self._localWaiters = self._localWaiters, []
-        for waiter in waiters:
-            waiter.callback(None)
+        self._localReady.fire(None)
 
     def _localFailed(self, reason: Failure) -> None:
         self.log.failure("cannot index the share {share}", reason, share=self.config.share.path)
@@ -249,462 +338,60 @@ class Node(MultiService):
         """
         Fire once the first scan of the share is done.
         """
-        if self._localReady:
-            return succeed(None)
-        d: Deferred = Deferred()
-        self._localWaiters.append(d)
-        return d
+        return self._localReady.wait()
 
     def _localChanges(self, changed: List[FileEntry], removed: List[str]) -> None:
         if self.keeper.epoch is not None:
             self.keeper.ownChanges(changed, removed)
             return
-        leader = self.election.leader
+        leader = self.coordinator.leader()
         if leader is None or leader == self.id:
             return
         # Followers send only changes, tagged with the epoch; a change lost
         # in an election is covered by the new leader's full gather.
-        parts = chunked(changed)
-        gone = chunked(removed)
-        for i in range(max(len(parts), len(gone))):
-            self.sendTo(
-                leader,
-                Message(
-                    "index-update",
-                    epoch=self.election.epoch,
-                    entries=parts[i] if i < len(parts) else [],
-                    removed=gone[i] if i < len(gone) else [],
-                ),
-            )
+        epoch = self.coordinator.epoch()
+        for entries, gone in splitUpdate(changed, removed):
+            self.membership.sendTo(leader, Message("index-update", epoch=epoch, entries=entries, removed=gone))
 
-    # Membership.
+    # Links and leadership.
 
-    def _learn(self, member: int, address: str) -> None:
-        """
-        Know of C{member} at C{address} and keep a control link to it.
-        """
-        if member == self.id or member in self.members:
-            return
-        self.members[member] = record = Member(member, address)
-        self.election.peerKnown(member)
-        try:
-            host, port = parseAddress(address)
-        except ValueError as e:
-            self.log.warn("not linking to node {id}: {reason}", id=member, reason=str(e))
-            return
-        endpointType = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
-        factory = P2PFactory(self.identity, self, self.reactor, listening=False)
-        factory.expectedNode = member
-        record.service = PeerLink(
-            endpointType(self.reactor, host, port, timeout=5),
-            factory,
-            retryPolicy=backoffPolicy(RETRY_INITIAL, RETRY_MAX, factor=2.0, jitter=lambda: 0.0),
-            clock=self.reactor,
-        )
-        record.service.setServiceParent(self)
-        self.log.info("linking to node {id} at {address}", id=member, address=address)
-
-    def _isControl(self, connection: P2PProtocol) -> bool:
-        peer = connection.peer
-        return peer is not None and peer.role == "node" and peer.purpose == "control"
-
-    def connectionReady(self, connection: P2PProtocol) -> None:
-        peer = connection.peer
-        assert peer is not None
-        if not self._isControl(connection):
-            return
-        expected = getattr(connection.factory, "expectedNode", None)
-        if peer.node == self.id:
-            connection.refuse("conflict", f"node id {self.id} is already in use by the node at {self.config.address}")
-            return
-        if expected is not None and peer.node != expected:
-            connection.refuse("conflict", f"expected node {expected} at this address, found node {peer.node}")
-            return
-        self._learn(peer.node, peer.address)
-        member = self.members[peer.node]
-        first = not member.links
-        member.links.add(connection)
-        if first:
-            self.log.info("member {id} link up ({address})", id=peer.node, address=member.address)
-            self._apply(self.election.memberUp(peer.node))
-        connection.sendMessage(self._heartbeat())
+    def _linkUp(self, member: int) -> None:
+        self.coordinator.linkUp(member)
         self._changed()
 
-    def connectionClosed(self, connection: P2PProtocol, reason: Failure) -> None:
-        self._watchers.discard(connection)
-        transfer = self._transfers.pop(connection, None)
-        if isinstance(transfer, Relay):
-            transfer.downstreamLost()
-        peer = connection.peer
-        if peer is None or not self._isControl(connection):
-            return
-        member = self.members.get(peer.node)
-        if member is None or connection not in member.links:
-            return
-        member.links.discard(connection)
-        if not member.links:
-            self.log.info("member {id} link down ({address})", id=member.id, address=member.address)
-            self._apply(self.election.memberDown(member.id))
-            if self.keeper.epoch is not None:
-                self.keeper.memberGone(member.id)
-            self._changed()
-        elif self.keeper.epoch is not None and (
-            self.keeper.index.hasNode(member.id) or self.keeper.isGathering(member.id)
-        ):
+    def _linkDown(self, member: int) -> None:
+        self.coordinator.linkDown(member)
+        if self.keeper.epoch is not None:
+            self.keeper.memberGone(member)
+        self._changed()
+
+    def _linkLost(self, member: int) -> None:
+        if self.keeper.epoch is not None and (self.keeper.index.hasNode(member) or self.keeper.isGathering(member)):
             # Index messages are not acknowledged: an update, a request or
             # its answer may have been lost with the link that closed.  Its
             # whole index again covers that.
-            self.keeper.gather(member.id, member.address)
+            address = self.membership.addressOf(member)
+            if address is not None:
+                self.keeper.gather(member, address)
 
-    # Messages.
-
-    def messageReceived(self, connection: P2PProtocol, message: Message) -> None:
-        handler = getattr(self, "_control_" + message.type.replace("-", "_"), None)
-        if handler is not None:
-            if not self._isControl(connection):
-                raise ProtocolViolation(f"{message.type} is only accepted on control links")
-            handler(connection.peer.node, connection, message)
-            return
-        handler = getattr(self, "request_" + message.type.replace("-", "_"), None)
-        if handler is None:
-            raise ProtocolViolation(f"unexpected {message.type} message")
-        if message.type != "error":
-            if self._isControl(connection):
-                raise ProtocolViolation(f"{message.type} is not accepted on a control link")
-            if connection in self._transfers:
-                # Its bytes are on the wire: a reply now would land in them.
-                raise ProtocolViolation(f"{message.type} sent during a transfer")
-        handler(connection, message)
-
-    def rawDataReceived(self, connection: P2PProtocol, data: bytes) -> None:
-        raise ProtocolViolation("unexpected raw data")
-
-    def rawDataFinished(self, connection: P2PProtocol) -> None:
-        pass
-
-    def _control_heartbeat(self, sender: int, connection: P2PProtocol, message: Message) -> None:
-        if message.node != sender:
-            raise ProtocolViolation(f"heartbeat names node {message.node} on node {sender}'s link")
-        for member, address in message.members:
-            self._learn(member, address)
-        before = self._electionView(sender)
-        self._apply(self.election.heartbeatReceived(sender, message.epoch, message.leader))
-        # Most heartbeats change nothing; the tick catches what time changes.
-        if self._electionView(sender) != before:
-            self._changed()
-
-    def _electionView(self, member: int) -> Tuple[Any, ...]:
-        election = self.election
-        return (election.role, election.leader, election.epoch, election.isLive(member))
-
-    def _control_stale(self, sender: int, connection: P2PProtocol, message: Message) -> None:
-        self._apply(self.election.staleReceived(sender, message.epoch, message.leader))
-        self._changed()
-
-    def _rejectStale(self, sender: int, epoch: int) -> bool:
-        """
-        If C{epoch} is older than ours, log it, tell C{sender} the current
-        epoch and leader, and return True: the message must not be acted on.
-        """
-        if epoch >= self.election.epoch:
-            return False
-        self.log.info(
-            "rejected message from {sender}: stale epoch {old} < {current}",
-            sender=sender,
-            old=epoch,
-            current=self.election.epoch,
-        )
-        self.sendTo(sender, Message("stale", epoch=self.election.epoch, leader=self.election.leader))
-        return True
-
-    def _control_index_request(self, sender: int, connection: P2PProtocol, message: Message) -> None:
-        epoch = message.epoch
-        if self._rejectStale(sender, epoch):
-            return
-        if epoch != self.election.epoch or sender != self.election.leader:
-            # A claim we have not heard yet: the leader asks again.
-            return
-
-        def send(ignored: object) -> None:
-            if self.election.epoch != epoch or self.election.leader != sender:
-                return
-            entries = sorted(self.localIndex.entries.values(), key=lambda e: e.name)
-            parts = chunked(entries)
-            for i, part in enumerate(parts):
-                # On the same link as later changes, so they cannot overtake it.
-                self.sendTo(
-                    sender,
-                    Message(
-                        "index-chunk",
-                        epoch=epoch,
-                        request=message.request,
-                        entries=part,
-                        last=i == len(parts) - 1,
-                    ),
-                )
-
-        self.whenLocalReady().addCallback(send).addErrback(
-            lambda reason: self.log.failure("cannot send the index to {leader}", reason, leader=sender)
-        )
-
-    def _control_index_chunk(self, sender: int, connection: P2PProtocol, message: Message) -> None:
-        self.keeper.chunkReceived(sender, message)
-
-    def _control_index_update(self, sender: int, connection: P2PProtocol, message: Message) -> None:
-        if self._rejectStale(sender, message.epoch):
-            return
-        self.keeper.updateReceived(sender, self.members[sender].address, message)
-
-    def request_error(self, connection: P2PProtocol, message: Message) -> None:
-        self.log.warn(
-            "{peer} reports an error: {reason} ({code})",
-            peer=connection.describePeer(),
-            reason=message.reason,
-            code=message.code,
-        )
-
-    def request_status(self, connection: P2PProtocol, message: Message) -> None:
-        connection.sendMessage(Message("state", status=self.status()))
-        if message.watch:
-            self._watchers.add(connection)
-
-    def request_ls(self, connection: P2PProtocol, message: Message) -> None:
-        if self.isLeader():
-            parts = chunked(self.keeper.index.listing())
-            for i, part in enumerate(parts):
-                connection.sendMessage(Message("listing", files=part, last=i == len(parts) - 1))
-        else:
-            self._redirect(connection)
-
-    def request_lookup(self, connection: P2PProtocol, message: Message) -> None:
-        name = message.name
-        if not self._checkName(connection, name):
-            return
-        if not self.isLeader():
-            self._redirect(connection)
-            return
-        holders = self.keeper.index.holders(name)
-        if not holders:
-            connection.sendError("not-found", f"not found: {name}")
-            return
-        # The lowest id's copy names the content when holders disagree.
-        entry = holders[0][2]
-        connection.sendMessage(
-            Message(
-                "found",
-                name=name,
-                size=entry.size,
-                sha256=entry.sha256,
-                holders=[node for node, _, e in holders if e.sha256 == entry.sha256],
-            )
-        )
-
-    def _checkName(self, connection: P2PProtocol, name: str) -> bool:
-        problem = nameProblem(name)
-        if problem is not None:
-            connection.sendError("bad-name", f"bad file name {name!r}: {problem}")
-            return False
-        return True
-
-    def request_get(self, connection: P2PProtocol, message: Message) -> None:
-        if connection in self._watchers:
-            raise ProtocolViolation("get on a connection that is watching status")
-        name = message.name
-        if not self._checkName(connection, name):
-            return
-        assert connection.peer is not None
-        entry = self.localIndex.entries.get(name)
-        mine = entry is not None and message.sha256 in (None, entry.sha256)
-        if mine and (self.isLeader() or connection.peer.role == "node"):
-            self._serveLocal(connection, entry, message.offset)
-            return
-        if not self.isLeader():
-            if connection.peer.role == "node" and connection.peer.node == self.election.leader:
-                # Our leader relaying from us: it should look elsewhere.
-                connection.sendError("not-found", f"not found: {name} (node {self.id} does not have it)")
-            else:
-                self._redirect(connection)
-            return
-        candidates = [
-            (node, address, e)
-            for node, address, e in self.keeper.index.holders(name, message.sha256)
-            if node != self.id and self.election.isLive(node)
-        ]
-        if not candidates:
-            connection.sendError("not-found", f"not found: {name}")
-            return
-        # The lowest id's copy names the content when holders disagree; any
-        # holder of that same content can serve it.
-        content = candidates[0][2]
-        holders = [(node, address) for node, address, e in candidates if e.sha256 == content.sha256]
-        if message.offset > content.size:
-            connection.sendError(
-                "bad-offset", f"offset {message.offset} is beyond the size of {name} ({content.size} bytes)"
-            )
-            return
-        # Spread relays over the holders.
-        start = self._relayCount % len(holders)
-        self._relayCount += 1
-        relay = Relay(
-            connection,
-            name,
-            content.sha256,
-            content.size,
-            message.offset,
-            holders[start:] + holders[:start],
-            self._openUpstream,
-            self.id,
-            clock=self.reactor,
-        )
-        self._track(connection, relay, relay.start(), f"relay of {name}")
-
-    def _openUpstream(self, address: str) -> Deferred:
-        return connect(
-            self.reactor, address, self.config.secret, 10.0, self.identity.withPurpose("request")
-        )
-
-    def _serveLocal(self, connection: P2PProtocol, entry: FileEntry, offset: int) -> None:
-        try:
-            f = openForServing(self.config.share, entry.name, entry.size, offset)
-        except TransferError as e:
-            connection.sendError(e.code, str(e))
-            return
-        except OSError as e:
-            connection.sendError("not-found", f"cannot open {entry.name}: {e.strerror or e}")
-            return
-        connection.sendMessage(
-            Message(
-                "file",
-                name=entry.name,
-                size=entry.size,
-                sha256=entry.sha256,
-                offset=offset,
-                holder=self.id,
-                leader=self.election.leader if self.election.leader is not None else self.id,
-            )
-        )
-        producer = FileProducer(f, entry.size - offset, connection.transport)
-        done = producer.start()
-
-        def failed(reason: Failure) -> Failure:
-            # Mid-file no frame can say why: close, so that the receiver
-            # notices at once and resumes (or the relay fails over).
-            if not (reason.check(TransferError) and reason.value.code == "gone"):
-                connection.transport.loseConnection()
-            return reason
-
-        done.addErrback(failed)
-        self._track(connection, producer, done, f"sending {entry.name}")
-
-    def _track(self, connection: P2PProtocol, transfer: Any, done: Deferred, what: str) -> None:
-        """
-        Remember a transfer running on C{connection} until it ends, and log
-        how it ended.
-        """
-        self._transfers[connection] = transfer
-        started = self.reactor.seconds()
-
-        def ended(result: Any) -> None:
-            self._transfers.pop(connection, None)
-            if isinstance(result, Failure):
-                self.log.warn("{what} to {peer} failed: {reason}", what=what, peer=connection.describePeer(), reason=result.getErrorMessage())
-            else:
-                self.log.info(
-                    "{what} to {peer}: {bytes} bytes in {s:.2f}s",
-                    what=what,
-                    peer=connection.describePeer(),
-                    bytes=result,
-                    s=self.reactor.seconds() - started,
-                )
-
-        done.addBoth(ended)
-
-    def request_fetch(self, connection: P2PProtocol, message: Message) -> None:
-        name = message.name
-        if not self._checkName(connection, name):
-            return
-        d = Deferred.fromCoroutine(self._fetch(name, message.overwrite))
-
-        def fetched(reply: Message) -> None:
-            connection.sendMessage(reply)
-
-        def failed(reason: Failure) -> None:
-            if reason.check(ClientError):
-                code = reason.value.refusal or refusalFor(reason.value.code)
-                connection.sendError(code, str(reason.value))
-            else:
-                self.log.failure("fetch of {name} failed", reason, name=name)
-                connection.sendError("internal", f"fetch of {name} failed: {reason.getErrorMessage()}")
-
-        d.addCallbacks(fetched, failed)
-
-    async def _fetch(self, name: str, overwrite: bool) -> Message:
-        """
-        Get C{name} from the leader into this node's share, as the original
-        system's node-to-leader request did.
-        """
-        leader = self.leaderAddress()
-        if leader is None:
-            raise ClientError("no leader elected right now; try again shortly", EXIT_NO_LEADER, "no-leader")
-        identity = self.identity.withPurpose("request")
-        connection, found = await askLeader(self.reactor, leader, self.config.secret, Message("lookup", name=name), 10.0, identity)
-        connection.close()
-        mine = self.localIndex.entries.get(name)
-        if mine is None and self.config.share.child(name).exists():
-            await self.localIndex.rescan()
-            mine = self.localIndex.entries.get(name)
-        if mine is not None and mine.sha256 == found.sha256:
-            return Message("fetched", name=name, size=mine.size, sha256=mine.sha256, already=True)
-        if mine is not None and not overwrite:
-            raise ClientError(
-                f"{name} already exists on node {self.id} with other content; use --overwrite to replace it",
-                EXIT_REFUSED,
-                "conflict",
-            )
-        addresses = [leader] + [a for m, a in sorted(self._liveMembers().items()) if a != leader]
-        sink = PartialFile(self.config.share, name)
-        summary = await download(
-            self.reactor, name, sink, addresses, self.config.secret, self.runInThread, identity
-        )
-        self.log.info(
-            "fetched {name} ({size} bytes) via {via} in {seconds:.2f}s",
-            name=name,
-            size=summary["size"],
-            via=summary["via"],
-            seconds=summary["seconds"],
-        )
-        await self.localIndex.rescan()
-        return Message("fetched", name=name, size=summary["size"], sha256=summary["sha256"], already=False)
-
-    def _redirect(self, connection: P2PProtocol) -> None:
-        """
-        Point a client at the leader, or tell it there is none right now.
-        """
-        address = self.leaderAddress()
-        leader = self.election.leader
-        if leader is None or address is None:
-            connection.sendError("no-leader", "no leader elected right now; try again shortly")
-        else:
-            connection.sendMessage(Message("redirect", leader=leader, address=address))
-
-    # The election's answers.
-
-    def _apply(self, actions: List[object]) -> None:
-        if self.election.epoch > self._savedEpoch:
-            self._saveEpoch(self.election.epoch)
-        for action in actions:
-            if isinstance(action, Stale):
-                self.sendTo(action.to, Message("stale", epoch=action.epoch, leader=action.leader))
-            elif isinstance(action, Claimed):
-                self._broadcastHeartbeat()
-                self._lead(action.epoch)
-        if self.keeper.epoch is not None and (
-            not self.isLeader() or self.keeper.epoch != self.election.epoch
-        ):
+    def _leadershipChanged(self) -> None:
+        coordinator = self.coordinator
+        if self.keeper.epoch is not None and (not coordinator.isLeader() or self.keeper.epoch != coordinator.epoch()):
             self.keeper.resign()
+        if coordinator.isLeader() and self.keeper.epoch is None and not coordinator.stopping:
+            self._lead(coordinator.epoch())
+        self._tick()
+
+    def _tick(self) -> None:
+        try:
+            if self.keeper.epoch is not None:
+                self.keeper.reconcile(self._liveMembers())
+            self._changed()
+        except Exception:
+            self.log.failure("error in the node's housekeeping")
 
     def _liveMembers(self) -> Dict[int, str]:
-        return {m: self.members[m].address for m in self.election.liveMembers() if m != self.id}
+        return {m: a for m, a in self.coordinator.members().items() if m != self.id}
 
     def _lead(self, epoch: int) -> None:
         started = self.reactor.seconds()
@@ -721,113 +408,112 @@ class Node(MultiService):
 
         self.keeper.lead(epoch, own, self._liveMembers()).addCallback(gathered)
 
-    def _saveEpoch(self, epoch: int) -> None:
-        try:
-            self.epochs.save(epoch)
-        except OSError as e:
-            self.log.error("cannot save epoch {epoch}: {reason}", epoch=epoch, reason=e.strerror or str(e))
-        else:
-            self._savedEpoch = epoch
+    # Control messages.
 
-    def sendTo(self, member: int, message: Message) -> bool:
-        record = self.members.get(member)
-        link = record.link() if record is not None else None
-        if link is None:
-            return False
-        link.sendMessage(message)
-        return True
+    def _heartbeat(self, sender: int, message: Message) -> None:
+        for member, address in message.members:
+            if self.membership.learn(member, address):
+                self.coordinator.peerKnown(member)
+        self.coordinator.heartbeatReceived(sender, message)
 
-    def _heartbeat(self) -> Message:
-        members = [(self.id, self.config.address)] + [
-            (m, self.members[m].address) for m in self.election.liveMembers() if m != self.id
-        ]
-        return Message(
-            "heartbeat",
-            node=self.id,
-            epoch=self.election.epoch,
-            leader=self.election.leader,
-            members=members,
+    def _controlError(self, sender: int, message: Message) -> None:
+        self.log.warn(
+            "node {sender} reports an error: {reason} ({code})", sender=sender, reason=message.reason, code=message.code
         )
 
-    def _broadcastHeartbeat(self) -> None:
-        # Encoded once for every member: this runs each tick on each link.
-        heartbeat = encode(self._heartbeat())
-        for member in self.members.values():
-            link = member.link()
-            if link is not None:
-                link.sendEncoded(heartbeat)
+    def _indexRequest(self, sender: int, message: Message) -> None:
+        epoch = message.epoch
+        if self.coordinator.rejectStale(sender, epoch):
+            return
+        if epoch != self.coordinator.epoch() or sender != self.coordinator.leader():
+            # A claim we have not heard yet: the leader asks again.
+            return
 
-    def _tick(self) -> None:
-        # The heartbeat loop must outlive any bug in one tick: a LoopingCall
-        # whose function raises stops for good, and the node would go silent.
-        try:
-            self._tickOnce()
-        except Exception:
-            self.log.failure("error in the heartbeat tick")
+        def send(ignored: object) -> None:
+            if self.coordinator.epoch() != epoch or self.coordinator.leader() != sender:
+                return
+            entries = sorted(self.localIndex.entries.values(), key=lambda e: e.name)
+            parts = splitEntries(entries)
+            for i, part in enumerate(parts):
+                # On the same link as later changes, so they cannot overtake it.
+                self.membership.sendTo(
+                    sender,
+                    Message(
+                        "index-chunk",
+                        epoch=epoch,
+                        request=message.request,
+                        entries=part,
+                        last=i == len(parts) - 1,
+                    ),
+                )
 
-    def _tickOnce(self) -> None:
-        now = self.reactor.seconds()
-        if self._lastTick is not None and now - self._lastTick > self.config.leaderTimeout + self.config.heartbeat:
-            self.log.warn(
-                "timers ran {late:.1f}s late (process suspended?): hearing from members afresh",
-                late=now - self._lastTick - self.config.heartbeat,
-            )
-            self._apply(self.election.resumed())
-        self._lastTick = now
-        self._apply(self.election.tick())
-        self._broadcastHeartbeat()
-        if self.keeper.epoch is not None:
-            self.keeper.reconcile(self._liveMembers())
-        self._changed()
+        def failed(reason: Failure) -> None:
+            if not reason.check(P2PError):
+                self.log.failure("cannot send the index to {leader}", reason, leader=sender)
+
+        self.whenLocalReady().addCallback(send).addErrback(failed)
+
+    def _indexUpdate(self, sender: int, message: Message) -> None:
+        if self.coordinator.rejectStale(sender, message.epoch):
+            return
+        address = self.membership.addressOf(sender)
+        if address is not None:
+            self.keeper.updateReceived(sender, address, message)
 
     # Status.
 
     def leaderAddress(self) -> Optional[str]:
-        leader = self.election.leader
-        if leader is None:
-            return None
-        if leader == self.id:
-            return self.config.address
-        member = self.members.get(leader)
-        return member.address if member is not None else None
+        leader = self.coordinator.leader()
+        return None if leader is None else self.membership.addressOf(leader)
 
     def isLeader(self) -> bool:
-        return self.election.role == LEADER
+        return self.coordinator.isLeader()
 
     def status(self) -> Dict[str, Any]:
         """
         What C{p2pfiles status --json} prints.
         """
+        coordinator = self.coordinator
         members = [{"id": self.id, "address": self.config.address, "alive": True}]
-        for member in sorted(self.members):
+        for member in self.membership.ids():
             members.append(
                 {
                     "id": member,
-                    "address": self.members[member].address,
-                    "alive": self.election.isLive(member),
+                    "address": self.membership.addressOf(member),
+                    "alive": coordinator.isLive(member),
                 }
             )
         members.sort(key=lambda m: m["id"])
         return {
             "id": self.id,
             "address": self.config.address,
-            "role": self.election.role,
-            "leader": self.election.leader,
-            "epoch": self.election.epoch,
+            "role": coordinator.role(),
+            "leader": coordinator.leader(),
+            "epoch": coordinator.epoch(),
             "members": members,
             "version": __version__,
         }
+
+    def watchStatus(self, callback: Callable[[Dict[str, Any]], None]) -> Callable[[], None]:
+        self._watchers.append(callback)
+
+        def stop() -> None:
+            if callback in self._watchers:
+                self._watchers.remove(callback)
+
+        return stop
 
     def _changed(self) -> None:
         """
         Tell watchers (and the log) when role, leader, epoch or membership
         changed since the last look.
         """
+        coordinator = self.coordinator
         snapshot = (
-            self.election.role,
-            self.election.leader,
-            self.election.epoch,
-            tuple((m, self.election.isLive(m)) for m in sorted(self.members)),
+            coordinator.role(),
+            coordinator.leader(),
+            coordinator.epoch(),
+            tuple((m, coordinator.isLive(m)) for m in self.membership.ids()),
         )
         if snapshot == self._snapshot:
             return
@@ -838,10 +524,108 @@ class Node(MultiService):
             for member, alive in snapshot[3]:
                 # A newly learned member is only worth a line once it is up.
                 if before.get(member, False) != alive:
-                    self.log.info(
-                        "member {id} is {state}", id=member, state="alive" if alive else "down"
-                    )
+                    self.log.info("member {id} is {state}", id=member, state="alive" if alive else "down")
         if self._watchers:
-            state = Message("state", status=self.status())
+            status = self.status()
             for watcher in list(self._watchers):
-                watcher.sendMessage(state)
+                watcher(status)
+
+    # Transfers.
+
+    def transferStarted(self, session: Any, direction: str, name: str, peer: str, size: int) -> Callable[[Any], None]:
+        record = Transfer(session, direction, name, peer, size, self.reactor.seconds())
+        self.transfers[session] = record
+        what = {"serve": "sending", "relay": "relay of"}.get(direction, direction)
+
+        def ended(result: Any) -> None:
+            if self.transfers.get(session) is record:
+                del self.transfers[session]
+            if isinstance(result, Failure):
+                self.log.warn(
+                    "{what} {name} to {peer} failed: {reason}",
+                    what=what,
+                    name=name,
+                    peer=peer,
+                    reason=result.getErrorMessage(),
+                )
+            else:
+                self.log.info(
+                    "{what} {name} to {peer}: {bytes} bytes in {s:.2f}s",
+                    what=what,
+                    name=name,
+                    peer=peer,
+                    bytes=result,
+                    s=self.reactor.seconds() - record.started,
+                )
+
+        return ended
+
+
+@implementer(IRequestContext)
+class RequestContext:
+    """
+    The view of a node that its request sessions get.
+    """
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+        self.me = node.id
+        self.clock = node.reactor
+        self._relayCount = 0
+
+    def isLeader(self) -> bool:
+        return self._node.coordinator.isLeader()
+
+    def leaderId(self) -> Optional[int]:
+        return self._node.coordinator.leader()
+
+    def leaderAddress(self) -> Optional[str]:
+        return self._node.leaderAddress()
+
+    def status(self) -> Dict[str, Any]:
+        return self._node.status()
+
+    def watchStatus(self, callback: Callable[[Dict[str, Any]], None]) -> Callable[[], None]:
+        return self._node.watchStatus(callback)
+
+    def listing(self) -> List[dict]:
+        return self._node.keeper.index.listing()
+
+    def content(self, name: str, sha256: Optional[str], everyone: bool = False) -> Any:
+        node = self._node
+        if everyone:
+            return node.keeper.index.content(name, sha256)
+        return node.keeper.index.content(
+            name, sha256, usable=lambda holder: holder != node.id and node.coordinator.isLive(holder)
+        )
+
+    def nextRelay(self, count: int) -> int:
+        start = self._relayCount % count
+        self._relayCount += 1
+        return start
+
+    def localEntry(self, name: str) -> Optional[FileEntry]:
+        return self._node.localIndex.entries.get(name)
+
+    def openShared(self, entry: FileEntry, offset: int) -> Any:
+        node = self._node
+        signature = node.localIndex.signature(entry.name)
+        if signature is None or signature[0] != entry.size:
+            raise P2PError(f"{entry.name} changed since it was indexed; try again", "changed")
+        try:
+            return openShared(node.config.share, entry.name, signature, offset)
+        except P2PError as e:
+            if e.code == "changed":
+                # Look again, so that the next request finds it as it is.
+                node.localIndex.rescan().addErrback(lambda reason: None)
+            raise
+
+    def openUpstream(self, address: str) -> Deferred:
+        node = self._node
+        return connect(node.reactor, address, node.config.secret, 10.0, node.identity.withPurpose("request"))
+
+    def fetch(self, name: str, overwrite: bool) -> Deferred:
+        return self._node.fetcher.fetch(name, overwrite)
+
+    def transferStarted(self, session: Any, direction: str, name: str, peer: str, size: int) -> Callable[[Any], None]:
+        return self._node.transferStarted(session, direction, name, peer, size)

@@ -42,6 +42,7 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
+from p2pfiles.errors import P2PError
 from p2pfiles.atomic import fsyncDirectory
 from p2pfiles.names import nameProblem, partName
 
@@ -74,16 +75,9 @@ _REOPEN = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _SERVE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
-class PartError(Exception):
-    """
-    A file could not be written, verified or served.  C{code} is the wire
-    refusal code ("verify", "io", "busy", "changed", "bad-offset",
-    "bad-name", "not-found"); the string form is a one-line reason.
-    """
-
-    def __init__(self, reason: str, code: str = "io") -> None:
-        super().__init__(reason)
-        self.code = code
+# Errors here are the system's one error type; the name says where they come
+# from.
+PartError = P2PError
 
 
 class PartBusy(PartError):

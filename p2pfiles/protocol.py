@@ -7,16 +7,18 @@ handshake, and passes every message to its handler (the node, a transfer, or
 the command-line client); it holds no cluster state of its own.  Anything
 malformed drops this one connection with a logged reason.
 
-Raw mode: after a C{file} header the receiver calls L{P2PProtocol.expectRaw}
-and the next C{length} bytes of the stream go to the handler's
-C{rawDataReceived} unframed, so file bytes are neither copied into frames nor
-encoded.
+Raw mode: a handler that has just been given a C{file} header calls
+L{P2PProtocol.expectRaw} from inside its C{messageReceived}, and the next
+C{length} bytes of the stream go to the handler's C{rawDataReceived}
+unframed, so file bytes are neither copied into frames nor encoded.  The
+switch happens before the protocol looks at another byte, so no timing of
+Deferreds can ever parse file bytes as frames.
 """
 
 from struct import pack, unpack
 from typing import Any, Callable, List, Optional, Set, Tuple
 
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -25,7 +27,8 @@ from twisted.python.failure import Failure
 from zope.interface import Interface
 
 from p2pfiles import auth
-from p2pfiles.wire import PROTOCOL_VERSION, Message, WireError, decode, encode
+from p2pfiles.waiting import Once
+from p2pfiles.wire import MAX_FRAME, PROTOCOL_VERSION, Message, WireError, decode, encode
 
 # How long a connection may take to finish the handshake before it is dropped.
 HANDSHAKE_TIMEOUT = 5.0
@@ -124,34 +127,49 @@ class P2PProtocol(Int32StringReceiver):
 
     @ivar peer: a L{PeerInfo} once the handshake has finished, else L{None}.
     @ivar refusal: C{(code, reason)} if the other end refused us.
+    @ivar incoming: True if the other end connected to us (read only).
+    @ivar expectedNode: for an outgoing connection to a known node, its id:
+        a listener that says it is another node is refused in the handshake.
     """
 
     log = Logger()
 
-    # Only control messages travel in frames; the largest is an index chunk
-    # of ENTRIES_PER_FRAME entries (a few hundred KiB).  File bytes use raw
-    # mode, so anything near 1 MiB is a broken or hostile peer.
-    MAX_LENGTH = 1 << 20
+    # Only control messages travel in frames, and the codec never builds one
+    # larger than MAX_FRAME (1 MiB); file bytes use raw mode.  A longer
+    # frame is a broken or hostile peer.
+    MAX_LENGTH = MAX_FRAME
 
     peer: Optional[PeerInfo] = None
     refusal = None
-    _rawRemaining = 0
-    _timeout = None
-    _closed = False
-    _dropReason: Optional[str] = None
 
-    def __init__(self, identity: LocalIdentity, handler: Any, clock: IReactorTime, listening: bool) -> None:
+    def __init__(
+        self,
+        identity: LocalIdentity,
+        handler: Any,
+        clock: IReactorTime,
+        listening: bool,
+        expectedNode: Optional[int] = None,
+    ) -> None:
         self.identity = identity
         self.handler = handler
         self.clock = clock
-        self.listening = listening
+        self.incoming = listening
+        self.expectedNode = expectedNode
         self._nonce = auth.makeNonce()
         self._peerNonce: Optional[str] = None
         self._pendingPeer: Optional[PeerInfo] = None
         # What the handshake waits for next.
         self._expecting = "hello"
-        self._unprocessed = b""
-        self._closeWaiters: List[Deferred] = []
+        self._buffer = b""
+        self._rawRemaining = 0
+        self._timeout: Any = None
+        self._dropReason: Optional[str] = None
+        self._closed = Once()
+
+    @property
+    def listening(self) -> bool:
+        # The older name of L{incoming}.
+        return self.incoming
 
     # Description for log lines.
 
@@ -166,35 +184,53 @@ class P2PProtocol(Int32StringReceiver):
 
     # Connection lifetime.
 
+    def setHandler(self, handler: Any) -> None:
+        """
+        Hand this connection's events to C{handler} from now on.  A listener
+        routes each authenticated connection to the part that serves its
+        purpose this way.
+        """
+        self.handler = handler
+
     def connectionMade(self) -> None:
         if self.factory is not None:
             self.factory.protocols.add(self)
         self._timeout = self.clock.callLater(HANDSHAKE_TIMEOUT, self._handshakeTimedOut)
-        if not self.listening:
+        if not self.incoming:
             self._sendHello(proof=None, purpose=self.identity.purpose)
 
     def connectionLost(self, reason: Failure = None) -> None:
-        self._closed = True
+        if self._closed.happened:
+            return
         self._cancelTimeout()
         if self.factory is not None:
             self.factory.protocols.discard(self)
-        self.handler.connectionClosed(self, reason)
-        waiters, self._closeWaiters = self._closeWaiters, []
-        for waiter in waiters:
-            waiter.callback(None)
+        try:
+            self.handler.connectionClosed(self, reason)
+        finally:
+            self._closed.fire(None)
 
     def whenClosed(self) -> Deferred:
         """
         A Deferred that fires once this connection is closed.
         """
-        if self._closed:
-            return succeed(None)
-        d: Deferred = Deferred()
-        self._closeWaiters.append(d)
-        return d
+        return self._closed.wait()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.happened
 
     def isReady(self) -> bool:
-        return self.peer is not None and self._expecting == "open"
+        """
+        True once the handshake has finished and until the connection is
+        closing or closed.
+        """
+        return (
+            self.peer is not None
+            and self._expecting == "open"
+            and self._dropReason is None
+            and not self._closed.happened
+        )
 
     def _cancelTimeout(self) -> None:
         if self._timeout is not None and self._timeout.active():
@@ -215,7 +251,7 @@ class P2PProtocol(Int32StringReceiver):
         Send a frame payload already made by L{encode}: one encoding can go
         to many connections.
         """
-        if self._closed:
+        if self._closed.happened or self.transport is None:
             return
         self.sendString(payload)
 
@@ -226,11 +262,11 @@ class P2PProtocol(Int32StringReceiver):
         """
         Log why, optionally tell the other end, and close this connection.
         """
-        if self._closed or self._dropReason is not None:
+        if self._closed.happened or self._dropReason is not None:
             return
         self._dropReason = reason
         self.log.warn("dropped {peer}: {reason}", peer=self.describePeer(), reason=reason)
-        if tell and code is not None:
+        if tell and code is not None and self._rawRemaining == 0:
             self.sendError(code, reason)
         self._cancelTimeout()
         self.transport.loseConnection()
@@ -242,12 +278,34 @@ class P2PProtocol(Int32StringReceiver):
         """
         self.drop(reason, code=code)
 
+    def close(self) -> None:
+        """
+        Close this connection once what was written has been sent.
+        """
+        if self.transport is not None and not self._closed.happened:
+            self.transport.loseConnection()
+
+    def abort(self) -> None:
+        """
+        Close this connection at once, dropping anything unsent.
+        """
+        if self.transport is not None and not self._closed.happened:
+            self.transport.abortConnection()
+
     # Receiving: frames and raw sections.
 
     def expectRaw(self, length: int) -> None:
         """
-        The next C{length} bytes are raw file bytes, not frames.
+        Switch to raw mode: the next C{length} bytes of the stream are file
+        bytes, handed to the handler's C{rawDataReceived} as they arrive,
+        followed by one C{rawDataFinished}; then framing resumes.
+
+        Call it from the handler's C{messageReceived} for the message that
+        announces the section: bytes after that message are not parsed until
+        the switch is made.
         """
+        if length < 0:
+            raise ValueError("a raw section cannot be negative")
         if length > RAW_READ_SIZE and getattr(self.transport, "bufferSize", RAW_READ_SIZE) < RAW_READ_SIZE:
             # Fewer, larger reads for bulk bytes: per-read overhead is a
             # good share of a receiver's CPU at Twisted's default 64 KiB.
@@ -260,12 +318,12 @@ class P2PProtocol(Int32StringReceiver):
     def dataReceived(self, data: bytes) -> None:
         # Int32StringReceiver's loop, with raw sections: file bytes go to the
         # handler as they arrive, with no copy when a read is all raw.
-        if self._unprocessed:
-            data = self._unprocessed + data
-            self._unprocessed = b""
+        if self._buffer:
+            data = self._buffer + data
+            self._buffer = b""
         offset = 0
         end = len(data)
-        while offset < end and self._dropReason is None and not self._closed:
+        while offset < end and self._dropReason is None and not self._closed.happened:
             if self._rawRemaining:
                 n = min(self._rawRemaining, end - offset)
                 chunk = data if (offset == 0 and n == end) else data[offset : offset + n]
@@ -288,7 +346,7 @@ class P2PProtocol(Int32StringReceiver):
             offset = frameEnd
             self.stringReceived(frame)
         if offset < end and self._dropReason is None:
-            self._unprocessed = data[offset:]
+            self._buffer = data[offset:]
 
     def lengthLimitExceeded(self, length: int) -> None:
         self.drop(
@@ -386,10 +444,19 @@ class P2PProtocol(Int32StringReceiver):
             code, reason = problem
             self.drop(reason, code=code)
             return
+        if not self.incoming and self.expectedNode is not None and (
+            hello.role != "node" or hello.node != self.expectedNode
+        ):
+            self.drop(
+                f"expected node {self.expectedNode} at this address, found "
+                + (f"node {hello.node}" if hello.role == "node" else "a client"),
+                code="conflict",
+            )
+            return
         self._peerNonce = hello.nonce
         self._pendingPeer = PeerInfo(hello.role, hello.node, hello.address, hello.purpose)
         secret = self.identity.secret
-        if self.listening:
+        if self.incoming:
             # The listener answers for the connector's purpose, and proves first.
             self._sendHello(auth.proof(secret, auth.LISTENER, hello.nonce, self._nonce), hello.purpose)
             self._expecting = "auth"
@@ -429,22 +496,33 @@ class P2PProtocol(Int32StringReceiver):
 
 class P2PFactory(Factory):
     """
-    Builds L{P2PProtocol}s that hand their events to one C{handler}.
+    Builds L{P2PProtocol}s that hand their events to C{handler}.
 
-    The node listens with one of these whose handler is the node itself; a
-    node or client making a connection uses one with the handler for that
-    connection.  State lives on the handler, never on the protocol.
+    C{handler} is either one object for every connection, or, with
+    C{perConnection}, a callable that makes a fresh handler for each new
+    connection (one session object per connection).  State lives on the
+    handlers, never on the protocol.
     """
 
     protocol = P2PProtocol
     # Connections are logged by the protocol, with who is at the other end.
     noisy = False
 
-    def __init__(self, identity: LocalIdentity, handler: Any, clock: IReactorTime, listening: bool) -> None:
+    def __init__(
+        self,
+        identity: LocalIdentity,
+        handler: Any,
+        clock: IReactorTime,
+        listening: bool,
+        expectedNode: Optional[int] = None,
+        perConnection: bool = False,
+    ) -> None:
         self.identity = identity
         self.handler = handler
         self.clock = clock
         self.listening = listening
+        self.expectedNode = expectedNode
+        self.perConnection = perConnection
         self.protocols: Set[P2PProtocol] = set()
 
     def closeAll(self) -> Deferred:
@@ -454,10 +532,11 @@ class P2PFactory(Factory):
         waiting = []
         for protocol in list(self.protocols):
             waiting.append(protocol.whenClosed())
-            protocol.transport.abortConnection()
+            protocol.abort()
         return DeferredList(waiting)
 
     def buildProtocol(self, addr: Any) -> P2PProtocol:
-        p = self.protocol(self.identity, self.handler, self.clock, self.listening)
+        handler = self.handler() if self.perConnection else self.handler
+        p = self.protocol(self.identity, handler, self.clock, self.listening, self.expectedNode)
         p.factory = self
         return p

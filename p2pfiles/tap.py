@@ -6,22 +6,22 @@ import ipaddress
 import math
 from typing import Any, Dict, Optional
 
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, succeed
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
 from p2pfiles.auth import SecretError, readSecret
-from p2pfiles.address import formatAddress, parseAddress
-from p2pfiles.node import EpochStore, Node, NodeConfig
-from p2pfiles.protocol import P2PFactory
+from p2pfiles.address import formatAddress, parseAddress, serverEndpoint
+from p2pfiles.heartbeat import EpochStore
+from p2pfiles.node import Node, NodeConfig
 
 
 def _positive(text: str) -> float:
     value = float(text)
     if not (math.isfinite(value) and value > 0):
-        raise ValueError("must be a positive number of seconds")
+        raise ValueError("must be a positive number")
     return value
 
 
@@ -101,6 +101,13 @@ class Options(usage.Options):
         ["secret-file", None, None, "File holding the cluster secret shared by every node and client."],
         ["heartbeat", None, 0.25, "Seconds between heartbeats.", _positive],
         ["leader-timeout", None, 1.0, "Seconds of silence after which a member counts as down.", _positive],
+        [
+            "part-max-age",
+            None,
+            7.0,
+            "Days after which an abandoned partial download in the share is removed (at start, then daily).",
+            _positive,
+        ],
     ]
 
     def __init__(self) -> None:
@@ -186,7 +193,54 @@ class Options(usage.Options):
             secret=self["secret"],
             heartbeat=self["heartbeat"],
             leaderTimeout=self["leader-timeout"],
+            partMaxAge=self["part-max-age"] * 86400,
         )
+
+
+class CannotListen(Exception):
+    """
+    The node's port could not be had; the string form is one line.
+    """
+
+
+class Listener(Service):
+    """
+    The node's listening port.  It listens when the service starts (before
+    twistd drops privileges), and a port that cannot be had stops the start
+    with L{CannotListen}.
+    """
+
+    def __init__(self, endpoint: Any, factory: Any, where: str) -> None:
+        self.endpoint = endpoint
+        self.factory = factory
+        self.where = where
+        self.port: Any = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        outcome: list = []
+        self.endpoint.listen(self.factory).addBoth(outcome.append)
+        # TCP endpoints answer at once.
+        if not outcome:
+            raise CannotListen(f"cannot listen on {self.where}: no answer from the endpoint")
+        if isinstance(outcome[0], Failure):
+            reason = outcome[0].value
+            detail = getattr(reason, "socketError", None) or reason
+            text = getattr(detail, "strerror", None) or str(detail)
+            raise CannotListen(f"cannot listen on {self.where}: {text.lower() if text else detail}")
+        self.port = outcome[0]
+
+    def startService(self) -> None:
+        if self.port is None:
+            self.privilegedStartService()
+        super().startService()
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        port, self.port = self.port, None
+        if port is None:
+            return succeed(None)
+        return port.stopListening()
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
@@ -196,12 +250,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
     node = Node(options.nodeConfig(), reactor)
-    factory = P2PFactory(node.identity, node, reactor, listening=True)
-    endpointType = TCP6ServerEndpoint if ":" in options["interface"] else TCP4ServerEndpoint
-    endpoint = endpointType(reactor, options["port"], interface=options["interface"])
-    listener = StreamServerEndpointService(endpoint, factory)
-    # Fail at start (twistd exits non-zero) if the port cannot be had.
-    listener._raiseSynchronously = True
+    endpoint = serverEndpoint(reactor, options["interface"], options["port"])
+    listener = Listener(endpoint, node.listeningFactory(), formatAddress(options["interface"], options["port"]))
     top = MultiService()
     listener.setServiceParent(top)
     node.setServiceParent(top)

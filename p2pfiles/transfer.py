@@ -9,53 +9,37 @@ Back-pressure everywhere, so no file is ever held in memory:
   - relaying: the holder's transport is registered as the streaming producer
     of the client's transport, so a slow client pauses reading from the
     holder, and TCP slows the holder down in turn;
-  - receiving: each chunk is hashed and written as it arrives.
+  - receiving: each chunk is hashed and written as it arrives, in a thread
+    (L{SerialWriter}), and the sender is paused while the disk falls behind.
+
+Partial files, streams and opening shared files safely live in
+L{p2pfiles.partfile}.
 
 Whoever registers a producer unregisters it, on success, error and
 disconnect alike.
 """
 
-import hashlib
-import os
 from typing import Any, BinaryIO, Callable, List, Optional, Tuple
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer, IPullProducer
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
+
+log = Logger()
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
-from p2pfiles.atomic import fsyncDirectory
-from p2pfiles.client import (
-    EXIT_AUTH,
-    EXIT_LOCAL,
-    EXIT_NOT_FOUND,
-    EXIT_REFUSED,
-    EXIT_TIMEOUT,
-    EXIT_USAGE,
-    EXIT_VERIFY,
-    ClientError,
-    askLeader,
-)
-from p2pfiles.names import partName
+from p2pfiles.client import askLeader
+from p2pfiles.errors import P2PError
+from p2pfiles.localindex import hashFile
+from p2pfiles.partfile import PartBusy, SerialWriter, waitForPart
 from p2pfiles.wire import Message
 
 # Bytes read from disk per resumeProducing: large enough that per-chunk
 # overhead is small next to the copy, small enough to keep buffers modest.
 CHUNK_SIZE = 256 * 1024
-
-
-class TransferError(Exception):
-    """
-    A transfer failed; C{code} is one of the node refusal codes (see
-    L{p2pfiles.client}) and the string form is a one-line reason.
-    """
-
-    def __init__(self, reason: str, code: str = "transfer") -> None:
-        super().__init__(reason)
-        self.code = code
 
 
 @implementer(IPullProducer)
@@ -92,10 +76,10 @@ class FileProducer:
         try:
             data = self.file.read(min(self.chunkSize, self.remaining))
         except OSError as e:
-            self._finish(TransferError(f"cannot read file: {e.strerror or e}", "io"))
+            self._finish(P2PError(f"cannot read file: {e.strerror or e}", "io"))
             return
         if not data:
-            self._finish(TransferError(f"file ended {self.remaining} bytes early (changed while sent?)", "io"))
+            self._finish(P2PError(f"file ended {self.remaining} bytes early (changed while sent?)", "io"))
             return
         self.remaining -= len(data)
         self.sent += len(data)
@@ -107,7 +91,7 @@ class FileProducer:
         # The consumer went away (connection lost): it has dropped us already.
         if not self.done.called:
             self.file.close()
-            self.done.errback(TransferError(f"receiver went away after {self.sent} bytes", "gone"))
+            self.done.errback(P2PError(f"receiver went away after {self.sent} bytes", "gone"))
 
     def _finish(self, error: Optional[Exception]) -> None:
         self.consumer.unregisterProducer()
@@ -116,19 +100,6 @@ class FileProducer:
             self.done.callback(self.sent)
         else:
             self.done.errback(error)
-
-
-def openForServing(share: FilePath, name: str, size: int, offset: int) -> BinaryIO:
-    """
-    Open shared file C{name} positioned at C{offset}.  C{FilePath.child}
-    refuses any name that would leave the share.
-    """
-    if offset > size:
-        raise TransferError(f"offset {offset} is beyond the size of {name} ({size} bytes)", "bad-offset")
-    path = share.child(name)
-    f = open(path.path, "rb")
-    f.seek(offset)
-    return f
 
 
 class Relay:
@@ -144,7 +115,7 @@ class Relay:
     file.
 
     @ivar done: fires with the number of bytes relayed, or fails with a
-        L{TransferError}.
+        L{P2PError}.
     """
 
     log = Logger()
@@ -190,7 +161,7 @@ class Relay:
         if not self.done.called:
             self._unregister()
             self._closeUpstream()
-            self.done.errback(TransferError(f"client went away after {self.relayed} bytes", "gone"))
+            self.done.errback(P2PError(f"client went away after {self.relayed} bytes", "gone"))
 
     def _nextHolder(self, why: Optional[str]) -> None:
         if self.done.called:
@@ -198,7 +169,7 @@ class Relay:
         if why is not None:
             self.log.warn("relay of {name} from node {holder}: {why}", name=self.name, holder=self.holder, why=why)
         if not self.holders:
-            self._fail(TransferError(f"no live holder of {self.name} could send it", "unavailable"))
+            self._fail(P2PError(f"no live holder of {self.name} could send it", "unavailable"))
             return
         self.holder, address = self.holders.pop(0)
         position = self.offset + self.relayed
@@ -215,9 +186,9 @@ class Relay:
 
         def header(message: Message) -> None:
             if message.type != "file" or message.sha256 != self.sha256 or message.size != self.size:
-                raise TransferError(f"node {self.holder} offered other content", "verify")
+                raise P2PError(f"node {self.holder} offered other content", "verify")
             if message.offset != position:
-                raise TransferError(f"node {self.holder} answered from offset {message.offset}", "protocol")
+                raise P2PError(f"node {self.holder} answered from offset {message.offset}", "protocol")
             self._stream(position)
 
         def failed(reason: Failure) -> None:
@@ -245,11 +216,9 @@ class Relay:
                 )
             )
         upstream = self.upstream
-        upstream.rawSink = self._forward
-        upstream.rawDone = self._finished
-        downstream.transport.registerProducer(upstream.protocol.transport, True)
+        downstream.transport.registerProducer(upstream.transport, True)
         self._registered = True
-        upstream.protocol.expectRaw(self.size - position)
+        upstream.receiveRaw(self._forward, self._finished)
 
     def _forward(self, data: bytes) -> None:
         self.relayed += len(data)
@@ -279,7 +248,7 @@ class Relay:
             upstream.onClose = None
             upstream.close()
 
-    def _fail(self, error: TransferError) -> None:
+    def _fail(self, error: P2PError) -> None:
         self._unregister()
         self._closeUpstream()
         if not self._headerSent:
@@ -291,148 +260,10 @@ class Relay:
         self.done.errback(error)
 
 
-class PartialFile:
-    """
-    The receiving end of a download: a hidden C{.NAME.part} file in the
-    destination directory, hashed as it is written, renamed to NAME only once
-    the whole file is there and its SHA-256 matches.
-
-    A C{.part} left by an earlier attempt is resumed: its bytes are hashed
-    again (not fetched again) and the transfer continues from its length.
-    """
-
-    log = Logger()
-
-    def __init__(self, directory: FilePath, name: str) -> None:
-        self.directory = directory
-        self.name = name
-        self.final = directory.child(name)
-        self.part = directory.child(partName(name))
-        self.hasher = hashlib.sha256()
-        self.offset = 0
-        self._file: Optional[BinaryIO] = None
-
-    def resumeOffset(self) -> int:
-        """
-        Open (or create) the part file and hash what it already holds.
-        Blocking: run it in a thread for large parts.  Returns the offset to
-        continue from.
-        """
-        self.directory.makedirs(ignoreExistingDirectory=True)
-        f = open(self.part.path, "ab+")
-        f.seek(0)
-        hasher = hashlib.sha256()
-        offset = 0
-        while True:
-            data = f.read(1 << 20)
-            if not data:
-                break
-            hasher.update(data)
-            offset += len(data)
-        self._file = f
-        self.hasher = hasher
-        self.offset = offset
-        return offset
-
-    def restart(self) -> None:
-        """
-        Throw away what the part holds and start from byte 0.
-        """
-        assert self._file is not None
-        self._file.seek(0)
-        self._file.truncate()
-        self.hasher = hashlib.sha256()
-        self.offset = 0
-
-    def write(self, data: bytes) -> None:
-        assert self._file is not None
-        self._file.write(data)
-        self.hasher.update(data)
-        self.offset += len(data)
-
-    def digest(self) -> str:
-        return self.hasher.hexdigest()
-
-    def finish(self, sha256: str) -> None:
-        """
-        All bytes are in: verify, make durable, and put the file in place.
-        On a mismatch the part is removed (it cannot be resumed) and
-        L{TransferError} is raised; nothing appears under the final name.
-        """
-        assert self._file is not None
-        actual = self.digest()
-        if actual != sha256:
-            self.discard()
-            raise TransferError(
-                f"{self.name}: SHA-256 mismatch (expected {sha256[:16]}..., got {actual[:16]}...); nothing saved",
-                "verify",
-            )
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
-        os.replace(self.part.path, self.final.path)
-        fsyncDirectory(self.directory)
-
-    def close(self) -> None:
-        """
-        Stop writing but keep the part for a later resume.
-        """
-        if self._file is not None:
-            try:
-                self._file.flush()
-            except OSError:
-                pass
-            self._file.close()
-            self._file = None
-
-    def discard(self) -> None:
-        self.close()
-        try:
-            os.unlink(self.part.path)
-        except FileNotFoundError:
-            pass
-
-
-class StreamSink:
-    """
-    The receiving end of a download to a stream (C{-o -}): bytes are written
-    as they arrive and verified at the end; there is nothing to rename, and a
-    resume continues after the bytes already written.
-    """
-
-    def __init__(self, stream: BinaryIO) -> None:
-        self.stream = stream
-        self.hasher = hashlib.sha256()
-        self.offset = 0
-
-    def resumeOffset(self) -> int:
-        return self.offset
-
-    def restart(self) -> None:
-        if self.offset:
-            raise TransferError("cannot restart a download already written to a stream", "io")
-
-    def write(self, data: bytes) -> None:
-        self.stream.write(data)
-        self.hasher.update(data)
-        self.offset += len(data)
-
-    def finish(self, sha256: str) -> None:
-        self.stream.flush()
-        actual = self.hasher.hexdigest()
-        if actual != sha256:
-            raise TransferError(f"SHA-256 mismatch (expected {sha256[:16]}..., got {actual[:16]}...)", "verify")
-
-    def close(self) -> None:
-        pass
-
-    def discard(self) -> None:
-        pass
-
-
 # Failures that another attempt cannot cure.
-FINAL_EXITS = (EXIT_AUTH, EXIT_NOT_FOUND, EXIT_REFUSED, EXIT_USAGE, EXIT_VERIFY, EXIT_LOCAL)
+FINAL_CODES = frozenset(
+    {"auth", "version", "not-found", "bad-name", "bad-offset", "conflict", "refused", "usage", "verify", "io", "busy"}
+)
 
 # How long a download keeps trying to resume after losing its leader.
 RESUME_FOR = 30.0
@@ -449,6 +280,7 @@ async def download(
     timeout: float = 10.0,
     resumeFor: float = RESUME_FOR,
     onProgress: Optional[Callable[[int, int], None]] = None,
+    waitTurn: float = 24 * 3600.0,
 ) -> dict:
     """
     Download C{name} through the leader into C{sink} (a L{PartialFile} or
@@ -457,13 +289,18 @@ async def download(
     If the connection breaks mid-file the download keeps what it has and
     resumes through whichever of C{addresses} leads next, for up to
     C{resumeFor} seconds.  Fires with the summary that C{p2pfiles get --json}
-    prints; fails with a L{p2pfiles.client.ClientError}.
+    prints; fails with a L{P2PError}.
     """
     started = reactor.seconds()
     try:
         resumedFrom = await runInThread(sink.resumeOffset)
-    except OSError as e:
-        raise ClientError(f"cannot write {name}: {e.strerror or e}", EXIT_LOCAL) from None
+        waited = False
+    except PartBusy as e:
+        # Another download of the same destination: wait our turn, then
+        # find its result (or resume what it left).
+        log.info("{reason}; waiting for it to finish", reason=str(e))
+        resumedFrom = await waitForPart(reactor, runInThread, sink, waitTurn)
+        waited = True
     expected: Optional[str] = None
     attempt = 0
     giveUpAt: Optional[float] = None
@@ -473,13 +310,13 @@ async def download(
         request = Message("get", name=name, offset=sink.offset, sha256=expected)
         try:
             connection, header = await askLeader(reactor, address, secret, request, timeout, identity)
-        except ClientError as e:
-            if e.refusal == "bad-offset" and not restarted:
+        except P2PError as e:
+            if e.code == "bad-offset" and not restarted:
                 # The part is longer than the file: it is not a prefix of it.
                 restarted = True
                 sink.restart()
                 continue
-            if e.code in FINAL_EXITS and not (e.code == EXIT_NOT_FOUND and expected is not None):
+            if e.code in FINAL_CODES and not (e.code == "not-found" and expected is not None):
                 _giveUp(sink)
                 raise
             # A file we were already receiving can be "not found" for a
@@ -490,22 +327,28 @@ async def download(
         if header.type != "file" or header.name != name:
             connection.close()
             sink.close()
-            raise ClientError(f"unexpected {header.type} reply to get")
+            raise P2PError(f"unexpected {header.type} reply to get", "protocol")
         if expected is None:
             expected = header.sha256
         elif header.sha256 != expected:
             connection.close()
             sink.close()
-            raise ClientError(f"{name} changed on the cluster during the download; run the command again", EXIT_VERIFY)
+            raise P2PError(f"{name} changed on the cluster during the download; run the command again", "verify")
         if header.offset != sink.offset:
             connection.close()
             sink.close()
-            raise ClientError(f"the node answered from offset {header.offset}, not {sink.offset}")
+            raise P2PError(f"the node answered from offset {header.offset}, not {sink.offset}", "protocol")
+        if waited:
+            waited = False
+            if await _alreadyThere(runInThread, sink, header):
+                connection.close()
+                sink.discard()
+                return _summary(reactor, started, header, header.size, header.size)
         before = sink.offset
         try:
-            await _receive(reactor, connection, header, sink, onProgress, timeout)
-        except ClientError as e:
-            if e.code == EXIT_LOCAL:
+            await _receive(reactor, connection, header, sink, onProgress, timeout, runInThread)
+        except P2PError as e:
+            if e.code == "io":
                 sink.close()
                 raise
             if sink.offset > before:
@@ -517,21 +360,41 @@ async def download(
             connection.close()
         try:
             await runInThread(sink.finish, header.sha256)
-        except TransferError as e:
-            raise ClientError(str(e), EXIT_VERIFY) from None
         except OSError as e:
             sink.close()
-            raise ClientError(f"cannot save {name}: {e.strerror or e}", EXIT_LOCAL) from None
-        seconds = max(reactor.seconds() - started, 1e-9)
-        return {
-            "name": name,
-            "size": header.size,
-            "sha256": header.sha256,
-            "seconds": round(seconds, 3),
-            "bytes_per_second": int((header.size - resumedFrom) / seconds),
-            "resumed_from": resumedFrom,
-            "via": [header.leader, header.holder],
-        }
+            raise P2PError(f"cannot save {name}: {e.strerror or e}", "io") from None
+        return _summary(reactor, started, header, resumedFrom, resumedFrom)
+
+
+def _summary(reactor: Any, started: float, header: Message, resumedFrom: int, notTransferred: int) -> dict:
+    """
+    What C{p2pfiles get --json} prints.
+    """
+    seconds = max(reactor.seconds() - started, 1e-9)
+    return {
+        "name": header.name,
+        "size": header.size,
+        "sha256": header.sha256,
+        "seconds": round(seconds, 3),
+        "bytes_per_second": int((header.size - notTransferred) / seconds),
+        "resumed_from": resumedFrom,
+        "via": [header.leader, header.holder],
+    }
+
+
+async def _alreadyThere(runInThread: Callable[..., Deferred], sink: Any, header: Message) -> bool:
+    """
+    True if the download we waited for put the very content C{header}
+    announces under the final name.
+    """
+    final = getattr(sink, "final", None)
+    if final is None or sink.offset != 0:
+        return False
+    try:
+        digest, size = await runInThread(hashFile, final.path)
+    except OSError:
+        return False
+    return size == header.size and digest == header.sha256
 
 
 def _giveUp(sink: Any) -> None:
@@ -565,56 +428,77 @@ def _receive(
     sink: Any,
     onProgress: Optional[Callable[[int, int], None]],
     stallTimeout: float,
+    runInThread: Callable[..., Deferred],
 ) -> Deferred:
     """
     Write the raw section that follows C{header} into C{sink}; fire when it
-    is all there.  A sender that goes quiet for C{stallTimeout} seconds (a
-    hung leader keeps its connection open) fails the transfer so that it
-    resumes elsewhere.
+    is all written.  Writing and hashing run in a thread, in order, while
+    the next bytes arrive; the connection is paused while the disk falls
+    behind.  A sender that goes quiet for C{stallTimeout} seconds (a hung
+    leader keeps its connection open) fails the transfer so that it resumes
+    elsewhere.
     """
     done: Deferred = Deferred()
     size = header.size
-    seen = [sink.offset]
+    received = [header.offset]
+    seen = [header.offset]
+
+    def writeFailed(reason: Failure) -> None:
+        if not done.called:
+            error = reason.value
+            done.errback(error if isinstance(error, P2PError) else P2PError(f"cannot write {header.name}: {error}", "io"))
+        connection.abort()
+
+    writer = SerialWriter(sink, runInThread, onError=writeFailed)
 
     def watch() -> None:
-        if sink.offset == seen[0] and not done.called:
-            done.errback(ClientError(f"no data from {connection.address} for {stallTimeout:g}s", EXIT_TIMEOUT))
+        # Time spent waiting for our own disk is not the sender's stall.
+        if received[0] == seen[0] and not writer.paused and not done.called:
+            done.errback(P2PError(f"no data from {connection.address} for {stallTimeout:g}s", "timeout"))
             connection.close()
-        seen[0] = sink.offset
+        seen[0] = received[0]
 
     watchdog = LoopingCall(watch)
     watchdog.clock = reactor
     watchdog.start(stallTimeout, now=False)
 
-    def stopWatching(result: Any) -> Any:
+    def stop(result: Any) -> Any:
         if watchdog.running:
             watchdog.stop()
+        if writer.producer is not None:
+            writer.unregisterProducer()
         return result
-
-    done.addBoth(stopWatching)
 
     def write(data: bytes) -> None:
         if done.called:
             return
+        received[0] += len(data)
         try:
-            sink.write(data)
-        except OSError as e:
-            done.errback(ClientError(f"cannot write {header.name}: {e.strerror or e}", EXIT_LOCAL))
-            connection.close()
+            writer.write(data)
+        except P2PError:
             return
         if onProgress is not None:
-            onProgress(sink.offset, size)
+            onProgress(received[0], size)
 
     def finished() -> None:
-        if not done.called:
-            done.callback(None)
+        if done.called:
+            return
+        if writer.producer is not None:
+            writer.unregisterProducer()
+        writer.flush().addCallbacks(
+            lambda _: None if done.called else done.callback(None),
+            lambda reason: None,
+        )
 
     def lost(error: Exception) -> None:
-        if not done.called:
-            done.errback(error)
+        if done.called:
+            return
+        # Keep what reached the disk: wait for the writes in flight.
+        writer.flush().addBoth(lambda _: None if done.called else done.errback(error))
 
-    connection.rawSink = write
-    connection.rawDone = finished
+    done.addBoth(stop)
     connection.onClose = lost
-    connection.protocol.expectRaw(size - header.offset)
+    connection.receiveRaw(write, finished)
+    if not done.called and connection.transport is not None and not writer.producer:
+        writer.registerProducer(connection.transport, True)
     return done

@@ -1,0 +1,157 @@
+"""
+Downloads into this node's own share: L{Fetcher}.
+
+A C{fetch} request asks a node to get a file from the leader into its share,
+as the original system's node-to-leader request did.  The fetcher owns every
+such download: a second request for a name already being fetched joins the
+one in flight and gets its result, never a second writer.  (The part file's
+lock keeps other processes out as well.)
+"""
+
+import os
+import stat
+from typing import Any, Callable, Dict, List, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
+
+from p2pfiles.client import askLeader
+from p2pfiles.errors import P2PError
+from p2pfiles.partfile import PartialFile
+from p2pfiles.transfer import download
+from p2pfiles.wire import Message
+
+
+class Fetcher:
+    """
+    The node's downloads into its share, one per name.
+
+    @param leaderAddress: returns the leader's address, or None.
+    @param otherAddresses: returns the addresses of the other live members,
+        where a download resumes if the leader goes away.
+    @param localEntry: returns this node's own entry for a name, or None.
+    @param rescan: rescans the share; returns a Deferred.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        me: int,
+        share: FilePath,
+        reactor: Any,
+        secret: bytes,
+        identity: Any,
+        runInThread: Callable[..., Deferred],
+        leaderAddress: Callable[[], Optional[str]],
+        otherAddresses: Callable[[], List[str]],
+        localEntry: Callable[[str], Any],
+        rescan: Callable[[], Deferred],
+    ) -> None:
+        self.me = me
+        self.share = share
+        self.reactor = reactor
+        self.secret = secret
+        self.identity = identity
+        self.runInThread = runInThread
+        self.leaderAddress = leaderAddress
+        self.otherAddresses = otherAddresses
+        self.localEntry = localEntry
+        self.rescan = rescan
+        self.stopped = False
+        # name -> (the download's Deferred, everyone waiting for it)
+        self._inFlight: Dict[str, Deferred] = {}
+        self._joined: Dict[str, List[Deferred]] = {}
+
+    def fetch(self, name: str, overwrite: bool) -> Deferred:
+        """
+        Get C{name} into the share; fire with the C{fetched} reply or fail
+        with L{P2PError}.  Cancelling the returned Deferred stops waiting,
+        not the download, which others may share.
+        """
+        if self.stopped:
+            raise P2PError("the node is stopping", "unavailable")
+        waiter: Deferred = Deferred(lambda d: self._leave(name, d))
+        self._joined.setdefault(name, []).append(waiter)
+        if name not in self._inFlight:
+            d = Deferred.fromCoroutine(self._fetch(name, overwrite))
+            self._inFlight[name] = d
+            d.addBoth(self._finished, name)
+        else:
+            self.log.info("fetch of {name} joins the one in flight", name=name)
+        return waiter
+
+    def _leave(self, name: str, waiter: Deferred) -> None:
+        waiting = self._joined.get(name, [])
+        if waiter in waiting:
+            waiting.remove(waiter)
+
+    def _finished(self, result: Any, name: str) -> None:
+        del self._inFlight[name]
+        waiting = self._joined.pop(name, [])
+        for waiter in waiting:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
+        if isinstance(result, Failure) and not waiting and not result.check(P2PError):
+            self.log.failure("fetch of {name} failed", result, name=name)
+
+    def stop(self) -> Deferred:
+        """
+        Cancel every download in flight; fire once they have all ended.
+        """
+        from twisted.internet.defer import DeferredList
+
+        self.stopped = True
+        downloads = list(self._inFlight.values())
+        ended = [Deferred() for _ in downloads]
+        for d, e in zip(downloads, ended):
+            d.addBoth(lambda result, e=e: e.callback(None))
+            d.cancel()
+        return DeferredList(ended)
+
+    async def _fetch(self, name: str, overwrite: bool) -> Message:
+        leader = self.leaderAddress()
+        if leader is None:
+            raise P2PError("no leader elected right now; try again shortly", "no-leader")
+        connection, found = await askLeader(self.reactor, leader, self.secret, Message("lookup", name=name), 10.0, self.identity)
+        connection.close()
+        mine = self.localEntry(name)
+        existing = await self.runInThread(_lstat, self.share.child(name).path)
+        if mine is None and existing is not None and stat.S_ISREG(existing.st_mode):
+            await self.rescan()
+            mine = self.localEntry(name)
+        if mine is not None and mine.sha256 == found.sha256:
+            return Message("fetched", name=name, size=mine.size, sha256=mine.sha256, already=True)
+        if existing is not None and stat.S_ISDIR(existing.st_mode):
+            raise P2PError(f"{name} is a directory on node {self.me}; it cannot be replaced", "conflict")
+        if existing is not None and not overwrite:
+            what = "other content" if mine is not None else "something that is not shared"
+            raise P2PError(
+                f"{name} already exists on node {self.me} with {what}; use --overwrite to replace it",
+                "conflict",
+            )
+        addresses = [leader] + [a for a in self.otherAddresses() if a != leader]
+        sink = PartialFile(self.share, name)
+        summary = await download(
+            self.reactor, name, sink, addresses, self.secret, self.runInThread, self.identity
+        )
+        self.log.info(
+            "fetched {name} ({size} bytes) via {via} in {seconds:.2f}s",
+            name=name,
+            size=summary["size"],
+            via=summary["via"],
+            seconds=summary["seconds"],
+        )
+        await self.rescan()
+        return Message("fetched", name=name, size=summary["size"], sha256=summary["sha256"], already=False)
+
+
+def _lstat(path: str) -> Optional[os.stat_result]:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None

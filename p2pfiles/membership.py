@@ -1,0 +1,315 @@
+"""
+Who else is in the cluster, and the control links to them.
+
+L{Membership} knows every member this node has learned of (configured peers
+and those learned since), keeps one reconnecting L{PeerLink} to each, and
+tracks the open control connections in both directions.  It decides nothing
+about leadership: it tells its owner when a member's first link comes up and
+its last link goes down, and sends what it is given.
+"""
+
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from p2pfiles.address import clientEndpoint
+from p2pfiles.protocol import LocalIdentity, P2PFactory, P2PProtocol
+from p2pfiles.wire import Message, encode
+
+# Reconnection to a peer: start fast, never wait much more than a second, so
+# that a restarted peer is seen quickly.
+RETRY_INITIAL = 0.1
+RETRY_MAX = 1.0
+
+# A peer that refuses our secret will not change its mind soon: back off
+# much further, so that neither side floods its log or the network.
+AUTH_RETRY_MAX = 60.0
+
+# How often the same reason for a failing link is logged again, with the
+# number of times it happened meanwhile.
+REPEAT_LOG_INTERVAL = 60.0
+
+
+class PeerLink(Service):
+    """
+    The control link to one peer, reconnecting for as long as it runs.
+
+    Failures back off exponentially, to L{RETRY_MAX} seconds for a peer
+    that is down and to L{AUTH_RETRY_MAX} for one that refuses our secret.
+    Each reason is logged once, then at most once a minute with a count.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        member: int,
+        address: str,
+        reactor: Any,
+        factory: P2PFactory,
+        onRefused: Optional[Callable[[int, Optional[str]], None]] = None,
+    ) -> None:
+        self.member = member
+        self.address = address
+        self.reactor = reactor
+        self.factory = factory
+        self.onRefused = onRefused
+        self.protocol: Optional[P2PProtocol] = None
+        self.failures = 0
+        self.refusal: Optional[str] = None
+        self._attempt: Optional[Deferred] = None
+        self._retry: Any = None
+        self._reported: Dict[str, Tuple[float, int]] = {}
+
+    def startService(self) -> None:
+        super().startService()
+        self._connect()
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        if self._attempt is not None:
+            attempt, self._attempt = self._attempt, None
+            attempt.cancel()
+        if self.protocol is not None:
+            closed = self.protocol.whenClosed()
+            self.protocol.abort()
+            return closed
+        return succeed(None)
+
+    def _connect(self) -> None:
+        self._retry = None
+        if not self.running:
+            return
+        try:
+            endpoint = clientEndpoint(self.reactor, self.address, 5)
+        except ValueError as e:
+            self._report("address", f"cannot link to node {self.member}: {e}")
+            return
+        self._attempt = endpoint.connect(self.factory)
+        self._attempt.addCallbacks(self._connected, self._connectFailed)
+
+    def _connected(self, protocol: P2PProtocol) -> None:
+        self._attempt = None
+        self.protocol = protocol
+        protocol.whenClosed().addCallback(lambda _: self._closed(protocol))
+
+    def _connectFailed(self, reason: Failure) -> None:
+        self._attempt = None
+        if not self.running:
+            return
+        self.failures += 1
+        self._report("connect", f"cannot reach node {self.member} at {self.address}: {reason.getErrorMessage()}")
+        self._schedule(RETRY_MAX)
+
+    def _closed(self, protocol: P2PProtocol) -> None:
+        if self.protocol is protocol:
+            self.protocol = None
+        if not self.running:
+            return
+        if protocol.peer is not None:
+            # It was up: try again at once, as after any first failure.
+            self.failures = 0
+            self._setRefusal(None)
+            self._schedule(RETRY_MAX)
+            return
+        self.failures += 1
+        if protocol.refusal is not None:
+            code, reason = protocol.refusal
+            self._setRefusal(reason if code in ("auth", "conflict", "version") else None)
+            self._report(code, f"node {self.member} at {self.address} refused the link: {reason}")
+            self._schedule(AUTH_RETRY_MAX if code in ("auth", "conflict", "version") else RETRY_MAX)
+        else:
+            self._report("handshake", f"link to node {self.member} at {self.address} closed during the handshake")
+            self._schedule(RETRY_MAX)
+
+    def _setRefusal(self, reason: Optional[str]) -> None:
+        if reason != self.refusal:
+            self.refusal = reason
+            if self.onRefused is not None:
+                self.onRefused(self.member, reason)
+
+    def _schedule(self, maximum: float) -> None:
+        delay = min(RETRY_INITIAL * (2 ** max(self.failures - 1, 0)), maximum)
+        self._retry = self.reactor.callLater(delay, self._connect)
+
+    def _report(self, cause: str, line: str) -> None:
+        """
+        Log C{line} the first time C{cause} happens, then at most once every
+        L{REPEAT_LOG_INTERVAL} with how often it happened since.
+        """
+        now = self.reactor.seconds()
+        last, count = self._reported.get(cause, (None, 0))
+        if last is None:
+            self.log.warn("{line}", line=line)
+            self._reported = {cause: (now, 0)}
+        elif now - last >= REPEAT_LOG_INTERVAL:
+            self.log.warn("{line} ({count} times in the last {s:.0f}s)", line=line, count=count + 1, s=now - last)
+            self._reported = {cause: (now, 0)}
+        else:
+            self._reported[cause] = (last, count + 1)
+
+
+class Member:
+    """
+    One other node as this node knows it: id, address, and its open control
+    connections (ours to it, and its to us).
+    """
+
+    def __init__(self, id: int, address: str, configured: bool) -> None:
+        self.id = id
+        self.address = address
+        self.configured = configured
+        self.links: Set[P2PProtocol] = set()
+        self.service: Optional[PeerLink] = None
+
+    def link(self) -> Optional[P2PProtocol]:
+        """
+        The connection to send on: our own outgoing one if it is up.
+        """
+        best = None
+        for link in self.links:
+            if not link.isReady():
+                continue
+            if not link.incoming:
+                return link
+            best = link
+        return best
+
+
+class Membership(MultiService):
+    """
+    The members of the cluster as this node knows them, and their control
+    links.  Its child services are the L{PeerLink}s.
+
+    @ivar onLinkUp: called with a member's id when its first link is up.
+    @ivar onLinkDown: called with a member's id when its last link closes.
+    @ivar onLinkLost: called with a member's id when one of several links
+        closes (messages on it may have been lost).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        me: int,
+        address: str,
+        identity: LocalIdentity,
+        reactor: Any,
+        handlerFor: Callable[[], Any],
+    ) -> None:
+        super().__init__()
+        self.me = me
+        self.address = address
+        self.identity = identity
+        self.reactor = reactor
+        self.handlerFor = handlerFor
+        self.members: Dict[int, Member] = {}
+        self.refused: Dict[int, str] = {}
+        self.onLinkUp: Callable[[int], None] = lambda member: None
+        self.onLinkDown: Callable[[int], None] = lambda member: None
+        self.onLinkLost: Callable[[int], None] = lambda member: None
+        self.onChange: Callable[[], None] = lambda: None
+
+    def __contains__(self, member: int) -> bool:
+        return member in self.members
+
+    def ids(self) -> List[int]:
+        return sorted(self.members)
+
+    def addressOf(self, member: int) -> Optional[str]:
+        if member == self.me:
+            return self.address
+        record = self.members.get(member)
+        return record.address if record is not None else None
+
+    def learn(self, member: int, address: str, configured: bool = False) -> bool:
+        """
+        Know of C{member} at C{address} and keep a control link to it.
+        Return True if it was new.
+        """
+        if member == self.me or member in self.members:
+            return False
+        self.members[member] = record = Member(member, address, configured)
+        factory = P2PFactory(
+            self.identity, self.handlerFor, self.reactor, listening=False, expectedNode=member, perConnection=True
+        )
+        record.service = PeerLink(member, address, self.reactor, factory, self._refusedBy)
+        record.service.setServiceParent(self)
+        self.log.info("linking to node {id} at {address}", id=member, address=address)
+        return True
+
+    def _refusedBy(self, member: int, reason: Optional[str]) -> None:
+        if reason is None:
+            self.refused.pop(member, None)
+        else:
+            self.refused[member] = reason
+        self.onChange()
+
+    def controlReady(self, connection: P2PProtocol) -> bool:
+        """
+        A control connection finished its handshake: accept it as a link of
+        its member, or refuse it.  Return True if accepted.
+        """
+        peer = connection.peer
+        assert peer is not None and peer.node is not None and peer.address is not None
+        if peer.node == self.me:
+            connection.refuse("conflict", f"node id {self.me} is already in use by the node at {self.address}")
+            return False
+        self.learn(peer.node, peer.address)
+        member = self.members[peer.node]
+        first = not member.links
+        member.links.add(connection)
+        if first:
+            self.log.info("member {id} link up ({address})", id=peer.node, address=member.address)
+            self.onLinkUp(peer.node)
+        return True
+
+    def controlClosed(self, connection: P2PProtocol) -> None:
+        peer = connection.peer
+        if peer is None:
+            return
+        member = self.members.get(peer.node)
+        if member is None or connection not in member.links:
+            return
+        member.links.discard(connection)
+        if not member.links:
+            self.log.info("member {id} link down ({address})", id=member.id, address=member.address)
+            self.onLinkDown(member.id)
+        else:
+            self.onLinkLost(member.id)
+
+    def sendTo(self, member: int, message: Message) -> bool:
+        record = self.members.get(member)
+        link = record.link() if record is not None else None
+        if link is None:
+            return False
+        link.sendMessage(message)
+        return True
+
+    def broadcast(self, message: Message, to: Optional[Iterable[int]] = None) -> None:
+        """
+        Send C{message} on every member's link (or those of C{to}),
+        encoded once.
+        """
+        payload = encode(message)
+        for member in self.members.values() if to is None else (self.members[m] for m in to if m in self.members):
+            link = member.link()
+            if link is not None:
+                link.sendEncoded(payload)
+
+    def closeLinks(self) -> Deferred:
+        """
+        Close every control connection, in both directions.
+        """
+        waiting = []
+        for member in self.members.values():
+            for link in list(member.links):
+                waiting.append(link.whenClosed())
+                link.abort()
+        return DeferredList(waiting)

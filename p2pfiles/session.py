@@ -1,0 +1,399 @@
+"""
+One request connection, from its handshake to its close: L{RequestSession}.
+
+A client (the command-line client, or a node acting as one) opens a request
+connection and asks: C{status} (optionally watching), C{ls}, C{lookup},
+C{get} (the file is served from disk or relayed from a holder) or C{fetch}
+(the node downloads the file into its own share).  The session is an
+explicit state machine::
+
+    idle --status(watch)--> watching --close--> closed
+    idle --get (mine)-----> serving  --done---> idle
+    idle --get (relayed)--> relaying --done---> idle
+    idle --fetch----------> fetching --done---> idle
+
+It owns its producer or relay and its watch, and L{connectionClosed} (an
+input in every state) cleans them up in one place.  It reaches the node only
+through L{IRequestContext}: it never sees the node object.
+"""
+
+from typing import Any, Callable, Dict, List, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Attribute, Interface, implementer
+
+from p2pfiles.errors import P2PError
+from p2pfiles.names import nameProblem
+from p2pfiles.protocol import IConnectionHandler, P2PProtocol, ProtocolViolation
+from p2pfiles.transfer import FileProducer, Relay
+from p2pfiles.wire import FileEntry, Message, splitListing
+
+IDLE = "idle"
+WATCHING = "watching"
+SERVING = "serving"
+RELAYING = "relaying"
+FETCHING = "fetching"
+CLOSED = "closed"
+
+
+class IRequestContext(Interface):
+    """
+    What a request session may know of and ask of its node.
+    """
+
+    me = Attribute("this node's id")
+    clock = Attribute("the reactor, for timeouts")
+
+    def isLeader():
+        """
+        True if this node leads right now.
+        """
+
+    def leaderId():
+        """
+        The leader's id, or None.
+        """
+
+    def leaderAddress():
+        """
+        The leader's address, or None.
+        """
+
+    def status():
+        """
+        What C{status --json} prints.
+        """
+
+    def watchStatus(callback):
+        """
+        Call C{callback(status)} on every change of the status; return a
+        callable that stops the watch.
+        """
+
+    def listing():
+        """
+        The cluster's files as C{ls --json} prints them (leader only).
+        """
+
+    def content(name, sha256, everyone=False):
+        """
+        C{(entry, [(node, address), ...])} for C{name}: the holders that can
+        send it (live nodes other than this one), or with C{everyone} all
+        nodes the index names; None if nobody holds it (leader only).
+        """
+
+    def nextRelay(count):
+        """
+        Where in a list of C{count} holders the next relay starts, so that
+        relays are spread over the holders.
+        """
+
+    def localEntry(name):
+        """
+        This node's own L{FileEntry} for C{name}, or None.
+        """
+
+    def openShared(entry, offset):
+        """
+        Open this node's copy of C{entry} at C{offset} for reading; raise
+        L{P2PError}.
+        """
+
+    def openUpstream(address):
+        """
+        Connect to the node at C{address} as a request connection; fire with
+        a L{p2pfiles.client.ClientConnection}.
+        """
+
+    def fetch(name, overwrite):
+        """
+        Download C{name} into this node's share; fire with the C{fetched}
+        reply, or fail with L{P2PError}.  Concurrent fetches of one name
+        share one download.
+        """
+
+    def transferStarted(session, what, name, peer, size):
+        """
+        A transfer began on C{session}; return a callable to report its
+        end with the number of bytes or a L{Failure}.
+        """
+
+
+@implementer(IConnectionHandler)
+class RequestSession:
+    """
+    The handler of one authenticated request connection.
+    """
+
+    log = Logger()
+
+    def __init__(self, context: IRequestContext) -> None:
+        self.context = context
+        self.state = IDLE
+        self.connection: Optional[P2PProtocol] = None
+        self._stopWatching: Optional[Callable[[], None]] = None
+        self._transfer: Any = None
+        self._pending: Optional[Deferred] = None
+        self._relayCount = 0
+        self.handlers: Dict[str, Callable[[Message], None]] = {
+            "status": self.status,
+            "ls": self.ls,
+            "lookup": self.lookup,
+            "get": self.get,
+            "fetch": self.fetch,
+            "error": self.error,
+        }
+
+    # IConnectionHandler
+
+    def connectionReady(self, connection: P2PProtocol) -> None:
+        self.connection = connection
+
+    def messageReceived(self, connection: P2PProtocol, message: Message) -> None:
+        handler = self.handlers.get(message.type)
+        if handler is None:
+            raise ProtocolViolation(f"{message.type} is not accepted on a request connection")
+        if message.type != "error" and self.state in (SERVING, RELAYING, FETCHING):
+            # Its bytes (or its answer) are on the way: a reply now would
+            # land in them.
+            raise ProtocolViolation(f"{message.type} sent during a transfer")
+        if message.type == "get" and self.state == WATCHING:
+            raise ProtocolViolation("get on a connection that is watching status")
+        handler(message)
+
+    def rawDataReceived(self, connection: P2PProtocol, data: bytes) -> None:
+        raise ProtocolViolation("unexpected raw data")
+
+    def rawDataFinished(self, connection: P2PProtocol) -> None:
+        pass
+
+    def connectionClosed(self, connection: P2PProtocol, reason: Failure) -> None:
+        """
+        The one place where a session's resources are let go, in every
+        state.
+        """
+        self.state = CLOSED
+        if self._stopWatching is not None:
+            stop, self._stopWatching = self._stopWatching, None
+            stop()
+        transfer, self._transfer = self._transfer, None
+        if isinstance(transfer, Relay):
+            transfer.downstreamLost()
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.cancel()
+
+    # Requests.
+
+    def error(self, message: Message) -> None:
+        assert self.connection is not None
+        self.log.warn(
+            "{peer} reports an error: {reason} ({code})",
+            peer=self.connection.describePeer(),
+            reason=message.reason,
+            code=message.code,
+        )
+
+    def status(self, message: Message) -> None:
+        self._send(Message("state", status=self.context.status()))
+        if message.watch and self._stopWatching is None:
+            self.state = WATCHING
+            self._stopWatching = self.context.watchStatus(
+                lambda status: self._send(Message("state", status=status))
+            )
+
+    def ls(self, message: Message) -> None:
+        if not self.context.isLeader():
+            self._redirect()
+            return
+        parts = splitListing(self.context.listing())
+        for i, part in enumerate(parts):
+            self._send(Message("listing", files=part, last=i == len(parts) - 1))
+
+    def lookup(self, message: Message) -> None:
+        name = message.name
+        if not self._nameOk(name):
+            return
+        if not self.context.isLeader():
+            self._redirect()
+            return
+        found = self.context.content(name, None, everyone=True)
+        if found is None:
+            self._refuse("not-found", f"not found: {name}")
+            return
+        entry, holders = found
+        self._send(
+            Message(
+                "found",
+                name=name,
+                size=entry.size,
+                sha256=entry.sha256,
+                holders=[node for node, _ in holders],
+            )
+        )
+
+    def get(self, message: Message) -> None:
+        name = message.name
+        if not self._nameOk(name):
+            return
+        assert self.connection is not None and self.connection.peer is not None
+        peer = self.connection.peer
+        context = self.context
+        entry = context.localEntry(name)
+        mine = entry is not None and message.sha256 in (None, entry.sha256)
+        if mine and (context.isLeader() or peer.role == "node"):
+            self._serve(entry, message.offset)
+            return
+        if not context.isLeader():
+            if peer.role == "node" and peer.node == context.leaderId():
+                # Our leader relaying from us: it should look elsewhere.
+                self._refuse("not-found", f"not found: {name} (node {context.me} does not have it)")
+            else:
+                self._redirect()
+            return
+        found = context.content(name, message.sha256)
+        if found is None:
+            self._refuse("not-found", f"not found: {name}")
+            return
+        content, holders = found
+        if message.offset > content.size:
+            self._refuse(
+                "bad-offset", f"offset {message.offset} is beyond the size of {name} ({content.size} bytes)"
+            )
+            return
+        self._relay(content, holders, message.offset)
+
+    def fetch(self, message: Message) -> None:
+        name = message.name
+        if not self._nameOk(name):
+            return
+        self.state = FETCHING
+        self._pending = self.context.fetch(name, message.overwrite)
+
+        def fetched(reply: Message) -> None:
+            self._pending = None
+            self.state = IDLE
+            self._send(reply)
+
+        def failed(reason: Failure) -> None:
+            self._pending = None
+            if self.state == CLOSED:
+                return
+            self.state = IDLE
+            if reason.check(P2PError):
+                self._refuse(reason.value.code, str(reason.value))
+            else:
+                self.log.failure("fetch of {name} failed", reason, name=name)
+                self._refuse("internal", f"fetch of {name} failed: {reason.getErrorMessage()}")
+
+        self._pending.addCallbacks(fetched, failed)
+
+    # Transfers.
+
+    def _serve(self, entry: FileEntry, offset: int) -> None:
+        assert self.connection is not None
+        try:
+            f = self.context.openShared(entry, offset)
+        except P2PError as e:
+            self._refuse(e.code, str(e))
+            return
+        connection = self.connection
+        leader = self.context.leaderId()
+        self._send(
+            Message(
+                "file",
+                name=entry.name,
+                size=entry.size,
+                sha256=entry.sha256,
+                offset=offset,
+                holder=self.context.me,
+                leader=leader if leader is not None else self.context.me,
+            )
+        )
+        producer = FileProducer(f, entry.size - offset, connection.transport)
+        self._begin(SERVING, producer, "serve", entry.name, entry.size - offset)
+        done = producer.start()
+
+        def failed(reason: Failure) -> Failure:
+            # Mid-file no frame can say why: close, so that the receiver
+            # notices at once and resumes (or the relay fails over).
+            if not (reason.check(P2PError) and reason.value.code == "gone"):
+                connection.abort()
+            return reason
+
+        done.addErrback(failed)
+        self._track(done)
+
+    def _relay(self, content: FileEntry, holders: List[Any], offset: int) -> None:
+        assert self.connection is not None
+        # Spread relays over the holders.
+        start = self.context.nextRelay(len(holders))
+        relay = Relay(
+            self.connection,
+            content.name,
+            content.sha256,
+            content.size,
+            offset,
+            holders[start:] + holders[:start],
+            self.context.openUpstream,
+            self.context.me,
+            clock=self.context.clock,
+        )
+        self._begin(RELAYING, relay, "relay", content.name, content.size - offset)
+        self._track(relay.start())
+
+    def _begin(self, state: str, transfer: Any, direction: str, name: str, size: int) -> None:
+        assert self.connection is not None
+        self.state = state
+        self._transfer = transfer
+        self._ended = self.context.transferStarted(self, direction, name, self.connection.describePeer(), size)
+
+    def _track(self, done: Deferred) -> None:
+        def ended(result: Any) -> None:
+            self._transfer = None
+            if self.state != CLOSED:
+                self.state = IDLE
+            self._ended(result)
+
+        done.addBoth(ended)
+
+    def progress(self) -> int:
+        """
+        Bytes moved so far by the transfer in flight (0 if none).
+        """
+        transfer = self._transfer
+        if isinstance(transfer, Relay):
+            return transfer.relayed
+        if isinstance(transfer, FileProducer):
+            return transfer.sent
+        return 0
+
+    # Answers.
+
+    def _send(self, message: Message) -> None:
+        if self.connection is not None and self.state != CLOSED:
+            self.connection.sendMessage(message)
+
+    def _refuse(self, code: str, reason: str) -> None:
+        if self.connection is not None and self.state != CLOSED:
+            self.connection.sendError(code, reason)
+
+    def _nameOk(self, name: str) -> bool:
+        problem = nameProblem(name)
+        if problem is not None:
+            self._refuse("bad-name", f"bad file name {name!r}: {problem}")
+            return False
+        return True
+
+    def _redirect(self) -> None:
+        """
+        Point the client at the leader, or tell it there is none right now.
+        """
+        leader = self.context.leaderId()
+        address = self.context.leaderAddress()
+        if leader is None or address is None:
+            self._refuse("no-leader", "no leader elected right now; try again shortly")
+        else:
+            self._send(Message("redirect", leader=leader, address=address))
