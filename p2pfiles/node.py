@@ -192,7 +192,7 @@ class Node(MultiService):
             runInThread,
             self.leaderAddress,
             lambda: [a for m, a in sorted(self._liveMembers().items())],
-            self.localIndex.entries.get,
+            lambda name: self.localIndex.entries.get(name),
             self.localIndex.rescan,
         )
         self.membership.onLinkUp = self._linkUp
@@ -224,14 +224,20 @@ class Node(MultiService):
 
     # Connections.
 
-    def listeningFactory(self) -> P2PFactory:
+    def listeningFactory(self, factory: Optional[P2PFactory] = None) -> P2PFactory:
         """
         The factory for the node's listening port: one session per
-        connection, routed by purpose once authenticated.
+        connection, routed by purpose once authenticated.  The node closes
+        its connections when it stops.
+
+        @param factory: a factory already listening (made before the node,
+            to learn its port), to set up as this node's.
         """
-        factory = P2PFactory(
-            self.identity, lambda: Incoming(self._route), self.reactor, listening=True, perConnection=True
-        )
+        if factory is None:
+            factory = P2PFactory(self.identity, None, self.reactor, listening=True)
+        factory.identity = self.identity
+        factory.handler = lambda: Incoming(self._route)
+        factory.perConnection = True
         self.factories.append(factory)
         return factory
 
@@ -269,8 +275,9 @@ class Node(MultiService):
             )
         for peer, address in sorted(self.config.peers.items()):
             self.membership.learn(peer, address, configured=True)
-        super().startService()
+        # First, so that a corrupt epoch file stops the start here.
         self.coordinator.start()
+        super().startService()
         self._housekeeping.start(self.config.heartbeat, now=False)
         self._partSweep.start(PART_SWEEP_INTERVAL, now=True)
         self.log.info(
@@ -494,6 +501,13 @@ class Node(MultiService):
             "version": __version__,
         }
 
+    @property
+    def watching(self) -> int:
+        """
+        How many status watches are open.
+        """
+        return len(self._watchers)
+
     def watchStatus(self, callback: Callable[[Dict[str, Any]], None]) -> Callable[[], None]:
         self._watchers.append(callback)
 
@@ -584,6 +598,13 @@ class RequestContext:
 
     def status(self) -> Dict[str, Any]:
         return self._node.status()
+
+    @property
+    def watching(self) -> int:
+        """
+        How many status watches are open.
+        """
+        return len(self._watchers)
 
     def watchStatus(self, callback: Callable[[Dict[str, Any]], None]) -> Callable[[], None]:
         return self._node.watchStatus(callback)

@@ -7,7 +7,7 @@ import math
 from typing import Any, Dict, Optional
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
@@ -240,7 +240,7 @@ class Listener(Service):
         port, self.port = self.port, None
         if port is None:
             return succeed(None)
-        return port.stopListening()
+        return maybeDeferred(port.stopListening)
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:

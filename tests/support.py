@@ -150,8 +150,7 @@ def startCluster(
             secret=secret,
         )
         instance = Node(config, reactor)
-        factories[node].identity = instance.identity
-        factories[node].handler = instance
+        instance.listeningFactory(factories[node])
         cluster[node] = InProcessNode(instance, ports[node], factories[node])
     for node in ids:
         cluster[node].node.startService()
@@ -167,11 +166,11 @@ def agreed(cluster: Dict[int, InProcessNode], leader: int, count: Optional[int] 
     running = [c.node for c in cluster.values() if c.running]
     if count is None:
         count = len(running)
-    views = {(n.election.leader, n.election.epoch) for n in running}
+    views = {(n.coordinator.election.leader, n.coordinator.election.epoch) for n in running}
     return (
         len(views) == 1
         and views.pop()[0] == leader
-        and all(len(n.election.liveMembers()) == count for n in running)
+        and all(len(n.coordinator.election.liveMembers()) == count for n in running)
     )
 
 

@@ -14,9 +14,11 @@ from twisted.internet.threads import deferToThread
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
-from p2pfiles.client import EXIT_AUTH, EXIT_NOT_FOUND, EXIT_REFUSED, ClientError, askLeader, connect, receiveListing, request
+from p2pfiles.client import askLeader, connect, receiveListing, request
+from p2pfiles.errors import P2PError
 from p2pfiles.index import parseLog
-from p2pfiles.transfer import PartialFile, download
+from p2pfiles.partfile import PartialFile
+from p2pfiles.transfer import download
 from p2pfiles.wire import Message, encode
 
 from tests.support import agreed, startCluster, waitFor, waitForAsync
@@ -74,7 +76,7 @@ class ClusterTests(TestCase):
 
         cluster = startCluster(self, [1, 2, 3, 4], peersOf=peersOf)
         await waitFor(lambda: agreed(cluster, 1, 4), "four nodes to agree on leader 1")
-        self.assertIn(1, cluster[4].node.members)
+        self.assertIn(1, cluster[4].node.membership.members)
 
     async def test_wrongSecretIsKeptOut(self):
         """
@@ -83,9 +85,9 @@ class ClusterTests(TestCase):
         """
         cluster = startCluster(self, [1, 2], secret=b"right")
         await waitFor(lambda: agreed(cluster, 1), "nodes to agree on leader 1")
-        with self.assertRaises(ClientError) as caught:
+        with self.assertRaises(P2PError) as caught:
             await connect(reactor, cluster[1].address, b"wrong")
-        self.assertEqual(caught.exception.code, EXIT_AUTH)
+        self.assertEqual(caught.exception.code, "auth")
         connection = await connect(reactor, cluster[1].address, b"right")
         reply = await request(connection, Message("status", watch=False))
         connection.close()
@@ -116,17 +118,25 @@ class ClusterTests(TestCase):
             inputs.append(rng.randbytes(rng.randrange(1, 200)))
 
         def blast():
+            # How each connection ended: "closed" when the node closed it
+            # (or reset it), "open" if it still had not after the wait.
+            endings = []
             for data in inputs:
-                with socket.create_connection((host, int(port)), timeout=5) as s:
+                with socket.create_connection((host, int(port)), timeout=10) as s:
                     s.sendall(data)
                     s.shutdown(socket.SHUT_WR)
                     try:
                         while s.recv(4096):
                             pass
-                    except OSError:
-                        pass
+                        endings.append("closed")
+                    except socket.timeout:
+                        endings.append("open")
+                    except ConnectionResetError:
+                        endings.append("closed")
+            return endings
 
-        await deferToThread(blast)
+        endings = await deferToThread(blast)
+        self.assertEqual(endings, ["closed"] * len(inputs))
         connection = await connect(reactor, cluster[1].address, b"")
         reply = await request(connection, Message("status", watch=False))
         connection.close()
@@ -269,15 +279,15 @@ class TransferTests(TestCase):
         cluster = startCluster(self, [1, 2], files={2: {"a.png": b"a"}, 1: {"aa.png": b"aa"}})
         await waitFor(lambda: agreed(cluster, 1), "nodes to agree on leader 1")
         out = FilePath(self.mktemp())
-        with self.assertRaises(ClientError) as caught:
+        with self.assertRaises(P2PError) as caught:
             await self._get(cluster, 2, "b.png", out)
-        self.assertEqual(caught.exception.code, EXIT_NOT_FOUND)
+        self.assertEqual(caught.exception.code, "not-found")
         self.assertFalse(out.child("b.png").exists())
         for name in ["../secret", "/etc/passwd", "a/../../x", ".hidden", "", "nul\0byte"]:
             connection = await connect(reactor, cluster[1].address, b"")
-            with self.assertRaises(ClientError) as caught:
+            with self.assertRaises(P2PError) as caught:
                 await request(connection, Message("get", name=name, offset=0, sha256=None))
-            self.assertEqual(caught.exception.code, EXIT_REFUSED, name)
+            self.assertEqual(caught.exception.code, "bad-name", name)
             # The connection is kept for the next request.
             reply = await request(connection, Message("status", watch=False))
             self.assertEqual(reply.type, "state")
@@ -291,7 +301,7 @@ class TransferTests(TestCase):
         cluster = startCluster(self, [1], files={1: {"f": b"12345"}})
         await waitFor(lambda: cluster[1].node.keeper.index.fileCount() == 1, "the index")
         connection = await connect(reactor, cluster[1].address, b"")
-        with self.assertRaises(ClientError) as caught:
+        with self.assertRaises(P2PError) as caught:
             await request(connection, Message("get", name="f", offset=6, sha256=None))
         self.assertIn("beyond", str(caught.exception))
         reply = await request(connection, Message("status", watch=False))
@@ -355,7 +365,7 @@ class TransferTests(TestCase):
         cluster[2].share.child("q.png").setContent(b"theirs")
         await waitFor(lambda: len(cluster[1].node.keeper.index.holders("q.png")) == 2, "both q.png")
         connection = await connect(reactor, cluster[3].address, b"")
-        with self.assertRaises(ClientError) as caught:
+        with self.assertRaises(P2PError) as caught:
             await request(connection, Message("fetch", name="q.png", overwrite=False))
         self.assertIn("--overwrite", str(caught.exception))
         self.assertEqual(cluster[3].share.child("q.png").getContent(), b"mine")

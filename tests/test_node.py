@@ -23,6 +23,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from p2pfiles import __version__, auth
 from p2pfiles.node import Node, NodeConfig
+from p2pfiles.election import ElectionState
+from p2pfiles.heartbeat import HeartbeatCoordinator
+from p2pfiles.membership import Membership, PeerLink
+from p2pfiles.session import RequestSession
 from p2pfiles.protocol import IConnectionHandler, LocalIdentity, P2PFactory, P2PProtocol
 from p2pfiles.wire import SCHEMAS, Message
 from tests.frames import frame, hello, parseFrames, rawFrame
@@ -165,12 +169,14 @@ class Harness:
             leaderTimeout=LEADER_TIMEOUT,
         )
         self.node = Node(self.config, self.reactor, runInThread=inline, useInotify=False)
-        self.factory = P2PFactory(self.node.identity, self.node, self.reactor, listening=True)
+        self.factory = self.node.listeningFactory()
         self.links: List[Link] = []
         self.pumps: List[IOPump] = []
         self.byHand: List[P2PProtocol] = []
         self.events: List[dict] = []
-        case.patch(Node, "log", forwardingLogger(self.events))
+        # What the node and its parts log.
+        for part in (Node, Membership, PeerLink, HeartbeatCoordinator, ElectionState, RequestSession):
+            case.patch(part, "log", forwardingLogger(self.events))
         self.protocolEvents: List[dict] = []
         case.patch(P2PProtocol, "log", forwardingLogger(self.protocolEvents))
         case.addCleanup(self.tearDown)
@@ -255,7 +261,7 @@ class Harness:
         return transport
 
     def closeByHand(self, protocol: P2PProtocol) -> None:
-        if not protocol._closed:
+        if not protocol.closed:
             protocol.connectionLost(Failure(ConnectionDone()))
 
     def tearDown(self) -> None:
@@ -362,12 +368,12 @@ class MembershipTests(SynchronousTestCase):
         """
         harness = Harness(self, node=1).start()
         ups: List[int] = []
-        memberUp = harness.node.election.memberUp
-        self.patch(harness.node.election, "memberUp", lambda m: (ups.append(m), memberUp(m))[1])
+        memberUp = harness.node.coordinator.election.memberUp
+        self.patch(harness.node.coordinator.election, "memberUp", lambda m: (ups.append(m), memberUp(m))[1])
         peer = harness.peer(2)
         self.assertEqual(peer.handler.ready, 1)
-        self.assertIn(2, harness.node.members)
-        self.assertEqual(harness.node.members[2].address, "127.0.0.1:9002")
+        self.assertIn(2, harness.node.membership.members)
+        self.assertEqual(harness.node.membership.members[2].address, "127.0.0.1:9002")
         self.assertEqual(ups, [2])
         self.assertIn("member 2 link up (127.0.0.1:9002)", harness.lines())
         (first,) = peer.handler.of("heartbeat")
@@ -388,7 +394,7 @@ class MembershipTests(SynchronousTestCase):
             [(m["id"], m["address"], m["alive"]) for m in harness.node.status()["members"]],
             [(1, "127.0.0.1:9001", True), (2, "127.0.0.1:9002", True)],
         )
-        self.assertEqual(harness.node.election.liveMembers(), [1, 2])
+        self.assertEqual(harness.node.coordinator.election.liveMembers(), [1, 2])
         self.assertEqual(harness.node.status()["leader"], 1)
 
     def test_linkDown(self) -> None:
@@ -404,8 +410,8 @@ class MembershipTests(SynchronousTestCase):
         self.assertEqual(
             [(m["id"], m["alive"]) for m in harness.node.status()["members"]], [(1, True), (2, False)]
         )
-        self.assertEqual(harness.node.members[2].links, set())
-        self.assertEqual(harness.node.election.liveMembers(), [1])
+        self.assertEqual(harness.node.membership.members[2].links, set())
+        self.assertEqual(harness.node.coordinator.election.liveMembers(), [1])
 
     def test_downOnlyWhenLastLinkCloses(self) -> None:
         """
@@ -417,10 +423,10 @@ class MembershipTests(SynchronousTestCase):
         first.send(heartbeat(2, 1, 1))
         first.close()
         self.assertNotIn("member 2 link down (127.0.0.1:9002)", harness.lines())
-        self.assertTrue(harness.node.election.isLive(2))
+        self.assertTrue(harness.node.coordinator.election.isLive(2))
         second.close()
         self.assertIn("member 2 link down (127.0.0.1:9002)", harness.lines())
-        self.assertFalse(harness.node.election.isLive(2))
+        self.assertFalse(harness.node.coordinator.election.isLive(2))
 
     def test_leaderRegathersAfterLosingOneLink(self) -> None:
         """
@@ -448,9 +454,9 @@ class MembershipTests(SynchronousTestCase):
         peer = harness.peer(2)
         peer.send(heartbeat(2, 1, 1))
         harness.advance(LEADER_TIMEOUT)
-        self.assertTrue(harness.node.election.isLive(2))
+        self.assertTrue(harness.node.coordinator.election.isLive(2))
         harness.advance(HEARTBEAT)
-        self.assertFalse(harness.node.election.isLive(2))
+        self.assertFalse(harness.node.coordinator.election.isLive(2))
         self.assertIn("member 2 is down", harness.lines())
         self.assertFalse(peer.isClosed)
 
@@ -462,8 +468,8 @@ class MembershipTests(SynchronousTestCase):
         harness = Harness(self, node=1).start()
         peer = harness.peer(2)
         peer.send(heartbeat(2, 1, 1, [(2, address(2)), (3, address(3)), (1, "127.9.9.9:1")]))
-        self.assertEqual(sorted(harness.node.members), [2, 3])
-        self.assertEqual(harness.node.members[3].address, "127.0.0.1:9003")
+        self.assertEqual(sorted(harness.node.membership.members), [2, 3])
+        self.assertEqual(harness.node.membership.members[3].address, "127.0.0.1:9003")
         self.assertIn(("127.0.0.1", 9003), [(host, port) for host, port, *_ in harness.reactor.tcpClients])
         self.assertEqual(harness.node.config.address, "127.0.0.1:9001")
 
@@ -478,27 +484,28 @@ class MembershipTests(SynchronousTestCase):
         self.assertEqual(code, "conflict")
         self.assertIn("node id 1", reason)
         self.assertTrue(impostor.isClosed)
-        self.assertEqual(harness.node.members, {})
+        self.assertEqual(harness.node.membership.members, {})
         self.assertEqual(len(harness.node.status()["members"]), 1)
 
     def test_wrongNodeAtPeerAddress(self) -> None:
         """
         When the node links to a configured peer and finds another node id
-        there, it refuses the link with C{conflict}.
+        there, it refuses the link with C{conflict} in the handshake, before
+        either side proves anything, and never counts it as a member.
         """
         harness = Harness(self, node=1, peers={2: address(2)})
         other = RecordingHandler()
         harness.reactor.listenTCP(9002, P2PFactory(nodeIdentity(3), other, harness.reactor, listening=True))
         harness.start()
         harness.complete()
-        self.assertEqual(other.ready, 1)
-        [error] = other.of("error")
-        self.assertEqual(error.code, "conflict")
-        self.assertIn("expected node 2", error.reason)
-        self.assertIn("found node 3", error.reason)
+        self.assertEqual(other.ready, 0)
         self.assertEqual(other.closed, 1)
-        self.assertEqual(harness.node.members[2].links, set())
-        self.assertNotIn(3, harness.node.members)
+        drops = [line for line in harness.drops() if "expected node 2" in line]
+        self.assertTrue(drops)
+        for line in drops:
+            self.assertIn("found node 3", line)
+        self.assertEqual(harness.node.membership.members[2].links, set())
+        self.assertNotIn(3, harness.node.membership.members)
 
     def test_outboundLink(self) -> None:
         """
@@ -511,9 +518,9 @@ class MembershipTests(SynchronousTestCase):
         harness.start()
         pump = harness.complete()
         self.assertEqual(peer.ready, 1)
-        (link,) = harness.node.members[2].links
+        (link,) = harness.node.membership.members[2].links
         self.assertFalse(link.listening)
-        self.assertIs(harness.node.members[2].link(), link)
+        self.assertIs(harness.node.membership.members[2].link(), link)
         self.assertEqual(len(peer.of("heartbeat")), 1)
         harness.reactor.advance(HEARTBEAT)
         pump.flush()
@@ -556,16 +563,17 @@ class HeartbeatTests(SynchronousTestCase):
         harness = Harness(self, node=1).start()
         peer = harness.peer(2)
         peer.send(heartbeat(2, 0, None))
-        original = harness.node._broadcastHeartbeat
+        coordinator = harness.node.coordinator
+        original = coordinator.heartbeatMessage
         failures = []
 
-        def brokenOnce() -> None:
+        def brokenOnce() -> Message:
             if not failures:
                 failures.append(True)
                 raise RuntimeError("one bad tick")
-            original()
+            return original()
 
-        self.patch(harness.node, "_broadcastHeartbeat", brokenOnce)
+        self.patch(coordinator, "heartbeatMessage", brokenOnce)
         before = len(peer.handler.of("heartbeat"))
         harness.advance(HEARTBEAT)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
@@ -664,7 +672,7 @@ class HeartbeatTests(SynchronousTestCase):
         peer.send(heartbeat(3, 1, 1))
         self.assertEqual([code for code, _ in peer.errors()], ["protocol"])
         self.assertTrue(peer.isClosed)
-        self.assertNotIn(3, harness.node.members)
+        self.assertNotIn(3, harness.node.membership.members)
 
     def test_heartbeatOnRequestConnection(self) -> None:
         """
@@ -678,9 +686,9 @@ class HeartbeatTests(SynchronousTestCase):
             link.send(heartbeat(2, 1, 1))
             [(code, reason)] = link.errors()
             self.assertEqual(code, "protocol")
-            self.assertIn("only accepted on control links", reason)
+            self.assertIn("heartbeat is not accepted on a request connection", reason)
             self.assertTrue(link.isClosed)
-        self.assertEqual(harness.node.members, {})
+        self.assertEqual(harness.node.membership.members, {})
 
 
 class EpochStoreTests(SynchronousTestCase):
@@ -799,8 +807,9 @@ class WatcherTests(SynchronousTestCase):
         """
         harness = Harness(self, node=1).start()
         client = self.watch(harness)
-        self.successResultOf(harness.node.stopService())
+        stopped = harness.node.stopService()
         harness.flush()
+        self.successResultOf(stopped)
         self.assertTrue(client.isClosed)
 
     def test_closedWatcherForgotten(self) -> None:
@@ -810,7 +819,7 @@ class WatcherTests(SynchronousTestCase):
         harness = Harness(self, node=1).start()
         client = self.watch(harness)
         client.close()
-        self.assertEqual(harness.node._watchers, set())
+        self.assertEqual(harness.node.watching, 0)
         harness.peer(2)
         self.assertEqual(len(client.handler.of("state")), 1)
 

@@ -7,7 +7,6 @@ import os
 import runpy
 from typing import Any, Dict, List
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, IServiceCollection, IServiceMaker, MultiService
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.testing import MemoryReactorClock
@@ -17,7 +16,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from p2pfiles.address import parseAddress
 from p2pfiles.node import Node
+from p2pfiles.node import Incoming
 from p2pfiles.protocol import P2PFactory
+from p2pfiles.tap import CannotListen, Listener
 from p2pfiles.tap import Options, isLoopback, makeService, parseCluster
 
 ROOT = FilePath(__file__).parent().parent()
@@ -123,28 +124,6 @@ class IdAndPortTests(OptionsTestCase):
         self.assertUsageError("--id", "1", "--port", "http")
         self.assertIn("not a TCP port", self.assertUsageError("--id", "70000"))
         self.assertEqual(parse("--id", "70000", "--port", "9001")["port"], 9001)
-
-    def test_portZeroAdvertisesUsableAddress(self) -> None:
-        """
-        C{--port 0} is either refused or gives a node whose advertised
-        address other nodes can use: C{HOST:0} is not one (every node's
-        C{parseAddress} refuses it, so no peer could ever link back).
-        """
-        try:
-            options = parse("--id", "1", "--port", "0")
-        except usage.UsageError:
-            return
-        address = options.nodeConfig().address
-        try:
-            parseAddress(address)
-        except ValueError as e:
-            self.fail(f"--port 0 was accepted but the node advertises {address!r}: {e}")
-
-
-class PeerTests(OptionsTestCase):
-    """
-    C{--peer ID@HOST:PORT}, repeatable.
-    """
 
     def test_peers(self) -> None:
         """
@@ -501,7 +480,7 @@ class MakeServiceTests(OptionsTestCase):
     L{makeService} builds the node and its listening port as one service.
     """
 
-    def build(self, *arguments: str) -> "tuple[MultiService, StreamServerEndpointService, Node, MemoryReactorClock]":
+    def build(self, *arguments: str) -> "tuple[MultiService, Listener, Node, MemoryReactorClock]":
         reactor = MemoryReactorClock()
         base = FilePath(self.mktemp())
         options = parse(
@@ -509,7 +488,7 @@ class MakeServiceTests(OptionsTestCase):
         )
         top = makeService(options, reactor=reactor)
         services = list(top)
-        listeners = [s for s in services if isinstance(s, StreamServerEndpointService)]
+        listeners = [s for s in services if isinstance(s, Listener)]
         nodes = [s for s in services if isinstance(s, Node)]
         self.assertEqual((len(services), len(listeners), len(nodes)), (2, 1, 1))
         return top, listeners[0], nodes[0], reactor
@@ -517,7 +496,7 @@ class MakeServiceTests(OptionsTestCase):
     def test_tree(self) -> None:
         """
         The service is a L{MultiService} holding a
-        L{StreamServerEndpointService} and a L{Node}, neither running.
+        L{Listener} and a L{Node}, neither running.
         """
         top, listener, node, reactor = self.build("--id", "1")
         self.assertIsInstance(top, MultiService)
@@ -560,28 +539,31 @@ class MakeServiceTests(OptionsTestCase):
 
     def test_listener(self) -> None:
         """
-        The port listens on the options' port and interface with a listening
-        L{P2PFactory} whose handler is the node; it fails at start if the
-        port cannot be had.
+        The port listens on the options' port and interface with the node's
+        listening factory: each connection gets a fresh L{Incoming} router.
         """
         top, listener, node, reactor = self.build("--id", "2", "--port", "9222")
         self.assertIsInstance(listener.endpoint, TCP4ServerEndpoint)
-        self.assertEqual((listener.endpoint._port, listener.endpoint._interface), (9222, "127.0.0.1"))
         factory = listener.factory
         self.assertIsInstance(factory, P2PFactory)
-        self.assertIs(factory.handler, node)
+        self.assertIn(factory, node.factories)
         self.assertIs(factory.identity, node.identity)
         self.assertIs(factory.clock, reactor)
         self.assertTrue(factory.listening)
-        self.assertTrue(listener._raiseSynchronously)
+        first, second = factory.buildProtocol(None), factory.buildProtocol(None)
+        self.assertIsInstance(first.handler, Incoming)
+        self.assertIsNot(first.handler, second.handler)
 
     def test_listenerIPv6(self) -> None:
         """
-        An IPv6 interface gets an IPv6 endpoint.
+        An IPv6 interface gets an IPv6 endpoint on that interface.
         """
         top, listener, node, reactor = self.build("--id", "2", "--interface", "::1")
         self.assertIsInstance(listener.endpoint, TCP6ServerEndpoint)
-        self.assertEqual(listener.endpoint._interface, "::1")
+        listener.privilegedStartService()
+        self.addCleanup(lambda: self.successResultOf(listener.stopService()))
+        [(port, factory, backlog, interface)] = reactor.tcpServers
+        self.assertEqual((port, interface), (9002, "::1"))
 
     def test_listenerStarts(self) -> None:
         """
@@ -596,6 +578,27 @@ class MakeServiceTests(OptionsTestCase):
         [(port, factory, backlog, interface)] = reactor.tcpServers
         self.assertEqual((port, interface), (9222, "127.0.0.1"))
         self.assertIs(factory, listener.factory)
+
+    def test_portTakenFailsAtStart(self) -> None:
+        """
+        A port another socket holds stops the start with one line naming
+        the address and the reason, and nothing listens.
+        """
+        import socket
+
+        from twisted.internet import reactor as realReactor
+
+        from p2pfiles.address import serverEndpoint
+
+        holder = socket.socket()
+        self.addCleanup(holder.close)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        listener = Listener(serverEndpoint(realReactor, "127.0.0.1", port), P2PFactory(None, None, None, True), f"127.0.0.1:{port}")
+        error = self.assertRaises(CannotListen, listener.privilegedStartService)
+        self.assertEqual(str(error), f"cannot listen on 127.0.0.1:{port}: address already in use")
+        self.assertIsNone(listener.port)
 
 
 class PluginTests(SynchronousTestCase):
@@ -654,11 +657,11 @@ class TacTests(SynchronousTestCase):
         top = list(IServiceCollection(application))
         self.assertEqual(len(top), 1)
         nodes: List[Node] = [s for s in top[0] if isinstance(s, Node)]
-        listeners = [s for s in top[0] if isinstance(s, StreamServerEndpointService)]
+        listeners = [s for s in top[0] if isinstance(s, Listener)]
         self.assertEqual((len(nodes), len(listeners)), (1, 1))
         self.assertFalse(nodes[0].running)
         self.assertFalse(listeners[0].running)
-        self.assertIs(listeners[0].factory.handler, nodes[0])
+        self.assertIn(listeners[0].factory, nodes[0].factories)
         return nodes[0]
 
     def test_environment(self) -> None:
