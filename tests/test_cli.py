@@ -18,22 +18,31 @@ from twisted.python.filepath import FilePath
 from twisted.test.iosim import ConnectionCompleter, IOPump
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2pfiles import __version__
-from p2pfiles.cli import formatListing, formatStatus, humanSize, run
-from p2pfiles.client import (
+from p2pfiles import __version__, cli
+from p2pfiles.cli import (
     EXIT_AUTH,
+    EXIT_CODES,
     EXIT_OK,
     EXIT_REFUSED,
     EXIT_TIMEOUT,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
+    formatListing,
+    formatStatus,
+    humanSize,
+    run,
 )
+from p2pfiles.errors import CODES, P2PError
 from p2pfiles.protocol import P2PFactory
 from p2pfiles.wire import Message
 
 from tests.test_node import HEARTBEAT, Harness, RecordingHandler, heartbeat, nodeIdentity
 
 NODE = "127.0.0.1:9001"
+
+# A HostnameEndpoint reports that its connection attempt failed when its
+# next attempt would be due: this many seconds after the first.
+ATTEMPT_DELAY = 0.3
 
 # What `p2pfiles status --json` promises.
 STATUS_KEYS = {"id", "role", "leader", "epoch", "members", "version"}
@@ -74,6 +83,14 @@ class CommandTestCase(SynchronousTestCase):
         """
         return self.successResultOf(self.run_(reactor, *argv))
 
+    def failConnection(self, reactor: MemoryReactorClock, reason: Any = None) -> None:
+        """
+        Fail the command's pending connection attempt (with C{reason}, or
+        "connection refused"), and let its endpoint give up.
+        """
+        ConnectionCompleter(reactor).failOnce(Failure(ConnectionRefusedError()) if reason is None else reason)
+        reactor.advance(ATTEMPT_DELAY)
+
     def allOutput(self) -> str:
         return self.out.getvalue() + self.stdout.getvalue()
 
@@ -90,6 +107,54 @@ class CommandTestCase(SynchronousTestCase):
         self.assertTrue(lines[0].startswith(f"p2pfiles {command}: error: "), lines[0])
         self.assertNotIn("Traceback", self.allErrors() + self.allOutput())
         return lines[0]
+
+
+class ExitCodeTests(SynchronousTestCase):
+    """
+    The CLI alone turns the system's refusal codes into the exit codes the
+    README documents.
+    """
+
+    def test_everyCodeHasAnExitCode(self) -> None:
+        """
+        Every refusal code in L{p2pfiles.errors.CODES} has an exit code, and
+        nothing else does.
+        """
+        self.assertEqual(sorted(EXIT_CODES), sorted(CODES))
+
+    def test_documentedNumbers(self) -> None:
+        """
+        The exit codes keep the numbers the README documents, and every
+        code maps to one of them.
+        """
+        documented = {
+            "EXIT_OK": 0,
+            "EXIT_ERROR": 1,
+            "EXIT_USAGE": 2,
+            "EXIT_UNREACHABLE": 3,
+            "EXIT_AUTH": 4,
+            "EXIT_TIMEOUT": 5,
+            "EXIT_NOT_FOUND": 6,
+            "EXIT_NO_LEADER": 7,
+            "EXIT_VERIFY": 8,
+            "EXIT_REFUSED": 9,
+            "EXIT_LOCAL": 10,
+        }
+        self.assertEqual({name: getattr(cli, name) for name in documented}, documented)
+        self.assertLessEqual(set(EXIT_CODES.values()), set(documented.values()) - {0})
+
+    def test_exitCodeOfAnError(self) -> None:
+        """
+        L{p2pfiles.cli.exitCode} looks the error's code up; an error whose code is
+        unknown (the wire's "refused" catches any code a peer invents) is
+        refused, exit 9.
+        """
+        self.assertEqual(cli.exitCode(P2PError("not found: x", "not-found")), 6)
+        self.assertEqual(cli.exitCode(P2PError("bad", "verify")), 8)
+        self.assertEqual(cli.exitCode(P2PError("disk full", "io")), 10)
+        invented = P2PError("who knows", "made-up")
+        self.assertEqual(invented.code, "refused")
+        self.assertEqual(cli.exitCode(invented), EXIT_REFUSED)
 
 
 class ArgumentTests(CommandTestCase):
@@ -174,7 +239,7 @@ class ArgumentTests(CommandTestCase):
         d = self.run_(reactor, "status")
         [(host, port, *_)] = reactor.tcpClients
         self.assertEqual((host, port), ("127.0.0.1", 9555))
-        ConnectionCompleter(reactor).failOnce()
+        self.failConnection(reactor)
         self.assertEqual(self.successResultOf(d), EXIT_UNREACHABLE)
         self.assertIn("127.0.0.1:9555", self.assertOneErrorLine("status"))
 
@@ -357,7 +422,7 @@ class UnreachableTests(CommandTestCase):
         self.assertNoResult(d)
         [(host, port, factory, timeout, bindAddress)] = reactor.tcpClients
         self.assertEqual((host, port, timeout), ("127.0.0.1", 9001, 10.0))
-        ConnectionCompleter(reactor).failOnce(Failure(ConnectionRefusedError()))
+        self.failConnection(reactor, Failure(ConnectionRefusedError()))
         self.assertEqual(self.successResultOf(d), EXIT_UNREACHABLE)
         self.assertIn(f"cannot connect to {NODE}", self.assertOneErrorLine("status"))
         self.assertEqual(self.out.getvalue(), "")
@@ -371,7 +436,7 @@ class UnreachableTests(CommandTestCase):
         reactor = MemoryReactorClock()
         d = self.run_(reactor, "status", "--node", NODE, "--timeout", "2.5")
         self.assertEqual(reactor.tcpClients[0][3], 2.5)
-        ConnectionCompleter(reactor).failOnce(Failure(TimeoutError()))
+        self.failConnection(reactor, Failure(TimeoutError()))
         self.assertEqual(self.successResultOf(d), EXIT_TIMEOUT)
         self.assertIn("timed out", self.assertOneErrorLine("status"))
 

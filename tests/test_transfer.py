@@ -1,21 +1,24 @@
 """
 Tests for L{p2pfiles.transfer}: serving a file with a pull producer, relaying
 it through the leader with back-pressure and failover, receiving it into a
-verified part file, and the resuming download loop; plus the node's use of
-them (L{p2pfiles.node.Node._serveLocal}, C{_track}, C{connectionClosed}).
+verified part file, and the resuming download loop; the raw mode of a
+L{p2pfiles.client.ClientConnection} that the receiving side relies on; and
+how a L{p2pfiles.session.RequestSession} uses them to serve and relay.
 
 Everything runs on a L{Clock} with fake or in-memory connections and
 synchronous "thread" work: no sockets, no real time.  Files are real, in
 temporary directories.
 """
 
-import builtins
 import errno
 import hashlib
 import io
-from typing import Any, Callable, List, Optional, Tuple
+import os
+from struct import pack
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionLost
@@ -23,33 +26,20 @@ from twisted.internet.interfaces import IPullProducer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.python.filepath import FilePath, InsecurePath
+from twisted.python.filepath import FilePath
 from twisted.test.iosim import FakeTransport, connect
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2pfiles import transfer
-from p2pfiles.client import (
-    EXIT_NOT_FOUND,
-    EXIT_REFUSED,
-    EXIT_UNREACHABLE,
-    EXIT_VERIFY,
-    ClientConnection,
-    ClientError,
-)
+from p2pfiles.client import ClientConnection
+from p2pfiles.errors import P2PError
 from p2pfiles.names import partName
 from p2pfiles.node import Node, NodeConfig
-from p2pfiles.protocol import IConnectionHandler, LocalIdentity, P2PProtocol
-from p2pfiles.transfer import (
-    CHUNK_SIZE,
-    FileProducer,
-    PartialFile,
-    Relay,
-    StreamSink,
-    TransferError,
-    download,
-    openForServing,
-)
-from p2pfiles.wire import FileEntry, Message
+from p2pfiles.partfile import PartialFile, StreamSink, openShared
+from p2pfiles.protocol import IConnectionHandler, LocalIdentity, P2PProtocol, PeerInfo
+from p2pfiles.session import IDLE, RELAYING, SERVING, IRequestContext, RequestSession
+from p2pfiles.transfer import CHUNK_SIZE, FileProducer, Relay, download
+from p2pfiles.wire import FileEntry, Message, encode
 
 NAME = "movie.bin"
 # Not a multiple of anything in particular, so off-by-one errors show.
@@ -155,12 +145,14 @@ class FakeConnectionProtocol:
     Stands in for the L{P2PProtocol} under a L{ClientConnection}: records
     sent messages, counts raw bytes announced with C{expectRaw} the way the
     real protocol does, and has a L{StringTransport} (which is also a push
-    producer) as its transport.
+    producer) as its transport; C{close} and C{abort} act on it as the real
+    protocol's do.
     """
 
     refusal = None
     # A finished handshake: a lost connection is "lost", not a failed handshake.
     peer = "node"
+    closed = False
 
     def __init__(self, handler: ClientConnection) -> None:
         self.handler = handler
@@ -171,6 +163,12 @@ class FakeConnectionProtocol:
 
     def sendMessage(self, message: Message) -> None:
         self.sent.append(message)
+
+    def close(self) -> None:
+        self.transport.loseConnection()
+
+    def abort(self) -> None:
+        self.transport.abortConnection()
 
     def expectRaw(self, length: int) -> None:
         self.rawExpected.append(length)
@@ -214,10 +212,18 @@ def lose(connection: ClientConnection) -> None:
     C{connection} goes away.
     """
     connection.connectionClosed(connection.protocol, Failure(ConnectionLost("gone")))
+    connection.protocol.closed = True
 
 
 def closedByUs(connection: ClientConnection) -> bool:
     return bool(connection.protocol.transport.disconnecting)
+
+
+def reading(connection: ClientConnection) -> bool:
+    """
+    Whether C{connection}'s transport is reading (not paused).
+    """
+    return connection.protocol.transport.producerState == "producing"
 
 
 def fileHeader(offset: int, sha256: str = SHA, size: int = SIZE, name: str = NAME, holder: int = 1) -> Message:
@@ -290,7 +296,7 @@ class FileProducerTests(SynchronousTestCase):
     def test_readErrorUnregistersClosesAndFails(self) -> None:
         """
         If reading the file fails, the producer unregisters, closes the file
-        and fails C{done} with a L{TransferError} of code C{"io"}.
+        and fails C{done} with a L{P2PError} of code C{"io"}.
         """
         f = FailingFile(CONTENT)
         transport = ConsumerTransport()
@@ -300,7 +306,7 @@ class FileProducerTests(SynchronousTestCase):
 
         producer.resumeProducing()
 
-        failure = self.failureResultOf(done, TransferError)
+        failure = self.failureResultOf(done, P2PError)
         self.assertEqual(failure.value.code, "io")
         self.assertIn("Input/output error", str(failure.value))
         self.assertIsNone(transport.producer)
@@ -311,7 +317,7 @@ class FileProducerTests(SynchronousTestCase):
         """
         If the file holds fewer bytes than C{length} (it shrank since it was
         indexed), the producer sends what there is, then unregisters, closes
-        the file and fails C{done} with a L{TransferError} of code C{"io"}
+        the file and fails C{done} with a L{P2PError} of code C{"io"}
         that says how many bytes were missing.
         """
         f = openWith(self, CONTENT)
@@ -321,7 +327,7 @@ class FileProducerTests(SynchronousTestCase):
 
         pullAll(transport)
 
-        failure = self.failureResultOf(done, TransferError)
+        failure = self.failureResultOf(done, P2PError)
         self.assertEqual(failure.value.code, "io")
         self.assertIn("100 bytes early", str(failure.value))
         self.assertEqual(transport.value(), CONTENT)
@@ -333,7 +339,7 @@ class FileProducerTests(SynchronousTestCase):
         """
         When the consumer's connection is lost, Twisted calls
         C{stopProducing} and drops the producer: C{done} fails with a
-        L{TransferError} of code C{"gone"}, the file is closed, the consumer
+        L{P2PError} of code C{"gone"}, the file is closed, the consumer
         holds no producer afterwards, and a late pull writes nothing.
         """
         f = openWith(self, CONTENT)
@@ -344,7 +350,7 @@ class FileProducerTests(SynchronousTestCase):
 
         transport.connectionLostWithProducer()
 
-        failure = self.failureResultOf(done, TransferError)
+        failure = self.failureResultOf(done, P2PError)
         self.assertEqual(failure.value.code, "gone")
         self.assertIn("after 100 bytes", str(failure.value))
         self.assertTrue(f.closed)
@@ -362,7 +368,7 @@ class FileProducerTests(SynchronousTestCase):
         done = producer.start()
         transport.connectionLostWithProducer()
         producer.stopProducing()
-        self.failureResultOf(done, TransferError)
+        self.failureResultOf(done, P2PError)
 
     def test_zeroLengthFinishesWithoutRegistering(self) -> None:
         """
@@ -391,9 +397,11 @@ class FileProducerTests(SynchronousTestCase):
         self.assertTrue(IPullProducer.providedBy(producer))
 
 
-class OpenForServingTests(SynchronousTestCase):
+class OpenSharedTraversalTests(SynchronousTestCase):
     """
-    L{openForServing} opens a shared file at an offset, and nothing else.
+    L{openShared}, with which a node serves its files, opens a shared file
+    and nothing else.  (Its other checks are pinned in
+    L{tests.test_partfile.OpenSharedTests}.)
     """
 
     def setUp(self) -> None:
@@ -401,74 +409,47 @@ class OpenForServingTests(SynchronousTestCase):
         self.share = base.child("share")
         self.share.makedirs()
         self.share.child(NAME).setContent(CONTENT)
-        self.secret = base.child("secret")
-        self.secret.setContent(b"not to be served")
+        base.child("secret").setContent(b"not to be served")
         base.child("x").setContent(b"not to be served either")
-
-    def test_opensAtOffset(self) -> None:
-        """
-        The returned file reads from C{offset}.
-        """
-        f = openForServing(self.share, NAME, SIZE, 1000)
-        self.addCleanup(f.close)
-        self.assertEqual(f.read(), CONTENT[1000:])
-
-    def test_offsetAtSizeReadsNothing(self) -> None:
-        """
-        An offset equal to the size is allowed (a resume of a complete part)
-        and reads nothing.
-        """
-        f = openForServing(self.share, NAME, SIZE, SIZE)
-        self.addCleanup(f.close)
-        self.assertEqual(f.read(), b"")
-
-    def test_offsetBeyondSizeRefused(self) -> None:
-        """
-        An offset beyond the size raises L{TransferError} with code
-        C{"bad-offset"}, before any file is opened (the name need not even
-        exist).
-        """
-        error = self.assertRaises(TransferError, openForServing, self.share, NAME, SIZE, SIZE + 1)
-        self.assertEqual(error.code, "bad-offset")
-        error = self.assertRaises(TransferError, openForServing, self.share, "no-such-file", 10, 11)
-        self.assertEqual(error.code, "bad-offset")
-
-    def test_missingFileIsOSError(self) -> None:
-        """
-        A name that is not in the share raises L{OSError} (the node turns
-        that into a "not-found" refusal).
-        """
-        self.assertRaises(FileNotFoundError, openForServing, self.share, "no-such-file", 10, 0)
 
     def test_traversalRefusedWithoutOpeningAnything(self) -> None:
         """
-        Names that would leave the share raise L{InsecurePath} from
-        C{FilePath.child}, and no file at all is opened for them.
+        Names that would leave the share, even ones that lead back into it,
+        are refused with code C{"bad-name"}, and no file at all is opened
+        for them.
         """
-        opened: List[str] = []
-        realOpen = builtins.open
+        opened: List[Any] = []
+        realOpen = os.open
 
-        def recordingOpen(file: Any, *args: Any, **kwargs: Any) -> Any:
-            opened.append(file)
-            return realOpen(file, *args, **kwargs)
+        def recordingOpen(path: Any, *args: Any, **kwargs: Any) -> int:
+            opened.append(path)
+            return realOpen(path, *args, **kwargs)
 
-        self.patch(builtins, "open", recordingOpen)
+        self.patch(os, "open", recordingOpen)
         for name in ["../secret", "a/../../x", "/etc/passwd", "..", "../share/" + NAME]:
-            self.assertRaises(InsecurePath, openForServing, self.share, name, 100, 0)
+            error = self.assertRaises(P2PError, openShared, self.share, name, (100, 0), 0)
+            self.assertEqual(error.code, "bad-name", name)
         self.assertEqual(opened, [])
+
+
+CLIENT_PEER = PeerInfo("client", None, None, "request")
 
 
 class FakeDownstream:
     """
-    The client's connection as the relay sees it: a transport (which
-    records producers and aborts) and framed messages and errors, recorded.
+    The client's connection as a relay or a request session sees it: the
+    authenticated C{peer}, a transport (which records producers and aborts)
+    and framed messages and errors, recorded.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, peer: PeerInfo = CLIENT_PEER) -> None:
         self.transport = ConsumerTransport()
         self.messages: List[Message] = []
         self.errors: List[Tuple[str, str]] = []
-        self.peer = None
+        self.peer = peer
+
+    def abort(self) -> None:
+        self.transport.abortConnection()
 
     def sendMessage(self, message: Message) -> None:
         self.messages.append(message)
@@ -653,7 +634,7 @@ class RelayTests(SynchronousTestCase):
         self.assertIsNone(self.downstream.transport.producer)
         self.assertTrue(self.downstream.transport.aborted)
         self.assertEqual(self.downstream.errors, [])
-        failure = self.failureResultOf(done, TransferError)
+        failure = self.failureResultOf(done, P2PError)
         self.assertEqual(failure.value.code, "unavailable")
 
     def test_clientLostUnregistersAndClosesHolder(self) -> None:
@@ -669,7 +650,7 @@ class RelayTests(SynchronousTestCase):
 
         self.assertIsNone(self.downstream.transport.producer)
         self.assertTrue(closedByUs(upstream))
-        failure = self.failureResultOf(done, TransferError)
+        failure = self.failureResultOf(done, P2PError)
         self.assertEqual(failure.value.code, "gone")
         lose(upstream)
         self.assertEqual(self.network.addresses, ["h1:7000"])
@@ -684,7 +665,7 @@ class RelayTests(SynchronousTestCase):
         relay = self.makeRelay(network=FakeNetwork(immediate=False))
         done = relay.start()
         relay.downstreamLost()
-        self.failureResultOf(done, TransferError)
+        self.failureResultOf(done, P2PError)
 
         upstream = self.network.completeNext()
         reply(upstream, fileHeader(0))
@@ -713,7 +694,7 @@ class RelayTests(SynchronousTestCase):
         self.assertFalse(self.downstream.transport.aborted)
         self.assertIsNone(self.downstream.transport.producer)
         self.assertEqual(self.downstream.transport.registered, 0)
-        failure = self.failureResultOf(done, TransferError)
+        failure = self.failureResultOf(done, P2PError)
         self.assertEqual(failure.value.code, "unavailable")
 
     def test_otherContentTriesNextHolder(self) -> None:
@@ -831,13 +812,14 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(self.downstream.errors, [])
         self.assertIsNone(self.downstream.transport.producer)
         self.assertEqual(self.downstream.transport.value(), CONTENT[:100])
-        self.failureResultOf(done, TransferError)
+        self.failureResultOf(done, P2PError)
 
 
 class PartialFileTests(SynchronousTestCase):
     """
-    L{PartialFile} receives into a hidden C{.NAME.part} and renames it only
-    after the SHA-256 matches.
+    L{p2pfiles.partfile.PartialFile}, the sink a download writes to,
+    receives into a hidden C{.NAME.part} and renames it only after the
+    SHA-256 matches.  (More of it is pinned in L{tests.test_partfile}.)
     """
 
     def setUp(self) -> None:
@@ -846,34 +828,25 @@ class PartialFileTests(SynchronousTestCase):
         self.final = self.directory.child(NAME)
         self.part = self.directory.child(partName(NAME))
 
+    def openSink(self) -> PartialFile:
+        sink = PartialFile(self.directory, NAME)
+        self.addCleanup(sink.close)
+        return sink
+
     def test_partName(self) -> None:
         """
         The part is C{.NAME.part} in the destination directory.
         """
-        sink = PartialFile(self.directory, NAME)
+        sink = self.openSink()
         self.assertEqual(sink.part, self.directory.child("." + NAME + ".part"))
         self.assertEqual(sink.final, self.final)
-
-    def test_success(self) -> None:
-        """
-        All bytes in and the SHA-256 matching: the final file holds them and
-        no part is left.
-        """
-        sink = PartialFile(self.directory, NAME)
-        self.assertEqual(sink.resumeOffset(), 0)
-        sink.write(CONTENT[:1000])
-        sink.write(CONTENT[1000:])
-        self.assertEqual(sink.offset, SIZE)
-        sink.finish(SHA)
-        self.assertEqual(self.final.getContent(), CONTENT)
-        self.assertFalse(self.part.exists())
 
     def test_finalNameAbsentUntilVerified(self) -> None:
         """
         With every byte written but C{finish} not yet called, nothing exists
         under the final name; the bytes are in the part.
         """
-        sink = PartialFile(self.directory, NAME)
+        sink = self.openSink()
         sink.resumeOffset()
         sink.write(CONTENT)
         self.assertFalse(self.final.exists())
@@ -882,48 +855,6 @@ class PartialFileTests(SynchronousTestCase):
         self.assertEqual(self.part.getContent(), CONTENT)
         self.assertFalse(self.final.exists())
 
-    def test_mismatchSavesNothing(self) -> None:
-        """
-        A SHA-256 mismatch raises L{TransferError} with code C{"verify"};
-        nothing appears under the final name and the part is removed (it
-        cannot be resumed).
-        """
-        sink = PartialFile(self.directory, NAME)
-        sink.resumeOffset()
-        sink.write(CONTENT)
-        error = self.assertRaises(TransferError, sink.finish, OTHER_SHA)
-        self.assertEqual(error.code, "verify")
-        self.assertFalse(self.final.exists())
-        self.assertFalse(self.part.exists())
-
-    def test_mismatchLeavesExistingFileAlone(self) -> None:
-        """
-        A failed verification does not touch a file already under the final
-        name.
-        """
-        self.final.setContent(b"the old version")
-        sink = PartialFile(self.directory, NAME)
-        sink.resumeOffset()
-        sink.write(CONTENT)
-        self.assertRaises(TransferError, sink.finish, OTHER_SHA)
-        self.assertEqual(self.final.getContent(), b"the old version")
-
-    def test_resumeRehashesExistingPart(self) -> None:
-        """
-        An existing part is resumed: C{resumeOffset} returns its length, its
-        bytes are hashed (not fetched again), and the remaining writes
-        complete a file that verifies.
-        """
-        self.part.setContent(CONTENT[:3000])
-        sink = PartialFile(self.directory, NAME)
-        self.assertEqual(sink.resumeOffset(), 3000)
-        self.assertEqual(sink.offset, 3000)
-        self.assertEqual(sink.digest(), sha256hex(CONTENT[:3000]))
-        sink.write(CONTENT[3000:])
-        sink.finish(SHA)
-        self.assertEqual(self.final.getContent(), CONTENT)
-        self.assertFalse(self.part.exists())
-
     def test_resumeOfWrongPrefixFailsVerification(self) -> None:
         """
         A part that is not a prefix of the file is caught at the end: its
@@ -931,125 +862,47 @@ class PartialFileTests(SynchronousTestCase):
         saved.
         """
         self.part.setContent(b"x" * 3000)
-        sink = PartialFile(self.directory, NAME)
-        sink.resumeOffset()
+        sink = self.openSink()
+        self.assertEqual(sink.resumeOffset(), 3000)
         sink.write(CONTENT[3000:])
-        self.assertRaises(TransferError, sink.finish, SHA)
+        error = self.assertRaises(P2PError, sink.finish, SHA)
+        self.assertEqual(error.code, "verify")
         self.assertFalse(self.final.exists())
         self.assertFalse(self.part.exists())
 
-    def test_restartTruncates(self) -> None:
-        """
-        C{restart} throws the part's bytes away: offset 0, a fresh hash, and
-        later writes start at byte 0 of the part.
-        """
-        self.part.setContent(b"junk that is not a prefix" * 10)
-        sink = PartialFile(self.directory, NAME)
-        self.assertEqual(sink.resumeOffset(), 250)
-        sink.restart()
-        self.assertEqual(sink.offset, 0)
-        self.assertEqual(sink.digest(), sha256hex(b""))
-        sink.write(CONTENT)
-        sink.finish(SHA)
-        self.assertEqual(self.final.getContent(), CONTENT)
-
     def test_closeKeepsPartForResume(self) -> None:
         """
-        C{close} stops writing but keeps the part, so a later attempt can
-        resume from it.
+        C{close} stops writing but keeps the part (twice is harmless), so a
+        later attempt can resume from it.
         """
-        sink = PartialFile(self.directory, NAME)
+        sink = self.openSink()
         sink.resumeOffset()
         sink.write(CONTENT[:123])
         sink.close()
         sink.close()
         self.assertEqual(self.part.getContent(), CONTENT[:123])
-        again = PartialFile(self.directory, NAME)
+        again = self.openSink()
         self.assertEqual(again.resumeOffset(), 123)
-        again.close()
-
-    def test_discardRemovesPart(self) -> None:
-        """
-        C{discard} closes and removes the part; doing it twice is harmless.
-        """
-        sink = PartialFile(self.directory, NAME)
-        sink.resumeOffset()
-        sink.write(b"abc")
-        sink.discard()
-        sink.discard()
-        self.assertFalse(self.part.exists())
-
-    def test_createsMissingDirectory(self) -> None:
-        """
-        C{resumeOffset} creates the destination directory if needed.
-        """
-        directory = self.directory.child("new").child("deeper")
-        sink = PartialFile(directory, NAME)
-        self.assertEqual(sink.resumeOffset(), 0)
-        sink.write(CONTENT)
-        sink.finish(SHA)
-        self.assertEqual(directory.child(NAME).getContent(), CONTENT)
 
     def test_replacesExistingFileOnSuccess(self) -> None:
         """
         A verified download replaces what was under the final name.
         """
         self.final.setContent(b"the old version")
-        sink = PartialFile(self.directory, NAME)
+        sink = self.openSink()
         sink.resumeOffset()
         sink.write(CONTENT)
         sink.finish(SHA)
         self.assertEqual(self.final.getContent(), CONTENT)
 
 
-class StreamSinkTests(SynchronousTestCase):
-    """
-    L{StreamSink} writes a download straight to a stream and verifies it at
-    the end.
-    """
-
-    def test_writesThroughAndVerifies(self) -> None:
-        """
-        Bytes reach the stream as they are written; a matching SHA-256
-        finishes quietly.
-        """
-        stream = io.BytesIO()
-        sink = StreamSink(stream)
-        self.assertEqual(sink.resumeOffset(), 0)
-        sink.write(CONTENT[:10])
-        self.assertEqual(stream.getvalue(), CONTENT[:10])
-        sink.write(CONTENT[10:])
-        self.assertEqual(sink.resumeOffset(), SIZE)
-        sink.finish(SHA)
-        self.assertEqual(stream.getvalue(), CONTENT)
-
-    def test_mismatch(self) -> None:
-        """
-        A mismatch raises L{TransferError} with code C{"verify"} (the bytes
-        are already out: nothing to undo).
-        """
-        sink = StreamSink(io.BytesIO())
-        sink.write(CONTENT)
-        error = self.assertRaises(TransferError, sink.finish, OTHER_SHA)
-        self.assertEqual(error.code, "verify")
-
-    def test_restart(self) -> None:
-        """
-        A restart before any byte is written is fine; after, it is an error,
-        since written bytes cannot be taken back.
-        """
-        sink = StreamSink(io.BytesIO())
-        sink.restart()
-        sink.write(b"a")
-        error = self.assertRaises(TransferError, sink.restart)
-        self.assertEqual(error.code, "io")
-
-
 class FakeLeader:
     """
     Replaces L{p2pfiles.client.askLeader} inside L{p2pfiles.transfer}: each
     call is recorded and answered with the next scripted outcome, either an
-    exception or a C{file} header on a new fake connection.
+    exception or a C{file} header on a new fake connection.  The header
+    arrives on the connection as a real one would (so it switches the
+    connection to raw mode) and is then read from it.
     """
 
     def __init__(self) -> None:
@@ -1064,7 +917,8 @@ class FakeLeader:
             return defer.fail(outcome)
         connection = makeConnection(address)
         self.connections.append(connection)
-        return defer.succeed((connection, outcome))
+        reply(connection, outcome)
+        return connection.receive().addCallback(lambda header: (connection, header))
 
 
 class DownloadTests(SynchronousTestCase):
@@ -1109,6 +963,7 @@ class DownloadTests(SynchronousTestCase):
         self.assertEqual(request, Message("get", name=NAME, offset=0, sha256=None))
         [connection] = self.leader.connections
         self.assertEqual(connection.protocol.rawExpected, [SIZE])
+        self.assertTrue(reading(connection))
         feed(connection, CONTENT[:5000])
         self.assertFalse(self.final.exists())
         self.clock.advance(2)
@@ -1202,12 +1057,12 @@ class DownloadTests(SynchronousTestCase):
     def test_notFoundIsFinal(self) -> None:
         """
         A "not found" refusal is not retried, fails with
-        L{EXIT_NOT_FOUND}, and creates no output file.
+        code C{"not-found"}, and creates no output file.
         """
-        self.leader.script = [ClientError.fromRefusal("not-found", f"not found: {NAME}")]
+        self.leader.script = [P2PError(f"not found: {NAME}", "not-found")]
         d = self.start()
-        failure = self.failureResultOf(d, ClientError)
-        self.assertEqual(failure.value.code, EXIT_NOT_FOUND)
+        failure = self.failureResultOf(d, P2PError)
+        self.assertEqual(failure.value.code, "not-found")
         self.clock.advance(60)
         self.assertEqual(len(self.leader.asks), 1)
         self.assertFalse(self.final.exists())
@@ -1220,7 +1075,7 @@ class DownloadTests(SynchronousTestCase):
         """
         self.leader.script = [
             fileHeader(0),
-            ClientError.fromRefusal("not-found", f"not found: {NAME}"),
+            P2PError(f"not found: {NAME}", "not-found"),
             fileHeader(2000),
         ]
         d = self.start()
@@ -1238,21 +1093,21 @@ class DownloadTests(SynchronousTestCase):
         A download refused before any byte arrived leaves no trace in the
         destination directory: not even an empty hidden C{.NAME.part}.
         """
-        self.leader.script = [ClientError.fromRefusal("not-found", f"not found: {NAME}")]
+        self.leader.script = [P2PError(f"not found: {NAME}", "not-found")]
         d = self.start()
-        self.failureResultOf(d, ClientError)
+        self.failureResultOf(d, P2PError)
         self.assertFalse(self.part.exists())
 
     def test_verifyFailureSavesNothing(self) -> None:
         """
         Bytes that do not match the header's SHA-256 fail the download with
-        L{EXIT_VERIFY}; neither the file nor a part is left.
+        code C{"verify"}; neither the file nor a part is left.
         """
         self.leader.script = [fileHeader(0)]
         d = self.start()
         feed(self.leader.connections[0], b"x" * SIZE)
-        failure = self.failureResultOf(d, ClientError)
-        self.assertEqual(failure.value.code, EXIT_VERIFY)
+        failure = self.failureResultOf(d, P2PError)
+        self.assertEqual(failure.value.code, "verify")
         self.assertFalse(self.final.exists())
         self.assertFalse(self.part.exists())
 
@@ -1264,7 +1119,7 @@ class DownloadTests(SynchronousTestCase):
         self.directory.makedirs()
         self.part.setContent(b"y" * (SIZE + 10))
         self.leader.script = [
-            ClientError.fromRefusal("bad-offset", "offset beyond the size"),
+            P2PError("offset beyond the size", "bad-offset"),
             fileHeader(0),
         ]
         d = self.start()
@@ -1280,26 +1135,26 @@ class DownloadTests(SynchronousTestCase):
         self.directory.makedirs()
         self.part.setContent(b"y" * (SIZE + 10))
         self.leader.script = [
-            ClientError.fromRefusal("bad-offset", "offset beyond the size"),
-            ClientError.fromRefusal("bad-offset", "offset beyond the size"),
+            P2PError("offset beyond the size", "bad-offset"),
+            P2PError("offset beyond the size", "bad-offset"),
         ]
         d = self.start()
-        failure = self.failureResultOf(d, ClientError)
-        self.assertEqual(failure.value.code, EXIT_REFUSED)
+        failure = self.failureResultOf(d, P2PError)
+        self.assertEqual(failure.value.code, "bad-offset")
         self.assertEqual(len(self.leader.asks), 2)
 
     def test_contentChangedDuringResume(self) -> None:
         """
         If the resumed answer names other content than the first, the
-        download stops with L{EXIT_VERIFY} rather than mixing two versions.
+        download stops with code C{"verify"} rather than mixing two versions.
         """
         self.leader.script = [fileHeader(0), fileHeader(100, sha256=OTHER_SHA)]
         d = self.start()
         feed(self.leader.connections[0], CONTENT[:100])
         lose(self.leader.connections[0])
         self.clock.advance(0.1)
-        failure = self.failureResultOf(d, ClientError)
-        self.assertEqual(failure.value.code, EXIT_VERIFY)
+        failure = self.failureResultOf(d, P2PError)
+        self.assertEqual(failure.value.code, "verify")
         self.assertTrue(closedByUs(self.leader.connections[1]))
         self.assertFalse(self.final.exists())
 
@@ -1308,12 +1163,12 @@ class DownloadTests(SynchronousTestCase):
         Unreachable nodes are retried in turn, with growing pauses, for up
         to C{resumeFor} seconds; then the last error is raised.
         """
-        error = ClientError("cannot connect", EXIT_UNREACHABLE)
+        error = P2PError("cannot connect", "unreachable")
         self.leader.script = [error] * 20
         d = self.start(resumeFor=1.0)
         for _ in range(30):
             self.clock.advance(0.05)
-        failure = self.failureResultOf(d, ClientError)
+        failure = self.failureResultOf(d, P2PError)
         self.assertIs(failure.value, error)
         addresses = [address for address, offset in self.offsetsAsked()]
         self.assertEqual(addresses[:4], ["n1:7000", "n2:7000", "n3:7000", "n1:7000"])
@@ -1363,6 +1218,88 @@ class DownloadTests(SynchronousTestCase):
         self.assertEqual(self.offsetsAsked(), [("n1:7000", 0), ("n2:7000", 10)])
 
 
+    def startSecond(self, **kwargs: Any) -> defer.Deferred:
+        """
+        Another download of the same name into the same directory.
+        """
+        return defer.Deferred.fromCoroutine(
+            download(
+                self.clock, NAME, PartialFile(self.directory, NAME), self.addresses, b"secret", syncThread, **kwargs
+            )
+        )
+
+    def test_secondDownloadWaitsThenFindsTheFileInPlace(self) -> None:
+        """
+        A second download of the same destination while the first holds the
+        part asks nobody until the first is done; then, finding that the
+        first put the very content the leader announces in place, it
+        closes the connection without reading a byte and reports the whole
+        file as already there (C{resumed_from} is the size).
+        """
+        self.leader.script = [fileHeader(0), fileHeader(0, holder=2)]
+        first = self.start()
+        feed(self.leader.connections[0], CONTENT[:1000])
+        second = self.startSecond()
+        self.clock.advance(1)
+        self.clock.advance(1)
+        self.assertEqual(len(self.leader.asks), 1)
+        self.assertNoResult(second)
+
+        feed(self.leader.connections[0], CONTENT[1000:])
+        self.successResultOf(first)
+        self.clock.advance(1)
+
+        summary = self.successResultOf(second)
+        self.assertEqual(self.offsetsAsked(), [("n1:7000", 0), ("n1:7000", 0)])
+        other = self.leader.connections[1]
+        self.assertTrue(closedByUs(other))
+        self.assertFalse(reading(other))
+        self.assertEqual(
+            (summary["size"], summary["resumed_from"], summary["bytes_per_second"], summary["via"]),
+            (SIZE, SIZE, 0, [9, 2]),
+        )
+        self.assertEqual(self.final.getContent(), CONTENT)
+        self.assertFalse(self.part.exists())
+
+    def test_secondDownloadResumesWhatTheFirstLeft(self) -> None:
+        """
+        If the first download gives up with bytes in the part, the second,
+        which waited its turn, resumes from them.
+        """
+        self.leader.script = [fileHeader(0), fileHeader(1000)]
+        first = self.start(resumeFor=0)
+        feed(self.leader.connections[0], CONTENT[:1000])
+        second = self.startSecond()
+        lose(self.leader.connections[0])
+        self.failureResultOf(first, P2PError)
+        self.assertEqual(self.part.getContent(), CONTENT[:1000])
+
+        self.clock.advance(1)
+
+        self.assertEqual(self.offsetsAsked(), [("n1:7000", 0), ("n1:7000", 1000)])
+        feed(self.leader.connections[1], CONTENT[1000:])
+        summary = self.successResultOf(second)
+        self.assertEqual(summary["resumed_from"], 1000)
+        self.assertEqual(self.final.getContent(), CONTENT)
+
+    def test_secondDownloadGivesUpWaiting(self) -> None:
+        """
+        A second download does not wait beyond C{waitTurn} seconds: once its
+        next look would come later than that, it fails with code C{"busy"},
+        having asked nobody, and leaves the first's part alone.
+        """
+        self.leader.script = [fileHeader(0)]
+        self.start()
+        feed(self.leader.connections[0], CONTENT[:1000])
+        second = self.startSecond(waitTurn=2.5)
+        self.clock.advance(1)
+        self.assertNoResult(second)
+        self.clock.advance(1)
+        self.assertEqual(self.failureResultOf(second, P2PError).value.code, "busy")
+        self.assertEqual(len(self.leader.asks), 1)
+        self.assertEqual(self.part.getContent(), CONTENT[:1000])
+
+
 @implementer(IConnectionHandler)
 class ServingHandler:
     """
@@ -1378,8 +1315,10 @@ class ServingHandler:
         pass
 
     def messageReceived(self, connection: P2PProtocol, message: Message) -> None:
-        data = self.share.child(message.name).getContent()
-        f = openForServing(self.share, message.name, len(data), message.offset)
+        child = self.share.child(message.name)
+        data = child.getContent()
+        st = os.stat(child.path)
+        f = openShared(self.share, message.name, (st.st_size, st.st_mtime_ns, st.st_ino), message.offset)
         connection.sendMessage(fileHeader(message.offset, sha256=sha256hex(data), size=len(data), name=message.name))
         self.done.append(FileProducer(f, len(data) - message.offset, connection.transport).start())
 
@@ -1443,16 +1382,370 @@ class InMemoryTransferTests(SynchronousTestCase):
         self.assertIsNone(serverProtocol.transport.producer)
 
 
-class NodeServingTests(SynchronousTestCase):
+
+def framed(message: Message) -> bytes:
     """
-    How the node uses the transfer pieces: C{_serveLocal} with a
-    L{FileProducer}, C{_track}, and stopping a relay when its client goes.
+    C{message} as it travels: a 4-byte length, then its encoding.
+    """
+    payload = encode(message)
+    return pack("!I", len(payload)) + payload
+
+
+@implementer(IConnectionHandler)
+class SilentHandler:
+    """
+    A node's side of a connection that only completes the handshake.
+    """
+
+    def connectionReady(self, connection: P2PProtocol) -> None:
+        pass
+
+    def messageReceived(self, connection: P2PProtocol, message: Message) -> None:
+        pass
+
+    def rawDataReceived(self, connection: P2PProtocol, data: bytes) -> None:
+        raise AssertionError("no raw data expected")
+
+    def rawDataFinished(self, connection: P2PProtocol) -> None:
+        raise AssertionError("no raw data expected")
+
+    def connectionClosed(self, connection: P2PProtocol, reason: Failure) -> None:
+        pass
+
+
+class RawModeTests(SynchronousTestCase):
+    """
+    A L{ClientConnection} over a real L{P2PProtocol} switches to raw mode
+    the moment a C{file} header is parsed: the bytes after the header are
+    file bytes whatever they look like and however late the user of the
+    connection says where they go.  Raw mode cannot depend on Deferred
+    timing.
+    """
+
+    def setUp(self) -> None:
+        clock = Clock()
+        secret = b"cluster secret"
+        self.connection = ClientConnection("holder:7000")
+        server = P2PProtocol(LocalIdentity("node", 1, "holder:7000", secret, "request"), SilentHandler(), clock, True)
+        client = LocalIdentity("client", None, None, secret, "request")
+        self.protocol = P2PProtocol(client, self.connection, clock, False)
+        pump = connect(
+            server,
+            FakeTransport(server, isServer=True),
+            self.protocol,
+            FakeTransport(self.protocol, isServer=False),
+            clock=clock,
+        )
+        self.successResultOf(self.connection.ready)
+        pump.flush()
+        self.events: List[str] = []
+        transport = self.protocol.transport
+        self.patch(transport, "pauseProducing", lambda: self.events.append("pause"))
+        self.patch(transport, "resumeProducing", lambda: self.events.append("resume"))
+        self.received: List[bytes] = []
+        self.finished: List[bool] = []
+        # File bytes that would be frames, if parsed: an over-long frame
+        # (which drops the connection) and a well-formed error frame.
+        self.raw = b"\xff\xff\xff\xff" + framed(Message("error", code="busy", reason="not a frame")) + CONTENT
+        self.header = fileHeader(0, sha256=sha256hex(self.raw), size=len(self.raw))
+
+    def receiveLater(self, header: Message) -> defer.Deferred:
+        """
+        Ask for the raw section only when a Deferred fired by the test
+        calls back, long after the bytes arrived.
+        """
+        self.assertEqual(header, self.header)
+        later: defer.Deferred = defer.Deferred()
+        later.addCallback(
+            lambda _: self.connection.receiveRaw(self.received.append, lambda: self.finished.append(True))
+        )
+        return later
+
+    def test_bytesInTheHeadersReadGoToTheSink(self) -> None:
+        """
+        A header, its whole raw section and the next frame in one read: the
+        connection pauses reading at the header; the section's bytes wait,
+        unparsed, until C{receiveRaw} is called from a later callback, then
+        go to the sink in order, followed by one C{done}; reading resumes,
+        and the frame after the section is read as a frame.
+        """
+        self.protocol.dataReceived(
+            framed(self.header) + self.raw + framed(Message("error", code="not-found", reason="the next frame"))
+        )
+        header = self.successResultOf(self.connection.receive())
+        later = self.receiveLater(header)
+        self.assertEqual(self.events, ["pause"])
+        self.assertEqual((self.received, self.finished), ([], []))
+        self.assertFalse(self.protocol.transport.disconnecting)
+
+        later.callback(None)
+
+        self.assertEqual(b"".join(self.received), self.raw)
+        self.assertEqual(self.finished, [True])
+        self.assertEqual(self.events, ["pause", "resume"])
+        error = self.failureResultOf(self.connection.receive(), P2PError).value
+        self.assertEqual((error.code, str(error)), ("not-found", "the next frame"))
+        self.assertFalse(self.protocol.transport.disconnecting)
+
+    def test_sectionSplitAcrossReads(self) -> None:
+        """
+        A header with the first part of its raw section in one read, the
+        sink given later, the rest in a later read: the sink gets every
+        byte once, in order, and C{done} comes once, after the last byte.
+        """
+        cut = 3
+        self.protocol.dataReceived(framed(self.header) + self.raw[:cut])
+        self.receiveLater(self.successResultOf(self.connection.receive())).callback(None)
+        self.assertEqual(b"".join(self.received), self.raw[:cut])
+        self.assertEqual(self.finished, [])
+
+        self.protocol.dataReceived(self.raw[cut:])
+
+        self.assertEqual(b"".join(self.received), self.raw)
+        self.assertEqual(self.finished, [True])
+        self.assertFalse(self.protocol.transport.disconnecting)
+
+
+@implementer(IRequestContext)
+class FakeRequestContext:
+    """
+    What a L{RequestSession} may know of and ask of its node, for node
+    C{me} with leader C{leader}: its own files (C{entries}, opened with the
+    real L{openShared} from C{share}), the cluster's holders (C{holders})
+    and the network (C{openUpstream}); transfers are recorded in
+    C{started} and their ends in C{ended}.
+    """
+
+    def __init__(self, share: FilePath, clock: Clock, me: int = 1, leader: Optional[int] = 1) -> None:
+        self.share = share
+        self.clock = clock
+        self.me = me
+        self.leader = leader
+        self.entries: Dict[str, FileEntry] = {}
+        self.holders: Dict[str, Tuple[FileEntry, List[Tuple[int, str]]]] = {}
+        self.network = FakeNetwork()
+        self.started: List[Tuple[Any, str, str, str, int]] = []
+        self.ended: List[Any] = []
+
+    def isLeader(self) -> bool:
+        return self.leader == self.me
+
+    def leaderId(self) -> Optional[int]:
+        return self.leader
+
+    def leaderAddress(self) -> Optional[str]:
+        return None if self.leader is None else f"n{self.leader}:7000"
+
+    def status(self) -> Dict[str, Any]:
+        return {"id": self.me, "leader": self.leader}
+
+    def watchStatus(self, callback: Callable[[Dict[str, Any]], None]) -> Callable[[], None]:
+        return lambda: None
+
+    def listing(self) -> List[dict]:
+        return []
+
+    def content(self, name: str, sha256: Optional[str], everyone: bool = False) -> Any:
+        found = self.holders.get(name)
+        if found is None or sha256 not in (None, found[0].sha256):
+            return None
+        return found
+
+    def nextRelay(self, count: int) -> int:
+        return 0
+
+    def localEntry(self, name: str) -> Optional[FileEntry]:
+        return self.entries.get(name)
+
+    def openShared(self, entry: FileEntry, offset: int) -> Any:
+        # The indexed size, and the mtime the file has (as if just hashed).
+        mtimeNs = os.stat(self.share.child(entry.name).path).st_mtime_ns
+        return openShared(self.share, entry.name, (entry.size, mtimeNs), offset)
+
+    def openUpstream(self, address: str) -> defer.Deferred:
+        return self.network(address)
+
+    def fetch(self, name: str, overwrite: bool) -> defer.Deferred:
+        return defer.Deferred()
+
+    def fetchProgress(self, name: str) -> Tuple[int, int]:
+        return (0, 0)
+
+    def transferStarted(self, session: Any, direction: str, name: str, peer: str, size: int) -> Callable[[Any], None]:
+        self.started.append((session, direction, name, peer, size))
+        return self.ended.append
+
+
+class RequestSessionTransferTests(SynchronousTestCase):
+    """
+    How a L{RequestSession} uses the transfer pieces: serving a file of its
+    node with a L{FileProducer}, relaying through a L{Relay}, reporting each
+    transfer's start and end to its context, and stopping a relay when its
+    client goes.
+    """
+
+    def setUp(self) -> None:
+        self.share = FilePath(self.mktemp())
+        self.share.makedirs()
+        self.clock = Clock()
+        self.context = FakeRequestContext(self.share, self.clock)
+        self.session = RequestSession(self.context)
+
+    def connect(self, peer: PeerInfo = CLIENT_PEER) -> FakeDownstream:
+        connection = FakeDownstream(peer)
+        self.session.connectionReady(connection)  # type: ignore[arg-type]
+        return connection
+
+    def shareFile(self, data: bytes) -> FileEntry:
+        """
+        Put C{data} in the share as NAME, indexed as a file of SIZE bytes.
+        """
+        self.share.child(NAME).setContent(data)
+        entry = FileEntry(NAME, SIZE, 0.0, SHA)
+        self.context.entries[NAME] = entry
+        return entry
+
+    def get(self, connection: FakeDownstream, offset: int = 0) -> None:
+        message = Message("get", name=NAME, offset=offset, sha256=None)
+        self.session.messageReceived(connection, message)  # type: ignore[arg-type]
+
+    def test_fakeContextProvidesTheInterface(self) -> None:
+        """
+        The fake context these tests use provides L{IRequestContext}, so
+        the session asks nothing of it that a node's context lacks.
+        """
+        self.assertTrue(verifyObject(IRequestContext, self.context))
+
+    def test_serveSendsHeaderThenFile(self) -> None:
+        """
+        A leader asked for its own file sends the C{file} header (itself as
+        holder and leader), then the file from the offset through a pull
+        producer; the transfer is reported as started with the bytes to
+        send, and as ended with the bytes sent; then the session is idle
+        and nothing stays registered.
+        """
+        self.shareFile(CONTENT)
+        connection = self.connect()
+        self.get(connection, offset=10)
+        self.assertEqual(
+            connection.messages,
+            [Message("file", name=NAME, size=SIZE, sha256=SHA, offset=10, holder=1, leader=1)],
+        )
+        self.assertEqual(self.context.started, [(self.session, "serve", NAME, "client 127.0.0.15:40000", SIZE - 10)])
+        self.assertEqual(self.session.state, SERVING)
+        self.assertIs(connection.transport.streaming, False)
+
+        pullAll(connection.transport)
+
+        self.assertEqual(connection.transport.value(), CONTENT[10:])
+        self.assertEqual(self.context.ended, [SIZE - 10])
+        self.assertEqual(self.session.state, IDLE)
+        self.assertIsNone(connection.transport.producer)
+        self.assertFalse(connection.transport.aborted)
+
+    def test_serveRefusesOffsetBeyondSize(self) -> None:
+        """
+        An offset beyond the file is refused with a "bad-offset" error frame
+        and no transfer starts.
+        """
+        self.shareFile(CONTENT)
+        connection = self.connect()
+        self.get(connection, offset=SIZE + 1)
+        self.assertEqual([code for code, reason in connection.errors], ["bad-offset"])
+        self.assertEqual(connection.messages, [])
+        self.assertIsNone(connection.transport.producer)
+        self.assertEqual(self.context.started, [])
+        self.assertEqual(self.session.state, IDLE)
+
+    def test_serveDropsConnectionWhenFileFailsMidway(self) -> None:
+        """
+        If the file shrinks while it is served, the header has gone and no
+        frame can tell the receiver: the connection is aborted, so the
+        receiver (here the leader relaying in raw mode) learns the transfer
+        failed instead of waiting for bytes that never come.  The transfer
+        ends with an "io" failure and the session is idle again.
+        """
+        self.context.leader = 9
+        self.shareFile(CONTENT)
+        connection = self.connect(PeerInfo("node", 9, "n9:7000", "request"))
+        self.get(connection)
+        self.assertEqual([m.leader for m in connection.messages], [9])
+        os.truncate(self.share.child(NAME).path, 100)
+
+        pullAll(connection.transport)
+
+        self.assertEqual(connection.transport.value(), CONTENT[:100])
+        self.assertTrue(connection.transport.aborted)
+        [failure] = self.context.ended
+        self.assertEqual(failure.value.code, "io")
+        self.assertEqual(self.session.state, IDLE)
+        self.assertIsNone(connection.transport.producer)
+
+    def startRelay(self) -> Tuple[FakeDownstream, ClientConnection]:
+        """
+        A leader without the file relaying it from holder 2: the holder has
+        answered with the header and sent the first 10 bytes.
+        """
+        self.context.holders[NAME] = (FileEntry(NAME, SIZE, 0.0, SHA), [(2, "h2:7000")])
+        connection = self.connect()
+        self.get(connection)
+        [upstream] = self.context.network.connections
+        self.assertEqual(upstream.protocol.sent, [Message("get", name=NAME, offset=0, sha256=SHA)])
+        reply(upstream, fileHeader(0, holder=2))
+        feed(upstream, CONTENT[:10])
+        self.assertEqual(self.session.state, RELAYING)
+        self.assertEqual(self.context.started, [(self.session, "relay", NAME, "client 127.0.0.15:40000", SIZE)])
+        self.assertIs(connection.transport.producer, upstream.protocol.transport)
+        self.assertEqual(self.session.progress(), 10)
+        return connection, upstream
+
+    def test_relayEndsIdle(self) -> None:
+        """
+        A relay that delivers the whole file ends with its byte count and
+        leaves the session idle, the client connection open.
+        """
+        connection, upstream = self.startRelay()
+        feed(upstream, CONTENT[10:])
+        self.assertEqual([(m.holder, m.leader) for m in connection.messages], [(2, 1)])
+        self.assertEqual(connection.transport.value(), CONTENT)
+        self.assertEqual(self.context.ended, [SIZE])
+        self.assertEqual(self.session.state, IDLE)
+        self.assertIsNone(connection.transport.producer)
+        self.assertFalse(connection.transport.disconnecting)
+
+    def test_clientGoneStopsRelay(self) -> None:
+        """
+        When a client connection with a relay running closes, the session
+        tells the relay: the holder's transport is unregistered from the
+        client's transport, the holder connection closed, the transfer ends
+        with a "gone" failure, and the holder closing afterwards starts
+        nothing new.
+        """
+        connection, upstream = self.startRelay()
+
+        self.session.connectionClosed(connection, Failure(ConnectionLost("client gone")))  # type: ignore[arg-type]
+
+        self.assertIsNone(connection.transport.producer)
+        self.assertTrue(closedByUs(upstream))
+        [failure] = self.context.ended
+        self.assertEqual(failure.value.code, "gone")
+        lose(upstream)
+        self.assertEqual(self.context.network.addresses, ["h2:7000"])
+        self.assertFalse(connection.transport.aborted)
+
+
+class NodeRequestContextTests(SynchronousTestCase):
+    """
+    A node's own L{p2pfiles.node.RequestContext} serves a session from the
+    node's share and keeps C{node.transfers} while a transfer runs.
     """
 
     def setUp(self) -> None:
         base = FilePath(self.mktemp())
         self.share = base.child("share")
         self.share.makedirs()
+        self.data = bytes(range(251)) * ((CHUNK_SIZE + 1000) // 251)
+        self.share.child(NAME).setContent(self.data)
         self.clock = Clock()
         self.node = Node(
             NodeConfig(1, "127.0.0.1:7001", {}, self.share, base.child("state")),
@@ -1460,73 +1753,41 @@ class NodeServingTests(SynchronousTestCase):
             runInThread=syncThread,
             useInotify=False,
         )
-        self.connection = FakeDownstream()
 
-    def test_serveLocalSendsHeaderThenFile(self) -> None:
+    def test_providesTheInterface(self) -> None:
         """
-        C{_serveLocal} sends the C{file} header and then the file from the
-        offset through a pull producer; once done, the transfer is
-        forgotten and nothing stays registered.
+        The node's context provides L{IRequestContext}.
         """
-        self.share.child(NAME).setContent(CONTENT)
-        entry = FileEntry(NAME, SIZE, 0.0, SHA)
-        self.node._serveLocal(self.connection, entry, 10)
+        self.assertTrue(verifyObject(IRequestContext, self.node.context))
+
+    def test_servedTransferTrackedUntilDone(self) -> None:
+        """
+        A session on the node's context serving a file the node indexed
+        (to a node asking for it) is listed in C{node.transfers}, with its
+        progress, until the last byte is sent; then it is forgotten.
+        """
+        self.node.config.state.makedirs()
+        started = self.node.localIndex.start()
+        self.clock.advance(1)
+        self.successResultOf(started)
+        self.addCleanup(lambda: self.node.localIndex.stop())
+        session = RequestSession(self.node.context)
+        connection = FakeDownstream(PeerInfo("node", 2, "n2:7000", "request"))
+        session.connectionReady(connection)  # type: ignore[arg-type]
+
+        session.messageReceived(connection, Message("get", name=NAME, offset=0, sha256=None))  # type: ignore[arg-type]
+
         self.assertEqual(
-            self.connection.messages,
-            [Message("file", name=NAME, size=SIZE, sha256=SHA, offset=10, holder=1, leader=1)],
+            [(m.name, m.size, m.sha256, m.holder) for m in connection.messages],
+            [(NAME, len(self.data), sha256hex(self.data), 1)],
         )
-        self.assertIn(self.connection, self.node._transfers)
-        self.assertIs(self.connection.transport.streaming, False)
-        pullAll(self.connection.transport)
-        self.assertEqual(self.connection.transport.value(), CONTENT[10:])
-        self.assertEqual(self.node._transfers, {})
-
-    def test_serveLocalRefusesOffsetBeyondSize(self) -> None:
-        """
-        An offset beyond the file is refused with a "bad-offset" error frame
-        and no transfer starts.
-        """
-        self.share.child(NAME).setContent(CONTENT)
-        self.node._serveLocal(self.connection, FileEntry(NAME, SIZE, 0.0, SHA), SIZE + 1)
-        self.assertEqual([code for code, reason in self.connection.errors], ["bad-offset"])
-        self.assertEqual(self.connection.messages, [])
-        self.assertIsNone(self.connection.transport.producer)
-        self.assertEqual(self.node._transfers, {})
-
-    def test_serveLocalDropsConnectionWhenFileFailsMidway(self) -> None:
-        """
-        If the file ends early while being served (it shrank since it was
-        indexed), the header has gone and no frame can tell the receiver:
-        the connection must be closed, so the receiver (a client or a relay
-        in raw mode) learns the transfer failed instead of waiting for bytes
-        that never come.
-        """
-        self.share.child(NAME).setContent(CONTENT[:100])
-        self.node._serveLocal(self.connection, FileEntry(NAME, SIZE, 0.0, SHA), 0)
-        pullAll(self.connection.transport)
-        self.assertEqual(self.connection.transport.value(), CONTENT[:100])
-        self.assertEqual(self.node._transfers, {})
-        self.assertTrue(self.connection.transport.disconnecting)
-
-    def test_clientGoneStopsRelay(self) -> None:
-        """
-        When a client connection with a relay running closes, the node tells
-        the relay: the holder's transport is unregistered from the client's
-        transport, the holder connection closed, and the transfer forgotten.
-        """
-        network = FakeNetwork()
-        relay = Relay(
-            self.connection, NAME, SHA, SIZE, 0, [(2, "h2:7000")], network, leader=1, clock=self.clock
+        self.assertEqual(list(self.node.transfers), [session])
+        connection.transport.producer.resumeProducing()
+        described = self.node.transfers[session].describe()
+        self.assertEqual(
+            (described["direction"], described["name"], described["bytes"], described["size"]),
+            ("serve", NAME, CHUNK_SIZE, len(self.data)),
         )
-        self.node._track(self.connection, relay, relay.start(), "relay of " + NAME)
-        [upstream] = network.connections
-        reply(upstream, fileHeader(0, holder=2))
-        feed(upstream, CONTENT[:10])
-        self.assertIsNotNone(self.connection.transport.producer)
-
-        self.node.connectionClosed(self.connection, Failure(ConnectionLost("client gone")))
-
-        self.assertIsNone(self.connection.transport.producer)
-        self.assertTrue(closedByUs(upstream))
-        self.assertEqual(self.node._transfers, {})
-        self.assertIsNone(self.successResultOf(relay.done))
+        pullAll(connection.transport)
+        self.assertEqual(connection.transport.value(), self.data)
+        self.assertEqual(self.node.transfers, {})
