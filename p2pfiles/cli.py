@@ -22,6 +22,7 @@ from p2pfiles import __version__
 from p2pfiles.auth import SecretError, readSecret
 from p2pfiles.client import (
     askLeader,
+    fetchInto,
     bounded,
     connect,
     receiveListing,
@@ -362,8 +363,7 @@ async def fetchCommand(reactor: Any, args: argparse.Namespace, out: TextIO, err:
     name = _checkedName(args.name)
     connection = await connect(reactor, args.node, _secret(args), args.timeout)
     try:
-        # The node may take as long as the file takes: no timeout here.
-        reply = await request(connection, Message("fetch", name=name, overwrite=args.overwrite))
+        reply = await fetchInto(reactor, connection, name, args.overwrite, args.timeout)
     finally:
         connection.close()
     result = {"name": reply.name, "size": reply.size, "sha256": reply.sha256, "already": reply.already}

@@ -18,7 +18,7 @@ from zope.interface import implementer
 
 from p2pfiles.address import clientEndpoint
 from p2pfiles.errors import P2PError
-from p2pfiles.protocol import IConnectionHandler, LocalIdentity, P2PFactory, P2PProtocol
+from p2pfiles.protocol import IConnectionHandler, LocalIdentity, P2PFactory, P2PProtocol, ProtocolViolation
 from p2pfiles.wire import Message
 
 
@@ -56,7 +56,7 @@ class ClientConnection:
     def messageReceived(self, connection: P2PProtocol, message: Message) -> None:
         if message.type == "file":
             if message.offset > message.size:
-                raise P2PError(f"file header offset {message.offset} is beyond its size {message.size}", "protocol")
+                raise ProtocolViolation(f"file header offset {message.offset} is beyond its size {message.size}")
             self._rawSink = self._rawDone = None
             self._held = []
             self._heldDone = False
@@ -269,3 +269,19 @@ async def receiveListing(reactor: Any, connection: ClientConnection, first: Mess
         if reply.last:
             return files
         reply = await bounded(reactor, connection.receive(), timeout, address)
+
+
+async def fetchInto(reactor: Any, connection: ClientConnection, name: str, overwrite: bool, timeout: float) -> Message:
+    """
+    Ask the node at the other end of C{connection} to fetch C{name} into its
+    share; return its C{fetched} reply.  The node may take as long as the
+    file takes, and says every second that it is at work: a node silent for
+    C{timeout} seconds is given up on.
+    """
+    connection.send(Message("fetch", name=name, overwrite=overwrite))
+    while True:
+        reply = await bounded(reactor, connection.receive(), timeout, connection.address)
+        if reply.type == "fetched":
+            return reply
+        if reply.type != "progress":
+            raise P2PError(f"unexpected {reply.type} reply to fetch", "protocol")

@@ -10,9 +10,9 @@ lock keeps other processes out as well.)
 
 import os
 import stat
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
@@ -21,6 +21,7 @@ from p2pfiles.client import askLeader
 from p2pfiles.errors import P2PError
 from p2pfiles.partfile import PartialFile
 from p2pfiles.transfer import download
+from p2pfiles.waiting import Waiters
 from p2pfiles.wire import Message
 
 
@@ -63,7 +64,8 @@ class Fetcher:
         self.stopped = False
         # name -> (the download's Deferred, everyone waiting for it)
         self._inFlight: Dict[str, Deferred] = {}
-        self._joined: Dict[str, List[Deferred]] = {}
+        self._joined: Dict[str, Waiters] = {}
+        self._progress: Dict[str, Tuple[int, int]] = {}
 
     def fetch(self, name: str, overwrite: bool) -> Deferred:
         """
@@ -73,8 +75,7 @@ class Fetcher:
         """
         if self.stopped:
             raise P2PError("the node is stopping", "unavailable")
-        waiter: Deferred = Deferred(lambda d: self._leave(name, d))
-        self._joined.setdefault(name, []).append(waiter)
+        waiter = self._joined.setdefault(name, Waiters()).wait()
         if name not in self._inFlight:
             d = Deferred.fromCoroutine(self._fetch(name, overwrite))
             self._inFlight[name] = d
@@ -83,28 +84,26 @@ class Fetcher:
             self.log.info("fetch of {name} joins the one in flight", name=name)
         return waiter
 
-    def _leave(self, name: str, waiter: Deferred) -> None:
-        waiting = self._joined.get(name, [])
-        if waiter in waiting:
-            waiting.remove(waiter)
+    def progress(self, name: str) -> Tuple[int, int]:
+        """
+        C{(bytes, size)} of the download of C{name} so far (C{(0, 0)} before
+        its size is known).
+        """
+        return self._progress.get(name, (0, 0))
 
     def _finished(self, result: Any, name: str) -> None:
         del self._inFlight[name]
-        waiting = self._joined.pop(name, [])
-        for waiter in waiting:
-            if isinstance(result, Failure):
-                waiter.errback(result)
-            else:
-                waiter.callback(result)
-        if isinstance(result, Failure) and not waiting and not result.check(P2PError):
+        self._progress.pop(name, None)
+        waiting = self._joined.pop(name, Waiters())
+        nobody = len(waiting) == 0
+        waiting.fire(result)
+        if isinstance(result, Failure) and nobody and not result.check(P2PError, CancelledError):
             self.log.failure("fetch of {name} failed", result, name=name)
 
     def stop(self) -> Deferred:
         """
         Cancel every download in flight; fire once they have all ended.
         """
-        from twisted.internet.defer import DeferredList
-
         self.stopped = True
         downloads = list(self._inFlight.values())
         ended = [Deferred() for _ in downloads]
@@ -136,8 +135,11 @@ class Fetcher:
             )
         addresses = [leader] + [a for a in self.otherAddresses() if a != leader]
         sink = PartialFile(self.share, name)
+        def progress(done: int, size: int) -> None:
+            self._progress[name] = (done, size)
+
         summary = await download(
-            self.reactor, name, sink, addresses, self.secret, self.runInThread, self.identity
+            self.reactor, name, sink, addresses, self.secret, self.runInThread, self.identity, onProgress=progress
         )
         self.log.info(
             "fetched {name} ({size} bytes) via {via} in {seconds:.2f}s",

@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
 from p2pfiles.atomic import atomicWrite
+from p2pfiles.waiting import Waiters
 from p2pfiles.wire import FileEntry
 
 LOG_FORMAT_VERSION = 1
@@ -315,7 +316,7 @@ class LogWriter:
         self._render: Optional[Callable[[], bytes]] = None
         self._timer: Optional[IDelayedCall] = None
         self._writing: Optional[Deferred] = None
-        self._idleWaiters: List[Deferred] = []
+        self._idleWaiters = Waiters()
         self._stopped = False
         self.writes = 0
 
@@ -393,14 +394,10 @@ class LogWriter:
         self._writing = None
         if self._render is not None and not self._stopped:
             self._timer = self._clock.callLater(self._minInterval, self._write)
-        waiters, self._idleWaiters = self._idleWaiters, []
-        for waiter in waiters:
-            waiter.callback(None)
+        self._idleWaiters.fire(None)
 
     def _waitIdle(self) -> Deferred:
-        waiter: Deferred = Deferred()
-        self._idleWaiters.append(waiter)
-        return waiter
+        return self._idleWaiters.wait()
 
     def _cancelTimer(self) -> None:
         if self._timer is not None:

@@ -33,6 +33,7 @@ from twisted.python.filepath import FilePath
 
 from p2pfiles.atomic import atomicWrite
 from p2pfiles.names import nameProblem
+from p2pfiles.waiting import Waiters
 from p2pfiles.wire import FileEntry
 
 __all__ = ["LocalIndex", "IndexStopped", "hashFile"]
@@ -77,17 +78,6 @@ def hashFile(path: str, chunk: int = 1 << 20) -> Tuple[str, int]:
             digest.update(data)
             length += len(data)
     return digest.hexdigest(), length
-
-
-def _fireAll(waiters: List[Deferred], result: Optional[Failure]) -> None:
-    """
-    Fire each waiter with L{None}, or with C{result} if it is a failure.
-    """
-    for d in waiters:
-        if result is None:
-            d.callback(None)
-        else:
-            d.errback(result)
 
 
 def _signature(st: os.stat_result) -> Tuple[int, int, int]:
@@ -166,13 +156,13 @@ class LocalIndex:
         self._scanning = False
         self._again = False
         self._pending: Any = None  # the coalescing DelayedCall
-        self._waiters: List[Deferred] = []  # for the next scan to start
-        self._idleWaiters: List[Deferred] = []  # for the running scan to end
+        self._waiters = Waiters()  # for the next scan to start
+        self._idleWaiters = Waiters()  # for the running scan to end
 
         # Cache writes: at most one runs; _cacheDirty asks for one more.
         self._saving = False
         self._cacheDirty = False
-        self._savedWaiters: List[Deferred] = []
+        self._savedWaiters = Waiters()
 
     # Public API
 
@@ -288,8 +278,7 @@ class LocalIndex:
         self._startScan()
 
     def _requestScan(self) -> Deferred:
-        d: Deferred = Deferred()
-        self._waiters.append(d)
+        d = self._waiters.wait()
         if self._scanning:
             self._again = True
         else:
@@ -303,7 +292,7 @@ class LocalIndex:
             self._pending = None
 
     def _startScan(self) -> None:
-        waiters, self._waiters = self._waiters, []
+        waiters, self._waiters = self._waiters, Waiters()
         self._scanning = True
         # The thread only reads the cache; a scan's result replaces it.
         d = self._runInThread(self._scanBlocking, self._cache)
@@ -315,11 +304,10 @@ class LocalIndex:
         self.log.failure("scan of {share} failed", failure, share=self._share.path)
         return failure
 
-    def _scanFinished(self, result: Optional[Failure], waiters: List[Deferred]) -> None:
+    def _scanFinished(self, result: Optional[Failure], waiters: Waiters) -> None:
         self._scanning = False
-        _fireAll(waiters, result)
-        idle, self._idleWaiters = self._idleWaiters, []
-        _fireAll(idle, None)
+        waiters.fire(result)
+        self._idleWaiters.fire(None)
         if self._again and self._running:
             self._again = False
             self._changed()
@@ -373,11 +361,8 @@ class LocalIndex:
         self._poller = None
         self._cancelPending()
         if self._scanning:
-            d: Deferred = Deferred()
-            self._idleWaiters.append(d)
-            await d
-        waiters, self._waiters = self._waiters, []
-        _fireAll(waiters, Failure(IndexStopped("the index stopped before scanning again")))
+            await self._idleWaiters.wait()
+        self._waiters.fire(Failure(IndexStopped("the index stopped before scanning again")))
         await self._whenSaved()
 
     # The hash cache file
@@ -401,15 +386,12 @@ class LocalIndex:
         if self._cacheDirty:
             self._writeNext()
             return
-        waiters, self._savedWaiters = self._savedWaiters, []
-        _fireAll(waiters, None)
+        self._savedWaiters.fire(None)
 
     def _whenSaved(self) -> Deferred:
         if not self._saving:
             return succeed(None)
-        d: Deferred = Deferred()
-        self._savedWaiters.append(d)
-        return d
+        return self._savedWaiters.wait()
 
     def _writeCache(self, cache: _Cache) -> None:
         # In a thread.  The dict is never mutated once handed over: each scan

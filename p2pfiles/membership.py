@@ -263,6 +263,15 @@ class Membership(MultiService):
             return False
         self.learn(peer.node, peer.address)
         member = self.members[peer.node]
+        if member.address != peer.address:
+            # It proved who it is on this very link: its address now is the
+            # one it gives, and our link to it follows.
+            self.log.info(
+                "node {id} moved from {old} to {new}", id=peer.node, old=member.address, new=peer.address
+            )
+            member.address = peer.address
+            if member.service is not None:
+                member.service.address = peer.address
         first = not member.links
         member.links.add(connection)
         if first:

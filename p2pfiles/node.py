@@ -340,6 +340,8 @@ class Node(MultiService):
 
     def _localFailed(self, reason: Failure) -> None:
         self.log.failure("cannot index the share {share}", reason, share=self.config.share.path)
+        # Nobody waits for a first scan that will not come.
+        self._localReady.fire(Failure(P2PError(f"cannot index the share {self.config.share.path}", "io")))
 
     def whenLocalReady(self) -> Deferred:
         """
@@ -647,6 +649,9 @@ class RequestContext:
 
     def fetch(self, name: str, overwrite: bool) -> Deferred:
         return self._node.fetcher.fetch(name, overwrite)
+
+    def fetchProgress(self, name: str) -> Tuple[int, int]:
+        return self._node.fetcher.progress(name)
 
     def transferStarted(self, session: Any, direction: str, name: str, peer: str, size: int) -> Callable[[Any], None]:
         return self._node.transferStarted(session, direction, name, peer, size)

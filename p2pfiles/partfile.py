@@ -45,6 +45,7 @@ from zope.interface import implementer
 from p2pfiles.errors import P2PError
 from p2pfiles.atomic import fsyncDirectory
 from p2pfiles.names import nameProblem, partName
+from p2pfiles.waiting import Waiters
 
 __all__ = [
     "PartError",
@@ -459,7 +460,7 @@ class SerialWriter:
         self._queue: List[bytes] = []
         self._writing = False
         self._failure: Optional[Failure] = None
-        self._flushWaiters: List[Deferred] = []
+        self._flushWaiters = Waiters()
 
     def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
         if self.producer is not None:
@@ -501,9 +502,7 @@ class SerialWriter:
             return fail(self._failure)
         if not self._writing and not self._queue:
             return succeed(None)
-        d: Deferred = Deferred()
-        self._flushWaiters.append(d)
-        return d
+        return self._flushWaiters.wait()
 
     def _pauseIfFull(self) -> None:
         if self.producer is not None and not self.paused and self.pending > self.highWater:
@@ -532,18 +531,14 @@ class SerialWriter:
         if self._queue:
             self._next()
             return
-        waiters, self._flushWaiters = self._flushWaiters, []
-        for d in waiters:
-            d.callback(None)
+        self._flushWaiters.fire(None)
 
     def _failed(self, failure: Failure) -> None:
         self._writing = False
         self._failure = failure
         self._queue = []
         self.pending = 0
-        waiters, self._flushWaiters = self._flushWaiters, []
-        for d in waiters:
-            d.errback(failure)
+        self._flushWaiters.fire(failure)
         if self.onError is not None:
             self.onError(failure)
 

@@ -20,6 +20,7 @@ through L{IRequestContext}: it never sees the node object.
 from typing import Any, Callable, Dict, List, Optional
 
 from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
@@ -29,6 +30,9 @@ from p2pfiles.names import nameProblem
 from p2pfiles.protocol import IConnectionHandler, P2PProtocol, ProtocolViolation
 from p2pfiles.transfer import FileProducer, Relay
 from p2pfiles.wire import FileEntry, Message, splitListing
+
+# How often a client waiting for a fetch hears that the node is at work.
+PROGRESS_INTERVAL = 1.0
 
 IDLE = "idle"
 WATCHING = "watching"
@@ -112,6 +116,11 @@ class IRequestContext(Interface):
         Download C{name} into this node's share; fire with the C{fetched}
         reply, or fail with L{P2PError}.  Concurrent fetches of one name
         share one download.
+        """
+
+    def fetchProgress(name):
+        """
+        C{(bytes, size)} of the fetch of C{name} so far.
         """
 
     def transferStarted(session, what, name, peer, size):
@@ -271,6 +280,14 @@ class RequestSession:
             return
         self.state = FETCHING
         self._pending = self.context.fetch(name, message.overwrite)
+        ticker = LoopingCall(self._fetchProgress, name)
+        ticker.clock = self.context.clock
+        ticker.start(PROGRESS_INTERVAL, now=False)
+
+        def stopTicking(result: Any) -> Any:
+            if ticker.running:
+                ticker.stop()
+            return result
 
         def fetched(reply: Message) -> None:
             self._pending = None
@@ -288,7 +305,12 @@ class RequestSession:
                 self.log.failure("fetch of {name} failed", reason, name=name)
                 self._refuse("internal", f"fetch of {name} failed: {reason.getErrorMessage()}")
 
+        self._pending.addBoth(stopTicking)
         self._pending.addCallbacks(fetched, failed)
+
+    def _fetchProgress(self, name: str) -> None:
+        done, size = self.context.fetchProgress(name)
+        self._send(Message("progress", name=name, bytes=done, size=size))
 
     # Transfers.
 

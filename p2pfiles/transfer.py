@@ -21,12 +21,10 @@ disconnect alike.
 
 from typing import Any, BinaryIO, Callable, List, Optional, Tuple
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IConsumer, IPullProducer
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
-
-log = Logger()
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
@@ -260,6 +258,9 @@ class Relay:
         self.done.errback(error)
 
 
+# Downloads log as this module.
+log = Logger()
+
 # Failures that another attempt cannot cure.
 FINAL_CODES = frozenset(
     {"auth", "version", "not-found", "bad-name", "bad-offset", "conflict", "refused", "usage", "verify", "io", "busy"}
@@ -289,8 +290,39 @@ async def download(
     If the connection breaks mid-file the download keeps what it has and
     resumes through whichever of C{addresses} leads next, for up to
     C{resumeFor} seconds.  Fires with the summary that C{p2pfiles get --json}
-    prints; fails with a L{P2PError}.
+    prints; fails with a L{P2PError}.  Cancelled, it waits for the bytes
+    already received to reach the part, keeps the part for a later resume,
+    and fails with L{CancelledError}.
     """
+    writers: List[SerialWriter] = []
+    try:
+        return await _download(
+            reactor, name, sink, addresses, secret, runInThread, identity, timeout, resumeFor, onProgress, waitTurn, writers
+        )
+    except CancelledError:
+        for writer in writers:
+            try:
+                await writer.flush()
+            except Exception:
+                pass
+        sink.close()
+        raise
+
+
+async def _download(
+    reactor: Any,
+    name: str,
+    sink: Any,
+    addresses: List[str],
+    secret: bytes,
+    runInThread: Callable[..., Deferred],
+    identity: Any,
+    timeout: float,
+    resumeFor: float,
+    onProgress: Optional[Callable[[int, int], None]],
+    waitTurn: float,
+    writers: List[SerialWriter],
+) -> dict:
     started = reactor.seconds()
     try:
         resumedFrom = await runInThread(sink.resumeOffset)
@@ -346,7 +378,7 @@ async def download(
                 return _summary(reactor, started, header, header.size, header.size)
         before = sink.offset
         try:
-            await _receive(reactor, connection, header, sink, onProgress, timeout, runInThread)
+            await _receive(reactor, connection, header, sink, onProgress, timeout, runInThread, writers)
         except P2PError as e:
             if e.code == "io":
                 sink.close()
@@ -359,7 +391,7 @@ async def download(
         finally:
             connection.close()
         try:
-            await runInThread(sink.finish, header.sha256)
+            await runInThread(sink.finish, header.sha256, header.size)
         except OSError as e:
             sink.close()
             raise P2PError(f"cannot save {name}: {e.strerror or e}", "io") from None
@@ -429,6 +461,7 @@ def _receive(
     onProgress: Optional[Callable[[int, int], None]],
     stallTimeout: float,
     runInThread: Callable[..., Deferred],
+    writers: Optional[List[SerialWriter]] = None,
 ) -> Deferred:
     """
     Write the raw section that follows C{header} into C{sink}; fire when it
@@ -450,6 +483,8 @@ def _receive(
         connection.abort()
 
     writer = SerialWriter(sink, runInThread, onError=writeFailed)
+    if writers is not None:
+        writers[:] = [writer]
 
     def watch() -> None:
         # Time spent waiting for our own disk is not the sender's stall.

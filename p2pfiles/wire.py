@@ -243,6 +243,9 @@ SCHEMAS: Dict[str, Dict[str, Checker]] = {
     "lookup": {"name": _str},
     "found": {"name": _str, "size": _nonNegative, "sha256": _str, "holders": _list},
     "fetch": {"name": _str, "overwrite": _bool},
+    # Sent every second while a node fetches, so that the client knows it
+    # is still at work (and can time out a node that went quiet).
+    "progress": {"name": _str, "bytes": _nonNegative, "size": _nonNegative},
     "fetched": {"name": _str, "size": _nonNegative, "sha256": _str, "already": _bool},
 }
 

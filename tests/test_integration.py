@@ -14,7 +14,7 @@ from twisted.internet.threads import deferToThread
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
-from p2pfiles.client import askLeader, connect, receiveListing, request
+from p2pfiles.client import askLeader, connect, fetchInto, receiveListing, request
 from p2pfiles.errors import P2PError
 from p2pfiles.index import parseLog
 from p2pfiles.partfile import PartialFile
@@ -350,10 +350,10 @@ class TransferTests(TestCase):
         cluster = startCluster(self, [1, 2, 3], files={2: {"p.png": data}, 3: {"q.png": b"mine"}})
         await waitFor(lambda: cluster[1].node.keeper.index.fileCount() == 2, "the index")
         connection = await connect(reactor, cluster[3].address, b"")
-        reply = await request(connection, Message("fetch", name="p.png", overwrite=False))
+        reply = await fetchInto(reactor, connection, "p.png", False, 30.0)
         self.assertEqual((reply.type, reply.already, reply.sha256), ("fetched", False, sha(data)))
         self.assertEqual(cluster[3].share.child("p.png").getContent(), data)
-        reply = await request(connection, Message("fetch", name="p.png", overwrite=False))
+        reply = await fetchInto(reactor, connection, "p.png", False, 30.0)
         self.assertTrue(reply.already)
         connection.close()
         await waitFor(
@@ -366,10 +366,10 @@ class TransferTests(TestCase):
         await waitFor(lambda: len(cluster[1].node.keeper.index.holders("q.png")) == 2, "both q.png")
         connection = await connect(reactor, cluster[3].address, b"")
         with self.assertRaises(P2PError) as caught:
-            await request(connection, Message("fetch", name="q.png", overwrite=False))
+            await fetchInto(reactor, connection, "q.png", False, 30.0)
         self.assertIn("--overwrite", str(caught.exception))
         self.assertEqual(cluster[3].share.child("q.png").getContent(), b"mine")
-        reply = await request(connection, Message("fetch", name="q.png", overwrite=True))
+        reply = await fetchInto(reactor, connection, "q.png", True, 30.0)
         self.assertEqual(reply.sha256, sha(b"theirs"))
         connection.close()
         self.assertEqual(cluster[3].share.child("q.png").getContent(), b"theirs")
