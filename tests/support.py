@@ -118,6 +118,7 @@ def startCluster(
     secret: bytes = b"",
     files: Optional[Dict[int, Dict[str, bytes]]] = None,
     peersOf: Optional[Callable[[int, Dict[int, str]], Dict[int, str]]] = None,
+    shares: Optional[Dict[int, FilePath]] = None,
 ) -> Dict[int, InProcessNode]:
     """
     Start one in-process node per id, each knowing all the others (or those
@@ -134,8 +135,8 @@ def startCluster(
     addresses = {node: f"127.0.0.1:{ports[node].getHost().port}" for node in ids}
     cluster = {}
     for node in ids:
-        share = base.child(f"node{node}").child("files")
-        share.makedirs()
+        share = (shares or {}).get(node) or base.child(f"node{node}").child("files")
+        share.makedirs(ignoreExistingDirectory=True)
         for name, data in (files or {}).get(node, {}).items():
             share.child(name).setContent(data)
         peers = {p: a for p, a in addresses.items() if p != node}
