@@ -178,6 +178,17 @@ class CommandTests(SynchronousTestCase):
         self.assertEqual(client.returncode, 0, client.stderr.read())
         self.assertEqual(hashlib.sha256(received).hexdigest(), hashlib.sha256(data).hexdigest())
         self.assertEqual(len(received), len(data))
+        # It resumed: the new leader relayed only the rest of the file, from
+        # where the first leader's relay stopped.
+        relays = [
+            line
+            for line in nodes[2].dir.child("twistd.log").getContent().decode("utf-8", "replace").splitlines()
+            if "relay of big.bin" in line and "bytes in" in line
+        ]
+        self.assertEqual(len(relays), 1, relays)
+        relayed = int(relays[0].split(": ")[-1].split(" bytes")[0])
+        self.assertGreater(relayed, 0)
+        self.assertLess(relayed, len(data))
 
 
 class DemoTests(SynchronousTestCase):
