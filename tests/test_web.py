@@ -31,6 +31,7 @@ from twisted.web.server import Site
 
 from p2pfiles.events import EventLog, Subscribers
 from p2pfiles.metrics import NodeMetrics
+from p2pfiles.page import visible
 from p2pfiles.web import (
     KEEPALIVE,
     LISTING_TIMEOUT,
@@ -42,7 +43,6 @@ from p2pfiles.web import (
     TokenError,
     makeWebRoot,
     readToken,
-    visible,
 )
 
 from .browser import Browser, chromiumPath
