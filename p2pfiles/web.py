@@ -363,10 +363,10 @@ class _ListingResource(Resource):
                 request.finish()
 
         def failed(reason: Failure) -> bytes:
+            if gone:
+                return b""
             if reason.check(DeferredTimeout):
                 return jsonBody(request, {"error": f"no file list within {self._timeout:g} s"}, 504)
-            if reason.check(CancelledError):
-                return b""
             return jsonBody(request, {"error": boundText(str(reason.value) or reason.type.__name__)}, 502)
 
         listing.addCallbacks(lambda files: jsonBody(request, files), failed)

@@ -537,6 +537,17 @@ class ListingTests(WebTestCase):
         self.assertEqual(response.code, 502)
         self.assertEqual(response.json(), {"error": "no leader"})
 
+    def test_cancelledElsewhere(self) -> None:
+        """
+        A listing the source itself gives up on is an error answer, not an
+        empty 200.
+        """
+        exchange = self.open("/api/files")
+        self.source.listings[0].cancel()
+        response = exchange.response()
+        self.assertEqual(response.code, 502)
+        self.assertEqual(response.json(), {"error": "CancelledError"})
+
     def test_clientLeaves(self) -> None:
         """
         A client that leaves cancels the wait; nothing is written after.
