@@ -8,7 +8,15 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(exclude=["tests*", "bench*"]) + ["twisted.plugins"],
-    install_requires=["twisted>=23.10", "zope.interface"],
+    install_requires=[
+        "twisted>=23.10",
+        "zope.interface",
+        # prometheus_client: the node's /metrics, one registry per node, served
+        # by its twisted MetricsResource.
+        "prometheus_client>=0.17",
+    ],
+    # The status page's HTML, CSS and JavaScript, served by p2pfiles.web.
+    package_data={"p2pfiles": ["static/*.html", "static/*.css", "static/*.js"]},
     extras_require={
         # hypothesis: property tests of the wire codec and name checks.
         "test": ["hypothesis"],
