@@ -12,7 +12,7 @@ import os
 import stat
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
@@ -74,7 +74,7 @@ class Fetcher:
         not the download, which others may share.
         """
         if self.stopped:
-            raise P2PError("the node is stopping", "unavailable")
+            return fail(P2PError("the node is stopping", "unavailable"))
         waiter = self._joined.setdefault(name, Waiters()).wait()
         if name not in self._inFlight:
             d = Deferred.fromCoroutine(self._fetch(name, overwrite))
@@ -94,6 +94,8 @@ class Fetcher:
     def _finished(self, result: Any, name: str) -> None:
         del self._inFlight[name]
         self._progress.pop(name, None)
+        if isinstance(result, Failure) and result.check(CancelledError) and self.stopped:
+            result = Failure(P2PError("the node is stopping", "unavailable"))
         waiting = self._joined.pop(name, Waiters())
         nobody = len(waiting) == 0
         waiting.fire(result)

@@ -146,19 +146,27 @@ class HeartbeatCoordinator:
         self.election.peerKnown(member)
 
     def linkUp(self, member: int) -> None:
+        if self.stopping:
+            return
         self._apply(self.election.memberUp(member))
         self.send(member, self.heartbeatMessage())
         self._notify()
 
     def linkDown(self, member: int) -> None:
+        if self.stopping:
+            return
         self._apply(self.election.memberDown(member))
         self._notify()
 
     def heartbeatReceived(self, sender: int, message: Message) -> None:
+        if self.stopping:
+            return
         self._apply(self.election.heartbeatReceived(sender, message.epoch, message.leader))
         self._notify()
 
     def staleReceived(self, sender: int, message: Message) -> None:
+        if self.stopping:
+            return
         self._apply(self.election.staleReceived(sender, message.epoch, message.leader))
         self._notify()
 

@@ -147,10 +147,10 @@ class PeerLink(Service):
         last, count = self._reported.get(cause, (None, 0))
         if last is None:
             self.log.warn("{line}", line=line)
-            self._reported = {cause: (now, 0)}
+            self._reported[cause] = (now, 0)
         elif now - last >= REPEAT_LOG_INTERVAL:
             self.log.warn("{line} ({count} times in the last {s:.0f}s)", line=line, count=count + 1, s=now - last)
-            self._reported = {cause: (now, 0)}
+            self._reported[cause] = (now, 0)
         else:
             self._reported[cause] = (last, count + 1)
 

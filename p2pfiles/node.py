@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from twisted.application.service import MultiService
 from twisted.internet import threads
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -26,7 +26,7 @@ from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
 from p2pfiles import __version__
-from p2pfiles.client import connect
+from p2pfiles.client import askLeader, connect, receiveListing
 from p2pfiles.control import ControlSession
 from p2pfiles.errors import P2PError
 from p2pfiles.fetcher import Fetcher
@@ -36,6 +36,7 @@ from p2pfiles.localindex import LocalIndex
 from p2pfiles.membership import Membership
 from p2pfiles.protocol import IConnectionHandler, LocalIdentity, P2PFactory, P2PProtocol
 from p2pfiles.session import IRequestContext, RequestSession
+from p2pfiles.status import StatusBoard
 from p2pfiles.partfile import openShared, removeStaleParts
 from p2pfiles.waiting import Once
 from p2pfiles.wire import FileEntry, Message, splitEntries, splitUpdate
@@ -103,30 +104,6 @@ class Incoming:
     def connectionClosed(self, connection: P2PProtocol, reason: Failure) -> None:
         # Closed during the handshake: nothing was set up.
         pass
-
-
-class Transfer:
-    """
-    One transfer in flight on this node, for status and the web view.
-    """
-
-    def __init__(self, session: Any, direction: str, name: str, peer: str, size: int, started: float) -> None:
-        self.session = session
-        self.direction = direction
-        self.name = name
-        self.peer = peer
-        self.size = size
-        self.started = started
-
-    def describe(self) -> Dict[str, Any]:
-        return {
-            "name": self.name,
-            "direction": self.direction,
-            "peer": self.peer,
-            "bytes": self.session.progress(),
-            "size": self.size,
-            "started": self.started,
-        }
 
 
 class Node(MultiService):
@@ -211,9 +188,7 @@ class Node(MultiService):
         }
         self.context = RequestContext(self)
         self.factories: List[P2PFactory] = []
-        self.transfers: Dict[Any, Transfer] = {}
-        self._watchers: List[Callable[[Dict[str, Any]], None]] = []
-        self._snapshot: Optional[Tuple[Any, ...]] = None
+        self.board = StatusBoard(reactor, self.status, self._view, self.listing)
         # Housekeeping at the heartbeat's pace: retry gathers that failed,
         # and notice members whose silence made them count as down.
         self._housekeeping = LoopingCall(self._tick)
@@ -298,8 +273,6 @@ class Node(MultiService):
             if loop.running:
                 loop.stop()
         stopping = [self.coordinator.stop(), self.fetcher.stop()]
-        for watcher in list(self._watchers):
-            self._watchers.remove(watcher)
         stopping.append(super().stopService())
         stopping.append(self.membership.closeLinks())
         for factory in self.factories:
@@ -503,78 +476,54 @@ class Node(MultiService):
             "version": __version__,
         }
 
-    @property
-    def watching(self) -> int:
+    def _view(self) -> Tuple[Any, ...]:
         """
-        How many status watches are open.
-        """
-        return len(self._watchers)
-
-    def watchStatus(self, callback: Callable[[Dict[str, Any]], None]) -> Callable[[], None]:
-        self._watchers.append(callback)
-
-        def stop() -> None:
-            if callback in self._watchers:
-                self._watchers.remove(callback)
-
-        return stop
-
-    def _changed(self) -> None:
-        """
-        Tell watchers (and the log) when role, leader, epoch or membership
-        changed since the last look.
+        The part of the status whose changes are reported.
         """
         coordinator = self.coordinator
-        snapshot = (
+        return (
             coordinator.role(),
             coordinator.leader(),
             coordinator.epoch(),
             tuple((m, coordinator.isLive(m)) for m in self.membership.ids()),
         )
-        if snapshot == self._snapshot:
-            return
-        previous = self._snapshot
-        self._snapshot = snapshot
-        if previous is not None:
-            before = dict(previous[3])
-            for member, alive in snapshot[3]:
-                # A newly learned member is only worth a line once it is up.
-                if before.get(member, False) != alive:
-                    self.log.info("member {id} is {state}", id=member, state="alive" if alive else "down")
-        if self._watchers:
-            status = self.status()
-            for watcher in list(self._watchers):
-                watcher(status)
 
-    # Transfers.
+    def _changed(self) -> None:
+        self.board.changed()
 
-    def transferStarted(self, session: Any, direction: str, name: str, peer: str, size: int) -> Callable[[Any], None]:
-        record = Transfer(session, direction, name, peer, size, self.reactor.seconds())
-        self.transfers[session] = record
-        what = {"serve": "sending", "relay": "relay of"}.get(direction, direction)
+    @property
+    def watching(self) -> int:
+        """
+        How many status watches are open.
+        """
+        return self.board.watching
 
-        def ended(result: Any) -> None:
-            if self.transfers.get(session) is record:
-                del self.transfers[session]
-            if isinstance(result, Failure):
-                self.log.warn(
-                    "{what} {name} to {peer} failed: {reason}",
-                    what=what,
-                    name=name,
-                    peer=peer,
-                    reason=result.getErrorMessage(),
-                )
-            else:
-                self.log.info(
-                    "{what} {name} to {peer}: {bytes} bytes in {s:.2f}s",
-                    what=what,
-                    name=name,
-                    peer=peer,
-                    bytes=result,
-                    s=self.reactor.seconds() - record.started,
-                )
+    @property
+    def transfers(self) -> Dict[Any, Any]:
+        """
+        The transfers in flight, by session.
+        """
+        return self.board.transfersInFlight
 
-        return ended
+    def listing(self) -> Deferred:
+        """
+        What C{ls --json} prints when asked of this node: the leader's
+        index, asked of the leader when this node follows.
+        """
+        if self.coordinator.isLeader():
+            return succeed(self.keeper.index.listing())
+        return Deferred.fromCoroutine(self._listingFromLeader())
+
+    async def _listingFromLeader(self) -> List[dict]:
+        address = self.leaderAddress()
+        if address is None:
+            raise P2PError("no leader elected right now; try again shortly", "no-leader")
+        identity = self.identity.withPurpose("request")
+        connection, reply = await askLeader(self.reactor, address, self.config.secret, Message("ls"), 10.0, identity)
+        try:
+            return await receiveListing(self.reactor, connection, reply, 10.0, address)
+        finally:
+            connection.close()
 
 
 @implementer(IRequestContext)
@@ -601,15 +550,8 @@ class RequestContext:
     def status(self) -> Dict[str, Any]:
         return self._node.status()
 
-    @property
-    def watching(self) -> int:
-        """
-        How many status watches are open.
-        """
-        return len(self._watchers)
-
     def watchStatus(self, callback: Callable[[Dict[str, Any]], None]) -> Callable[[], None]:
-        return self._node.watchStatus(callback)
+        return self._node.board.watchStatus(callback)
 
     def listing(self) -> List[dict]:
         return self._node.keeper.index.listing()
@@ -654,4 +596,4 @@ class RequestContext:
         return self._node.fetcher.progress(name)
 
     def transferStarted(self, session: Any, direction: str, name: str, peer: str, size: int) -> Callable[[Any], None]:
-        return self._node.transferStarted(session, direction, name, peer, size)
+        return self._node.board.transferStarted(session, direction, name, peer, size, session.progress)

@@ -442,16 +442,19 @@ class P2PProtocol(Int32StringReceiver):
         problem = self._checkHello(hello)
         if problem is not None:
             code, reason = problem
+            if not self.incoming:
+                # What we connected to will not do: say so to our owner.
+                self.refusal = problem
             self.drop(reason, code=code)
             return
         if not self.incoming and self.expectedNode is not None and (
             hello.role != "node" or hello.node != self.expectedNode
         ):
-            self.drop(
-                f"expected node {self.expectedNode} at this address, found "
-                + (f"node {hello.node}" if hello.role == "node" else "a client"),
-                code="conflict",
+            reason = f"expected node {self.expectedNode} at this address, found " + (
+                f"node {hello.node}" if hello.role == "node" else "a client"
             )
+            self.refusal = ("conflict", reason)
+            self.drop(reason, code="conflict")
             return
         self._peerNonce = hello.nonce
         self._pendingPeer = PeerInfo(hello.role, hello.node, hello.address, hello.purpose)

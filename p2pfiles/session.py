@@ -164,9 +164,12 @@ class RequestSession:
         handler = self.handlers.get(message.type)
         if handler is None:
             raise ProtocolViolation(f"{message.type} is not accepted on a request connection")
-        if message.type != "error" and self.state in (SERVING, RELAYING, FETCHING):
-            # Its bytes (or its answer) are on the way: a reply now would
-            # land in them.
+        if message.type != "error" and self.state in (SERVING, RELAYING):
+            # File bytes are on the way: no frame, not even the refusal,
+            # may land in them.
+            connection.drop(f"{message.type} sent during a transfer", tell=False)
+            return
+        if message.type != "error" and self.state == FETCHING:
             raise ProtocolViolation(f"{message.type} sent during a transfer")
         if message.type == "get" and self.state == WATCHING:
             raise ProtocolViolation("get on a connection that is watching status")
@@ -190,6 +193,8 @@ class RequestSession:
         transfer, self._transfer = self._transfer, None
         if isinstance(transfer, Relay):
             transfer.downstreamLost()
+        elif isinstance(transfer, FileProducer):
+            transfer.stopProducing()
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.cancel()
@@ -291,14 +296,14 @@ class RequestSession:
 
         def fetched(reply: Message) -> None:
             self._pending = None
-            self.state = IDLE
+            self.state = self._restingState()
             self._send(reply)
 
         def failed(reason: Failure) -> None:
             self._pending = None
             if self.state == CLOSED:
                 return
-            self.state = IDLE
+            self.state = self._restingState()
             if reason.check(P2PError):
                 self._refuse(reason.value.code, str(reason.value))
             else:
@@ -376,10 +381,17 @@ class RequestSession:
         def ended(result: Any) -> None:
             self._transfer = None
             if self.state != CLOSED:
-                self.state = IDLE
+                self.state = self._restingState()
             self._ended(result)
 
         done.addBoth(ended)
+
+    def _restingState(self) -> str:
+        """
+        Where a session returns when a request is done: still watching if
+        it watches.
+        """
+        return WATCHING if self._stopWatching is not None else IDLE
 
     def progress(self) -> int:
         """

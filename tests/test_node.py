@@ -27,6 +27,7 @@ from p2pfiles.election import ElectionState
 from p2pfiles.heartbeat import HeartbeatCoordinator
 from p2pfiles.membership import Membership, PeerLink
 from p2pfiles.session import RequestSession
+from p2pfiles.status import StatusBoard
 from p2pfiles.protocol import IConnectionHandler, LocalIdentity, P2PFactory, P2PProtocol
 from p2pfiles.wire import SCHEMAS, Message
 from tests.frames import frame, hello, parseFrames, rawFrame
@@ -175,7 +176,7 @@ class Harness:
         self.byHand: List[P2PProtocol] = []
         self.events: List[dict] = []
         # What the node and its parts log.
-        for part in (Node, Membership, PeerLink, HeartbeatCoordinator, ElectionState, RequestSession):
+        for part in (Node, Membership, PeerLink, HeartbeatCoordinator, ElectionState, RequestSession, StatusBoard):
             case.patch(part, "log", forwardingLogger(self.events))
         self.protocolEvents: List[dict] = []
         case.patch(P2PProtocol, "log", forwardingLogger(self.protocolEvents))
