@@ -215,6 +215,7 @@ class Membership(MultiService):
         self.onLinkDown: Callable[[int], None] = lambda member: None
         self.onLinkLost: Callable[[int], None] = lambda member: None
         self.onChange: Callable[[], None] = lambda: None
+        self.onRejected: Optional[Callable[[str, str, str], None]] = None
 
     def __contains__(self, member: int) -> bool:
         return member in self.members
@@ -239,6 +240,7 @@ class Membership(MultiService):
         factory = P2PFactory(
             self.identity, self.handlerFor, self.reactor, listening=False, expectedNode=member, perConnection=True
         )
+        factory.onRejected = self.onRejected
         record.service = PeerLink(member, address, self.reactor, factory, self._refusedBy)
         record.service.setServiceParent(self)
         self.log.info("linking to node {id} at {address}", id=member, address=address)

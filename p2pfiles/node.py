@@ -189,6 +189,7 @@ class Node(MultiService):
         self.context = RequestContext(self)
         self.factories: List[P2PFactory] = []
         self.board = StatusBoard(reactor, self.status, self._view, self.listing)
+        self.membership.onRejected = self.board.rejected
         # Housekeeping at the heartbeat's pace: retry gathers that failed,
         # and notice members whose silence made them count as down.
         self._housekeeping = LoopingCall(self._tick)
@@ -213,6 +214,7 @@ class Node(MultiService):
         factory.identity = self.identity
         factory.handler = lambda: Incoming(self._route)
         factory.perConnection = True
+        factory.onRejected = self.board.rejected
         self.factories.append(factory)
         return factory
 
@@ -368,6 +370,8 @@ class Node(MultiService):
         try:
             if self.keeper.epoch is not None:
                 self.keeper.reconcile(self._liveMembers())
+                self.board.metrics.filesIndexed(self.keeper.index.fileCount())
+            self._countConnections()
             self._changed()
         except Exception:
             self.log.failure("error in the node's housekeeping")
@@ -475,6 +479,16 @@ class Node(MultiService):
             "members": members,
             "version": __version__,
         }
+
+    def _countConnections(self) -> None:
+        counts = {"control": 0, "request": 0, "handshake": 0}
+        protocols = [p for f in self.factories for p in f.protocols]
+        protocols += [link for m in self.membership.members.values() for link in m.links if not link.incoming]
+        for protocol in protocols:
+            purpose = protocol.peer.purpose if protocol.peer is not None else "handshake"
+            counts[purpose] = counts.get(purpose, 0) + 1
+        for purpose, count in counts.items():
+            self.board.metrics.connections(purpose, count)
 
     def _view(self) -> Tuple[Any, ...]:
         """

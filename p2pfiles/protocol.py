@@ -266,6 +266,9 @@ class P2PProtocol(Int32StringReceiver):
             return
         self._dropReason = reason
         self.log.warn("dropped {peer}: {reason}", peer=self.describePeer(), reason=reason)
+        onRejected = getattr(self.factory, "onRejected", None)
+        if onRejected is not None:
+            onRejected(reason, code or "protocol", self.describePeer())
         if tell and code is not None and self._rawRemaining == 0:
             self.sendError(code, reason)
         self._cancelTimeout()
@@ -510,6 +513,8 @@ class P2PFactory(Factory):
     protocol = P2PProtocol
     # Connections are logged by the protocol, with who is at the other end.
     noisy = False
+    # Called with (reason, code, peer) when a connection is dropped.
+    onRejected: Optional[Callable[[str, str, str], None]] = None
 
     def __init__(
         self,

@@ -16,6 +16,7 @@ from p2pfiles.auth import SecretError, readSecret
 from p2pfiles.address import formatAddress, parseAddress, serverEndpoint
 from p2pfiles.heartbeat import EpochStore
 from p2pfiles.node import Node, NodeConfig
+from p2pfiles.web import TokenError, makeWebRoot, readToken
 
 
 def _positive(text: str) -> float:
@@ -102,6 +103,14 @@ class Options(usage.Options):
         ["heartbeat", None, 0.25, "Seconds between heartbeats.", _positive],
         ["leader-timeout", None, 1.0, "Seconds of silence after which a member counts as down.", _positive],
         [
+            "web",
+            None,
+            None,
+            "Serve the status page, JSON API and /metrics on this Twisted server endpoint "
+            "(e.g. tcp:9101:interface=127.0.0.1); off when absent. A non-loopback endpoint needs --web-token-file.",
+        ],
+        ["web-token-file", None, None, "File holding the bearer token every web request must carry."],
+        [
             "part-max-age",
             None,
             7.0,
@@ -173,6 +182,18 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"--interface {self['interface']} is not loopback: refusing to listen without --secret-file"
             )
+        self["web-token"] = None
+        if self["web-token-file"] is not None:
+            try:
+                self["web-token"] = readToken(self["web-token-file"])
+            except TokenError as e:
+                raise usage.UsageError(str(e)) from None
+        if self["web"] is not None:
+            where = webInterface(self["web"])
+            if where is not None and not isLoopback(where) and self["web-token"] is None:
+                raise usage.UsageError(
+                    f"--web {self['web']} is not loopback: refusing to serve it without --web-token-file"
+                )
         for name in ("share", "state"):
             if self[name] is None:
                 self[name] = f"node{node}/{'files' if name == 'share' else 'state'}"
@@ -255,4 +276,48 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     top = MultiService()
     listener.setServiceParent(top)
     node.setServiceParent(top)
+    if options["web"] is not None:
+        from twisted.internet.endpoints import serverFromString
+        from twisted.web.server import Site
+
+        root = makeWebRoot(node.board, node.board.metrics.registry, options["web-token"], reactor)
+        site = Site(root)
+        site.noisy = False
+        WebListener(serverFromString(reactor, options["web"]), site, options["web"], root).setServiceParent(top)
     return top
+
+
+class WebListener(Listener):
+    """
+    The web view's port.  Its live streams never end by themselves: they are
+    closed when it stops.
+    """
+
+    def __init__(self, endpoint: Any, factory: Any, where: str, root: Any) -> None:
+        super().__init__(endpoint, factory, where)
+        self.root = root
+
+    def stopService(self) -> Deferred:
+        self.root.closeStreams()
+        return super().stopService()
+
+
+def webInterface(description: str) -> Optional[str]:
+    """
+    The address a server endpoint description listens on (C{"0.0.0.0"}
+    when it names none), or None for a kind that has no address (a UNIX
+    socket).  Raises L{usage.UsageError} for a description that is not one.
+    """
+    # Colons inside a value (an IPv6 address) are escaped as "\\:".
+    parts = [part.replace("\0", ":") for part in description.replace("\\:", "\0").split(":")]
+    kind = parts[0].lower() if len(parts) > 1 else "tcp"
+    if kind == "unix":
+        return None
+    interface = "::" if kind == "tcp6" else "0.0.0.0"
+    for part in parts[1:]:
+        key, sep, value = part.partition("=")
+        if sep and key == "interface":
+            interface = value.replace("\\", "")
+    if kind not in ("tcp", "tcp6", "ssl"):
+        raise usage.UsageError(f"--web {description}: use a tcp:, tcp6:, ssl: or unix: endpoint")
+    return interface
