@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(exclude=["tests*", "bench*"]) + ["twisted.plugins"],
-    install_requires=["twisted>=23.10", "zope.interface"],
+    install_requires=["twisted>=23.10", "zope.interface", "pyOpenSSL>=22.1", "service_identity>=21.1"],
     extras_require={
         # hypothesis: property tests of the wire codec and name checks.
         "test": ["hypothesis"],

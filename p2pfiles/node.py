@@ -31,11 +31,14 @@ from p2pfiles.control import ControlSession
 from p2pfiles.errors import P2PError
 from p2pfiles.fetcher import Fetcher
 from p2pfiles.gather import IndexKeeper
+from p2pfiles.channel import IConnectionSecurity
 from p2pfiles.heartbeat import EpochStore, HeartbeatCoordinator
+from p2pfiles.identity import NodeCertificate, Pins
 from p2pfiles.localindex import LocalIndex
 from p2pfiles.membership import Membership
 from p2pfiles.protocol import IConnectionHandler, LocalIdentity, P2PFactory, P2PProtocol
 from p2pfiles.session import IRequestContext, RequestSession
+from p2pfiles.tls import TLS
 from p2pfiles.partfile import openShared, removeStaleParts
 from p2pfiles.waiting import Once
 from p2pfiles.wire import FileEntry, Message, splitEntries, splitUpdate
@@ -63,8 +66,12 @@ class NodeConfig:
         heartbeat: float = 0.25,
         leaderTimeout: float = 1.0,
         partMaxAge: float = 7 * 24 * 3600.0,
+        certificate: Optional[NodeCertificate] = None,
+        pins: Optional[Pins] = None,
     ) -> None:
         self.id = id
+        self.certificate = certificate
+        self.pins = pins
         self.partMaxAge = partMaxAge
         self.address = address
         self.peers = dict(peers)
@@ -144,7 +151,12 @@ class Node(MultiService):
         reactor: Any,
         runInThread: Optional[Callable[..., Deferred]] = None,
         useInotify: bool = True,
+        security: Optional[IConnectionSecurity] = None,
     ) -> None:
+        """
+        @param security: how the node secures its connections; by default
+            TLS with C{config.certificate}, which it then needs.
+        """
         super().__init__()
         self.config = config
         self.id = config.id
@@ -155,7 +167,14 @@ class Node(MultiService):
                 return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
 
         self.runInThread = runInThread
-        self.identity = LocalIdentity("node", config.id, config.address, config.secret, "control")
+        if security is None:
+            if config.certificate is None:
+                raise ValueError("a node needs a TLS certificate")
+            security = TLS(config.certificate)
+        self.security = security
+        self.identity = LocalIdentity(
+            "node", config.id, config.address, config.secret, "control", security, config.pins
+        )
         self.localIndex = LocalIndex(
             config.share, config.state, reactor, runInThread=runInThread, useInotify=useInotify
         )
@@ -269,8 +288,8 @@ class Node(MultiService):
         self.config.state.makedirs(ignoreExistingDirectory=True)
         if not self.config.secret:
             self.log.warn(
-                "node {id} runs without a cluster secret: any local process can join; "
-                "use --secret-file on shared machines",
+                "node {id} runs without a cluster secret: it listens on loopback only, and any local "
+                "process can join; use --secret-file on shared machines",
                 id=self.id,
             )
         for peer, address in sorted(self.config.peers.items()):
@@ -281,9 +300,10 @@ class Node(MultiService):
         self._housekeeping.start(self.config.heartbeat, now=False)
         self._partSweep.start(PART_SWEEP_INTERVAL, now=True)
         self.log.info(
-            "node {id} up at {address} (epoch {epoch}, peers {peers})",
+            "node {id} up at {address} as {fingerprint} (epoch {epoch}, peers {peers})",
             id=self.id,
             address=self.config.address,
+            fingerprint=self.security.fingerprint,
             epoch=self.coordinator.epoch(),
             peers=", ".join(str(p) for p in sorted(self.config.peers)) or "none",
         )
@@ -481,19 +501,23 @@ class Node(MultiService):
         What C{p2pfiles status --json} prints.
         """
         coordinator = self.coordinator
-        members = [{"id": self.id, "address": self.config.address, "alive": True}]
-        for member in self.membership.ids():
-            members.append(
-                {
-                    "id": member,
-                    "address": self.membership.addressOf(member),
-                    "alive": coordinator.isLive(member),
-                }
-            )
+        members = []
+        for member in [self.id] + self.membership.ids():
+            row = {
+                "id": member,
+                "address": self.membership.addressOf(member),
+                "alive": member == self.id or coordinator.isLive(member),
+            }
+            fingerprint = self.membership.fingerprintOf(member)
+            if fingerprint is not None:
+                # Known once the member authenticated a link.
+                row["fingerprint"] = fingerprint
+            members.append(row)
         members.sort(key=lambda m: m["id"])
         return {
             "id": self.id,
             "address": self.config.address,
+            "fingerprint": self.security.fingerprint,
             "role": coordinator.role(),
             "leader": coordinator.leader(),
             "epoch": coordinator.epoch(),
