@@ -33,7 +33,7 @@ from p2pfiles.fetcher import Fetcher
 from p2pfiles.gather import IndexKeeper
 from p2pfiles.channel import IConnectionSecurity
 from p2pfiles.heartbeat import EpochStore, HeartbeatCoordinator
-from p2pfiles.identity import NodeCertificate, Pins
+from p2pfiles.identity import NodeCertificate, Pins, stateIdentity
 from p2pfiles.localindex import LocalIndex
 from p2pfiles.membership import Membership
 from p2pfiles.protocol import IConnectionHandler, LocalIdentity, P2PFactory, P2PProtocol
@@ -69,6 +69,8 @@ class NodeConfig:
         certificate: Optional[NodeCertificate] = None,
         pins: Optional[Pins] = None,
     ) -> None:
+        # certificate: the node's TLS identity; None to keep it in the state
+        # directory (made there on the first start).
         self.id = id
         self.certificate = certificate
         self.pins = pins
@@ -80,6 +82,12 @@ class NodeConfig:
         self.secret = secret
         self.heartbeat = heartbeat
         self.leaderTimeout = leaderTimeout
+
+
+def _stateIdentity(state: FilePath) -> NodeCertificate:
+    identity = stateIdentity(state, create=True)
+    assert identity is not None
+    return identity
 
 
 @implementer(IConnectionHandler)
@@ -168,9 +176,12 @@ class Node(MultiService):
 
         self.runInThread = runInThread
         if security is None:
-            if config.certificate is None:
-                raise ValueError("a node needs a TLS certificate")
-            security = TLS(config.certificate)
+            if config.certificate is not None:
+                security = TLS(config.certificate)
+            else:
+                # Made in the state directory on the first start, and
+                # loaded from there afterwards: not before it is needed.
+                security = TLS(source=lambda: _stateIdentity(config.state))
         self.security = security
         self.identity = LocalIdentity(
             "node", config.id, config.address, config.secret, "control", security, config.pins
@@ -508,9 +519,10 @@ class Node(MultiService):
                 "address": self.membership.addressOf(member),
                 "alive": member == self.id or coordinator.isLive(member),
             }
-            fingerprint = self.membership.fingerprintOf(member)
+            fingerprint = self.membership.fingerprintOf(member) if member != self.id else None
             if fingerprint is not None:
-                # Known once the member authenticated a link.
+                # Known once the member authenticated a link (this node's
+                # own is the status's "fingerprint").
                 row["fingerprint"] = fingerprint
             members.append(row)
         members.sort(key=lambda m: m["id"])

@@ -217,11 +217,12 @@ class Options(usage.Options):
         self["certificate"] = self._certificate()
         self._checkPins()
 
-    def _certificate(self) -> NodeCertificate:
+    def _certificate(self) -> Optional[NodeCertificate]:
         """
         The node's TLS identity: the operator's files, or those in the state
-        directory, made there on the first start.  Last of the checks, so
-        that nothing is written for options that are refused anyway.
+        directory; None if there are none yet (the node makes them when it
+        starts: parsing options writes nothing).  Files that are there but
+        unusable are refused here, in one line.
         """
         cert, key = self["tls-cert"], self["tls-key"]
         if (cert is None) != (key is None):
@@ -229,19 +230,24 @@ class Options(usage.Options):
         try:
             if cert is not None:
                 return loadIdentity(FilePath(cert), FilePath(key))
-            identity = stateIdentity(FilePath(self["state"]), create=True)
+            return stateIdentity(FilePath(self["state"]), create=False)
         except IdentityError as e:
             raise usage.UsageError(str(e)) from None
-        assert identity is not None
-        return identity
 
     def _checkPins(self) -> None:
         pins = self["pins"]
         own = pins.pop(self["id"], None)
-        fingerprint = self["certificate"].fingerprint
-        if own is not None and own != fingerprint:
+        if own is None:
+            return
+        certificate = self["certificate"]
+        if certificate is None:
             raise usage.UsageError(
-                f"this node's certificate is {fingerprint}, but {own} is pinned for node {self['id']}"
+                f"{own} is pinned for this node (node {self['id']}), but it has no certificate yet: "
+                "give it --tls-cert and --tls-key, or start it once without its pin"
+            )
+        if own != certificate.fingerprint:
+            raise usage.UsageError(
+                f"this node's certificate is {certificate.fingerprint}, but {own} is pinned for node {self['id']}"
             )
 
     def pins(self) -> Pins:

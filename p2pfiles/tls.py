@@ -15,10 +15,11 @@ cluster secret is proved over this very connection's exported keying
 material (L{p2pfiles.auth}).
 """
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from OpenSSL import SSL
 from cryptography.hazmat.primitives.serialization import Encoding
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
@@ -100,14 +101,17 @@ class TLSServerEndpoint:
     connection.
     """
 
-    def __init__(self, wrapped: Any, creator: IOpenSSLServerConnectionCreator) -> None:
+    def __init__(self, wrapped: Any, security: "TLS") -> None:
         self.wrapped = wrapped
-        self.creator = creator
+        self.security = security
 
-    def listen(self, factory: Any) -> Any:
-        tls = TLSMemoryBIOFactory(self.creator, False, factory)
-        # Connections are logged by the protocol, not by the factory.
-        tls.noisy = False
+    def listen(self, factory: Any) -> Deferred:
+        try:
+            tls = self.security.serverFactory(factory)
+        except Exception:
+            # A certificate that cannot be had fails the listening, as a
+            # port that cannot be had does.
+            return fail()
         return self.wrapped.listen(tls)
 
 
@@ -148,36 +152,75 @@ class TLS:
     """
     TLS for this end's connections, with its certificate if it has one (a
     node always does; the command-line client does not).
+
+    A node whose certificate is made on its first start gives C{source}
+    instead: a callable that loads (or makes) it, called the first time the
+    certificate is needed, so that building a node's service writes
+    nothing.
     """
 
-    def __init__(self, certificate: Optional[NodeCertificate] = None) -> None:
-        self.certificate = certificate
-        self.fingerprint = certificate.fingerprint if certificate is not None else None
-        self._client = ConnectionCreator(makeContext(certificate, server=False))
+    def __init__(
+        self,
+        certificate: Optional[NodeCertificate] = None,
+        source: Optional[Callable[[], NodeCertificate]] = None,
+    ) -> None:
+        self._source = source
+        self._certificate: Optional[NodeCertificate] = None
+        self._client: Optional[ConnectionCreator] = None
+        self._server: Optional[ConnectionCreator] = None
+        if source is None or certificate is not None:
+            self._build(certificate)
+
+    def _build(self, certificate: Optional[NodeCertificate]) -> None:
+        self._certificate = certificate
         self._server = ConnectionCreator(makeContext(certificate, server=True)) if certificate is not None else None
+        self._client = ConnectionCreator(makeContext(certificate, server=False))
+
+    def load(self) -> None:
+        """
+        Have the certificate ready; raise what its source raises (an
+        L{p2pfiles.identity.IdentityError}) if it cannot be had.
+        """
+        if self._client is None:
+            assert self._source is not None
+            self._build(self._source())
+
+    @property
+    def certificate(self) -> Optional[NodeCertificate]:
+        self.load()
+        return self._certificate
+
+    @property
+    def fingerprint(self) -> Optional[str]:
+        certificate = self.certificate
+        return certificate.fingerprint if certificate is not None else None
+
+    def _creator(self, server: bool) -> ConnectionCreator:
+        self.load()
+        creator = self._server if server else self._client
+        if creator is None:
+            raise ValueError("listening needs a certificate")
+        return creator
 
     def wrapClient(self, endpoint: Any) -> Any:
-        return wrapClientTLS(self._client, endpoint)
+        return wrapClientTLS(self._creator(server=False), endpoint)
 
-    def wrapServer(self, endpoint: Any) -> TLSServerEndpoint:
-        if self._server is None:
-            raise ValueError("listening needs a certificate")
-        return TLSServerEndpoint(endpoint, self._server)
+    def wrapServer(self, endpoint: Any) -> "TLSServerEndpoint":
+        return TLSServerEndpoint(endpoint, self)
 
     def clientFactory(self, factory: Any) -> TLSMemoryBIOFactory:
         """
         C{factory}'s connections as the connecting side of TLS (for a
         connection made by hand rather than through an endpoint).
         """
-        return TLSMemoryBIOFactory(self._client, True, factory)
+        return TLSMemoryBIOFactory(self._creator(server=False), True, factory)
 
     def serverFactory(self, factory: Any) -> TLSMemoryBIOFactory:
         """
         C{factory}'s connections as the accepting side of TLS.
         """
-        if self._server is None:
-            raise ValueError("listening needs a certificate")
-        wrapped = TLSMemoryBIOFactory(self._server, False, factory)
+        wrapped = TLSMemoryBIOFactory(self._creator(server=True), False, factory)
+        # Connections are logged by the protocol, not by the factory.
         wrapped.noisy = False
         return wrapped
 

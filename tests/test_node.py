@@ -29,7 +29,8 @@ from p2pfiles.membership import Membership, PeerLink
 from p2pfiles.session import RequestSession
 from p2pfiles.protocol import IConnectionHandler, LocalIdentity, P2PFactory, P2PProtocol
 from p2pfiles.wire import SCHEMAS, Message
-from tests.frames import frame, hello, parseFrames, rawFrame
+from tests.channels import PLAIN, PLAIN_FINGERPRINT, plainIdentity
+from tests.frames import frame, hello, parseFrames, proofFor, rawFrame
 
 HEARTBEAT = 0.25
 LEADER_TIMEOUT = 1.0
@@ -53,10 +54,10 @@ def heartbeat(node: int, epoch: int, leader: Optional[int], members: Optional[Li
 
 
 def nodeIdentity(node: int, purpose: str = "control") -> LocalIdentity:
-    return LocalIdentity("node", node, address(node), b"", purpose)
+    return plainIdentity("node", node, address(node), b"", purpose)
 
 
-CLIENT = LocalIdentity("client", None, None, b"", "request")
+CLIENT = plainIdentity("client", None, None, b"", "request")
 
 
 @implementer(IConnectionHandler)
@@ -168,7 +169,7 @@ class Harness:
             heartbeat=HEARTBEAT,
             leaderTimeout=LEADER_TIMEOUT,
         )
-        self.node = Node(self.config, self.reactor, runInThread=inline, useInotify=False)
+        self.node = Node(self.config, self.reactor, runInThread=inline, useInotify=False, security=PLAIN)
         self.factory = self.node.listeningFactory()
         self.links: List[Link] = []
         self.pumps: List[IOPump] = []
@@ -238,12 +239,12 @@ class Harness:
         """
         protocol = self.factory.buildProtocol(None)
         transport = self.fresh(protocol)
-        nonce = auth.makeNonce()
-        protocol.dataReceived(frame(hello(identity, nonce)))
-        (answer,) = parseFrames(transport.value())
-        self.case.assertEqual(answer.proof, auth.proof(b"", auth.LISTENER, nonce, answer.nonce))
+        mine = hello(identity, auth.makeNonce())
+        protocol.dataReceived(frame(mine))
+        (answer, proof) = parseFrames(transport.value())
+        self.case.assertEqual(proof.proof, proofFor(b"", auth.LISTENER, mine, answer))
         transport.clear()
-        protocol.dataReceived(frame(Message("auth", proof=auth.proof(b"", auth.CONNECTOR, nonce, answer.nonce))))
+        protocol.dataReceived(frame(Message("auth", proof=proofFor(b"", auth.CONNECTOR, mine, answer))))
         self.case.assertEqual(parseFrames(transport.value())[0].type, "ready")
         return protocol, transport
 
@@ -298,8 +299,24 @@ class StatusTests(SynchronousTestCase):
                 "epoch": 0,
                 "members": [{"id": 1, "address": "127.0.0.1:9001", "alive": True}],
                 "version": __version__,
+                "fingerprint": PLAIN_FINGERPRINT,
             },
         )
+
+    def test_memberFingerprints(self) -> None:
+        """
+        The status names the node's own certificate fingerprint, and each
+        member's once one of its links has authenticated it: a configured
+        peer that never connected has none.
+        """
+        harness = Harness(self, node=1, peers={3: address(3)}).start()
+        harness.peer(2)
+        harness.flush()
+        members = {m["id"]: m for m in harness.node.status()["members"]}
+        self.assertEqual(harness.node.status()["fingerprint"], PLAIN_FINGERPRINT)
+        self.assertEqual(members[2]["fingerprint"], PLAIN_FINGERPRINT)
+        self.assertNotIn("fingerprint", members[3])
+        self.assertNotIn("fingerprint", members[1])
 
     def test_loneNodeLeadsAtOnce(self) -> None:
         """
