@@ -100,8 +100,14 @@ class CommandTests(SynchronousTestCase):
             return json.loads(result.stdout) if result.returncode == 0 else None
 
         got = poll(lambda: (s := status()) and s["leader"] == 1 and s, "leader 1")
-        self.assertEqual(set(got), {"id", "address", "role", "leader", "epoch", "members", "version"})
+        self.assertEqual(set(got), {"id", "address", "role", "leader", "epoch", "members", "version", "fingerprint"})
         self.assertEqual((got["id"], got["role"]), (2, "follower"))
+        # The node's own fingerprint is the one `p2pfiles id` reads from its
+        # state, and its peer's is the one it saw on their link.
+        own = cli("id", "--state", nodes[2].dir.child("state").path)
+        self.assertEqual(got["fingerprint"], own.stdout.decode().strip())
+        other = cli("id", "--state", nodes[1].dir.child("state").path).stdout.decode().strip()
+        self.assertEqual({m["id"]: m.get("fingerprint") for m in got["members"]}, {1: other, 2: None})
 
         result = cli("status", "--node", nodes[1].address, "--secret-file", wrong.path)
         self.assertEqual(result.returncode, 4)
