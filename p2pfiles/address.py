@@ -38,7 +38,7 @@ def clientEndpoint(reactor: Any, address: str, timeout: float, security: Any) ->
     so that no connection goes without TLS.
     """
     host, port = parseAddress(address)
-    return security.wrapClient(HostnameEndpoint(reactor, host, port, timeout=timeout))
+    return security.wrapClient(HostnameEndpoint(reactor, host, port, timeout=timeout), reactor)
 
 
 def serverEndpoint(reactor: Any, interface: str, port: int, security: Any) -> Any:
@@ -47,5 +47,5 @@ def serverEndpoint(reactor: Any, interface: str, port: int, security: Any) -> An
     connection secured by C{security}.
     """
     if ":" in interface:
-        return security.wrapServer(TCP6ServerEndpoint(reactor, port, interface=interface))
-    return security.wrapServer(TCP4ServerEndpoint(reactor, port, interface=interface))
+        return security.wrapServer(TCP6ServerEndpoint(reactor, port, interface=interface), reactor)
+    return security.wrapServer(TCP4ServerEndpoint(reactor, port, interface=interface), reactor)

@@ -53,13 +53,14 @@ class IConnectionSecurity(Interface):
 
     fingerprint = Attribute("this end's own certificate fingerprint, or None (a client has no certificate)")
 
-    def wrapClient(endpoint):
+    def wrapClient(endpoint, clock):
         """
         An endpoint that connects through C{endpoint} and secures the
-        connection.
+        connection; it fires with the protocol inside the security layer.
+        C{clock} is the reactor the layer may schedule on.
         """
 
-    def wrapServer(endpoint):
+    def wrapServer(endpoint, clock):
         """
         An endpoint that listens through C{endpoint} and secures every
         connection it accepts.

@@ -4,7 +4,7 @@ L{TLSBinding}, what one TLS connection is bound to.
 
 Every connection, loopback included, is TLS (1.3 where both ends have it,
 1.2 at least), through Twisted's memory-BIO TLS layer: clients wrap their
-endpoint with C{wrapClientTLS}, listeners with L{TLSServerEndpoint}.
+endpoint with L{TLSClientEndpoint}, listeners with L{TLSServerEndpoint}.
 
 Nobody checks a certificate against an authority or a host name.  A node
 presents its self-signed certificate on both sides of a connection (so that
@@ -20,10 +20,11 @@ from typing import Any, Callable, Optional
 from OpenSSL import SSL
 from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
+    IReactorTime,
+    IStreamClientEndpoint,
     IStreamServerEndpoint,
 )
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -101,18 +102,42 @@ class TLSServerEndpoint:
     connection.
     """
 
-    def __init__(self, wrapped: Any, security: "TLS") -> None:
+    def __init__(self, wrapped: Any, security: "TLS", clock: IReactorTime) -> None:
         self.wrapped = wrapped
         self.security = security
+        self.clock = clock
 
     def listen(self, factory: Any) -> Deferred:
         try:
-            tls = self.security.serverFactory(factory)
+            tls = self.security.serverFactory(factory, self.clock)
         except Exception:
             # A certificate that cannot be had fails the listening, as a
             # port that cannot be had does.
             return fail()
         return self.wrapped.listen(tls)
+
+
+@implementer(IStreamClientEndpoint)
+class TLSClientEndpoint:
+    """
+    Connect through another client endpoint, TLS on the connection; fire
+    with the protocol inside the TLS layer.
+
+    (Twisted's C{wrapClientTLS} does the same, but its TLS layer takes its
+    clock from the global reactor; this one is given the clock.)
+    """
+
+    def __init__(self, wrapped: Any, security: "TLS", clock: IReactorTime) -> None:
+        self.wrapped = wrapped
+        self.security = security
+        self.clock = clock
+
+    def connect(self, factory: Any) -> Deferred:
+        try:
+            tls = self.security.clientFactory(factory, self.clock)
+        except Exception:
+            return fail()
+        return self.wrapped.connect(tls).addCallback(lambda protocol: protocol.wrappedProtocol)
 
 
 @implementer(IChannelBinding)
@@ -202,24 +227,24 @@ class TLS:
             raise ValueError("listening needs a certificate")
         return creator
 
-    def wrapClient(self, endpoint: Any) -> Any:
-        return wrapClientTLS(self._creator(server=False), endpoint)
+    def wrapClient(self, endpoint: Any, clock: IReactorTime) -> TLSClientEndpoint:
+        return TLSClientEndpoint(endpoint, self, clock)
 
-    def wrapServer(self, endpoint: Any) -> "TLSServerEndpoint":
-        return TLSServerEndpoint(endpoint, self)
+    def wrapServer(self, endpoint: Any, clock: IReactorTime) -> TLSServerEndpoint:
+        return TLSServerEndpoint(endpoint, self, clock)
 
-    def clientFactory(self, factory: Any) -> TLSMemoryBIOFactory:
+    def clientFactory(self, factory: Any, clock: IReactorTime) -> TLSMemoryBIOFactory:
         """
-        C{factory}'s connections as the connecting side of TLS (for a
-        connection made by hand rather than through an endpoint).
+        C{factory}'s connections as the connecting side of TLS.  The TLS
+        layer gathers small writes until the next turn of C{clock}.
         """
-        return TLSMemoryBIOFactory(self._creator(server=False), True, factory)
+        return TLSMemoryBIOFactory(self._creator(server=False), True, factory, clock)
 
-    def serverFactory(self, factory: Any) -> TLSMemoryBIOFactory:
+    def serverFactory(self, factory: Any, clock: IReactorTime) -> TLSMemoryBIOFactory:
         """
         C{factory}'s connections as the accepting side of TLS.
         """
-        wrapped = TLSMemoryBIOFactory(self._creator(server=True), False, factory)
+        wrapped = TLSMemoryBIOFactory(self._creator(server=True), False, factory, clock)
         # Connections are logged by the protocol, not by the factory.
         wrapped.noisy = False
         return wrapped

@@ -63,10 +63,10 @@ class PlainSecurity:
         self.exporter = exporter
         self.bindings = []
 
-    def wrapClient(self, endpoint: Any) -> Any:
+    def wrapClient(self, endpoint: Any, clock: Any) -> Any:
         return endpoint
 
-    def wrapServer(self, endpoint: Any) -> Any:
+    def wrapServer(self, endpoint: Any, clock: Any) -> Any:
         return endpoint
 
     def connected(self, protocol: Any) -> None:

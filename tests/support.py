@@ -132,7 +132,7 @@ def startCluster(
     certificates = {node: certificate(("cluster", node)) for node in ids}
     for node in ids:
         factory = P2PFactory(LocalIdentity("node", node, None, secret), None, reactor, listening=True)
-        ports[node] = reactor.listenTCP(0, TLS(certificates[node]).serverFactory(factory), interface="127.0.0.1")
+        ports[node] = reactor.listenTCP(0, TLS(certificates[node]).serverFactory(factory, reactor), interface="127.0.0.1")
         factories[node] = factory
     addresses = {node: f"127.0.0.1:{ports[node].getHost().port}" for node in ids}
     cluster = {}
