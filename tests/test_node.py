@@ -29,7 +29,8 @@ from p2pfiles.membership import Membership, PeerLink
 from p2pfiles.session import RequestSession
 from p2pfiles.protocol import IConnectionHandler, LocalIdentity, P2PFactory, P2PProtocol
 from p2pfiles.wire import SCHEMAS, Message
-from tests.channels import PLAIN, PLAIN_FINGERPRINT, plainIdentity
+from p2pfiles.tls import TLS
+from tests.channels import PLAIN, PLAIN_FINGERPRINT, certificate, plainIdentity
 from tests.frames import frame, hello, parseFrames, proofFor, rawFrame
 
 HEARTBEAT = 0.25
@@ -98,14 +99,27 @@ class Link:
 
     def __init__(self, harness: "Harness", identity: LocalIdentity, number: int) -> None:
         self.handler = RecordingHandler()
-        self.server: P2PProtocol = harness.factory.buildProtocol(None)
-        self.client = P2PProtocol(identity, self.handler, harness.reactor, listening=False)
         here = IPv4Address("TCP", "127.0.0.1", 9000 + harness.node.id)
         there = IPv4Address("TCP", "127.0.0.1", 40000 + number)
-        self.serverTransport = FakeTransport(self.server, isServer=True, hostAddress=here, peerAddress=there)
-        self.clientTransport = FakeTransport(self.client, isServer=False, hostAddress=there, peerAddress=here)
+        if harness.tls:
+            # Real TLS in memory: the far end presents a certificate of its own.
+            built: List[P2PProtocol] = []
+            security = TLS(certificate(("far end", identity.role, identity.node)))
+            identity = LocalIdentity(
+                identity.role, identity.node, identity.address, identity.secret, identity.purpose, security, identity.pins
+            )
+            far = P2PFactory(identity, self.handler, harness.reactor, listening=False)
+            far.buildProtocol = lambda addr: built.append(P2PFactory.buildProtocol(far, addr)) or built[-1]
+            server = harness.node.security.serverFactory(harness.factory, harness.reactor).buildProtocol(there)
+            client = security.clientFactory(far, harness.reactor).buildProtocol(here)
+            (self.client,) = built
+        else:
+            server = harness.factory.buildProtocol(None)
+            client = self.client = P2PProtocol(identity, self.handler, harness.reactor, listening=False)
+        self.serverTransport = FakeTransport(server, isServer=True, hostAddress=here, peerAddress=there)
+        self.clientTransport = FakeTransport(client, isServer=False, hostAddress=there, peerAddress=here)
         self.pump: IOPump = connect(
-            self.server, self.serverTransport, self.client, self.clientTransport, greet=True, clock=harness.reactor
+            server, self.serverTransport, client, self.clientTransport, greet=True, clock=harness.reactor
         )
 
     @property
@@ -152,8 +166,14 @@ class Harness:
         peers: Optional[Dict[int, str]] = None,
         state: Optional[FilePath] = None,
         files: Optional[Dict[str, bytes]] = None,
+        tls: bool = False,
     ) -> None:
+        """
+        @param tls: secure the node's connections with real TLS (in memory)
+            rather than the plain test channel.
+        """
         self.case = case
+        self.tls = tls
         self.reactor = MemoryReactorClock()
         base = FilePath(case.mktemp())
         share = base.child("files")
@@ -169,7 +189,8 @@ class Harness:
             heartbeat=HEARTBEAT,
             leaderTimeout=LEADER_TIMEOUT,
         )
-        self.node = Node(self.config, self.reactor, runInThread=inline, useInotify=False, security=PLAIN)
+        security = TLS(certificate(("node", node))) if tls else PLAIN
+        self.node = Node(self.config, self.reactor, runInThread=inline, useInotify=False, security=security)
         self.factory = self.node.listeningFactory()
         self.links: List[Link] = []
         self.pumps: List[IOPump] = []
