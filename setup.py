@@ -14,6 +14,9 @@ setup(
         # prometheus_client: the node's /metrics, one registry per node, served
         # by its twisted MetricsResource.
         "prometheus_client>=0.17",
+        # pyOpenSSL and service_identity: TLS on every connection.
+        "pyOpenSSL>=22.1",
+        "service_identity>=21.1",
     ],
     # The status page's HTML, CSS and JavaScript, served by p2pfiles.web.
     package_data={"p2pfiles": ["static/*.html", "static/*.css", "static/*.js"]},

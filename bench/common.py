@@ -5,8 +5,9 @@ Helpers shared by the p2pfiles benchmarks.
     in its own process group with its own log file, in a temporary directory;
   - asking a node for its status, either with the real CLI
     (C{p2pfiles status --json}) or with a small blocking client in this
-    process (L{directStatus}: the same handshake and C{status} request over a
-    plain socket, cheap enough to poll 32 nodes every few milliseconds);
+    process (L{directStatus}: the same TLS and handshake and a C{status}
+    request over a blocking socket, cheap enough to poll 32 nodes every few
+    milliseconds);
   - waiting until every node reports the same leader and epoch;
   - L{Watch}: a C{p2pfiles status --watch --json} subprocess whose stdout
     lines are timestamped with C{time.monotonic()} as they arrive;
@@ -192,36 +193,54 @@ def _receiveMessage(sock: socket.socket) -> Any:
 def directStatus(address: str, timeout: float = 2.0, secret: bytes = b"") -> Dict[str, Any]:
     """
     What C{p2pfiles status --json} would print for the node at C{address},
-    asked over a plain blocking socket from this process (starting a CLI
+    asked over a blocking TLS socket from this process (starting a CLI
     process per poll would cost more CPU than what is measured): the
     client's side of the handshake (see L{p2pfiles.protocol}), then one
     C{status} request.  Raises C{OSError} (or C{ValueError}) when the node
     cannot answer.
     """
+    from OpenSSL import SSL
+
     from p2pfiles import auth
-    from p2pfiles.wire import PROTOCOL_VERSION, Message
+    from p2pfiles.identity import fingerprintOf
+    from p2pfiles.tls import EXPORTER_LABEL, EXPORTER_LENGTH, makeContext
+    from p2pfiles.wire import PROTOCOL_VERSION, Message, encode
 
     host, port = address.rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
-        sock.settimeout(timeout)
-        nonce = auth.makeNonce()
-        _sendMessage(
-            sock,
-            Message(
-                "hello",
-                version=PROTOCOL_VERSION,
-                role="client",
-                node=None,
-                nonce=nonce,
-                address=None,
-                proof=None,
-                purpose="request",
-            ),
+    with socket.create_connection((host, int(port)), timeout=timeout) as raw:
+        # OpenSSL wants a blocking socket: bound its waits in the kernel.
+        raw.settimeout(None)
+        limit = struct.pack("ll", int(timeout), int((timeout % 1) * 1e6))
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
+        sock = SSL.Connection(makeContext(None, server=False), raw)
+        sock.set_connect_state()
+        sock.do_handshake()
+        exporter = sock.export_keying_material(EXPORTER_LABEL, EXPORTER_LENGTH)
+        mine = Message(
+            "hello",
+            version=PROTOCOL_VERSION,
+            role="client",
+            node=None,
+            nonce=auth.makeNonce(),
+            address=None,
+            purpose="request",
+            fingerprint=None,
         )
+        _sendMessage(sock, mine)
         hello = _receiveMessage(sock)
-        if hello.type != "hello" or not auth.verify(secret, auth.LISTENER, nonce, hello.nonce, hello.proof or ""):
+        presented = sock.get_peer_certificate(as_cryptography=True)
+        if hello.type != "hello" or presented is None:
             raise ConnectionError(f"bad handshake from {address}")
-        _sendMessage(sock, Message("auth", proof=auth.proof(secret, auth.CONNECTOR, nonce, hello.nonce)))
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        if hello.fingerprint != fingerprintOf(presented.public_bytes(Encoding.DER)):
+            raise ConnectionError(f"{address}: the hello names another certificate")
+        proof = _receiveMessage(sock)
+        transcript = (exporter, encode(mine), encode(hello))
+        if proof.type != "auth" or not auth.verify(secret, auth.LISTENER, *transcript, proof.proof):
+            raise ConnectionError(f"bad proof from {address}")
+        _sendMessage(sock, Message("auth", proof=auth.proof(secret, auth.CONNECTOR, *transcript)))
         _receiveMessage(sock)  # ready
         _sendMessage(sock, Message("status", watch=False))
         return _receiveMessage(sock).status

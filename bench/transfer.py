@@ -15,6 +15,9 @@ that no method always runs first:
 
   - baseline: C{curl -s -o OUT http://127.0.0.1:PORT/local-SIZE.bin}
     (skipped, with no ratio, if curl is missing);
+  - rsync:    C{rsync --fsync rsync://127.0.0.1:PORT/files/local-SIZE.bin OUT}
+    from an C{rsync --daemon} on loopback: plaintext, like curl, but it
+    checksums and fsyncs as p2pfiles does (skipped if rsync is missing);
   - local:    C{p2pfiles get local-SIZE.bin --node LEADER -o OUT --json}
     (the leader streams its own file);
   - relay:    C{p2pfiles get remote-SIZE.bin --node LEADER -o OUT --json}
@@ -31,9 +34,10 @@ the network path, not the disk).
 Memory: while each get runs, /proc/PID/status of the client, the leader and
 the holder is sampled every 20 ms (peak VmRSS and VmHWM).  The leader's
 VmHWM at the end of the size's runs is its peak since start, i.e. for that
-size.  Targets: local >= 1.0x baseline throughput, relay >= 0.8x; leader and
-client peak <= 64 MiB; flat: at the largest size no more than 10% above
-the smallest size.
+size.  Targets: local >= 1.0x baseline throughput, relay >= 0.8x; relay
+>= 0.8x C{rsync --fsync}; leader and client peak <= 64 MiB; flat: at the
+largest size no more than 10% above the smallest size.  Every p2pfiles
+connection is TLS; curl and rsync are plaintext, measured in the same run.
 
 C{--profile} instead runs one local get and one relayed get with the client,
 the leader and the holder under cProfile, and prints where the time goes.
@@ -63,7 +67,12 @@ RELAY_RATIO = 0.8
 RSS_LIMIT_MIB = 64.0
 FLAT_GROWTH = 0.10
 
-METHODS = ("baseline", "local", "relay")
+METHODS = ("baseline", "rsync", "local", "relay")
+RSYNC_RATIO = 0.8
+
+
+def available(method: str) -> bool:
+    return {"baseline": shutil.which("curl"), "rsync": shutil.which("rsync")}.get(method, True) is not None
 
 PROFILED_TWISTD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profiled_twistd.py")
 
@@ -90,6 +99,8 @@ class Setup:
         os.link(os.path.join(self.leader.share, self.local), os.path.join(self.httpDir, self.local))
         self.httpPort = common.freePort()
         self.http: Optional[subprocess.Popen] = None
+        self.rsyncPort = common.freePort()
+        self.rsync: Optional[subprocess.Popen] = None
         self.leaderPrefix = list(leaderPrefix)
         self.holderPrefix = list(holderPrefix)
 
@@ -119,10 +130,27 @@ class Setup:
                 )
             if not common.waitForPort(self.httpPort, time.monotonic() + 15.0):
                 raise TimeoutError("http.server did not start")
+        if available("rsync"):
+            config = os.path.join(self.root, "rsyncd.conf")
+            with open(config, "w") as f:
+                f.write(
+                    f"use chroot = no\nuid = {os.getuid()}\ngid = {os.getgid()}\n"
+                    f"pid file = {os.path.join(self.root, 'rsyncd.pid')}\n"
+                    f"[files]\npath = {self.httpDir}\nread only = yes\n"
+                )
+            with open(os.path.join(self.root, "rsync.log"), "ab") as log:
+                self.rsync = common.spawn(
+                    ["rsync", "--daemon", "--no-detach", f"--config={config}", "--address=127.0.0.1", f"--port={self.rsyncPort}"],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            if not common.waitForPort(self.rsyncPort, time.monotonic() + 15.0):
+                raise TimeoutError("rsync --daemon did not start")
 
     def stop(self) -> None:
-        if self.http is not None:
-            common.stopProcess(self.http)
+        for server in (self.http, self.rsync):
+            if server is not None:
+                common.stopProcess(server)
         self.cluster.stopAll()
 
     def command(self, method: str, output: str, prefix: List[str] = ()) -> List[str]:
@@ -132,6 +160,8 @@ class Setup:
         """
         if method == "baseline":
             return ["curl", "-s", "-o", output, f"http://127.0.0.1:{self.httpPort}/{self.local}"]
+        if method == "rsync":
+            return ["rsync", "--fsync", f"rsync://127.0.0.1:{self.rsyncPort}/files/{self.local}", output]
         client = list(prefix) + ["-m", "p2pfiles"] if prefix else [P2PFILES]
         name = self.local if method == "local" else self.remote
         return client + ["get", name, "--node", self.leader.address, "-o", output, "--json", "--timeout", "30"]
@@ -141,7 +171,7 @@ class Setup:
         Run one download; return its wall time, throughput and memory peaks.
         """
         output = os.path.join(self.out, f"{method}.out")
-        server = self.http if method == "baseline" else self.leader.process
+        server = {"baseline": self.http, "rsync": self.rsync}.get(method, self.leader.process)
         assert server is not None
         cpuBefore = {"server": common.cpuSeconds(server.pid), "holder": common.cpuSeconds(self.holder.pid)}
         childrenBefore = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -186,7 +216,7 @@ class Setup:
             finally:
                 os.close(fd)
             result["fsync"] = time.monotonic() - syncStarted
-        else:
+        elif method != "rsync":
             summary = json.loads(stdout)
             expectedVia = [1, 1] if method == "local" else [1, 2]
             if summary["via"] != expectedVia:
@@ -199,7 +229,7 @@ class Setup:
 def measureSize(sizeMiB: int, rounds: int, root: str) -> Dict[str, Any]:
     setup = Setup(sizeMiB, os.path.join(root, f"size-{sizeMiB}"))
     runs: List[Dict[str, Any]] = []
-    methods = [m for m in METHODS if m != "baseline" or shutil.which("curl")]
+    methods = [m for m in METHODS if available(m)]
     try:
         setup.start()
         for round in range(rounds):
@@ -208,7 +238,10 @@ def measureSize(sizeMiB: int, rounds: int, root: str) -> Dict[str, Any]:
                 result = setup.run(method)
                 result["round"] = round + 1
                 runs.append(result)
-                extra = f", fsync after it {result['fsync']:.3f} s" if "fsync" in result else f", in-process {result['inProcess']:.3f} s"
+                extra = (
+                    f", fsync after it {result['fsync']:.3f} s" if "fsync" in result
+                    else f", in-process {result['inProcess']:.3f} s" if "inProcess" in result else ""
+                )
                 print(
                     f"  {sizeMiB} MiB round {round + 1} {method:8}: {result['seconds']:.3f} s = {result['mibps']:.0f} MiB/s{extra}; "
                     f"client peak {result['clientHwm'] / MiB:.1f} MiB, leader RSS peak {result['leaderRss'] / MiB:.1f} MiB; "
@@ -234,19 +267,22 @@ def summarise(measured: List[Dict[str, Any]]) -> List[Figure]:
         synced = (
             median(size / (r["seconds"] + r["fsync"]) for r in byMethod["baseline"]) if byMethod["baseline"] else None
         )
+        rsync = median(r["mibps"] for r in byMethod["rsync"]) if byMethod["rsync"] else None
         for method in METHODS:
             runs = byMethod[method]
             if not runs:
-                rows.append([size, method, "skipped (no curl)", "-", "-", "-", "-", "-", "-"])
+                rows.append([size, method, f"skipped (no {'curl' if method == 'baseline' else method})", "-", "-", "-", "-", "-", "-", "-"])
                 continue
             mibps = median(r["mibps"] for r in runs)
             ratio = None if baseline is None else mibps / baseline
-            target = {"baseline": None, "local": LOCAL_RATIO, "relay": RELAY_RATIO}[method]
+            target = {"baseline": None, "rsync": None, "local": LOCAL_RATIO, "relay": RELAY_RATIO}[method]
             verdict = "-" if target is None or ratio is None else ("PASS" if ratio >= target else "MISS")
             if method == "baseline":
                 note = f"+fsync {median(r['fsync'] for r in runs):.2f} s"
+            elif method == "rsync":
+                note = "plaintext, checksummed, fsynced"
             else:
-                note = f"in-process {median(r['inProcess'] for r in runs):.2f} s"
+                note = f"TLS; in-process {median(r['inProcess'] for r in runs):.2f} s"
             rows.append(
                 [
                     size,
@@ -255,20 +291,28 @@ def summarise(measured: List[Dict[str, Any]]) -> List[Figure]:
                     f"{median(r['seconds'] for r in runs):.2f}",
                     "-" if ratio is None else f"{ratio:.2f}" + ("" if target is None else f" (>= {target:g})"),
                     "-" if synced is None else f"{mibps / synced:.2f}",
+                    "-" if rsync is None else f"{mibps / rsync:.2f}",
                     f"{max(r['clientHwm'] for r in runs) / MiB:.1f}",
                     note,
                     verdict,
                 ]
             )
-            if method != "baseline":
+            if method in ("local", "relay"):
                 figures.append(
                     Figure(f"transfer {size} MiB: {method} get MiB/s", mibps, "MiB/s", target, kind="min", baseline=baseline)
                 )
+            if method == "relay" and rsync is not None:
+                figures.append(
+                    Figure(
+                        f"transfer {size} MiB: relay get vs rsync --fsync", mibps, "MiB/s", RSYNC_RATIO, kind="min",
+                        baseline=rsync,
+                    )
+                )
         relays = byMethod["relay"]
-        clientPeak = max(r["clientHwm"] for r in m["runs"] if r["method"] != "baseline") / MiB
+        clientPeak = max(r["clientHwm"] for r in m["runs"] if r["method"] in ("local", "relay")) / MiB
         m["clientPeak"] = clientPeak
         rows.append(
-            [size, "memory", "-", "-", "-", "-", "-",
+            [size, "memory", "-", "-", "-", "-", "-", "-",
              f"leader VmHWM {m['leaderHwm'] / MiB:.1f} MiB (RSS peak in relay {max(r['leaderRss'] for r in relays) / MiB:.1f}), "
              f"holder VmHWM {m['holderHwm'] / MiB:.1f} MiB", ""]
         )
@@ -276,7 +320,7 @@ def summarise(measured: List[Dict[str, Any]]) -> List[Figure]:
         figures.append(Figure(f"transfer {size} MiB: client peak VmHWM", clientPeak, "MiB", RSS_LIMIT_MIB))
     print()
     common.printTable(
-        ["MiB", "method", "MiB/s (median)", "s (median)", "ratio to baseline", "ratio to baseline+fsync", "client peak MiB", "note", "verdict"],
+        ["MiB", "method", "MiB/s (median)", "s (median)", "ratio to baseline", "ratio to baseline+fsync", "ratio to rsync", "client peak MiB", "note", "verdict"],
         rows,
     )
     cpuRows = []
@@ -291,7 +335,7 @@ def summarise(measured: List[Dict[str, Any]]) -> List[Figure]:
                     + [median(r["seconds"] for r in runs) * perGiB]
                 )
     print()
-    print("CPU seconds per GiB (median); server = http.server for the baseline, the leader otherwise; 2 cores in all:")
+    print("CPU seconds per GiB (median); server = http.server for the baseline, the rsync daemon for rsync, the leader otherwise; 2 cores in all:")
     common.printTable(["MiB", "method", "client", "server", "holder", "wall"], cpuRows)
     if len(measured) >= 2:
         small, large = measured[0], measured[-1]

@@ -1,6 +1,6 @@
 """
 Node addresses as written on the command line and on the wire: C{HOST:PORT},
-or C{[V6HOST]:PORT}.
+or C{[V6HOST]:PORT}; and the endpoints that reach them.
 """
 
 from typing import Any, Tuple
@@ -27,20 +27,25 @@ def parseAddress(text: str) -> Tuple[str, int]:
     return host, int(port)
 
 
-def clientEndpoint(reactor: Any, address: str, timeout: float) -> Any:
+def clientEndpoint(reactor: Any, address: str, timeout: float, security: Any) -> Any:
     """
-    The endpoint that connects to C{address} (C{HOST:PORT}); raises
-    L{ValueError} if it is not one.  HostnameEndpoint handles IPv4, IPv6
-    and names alike.
+    The endpoint that connects to C{address} (C{HOST:PORT}), secured by
+    C{security} (an L{p2pfiles.channel.IConnectionSecurity}: TLS); raises
+    L{ValueError} if the address is not one.  HostnameEndpoint handles
+    IPv4, IPv6 and names alike.
+
+    This and L{serverEndpoint} are the one place where endpoints are made,
+    so that no connection goes without TLS.
     """
     host, port = parseAddress(address)
-    return HostnameEndpoint(reactor, host, port, timeout=timeout)
+    return security.wrapClient(HostnameEndpoint(reactor, host, port, timeout=timeout), reactor)
 
 
-def serverEndpoint(reactor: Any, interface: str, port: int) -> Any:
+def serverEndpoint(reactor: Any, interface: str, port: int, security: Any) -> Any:
     """
-    The endpoint that listens on C{interface} and C{port}.
+    The endpoint that listens on C{interface} and C{port}, every accepted
+    connection secured by C{security}.
     """
     if ":" in interface:
-        return TCP6ServerEndpoint(reactor, port, interface=interface)
-    return TCP4ServerEndpoint(reactor, port, interface=interface)
+        return security.wrapServer(TCP6ServerEndpoint(reactor, port, interface=interface), reactor)
+    return security.wrapServer(TCP4ServerEndpoint(reactor, port, interface=interface), reactor)

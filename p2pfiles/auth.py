@@ -1,26 +1,37 @@
 """
-The cluster secret and the mutual challenge-response that proves it.
+The cluster secret and the mutual proof of it, bound to one TLS connection.
 
-Both ends of a connection send a fresh random nonce in their C{hello}.  The
-listening side proves first, the connecting side second; each proof is an
-HMAC-SHA256 over a label naming the prover's side and both nonces, so a proof
-can neither be replayed on another connection nor reflected back to its
-sender.  Without a secret the key is empty: the exchange still runs (one code
-path) but proves nothing, which is why a node refuses to listen on a
-non-loopback address without one.
+Every connection is TLS (L{p2pfiles.tls}).  Once its TLS handshake is done,
+each end sends a C{hello} saying who it is (version, role, id, address,
+purpose, certificate fingerprint and a fresh nonce).  The listening side
+then proves first, the connecting side second; each proof is an
+HMAC-SHA256, keyed by the secret, over:
+
+  - a label naming the prover's side (so a proof cannot be reflected);
+  - the connection's TLS exporter value (RFC 5705, label
+    C{EXPORTER-p2pfiles-v2}): the same at both ends of this connection and
+    different on every other, so a proof relayed to another connection is
+    worthless whatever the relay does;
+  - both complete hellos, in the codec's canonical encoding, connector's
+    first: nothing either end claimed can be changed on the way.
+
+Without a secret the key is empty: the exchange still runs (one code path)
+but proves nothing, which is why a node refuses to listen on a non-loopback
+address without one.
 """
 
 import hmac
 import os
 from hashlib import sha256
+from struct import pack
 
 from twisted.python.filepath import FilePath
 
 NONCE_BYTES = 32
 
 # The sides of the handshake, bound into each proof.
-LISTENER = b"p2pfiles-listener-v1"
-CONNECTOR = b"p2pfiles-connector-v1"
+LISTENER = b"p2pfiles-listener-v2"
+CONNECTOR = b"p2pfiles-connector-v2"
 
 
 class SecretError(Exception):
@@ -33,19 +44,29 @@ def makeNonce() -> str:
     return os.urandom(NONCE_BYTES).hex()
 
 
-def proof(secret: bytes, side: bytes, connectorNonce: str, listenerNonce: str) -> str:
+def transcript(side: bytes, exporter: bytes, connectorHello: bytes, listenerHello: bytes) -> bytes:
     """
-    The proof that the C{side} end of a connection knows C{secret}.
+    What a proof covers: each part prefixed by its length, so that no two
+    different inputs make the same bytes.
     """
-    message = b"\0".join([side, connectorNonce.encode("ascii"), listenerNonce.encode("ascii")])
-    return hmac.new(secret, message, sha256).hexdigest()
+    return b"".join(pack("!I", len(part)) + part for part in (side, exporter, connectorHello, listenerHello))
 
 
-def verify(secret: bytes, side: bytes, connectorNonce: str, listenerNonce: str, claimed: str) -> bool:
+def proof(secret: bytes, side: bytes, exporter: bytes, connectorHello: bytes, listenerHello: bytes) -> str:
+    """
+    The proof that the C{side} end of the connection whose exporter value
+    is C{exporter}, where these two hellos were exchanged, knows C{secret}.
+    """
+    return hmac.new(secret, transcript(side, exporter, connectorHello, listenerHello), sha256).hexdigest()
+
+
+def verify(
+    secret: bytes, side: bytes, exporter: bytes, connectorHello: bytes, listenerHello: bytes, claimed: str
+) -> bool:
     """
     Check a proof in constant time.
     """
-    expected = proof(secret, side, connectorNonce, listenerNonce)
+    expected = proof(secret, side, exporter, connectorHello, listenerHello)
     return hmac.compare_digest(expected.encode("ascii"), claimed.encode("utf-8", "replace"))
 
 

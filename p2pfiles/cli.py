@@ -1,5 +1,5 @@
 """
-The C{p2pfiles} command: C{status}, C{ls}, C{get}, C{fetch}, C{demo}.
+The C{p2pfiles} command: C{status}, C{ls}, C{get}, C{fetch}, C{id}, C{demo}.
 
 Every expected failure is one line on stderr and a documented exit code; a
 traceback means a bug.  This module is the only place where the system's
@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, TextIO
 from twisted.internet.defer import Deferred
 from twisted.internet.task import react
 from twisted.internet.threads import deferToThread
+from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.python.filepath import FilePath
 
 from p2pfiles import __version__
@@ -24,11 +25,22 @@ from p2pfiles.client import (
     askLeader,
     fetchInto,
     bounded,
+    clientIdentity,
     connect,
     receiveListing,
     request,
 )
 from p2pfiles.errors import P2PError
+from p2pfiles.identity import (
+    CERTIFICATE_FILE,
+    IdentityError,
+    Pins,
+    fingerprintOf,
+    loadCertificate,
+    parseFingerprint,
+    stateIdentity,
+)
+from p2pfiles.protocol import LocalIdentity
 from p2pfiles.names import BadName, checkName
 from p2pfiles.partfile import PartialFile, StreamSink
 from p2pfiles.transfer import download
@@ -99,6 +111,22 @@ def _commonOptions(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout", type=float, default=10.0, metavar="S", help="seconds to wait for the node (default 10)"
     )
+    parser.add_argument(
+        "--pin",
+        action="append",
+        default=[],
+        type=_fingerprint,
+        metavar="sha256:HEX",
+        help="talk only to nodes presenting this certificate fingerprint (repeatable: one per node "
+        "you may be sent to)",
+    )
+
+
+def _fingerprint(text: str) -> str:
+    try:
+        return parseFingerprint(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def makeParser() -> argparse.ArgumentParser:
@@ -128,6 +156,11 @@ def makeParser() -> argparse.ArgumentParser:
     fetch.add_argument("--overwrite", action="store_true", help="replace a different file of the same name")
     fetch.add_argument("--json", action="store_true", help="print one JSON object")
 
+    ident = commands.add_parser("id", help="print a node's certificate fingerprint (no node needs to run)")
+    where = ident.add_mutually_exclusive_group(required=True)
+    where.add_argument("--state", metavar="DIR", help="the node's state directory (node.crt is read there)")
+    where.add_argument("--tls-cert", metavar="FILE", help="a PEM certificate given to a node with --tls-cert")
+
     demo = commands.add_parser("demo", help="run three local nodes through the original scenario")
     demo.add_argument("--dir", help="workspace directory (default: a temporary one, removed afterwards)")
     demo.add_argument("--keep", action="store_true", help="leave the nodes running")
@@ -144,6 +177,13 @@ def _secret(args: argparse.Namespace) -> bytes:
         raise P2PError(str(e), "usage") from None
 
 
+def _identity(args: argparse.Namespace) -> LocalIdentity:
+    """
+    This client: its secret, TLS without a certificate, and its pins.
+    """
+    return clientIdentity(_secret(args), Pins(anyOf=args.pin))
+
+
 def formatStatus(status: Dict[str, Any]) -> str:
     """
     The readable form of a node's status.
@@ -157,8 +197,11 @@ def formatStatus(status: Dict[str, Any]) -> str:
             leader="none" if leader is None else leader,
             epoch=status["epoch"],
         ),
-        f"  {'ID':>4}  {'ADDRESS':<24} {'ALIVE':<6} ROLE",
     ]
+    if status.get("fingerprint"):
+        lines.append(f"  certificate {status['fingerprint']}")
+    lines.append(f"  {'ID':>4}  {'ADDRESS':<24} {'ALIVE':<6} ROLE")
+
     for member in status["members"]:
         if member["id"] == leader:
             role = "leader"
@@ -188,7 +231,7 @@ def _print(out: TextIO, text: str) -> None:
 
 
 async def statusCommand(reactor: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    connection = await connect(reactor, args.node, _secret(args), args.timeout)
+    connection = await connect(reactor, args.node, b"", args.timeout, _identity(args))
     # Ctrl-C or SIGTERM stops the reactor, which closes the connection: that
     # is the user leaving, not the node going away.
     # (The trigger can stay: the command ends the process when it returns.)
@@ -246,7 +289,7 @@ def formatListing(files: List[Dict[str, Any]]) -> str:
 
 async def lsCommand(reactor: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     connection, reply = await askLeader(
-        reactor, args.node, _secret(args), Message("ls"), args.timeout
+        reactor, args.node, b"", Message("ls"), args.timeout, _identity(args)
     )
     try:
         files = await receiveListing(reactor, connection, reply, args.timeout, args.node)
@@ -312,12 +355,12 @@ class Progress:
             self.stream.flush()
 
 
-async def _memberAddresses(reactor: Any, args: argparse.Namespace, secret: bytes) -> List[str]:
+async def _memberAddresses(reactor: Any, args: argparse.Namespace, identity: LocalIdentity) -> List[str]:
     """
     The node the user named, then every other member it knows: where to
     look for a new leader if the current one dies mid-transfer.
     """
-    connection = await connect(reactor, args.node, secret, args.timeout)
+    connection = await connect(reactor, args.node, b"", args.timeout, identity)
     try:
         reply = await bounded(reactor, request(connection, Message("status", watch=False)), args.timeout, args.node)
     finally:
@@ -328,8 +371,8 @@ async def _memberAddresses(reactor: Any, args: argparse.Namespace, secret: bytes
 
 async def getCommand(reactor: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     name = _checkedName(args.name)
-    secret = _secret(args)
-    addresses = await _memberAddresses(reactor, args, secret)
+    identity = _identity(args)
+    addresses = await _memberAddresses(reactor, args, identity)
     toStdout = args.output == "-"
     if toStdout:
         sink: Any = StreamSink(getattr(out, "buffer", out))
@@ -343,7 +386,7 @@ async def getCommand(reactor: Any, args: argparse.Namespace, out: TextIO, err: T
 
     try:
         summary = await download(
-            reactor, name, sink, addresses, secret, inThread, timeout=args.timeout, onProgress=progress
+            reactor, name, sink, addresses, b"", inThread, identity, timeout=args.timeout, onProgress=progress
         )
     finally:
         if progress is not None:
@@ -361,7 +404,7 @@ async def getCommand(reactor: Any, args: argparse.Namespace, out: TextIO, err: T
 
 async def fetchCommand(reactor: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     name = _checkedName(args.name)
-    connection = await connect(reactor, args.node, _secret(args), args.timeout)
+    connection = await connect(reactor, args.node, b"", args.timeout, _identity(args))
     try:
         reply = await fetchInto(reactor, connection, name, args.overwrite, args.timeout)
     finally:
@@ -376,11 +419,35 @@ async def fetchCommand(reactor: Any, args: argparse.Namespace, out: TextIO, err:
     return EXIT_OK
 
 
+async def idCommand(reactor: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """
+    Print a node's fingerprint from its files; make nothing.
+    """
+    try:
+        if args.tls_cert is not None:
+            certificate = loadCertificate(FilePath(args.tls_cert))
+            _print(out, fingerprintOf(certificate.public_bytes(Encoding.DER)))
+            return EXIT_OK
+        state = FilePath(args.state)
+        identity = stateIdentity(state, create=False)
+    except IdentityError as e:
+        raise P2PError(str(e), "usage") from None
+    if identity is None:
+        raise P2PError(
+            f"no TLS identity in {state.path} (no {state.child(CERTIFICATE_FILE).basename()}): "
+            "a node makes one on its first start",
+            "usage",
+        )
+    _print(out, identity.fingerprint)
+    return EXIT_OK
+
+
 COMMANDS = {
     "get": getCommand,
     "fetch": fetchCommand,
     "status": statusCommand,
     "ls": lsCommand,
+    "id": idCommand,
 }
 
 

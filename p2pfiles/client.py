@@ -18,7 +18,9 @@ from zope.interface import implementer
 
 from p2pfiles.address import clientEndpoint
 from p2pfiles.errors import P2PError
+from p2pfiles.identity import Pins
 from p2pfiles.protocol import IConnectionHandler, LocalIdentity, P2PFactory, P2PProtocol, ProtocolViolation
+from p2pfiles.tls import TLS
 from p2pfiles.wire import Message
 
 
@@ -82,6 +84,8 @@ class ClientConnection:
     def connectionClosed(self, connection: P2PProtocol, reason: Failure) -> None:
         if connection.refusal is not None:
             error = P2PError(connection.refusal[1], connection.refusal[0])
+        elif connection.peer is None and connection.dropReason is not None:
+            error = P2PError(f"connection to {self.address} failed: {connection.dropReason}", "unreachable")
         elif connection.peer is None:
             error = P2PError(f"{self.address} closed the connection during the handshake", "unreachable")
         else:
@@ -163,20 +167,29 @@ def _raiseErrors(message: Message) -> Message:
     return message
 
 
+def clientIdentity(secret: bytes, pins: Optional[Pins] = None) -> LocalIdentity:
+    """
+    Who the command-line client is: a client with C{secret}, over TLS
+    without a certificate of its own, pinning C{pins}.
+    """
+    return LocalIdentity("client", None, None, secret, "request", TLS(), pins)
+
+
 def connect(
     reactor: Any, address: str, secret: bytes, timeout: float = 10.0, identity: Optional[LocalIdentity] = None
 ) -> Deferred:
     """
-    Connect to the node at C{address} and authenticate; fire with a
-    L{ClientConnection}, or fail with a L{P2PError}.
+    Connect to the node at C{address} over TLS and authenticate; fire with a
+    L{ClientConnection}, or fail with a L{P2PError}.  Without C{identity}
+    this end is a client with C{secret}, no certificate and no pins.
     """
+    if identity is None:
+        identity = clientIdentity(secret)
     try:
-        endpoint = clientEndpoint(reactor, address, timeout)
+        endpoint = clientEndpoint(reactor, address, timeout, identity.security)
     except ValueError as e:
         return fail(P2PError(str(e), "usage"))
     handler = ClientConnection(address)
-    if identity is None:
-        identity = LocalIdentity("client", None, None, secret, "request")
     factory = P2PFactory(identity, handler, reactor, listening=False)
 
     def failedToConnect(reason: Failure) -> Failure:

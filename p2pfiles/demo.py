@@ -185,6 +185,18 @@ class Demo:
             raise DemoFailed(f"p2pfiles {' '.join(args)} failed: {result.stderr.strip()}")
         return result
 
+    def fingerprint(self, node: int) -> str:
+        """
+        The node's certificate fingerprint, read from its state directory.
+        """
+        result = subprocess.run(
+            [sys.executable, "-m", "p2pfiles", "id", "--state", os.path.join(self.nodeDir(node), "state")],
+            capture_output=True, text=True, timeout=DEADLINE, stdin=subprocess.DEVNULL,
+        )
+        if result.returncode != 0:
+            raise DemoFailed(f"p2pfiles id for node {node} failed: {result.stderr.strip()}")
+        return result.stdout.strip()
+
     def status(self, node: int) -> Optional[Dict[str, Any]]:
         result = self.p2pfiles("status", "--node", self.address(node), "--json", "--timeout", "3", check=False)
         return json.loads(result.stdout) if result.returncode == 0 else None
@@ -247,6 +259,8 @@ class Demo:
             f"they elected leader: {status['leader']}, epoch {status['epoch']} "
             f"in {time.monotonic() - started:.1f}s"
         )
+        self.say("every connection is TLS; each node made its certificate on its first start:")
+        self.detail("\n".join(f"node {n}: {self.fingerprint(n)}" for n in (1, 2, 3)))
         self.detail(self.p2pfiles("status", "--node", self.address(3)).stdout)
         self.showLog(1, expectFiles=sum(self.counts.values()))
         self.fetchAndCompare()

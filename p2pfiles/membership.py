@@ -87,7 +87,7 @@ class PeerLink(Service):
         if not self.running:
             return
         try:
-            endpoint = clientEndpoint(self.reactor, self.address, 5)
+            endpoint = clientEndpoint(self.reactor, self.address, 5, self.factory.identity.security)
         except ValueError as e:
             self._report("address", f"cannot link to node {self.member}: {e}")
             return
@@ -167,6 +167,8 @@ class Member:
         self.configured = configured
         self.links: Set[P2PProtocol] = set()
         self.service: Optional[PeerLink] = None
+        # Its certificate's fingerprint, once a link has authenticated it.
+        self.fingerprint: Optional[str] = None
 
     def link(self) -> Optional[P2PProtocol]:
         """
@@ -223,6 +225,16 @@ class Membership(MultiService):
     def ids(self) -> List[int]:
         return sorted(self.members)
 
+    def fingerprintOf(self, member: int) -> Optional[str]:
+        """
+        The fingerprint C{member} presented on its last authenticated link,
+        or None if none has been seen.
+        """
+        if member == self.me:
+            return self.identity.fingerprint
+        record = self.members.get(member)
+        return record.fingerprint if record is not None else None
+
     def addressOf(self, member: int) -> Optional[str]:
         if member == self.me:
             return self.address
@@ -274,6 +286,15 @@ class Membership(MultiService):
             member.address = peer.address
             if member.service is not None:
                 member.service.address = peer.address
+        if peer.fingerprint != member.fingerprint:
+            if member.fingerprint is not None:
+                self.log.warn(
+                    "member {id} now presents certificate {new} (was {old})",
+                    id=peer.node,
+                    new=peer.fingerprint,
+                    old=member.fingerprint,
+                )
+            member.fingerprint = peer.fingerprint
         first = not member.links
         member.links.add(connection)
         if first:

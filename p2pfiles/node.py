@@ -31,12 +31,15 @@ from p2pfiles.control import ControlSession
 from p2pfiles.errors import P2PError
 from p2pfiles.fetcher import Fetcher
 from p2pfiles.gather import IndexKeeper
+from p2pfiles.channel import IConnectionSecurity
 from p2pfiles.heartbeat import EpochStore, HeartbeatCoordinator
+from p2pfiles.identity import NodeCertificate, Pins, stateIdentity
 from p2pfiles.localindex import LocalIndex
 from p2pfiles.membership import Membership
 from p2pfiles.protocol import IConnectionHandler, LocalIdentity, P2PFactory, P2PProtocol
 from p2pfiles.session import IRequestContext, RequestSession
 from p2pfiles.status import StatusBoard
+from p2pfiles.tls import TLS
 from p2pfiles.partfile import openShared, removeStaleParts
 from p2pfiles.waiting import Once
 from p2pfiles.wire import FileEntry, Message, splitEntries, splitUpdate
@@ -64,8 +67,14 @@ class NodeConfig:
         heartbeat: float = 0.25,
         leaderTimeout: float = 1.0,
         partMaxAge: float = 7 * 24 * 3600.0,
+        certificate: Optional[NodeCertificate] = None,
+        pins: Optional[Pins] = None,
     ) -> None:
+        # certificate: the node's TLS identity; None to keep it in the state
+        # directory (made there on the first start).
         self.id = id
+        self.certificate = certificate
+        self.pins = pins
         self.partMaxAge = partMaxAge
         self.address = address
         self.peers = dict(peers)
@@ -74,6 +83,12 @@ class NodeConfig:
         self.secret = secret
         self.heartbeat = heartbeat
         self.leaderTimeout = leaderTimeout
+
+
+def _stateIdentity(state: FilePath) -> NodeCertificate:
+    identity = stateIdentity(state, create=True)
+    assert identity is not None
+    return identity
 
 
 @implementer(IConnectionHandler)
@@ -121,7 +136,12 @@ class Node(MultiService):
         reactor: Any,
         runInThread: Optional[Callable[..., Deferred]] = None,
         useInotify: bool = True,
+        security: Optional[IConnectionSecurity] = None,
     ) -> None:
+        """
+        @param security: how the node secures its connections; by default
+            TLS with C{config.certificate}, which it then needs.
+        """
         super().__init__()
         self.config = config
         self.id = config.id
@@ -132,7 +152,17 @@ class Node(MultiService):
                 return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
 
         self.runInThread = runInThread
-        self.identity = LocalIdentity("node", config.id, config.address, config.secret, "control")
+        if security is None:
+            if config.certificate is not None:
+                security = TLS(config.certificate)
+            else:
+                # Made in the state directory on the first start, and
+                # loaded from there afterwards: not before it is needed.
+                security = TLS(source=lambda: _stateIdentity(config.state))
+        self.security = security
+        self.identity = LocalIdentity(
+            "node", config.id, config.address, config.secret, "control", security, config.pins
+        )
         self.localIndex = LocalIndex(
             config.share, config.state, reactor, runInThread=runInThread, useInotify=useInotify
         )
@@ -246,8 +276,8 @@ class Node(MultiService):
         self.config.state.makedirs(ignoreExistingDirectory=True)
         if not self.config.secret:
             self.log.warn(
-                "node {id} runs without a cluster secret: any local process can join; "
-                "use --secret-file on shared machines",
+                "node {id} runs without a cluster secret: it listens on loopback only, and any local "
+                "process can join; use --secret-file on shared machines",
                 id=self.id,
             )
         for peer, address in sorted(self.config.peers.items()):
@@ -258,9 +288,10 @@ class Node(MultiService):
         self._housekeeping.start(self.config.heartbeat, now=False)
         self._partSweep.start(PART_SWEEP_INTERVAL, now=True)
         self.log.info(
-            "node {id} up at {address} (epoch {epoch}, peers {peers})",
+            "node {id} up at {address} as {fingerprint} (epoch {epoch}, peers {peers})",
             id=self.id,
             address=self.config.address,
+            fingerprint=self.security.fingerprint,
             epoch=self.coordinator.epoch(),
             peers=", ".join(str(p) for p in sorted(self.config.peers)) or "none",
         )
@@ -460,19 +491,24 @@ class Node(MultiService):
         What C{p2pfiles status --json} prints.
         """
         coordinator = self.coordinator
-        members = [{"id": self.id, "address": self.config.address, "alive": True}]
-        for member in self.membership.ids():
-            members.append(
-                {
-                    "id": member,
-                    "address": self.membership.addressOf(member),
-                    "alive": coordinator.isLive(member),
-                }
-            )
+        members = []
+        for member in [self.id] + self.membership.ids():
+            row = {
+                "id": member,
+                "address": self.membership.addressOf(member),
+                "alive": member == self.id or coordinator.isLive(member),
+            }
+            fingerprint = self.membership.fingerprintOf(member) if member != self.id else None
+            if fingerprint is not None:
+                # Known once the member authenticated a link (this node's
+                # own is the status's "fingerprint").
+                row["fingerprint"] = fingerprint
+            members.append(row)
         members.sort(key=lambda m: m["id"])
         return {
             "id": self.id,
             "address": self.config.address,
+            "fingerprint": self.security.fingerprint,
             "role": coordinator.role(),
             "leader": coordinator.leader(),
             "epoch": coordinator.epoch(),

@@ -1,6 +1,7 @@
 """
 The p2pfiles connection protocol: length-prefixed frames, an authenticated
-handshake, then typed messages handed to a handler.
+handshake bound to the connection's TLS channel, then typed messages handed
+to a handler.
 
 The protocol is deliberately thin.  It frames and decodes, runs the
 handshake, and passes every message to its handler (the node, a transfer, or
@@ -13,20 +14,29 @@ C{length} bytes of the stream go to the handler's C{rawDataReceived}
 unframed, so file bytes are neither copied into frames nor encoded.  The
 switch happens before the protocol looks at another byte, so no timing of
 Deferreds can ever parse file bytes as frames.
+
+Security: every connection is secured by its identity's
+L{IConnectionSecurity} (TLS in the package, L{p2pfiles.tls}).  Nothing is
+sent before the security layer says the channel is up
+(L{P2PProtocol.handshakeCompleted}, Twisted's L{IHandshakeListener}); the
+hellos then name both ends, pins are checked, and each end proves the
+cluster secret over the channel's binding and both hellos
+(L{p2pfiles.auth}).
 """
 
 from struct import pack, unpack
 from typing import Any, Callable, List, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
-from zope.interface import Interface
+from zope.interface import Interface, implementer
 
 from p2pfiles import auth
+from p2pfiles.channel import ChannelError, IChannelBinding, IConnectionSecurity
 from p2pfiles.waiting import Once
 from p2pfiles.wire import MAX_FRAME, PROTOCOL_VERSION, Message, WireError, decode, encode
 
@@ -83,8 +93,10 @@ class LocalIdentity:
     """
     Who this end of a connection is: its role (C{"node"} or C{"client"}), its
     node id and listening address (nodes only), why it connects
-    (C{"control"} link or C{"request"}), and the cluster secret (C{b""} for
-    none).
+    (C{"control"} link or C{"request"}), the cluster secret (C{b""} for
+    none), how it secures its connections (an L{IConnectionSecurity}: TLS,
+    with the node's certificate), and the fingerprints it pins (a
+    L{p2pfiles.identity.Pins}, or None).
     """
 
     def __init__(
@@ -94,37 +106,60 @@ class LocalIdentity:
         address: Optional[str],
         secret: bytes,
         purpose: str = "request",
+        security: Optional[IConnectionSecurity] = None,
+        pins: Any = None,
     ) -> None:
         self.role = role
         self.node = node
         self.address = address
         self.secret = secret
         self.purpose = purpose
+        self.security = security
+        self.pins = pins
+
+    @property
+    def fingerprint(self) -> Optional[str]:
+        """
+        This end's certificate fingerprint, or None.
+        """
+        return self.security.fingerprint if self.security is not None else None
 
     def withPurpose(self, purpose: str) -> "LocalIdentity":
-        return LocalIdentity(self.role, self.node, self.address, self.secret, purpose)
+        return LocalIdentity(self.role, self.node, self.address, self.secret, purpose, self.security, self.pins)
 
 
 class PeerInfo:
     """
-    What the other end proved about itself in the handshake.
+    What the other end proved about itself in the handshake, and the
+    fingerprint of the certificate it presented (None for a client).
     """
 
-    def __init__(self, role: str, node: Optional[int], address: Optional[str], purpose: str) -> None:
+    def __init__(
+        self,
+        role: str,
+        node: Optional[int],
+        address: Optional[str],
+        purpose: str,
+        fingerprint: Optional[str] = None,
+    ) -> None:
         self.role = role
         self.node = node
         self.address = address
         self.purpose = purpose
+        self.fingerprint = fingerprint
 
     def __repr__(self) -> str:
         who = f"node {self.node}" if self.role == "node" else "client"
         return f"<{who} {self.purpose}>"
 
 
+@implementer(IHandshakeListener)
 class P2PProtocol(Int32StringReceiver):
     """
     One p2pfiles connection, either side.
 
+    @ivar channel: the connection's L{IChannelBinding} once its security
+        layer is up, else L{None}.
     @ivar peer: a L{PeerInfo} once the handshake has finished, else L{None}.
     @ivar refusal: C{(code, reason)} if the other end refused us.
     @ivar incoming: True if the other end connected to us (read only).
@@ -140,6 +175,7 @@ class P2PProtocol(Int32StringReceiver):
     MAX_LENGTH = MAX_FRAME
 
     peer: Optional[PeerInfo] = None
+    channel: Optional[IChannelBinding] = None
     refusal = None
 
     def __init__(
@@ -156,10 +192,12 @@ class P2PProtocol(Int32StringReceiver):
         self.incoming = listening
         self.expectedNode = expectedNode
         self._nonce = auth.makeNonce()
-        self._peerNonce: Optional[str] = None
         self._pendingPeer: Optional[PeerInfo] = None
-        # What the handshake waits for next.
-        self._expecting = "hello"
+        # Both hellos as the codec encodes them, which the proofs cover.
+        self._connectorHello = b""
+        self._listenerHello = b""
+        # What the handshake waits for next: first the security layer.
+        self._expecting = "secure"
         self._buffer = b""
         self._rawRemaining = 0
         self._timeout: Any = None
@@ -196,12 +234,43 @@ class P2PProtocol(Int32StringReceiver):
         if self.factory is not None:
             self.factory.protocols.add(self)
         self._timeout = self.clock.callLater(HANDSHAKE_TIMEOUT, self._handshakeTimedOut)
-        if not self.incoming:
-            self._sendHello(proof=None, purpose=self.identity.purpose)
+        security = self.identity.security
+        if security is None:
+            self.drop("this end has no security layer for its connections")
+            return
+        security.connected(self)
+
+    def handshakeCompleted(self) -> None:
+        """
+        The security layer is up (L{IHandshakeListener}: TLS calls this
+        once its handshake is done).  Bind the connection to its channel and
+        start the p2pfiles handshake: the connector checks the certificate
+        of the node it expects, before anything is sent, then says hello.
+        """
+        if self._closed.happened or self._dropReason is not None or self.channel is not None:
+            return
+        assert self.identity.security is not None
+        try:
+            self.channel = self.identity.security.binding(self.transport)
+        except ChannelError as e:
+            self.drop(str(e))
+            return
+        self._expecting = "hello"
+        if self.incoming:
+            return
+        if self.expectedNode is not None and self._refusedByPins(self.expectedNode):
+            return
+        self._connectorHello = self._sendHello(self.identity.purpose)
 
     def connectionLost(self, reason: Failure = None) -> None:
         if self._closed.happened:
             return
+        if self.channel is None and self._dropReason is None:
+            # The security layer never came up: a plaintext or garbage
+            # client, a failed TLS handshake, or a peer that hung up.
+            self._dropReason = f"closed before the connection was secured ({_why(reason)})"
+            if self.incoming:
+                self.log.warn("dropped {peer}: {reason}", peer=self.describePeer(), reason=self._dropReason)
         self._cancelTimeout()
         if self.factory is not None:
             self.factory.protocols.discard(self)
@@ -219,6 +288,14 @@ class P2PProtocol(Int32StringReceiver):
     @property
     def closed(self) -> bool:
         return self._closed.happened
+
+    @property
+    def dropReason(self) -> Optional[str]:
+        """
+        Why this end dropped the connection (or why it closed before it
+        was secured), or None.
+        """
+        return self._dropReason
 
     def isReady(self) -> bool:
         """
@@ -269,9 +346,13 @@ class P2PProtocol(Int32StringReceiver):
         onRejected = getattr(self.factory, "onRejected", None)
         if onRejected is not None:
             onRejected(reason, code or "protocol", self.describePeer())
+        self._cancelTimeout()
+        if self.channel is None:
+            # Nothing can be said on a channel that is not up.
+            self.transport.abortConnection()
+            return
         if tell and code is not None and self._rawRemaining == 0:
             self.sendError(code, reason)
-        self._cancelTimeout()
         self.transport.loseConnection()
 
     def refuse(self, code: str, reason: str) -> None:
@@ -309,10 +390,10 @@ class P2PProtocol(Int32StringReceiver):
         """
         if length < 0:
             raise ValueError("a raw section cannot be negative")
-        if length > RAW_READ_SIZE and getattr(self.transport, "bufferSize", RAW_READ_SIZE) < RAW_READ_SIZE:
+        if length > RAW_READ_SIZE and self.channel is not None:
             # Fewer, larger reads for bulk bytes: per-read overhead is a
             # good share of a receiver's CPU at Twisted's default 64 KiB.
-            self.transport.bufferSize = RAW_READ_SIZE
+            self.channel.readLarger(RAW_READ_SIZE)
         if length == 0:
             self._toHandler(self.handler.rawDataFinished)
         else:
@@ -407,8 +488,11 @@ class P2PProtocol(Int32StringReceiver):
         elif expected == "ready":
             self._readyReceived(message)
 
-    def _sendHello(self, proof: Optional[str], purpose: str) -> None:
-        self.sendMessage(
+    def _sendHello(self, purpose: str) -> bytes:
+        """
+        Send this end's hello; return it as encoded, which the proofs cover.
+        """
+        payload = encode(
             Message(
                 "hello",
                 version=PROTOCOL_VERSION,
@@ -416,15 +500,18 @@ class P2PProtocol(Int32StringReceiver):
                 node=self.identity.node,
                 nonce=self._nonce,
                 address=self.identity.address,
-                proof=proof,
                 purpose=purpose,
+                fingerprint=self.identity.fingerprint,
             )
         )
+        self.sendEncoded(payload)
+        return payload
 
     def _checkHello(self, hello: Message) -> Optional[Tuple[str, str]]:
         """
         Return C{(code, reason)} if C{hello} is unacceptable.
         """
+        assert self.channel is not None
         if hello.version != PROTOCOL_VERSION:
             return (
                 "version",
@@ -439,7 +526,33 @@ class P2PProtocol(Int32StringReceiver):
             return ("protocol", f"unknown purpose {hello.purpose!r}")
         if hello.role == "node" and (hello.node is None or hello.address is None):
             return ("protocol", "a node must give its id and address")
+        if hello.role == "node" and hello.fingerprint is None:
+            return ("protocol", "a node must present a certificate")
+        presented = self.channel.peerFingerprint()
+        if hello.fingerprint != presented:
+            # A relay shows its own certificate, not the one the hello names.
+            return (
+                "auth",
+                f"the hello names certificate {hello.fingerprint or 'none'}, "
+                f"but the connection presented {presented or 'none'}",
+            )
         return None
+
+    def _refusedByPins(self, node: Optional[int]) -> bool:
+        """
+        Check the certificate of the peer that is (or says it is) C{node}
+        against the pins, before any proof is exchanged; refuse it and
+        return True if it does not match.
+        """
+        pins = self.identity.pins
+        assert self.channel is not None
+        problem = pins.problem(node, self.channel.peerFingerprint()) if pins is not None else None
+        if problem is None:
+            return False
+        if not self.incoming:
+            self.refusal = ("auth", problem)
+        self.drop(f"refused before authentication: {problem}", code="auth")
+        return True
 
     def _helloReceived(self, hello: Message) -> None:
         problem = self._checkHello(hello)
@@ -450,41 +563,52 @@ class P2PProtocol(Int32StringReceiver):
                 self.refusal = problem
             self.drop(reason, code=code)
             return
-        if not self.incoming and self.expectedNode is not None and (
-            hello.role != "node" or hello.node != self.expectedNode
-        ):
-            reason = f"expected node {self.expectedNode} at this address, found " + (
-                f"node {hello.node}" if hello.role == "node" else "a client"
-            )
-            self.refusal = ("conflict", reason)
-            self.drop(reason, code="conflict")
+        if not self.incoming:
+            if hello.role != "node":
+                self.refusal = ("protocol", "the listening end is not a node")
+                self.drop("the listening end is not a node", code="protocol")
+                return
+            if self.expectedNode is not None and hello.node != self.expectedNode:
+                reason = f"expected node {self.expectedNode} at this address, found node {hello.node}"
+                self.refusal = ("conflict", reason)
+                self.drop(reason, code="conflict")
+                return
+        if self._refusedByPins(hello.node if hello.role == "node" else None):
             return
-        self._peerNonce = hello.nonce
-        self._pendingPeer = PeerInfo(hello.role, hello.node, hello.address, hello.purpose)
-        secret = self.identity.secret
-        if self.incoming:
-            # The listener answers for the connector's purpose, and proves first.
-            self._sendHello(auth.proof(secret, auth.LISTENER, hello.nonce, self._nonce), hello.purpose)
-            self._expecting = "auth"
+        self._pendingPeer = PeerInfo(hello.role, hello.node, hello.address, hello.purpose, hello.fingerprint)
+        self._expecting = "auth"
+        if not self.incoming:
+            # We connected: the listener proves first, after its hello.
+            self._listenerHello = encode(hello)
             return
-        # We connected: the listener proves first.
-        if hello.proof is None or not auth.verify(
-            secret, auth.LISTENER, self._nonce, hello.nonce, hello.proof
-        ):
-            self.refusal = ("auth", "authentication failed: wrong cluster secret")
-            self.drop("authentication failed: its proof does not match our secret", code="auth")
-            return
-        self.sendMessage(
-            Message("auth", proof=auth.proof(secret, auth.CONNECTOR, self._nonce, hello.nonce))
+        # The listener answers for the connector's purpose, and proves first.
+        self._connectorHello = encode(hello)
+        self._listenerHello = self._sendHello(hello.purpose)
+        self.sendMessage(Message("auth", proof=self._proof(auth.LISTENER)))
+
+    def _proof(self, side: bytes) -> str:
+        assert self.channel is not None
+        return auth.proof(
+            self.identity.secret, side, self.channel.exporter(), self._connectorHello, self._listenerHello
         )
-        self._expecting = "ready"
+
+    def _verify(self, side: bytes, claimed: str) -> bool:
+        assert self.channel is not None
+        return auth.verify(
+            self.identity.secret, side, self.channel.exporter(), self._connectorHello, self._listenerHello, claimed
+        )
 
     def _authReceived(self, message: Message) -> None:
-        assert self._peerNonce is not None
-        if not auth.verify(
-            self.identity.secret, auth.CONNECTOR, self._peerNonce, self._nonce, message.proof
-        ):
-            self.drop("authentication failed: wrong cluster secret", code="auth")
+        if not self.incoming:
+            if not self._verify(auth.LISTENER, message.proof):
+                self.refusal = ("auth", "authentication failed: wrong cluster secret, or a relayed connection")
+                self.drop("authentication failed: its proof does not match our secret and channel", code="auth")
+                return
+            self.sendMessage(Message("auth", proof=self._proof(auth.CONNECTOR)))
+            self._expecting = "ready"
+            return
+        if not self._verify(auth.CONNECTOR, message.proof):
+            self.drop("authentication failed: wrong cluster secret, or a relayed connection", code="auth")
             return
         self.sendMessage(Message("ready", node=self.identity.node))
         self._open()
@@ -498,6 +622,20 @@ class P2PProtocol(Int32StringReceiver):
         self.peer = self._pendingPeer
         self.log.info("authenticated {peer}", peer=self.describePeer())
         self._toHandler(self.handler.connectionReady, what="a new connection")
+
+
+def _why(reason: Optional[Failure]) -> str:
+    """
+    A one-line account of why a connection closed.  OpenSSL's errors are a
+    list of (library, function, reason) tuples: keep the reasons.
+    """
+    if reason is None:
+        return "no reason given"
+    value = reason.value
+    stack = value.args[0] if getattr(value, "args", None) else None
+    if isinstance(stack, list) and stack and all(isinstance(e, tuple) and e for e in stack):
+        return "TLS: " + "; ".join(str(e[-1]) for e in stack)
+    return reason.getErrorMessage().splitlines()[0] if reason.getErrorMessage() else type(value).__name__
 
 
 class P2PFactory(Factory):

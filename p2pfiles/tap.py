@@ -4,7 +4,7 @@ The twistd plugin's options and service: C{twistd -n p2pfiles --id 1 ...}.
 
 import ipaddress
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -15,6 +15,7 @@ from twisted.python.filepath import FilePath
 from p2pfiles.auth import SecretError, readSecret
 from p2pfiles.address import formatAddress, parseAddress, serverEndpoint
 from p2pfiles.heartbeat import EpochStore
+from p2pfiles.identity import IdentityError, NodeCertificate, Pins, loadIdentity, parseFingerprint, stateIdentity
 from p2pfiles.node import Node, NodeConfig
 from p2pfiles.web import TokenError, makeWebRoot, readToken
 
@@ -40,42 +41,59 @@ def isLoopback(host: str) -> bool:
         return False
 
 
-def parseCluster(path: str) -> Dict[int, str]:
+def readCluster(path: str) -> Tuple[Dict[int, str], Dict[int, str]]:
     """
-    Read a cluster file: one C{ID HOST:PORT} a line, C{#} comments.
+    Read a cluster file: one C{ID HOST:PORT [FINGERPRINT]} a line, C{#}
+    comments.  Return the addresses and the pinned fingerprints, by id.
     """
     try:
         lines = FilePath(path).getContent().decode("utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise usage.UsageError(f"cannot read cluster file {path}: {e}") from None
     nodes: Dict[int, str] = {}
+    pins: Dict[int, str] = {}
     for number, line in enumerate(lines, 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
         parts = line.split()
-        if len(parts) != 2 or _nodeId(parts[0]) is None:
-            raise usage.UsageError(f"{path}:{number}: expected 'ID HOST:PORT', got {line!r}")
+        if len(parts) not in (2, 3) or _nodeId(parts[0]) is None:
+            raise usage.UsageError(f"{path}:{number}: expected 'ID HOST:PORT [sha256:FINGERPRINT]', got {line!r}")
         try:
             parseAddress(parts[1])
+            fingerprint = parseFingerprint(parts[2]) if len(parts) == 3 else None
         except ValueError as e:
             raise usage.UsageError(f"{path}:{number}: {e}") from None
         node = int(parts[0])
         if node in nodes:
             raise usage.UsageError(f"{path}:{number}: node {node} is listed twice")
         nodes[node] = parts[1]
-    return nodes
+        if fingerprint is not None:
+            pins[node] = fingerprint
+    return nodes, pins
 
 
-def parsePeer(text: str) -> "tuple[int, str]":
-    node, sep, address = text.partition("@")
+def parseCluster(path: str) -> Dict[int, str]:
+    """
+    The addresses of a cluster file, by id (see L{readCluster}).
+    """
+    return readCluster(path)[0]
+
+
+def parsePeer(text: str) -> Tuple[int, str, Optional[str]]:
+    """
+    Split C{ID@HOST:PORT} or C{ID@HOST:PORT=FINGERPRINT} into id, address
+    and pinned fingerprint (or None).
+    """
+    node, sep, rest = text.partition("@")
     if not sep or _nodeId(node) is None:
-        raise usage.UsageError(f"--peer {text!r}: expected ID@HOST:PORT")
+        raise usage.UsageError(f"--peer {text!r}: expected ID@HOST:PORT[=sha256:FINGERPRINT]")
+    address, pinned, fingerprint = rest.partition("=")
     try:
         parseAddress(address)
+        return int(node), address, parseFingerprint(fingerprint) if pinned else None
     except ValueError as e:
         raise usage.UsageError(f"--peer {text!r}: {e}") from None
-    return int(node), address
 
 
 class Options(usage.Options):
@@ -96,10 +114,22 @@ class Options(usage.Options):
             "A non-loopback address needs --secret-file.",
         ],
         ["advertise", None, None, "HOST:PORT other nodes use to reach this one (default INTERFACE:PORT)."],
-        ["cluster", None, None, "File listing the cluster: one 'ID HOST:PORT' a line, '#' comments."],
+        [
+            "cluster",
+            None,
+            None,
+            "File listing the cluster: one 'ID HOST:PORT [sha256:FINGERPRINT]' a line, '#' comments.",
+        ],
         ["share", None, None, "Directory whose files this node shares (default node<ID>/files)."],
         ["state", None, None, "Directory for this node's state and peer_files.log (default node<ID>/state)."],
         ["secret-file", None, None, "File holding the cluster secret shared by every node and client."],
+        [
+            "tls-cert",
+            None,
+            None,
+            "PEM certificate this node presents (default: STATE/node.crt, made on first start).",
+        ],
+        ["tls-key", None, None, "PEM private key of --tls-cert (default: STATE/node.key, made on first start)."],
         ["heartbeat", None, 0.25, "Seconds between heartbeats.", _positive],
         ["leader-timeout", None, 1.0, "Seconds of silence after which a member counts as down.", _positive],
         [
@@ -122,15 +152,19 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["peers"] = {}
+        self["pins"] = {}
 
     def opt_peer(self, value: str) -> None:
         """
-        Another node known at start, as ID@HOST:PORT (repeatable).
+        Another node known at start, as ID@HOST:PORT, or
+        ID@HOST:PORT=sha256:FINGERPRINT to pin its certificate (repeatable).
         """
-        node, address = parsePeer(value)
+        node, address, fingerprint = parsePeer(value)
         if node in self["peers"]:
             raise usage.UsageError(f"--peer: node {node} given twice")
         self["peers"][node] = address
+        if fingerprint is not None:
+            self["pins"][node] = fingerprint
 
     def postOptions(self) -> None:
         node = self["id"]
@@ -141,7 +175,7 @@ class Options(usage.Options):
         if self["cluster"] is not None and self["peers"]:
             raise usage.UsageError("give either --cluster or --peer, not both")
         if self["cluster"] is not None:
-            peers = parseCluster(self["cluster"])
+            peers, self["pins"] = readCluster(self["cluster"])
             own = peers.pop(node, None)
             if own is not None:
                 # The node's own line says where the others expect it.
@@ -201,6 +235,50 @@ class Options(usage.Options):
             EpochStore(FilePath(self["state"])).load()
         except (OSError, ValueError) as e:
             raise usage.UsageError(f"cannot use --state {self['state']}: {e}") from None
+        self["certificate"] = self._certificate()
+        self._checkPins()
+
+    def _certificate(self) -> Optional[NodeCertificate]:
+        """
+        The node's TLS identity: the operator's files, or those in the state
+        directory; None if there are none yet (the node makes them when it
+        starts: parsing options writes nothing).  Files that are there but
+        unusable are refused here, in one line.
+        """
+        cert, key = self["tls-cert"], self["tls-key"]
+        if (cert is None) != (key is None):
+            raise usage.UsageError("give both --tls-cert and --tls-key, or neither")
+        try:
+            if cert is not None:
+                return loadIdentity(FilePath(cert), FilePath(key))
+            return stateIdentity(FilePath(self["state"]), create=False)
+        except IdentityError as e:
+            raise usage.UsageError(str(e)) from None
+
+    def _checkPins(self) -> None:
+        pins = self["pins"]
+        own = pins.pop(self["id"], None)
+        if own is None:
+            return
+        certificate = self["certificate"]
+        if certificate is None:
+            raise usage.UsageError(
+                f"{own} is pinned for this node (node {self['id']}), but it has no certificate yet: "
+                "give it --tls-cert and --tls-key, or start it once without its pin"
+            )
+        if own != certificate.fingerprint:
+            raise usage.UsageError(
+                f"this node's certificate is {certificate.fingerprint}, but {own} is pinned for node {self['id']}"
+            )
+
+    def pins(self) -> Pins:
+        """
+        What this node pins.  When every other member it was given has a
+        pin, the membership is closed: nodes with other ids are refused.
+        """
+        pins = self["pins"]
+        closed = bool(pins) and set(pins) >= set(self["peers"])
+        return Pins(pins, closed=closed)
 
     def nodeConfig(self, port: Optional[int] = None) -> NodeConfig:
         port = self["port"] if port is None else port
@@ -215,6 +293,8 @@ class Options(usage.Options):
             heartbeat=self["heartbeat"],
             leaderTimeout=self["leader-timeout"],
             partMaxAge=self["part-max-age"] * 86400,
+            certificate=self["certificate"],
+            pins=self.pins(),
         )
 
 
@@ -271,7 +351,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
     node = Node(options.nodeConfig(), reactor)
-    endpoint = serverEndpoint(reactor, options["interface"], options["port"])
+    endpoint = serverEndpoint(reactor, options["interface"], options["port"], node.security)
     listener = Listener(endpoint, node.listeningFactory(), formatAddress(options["interface"], options["port"]))
     top = MultiService()
     listener.setServiceParent(top)

@@ -15,7 +15,7 @@ import json
 import math
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 # The one frame type in use: a JSON control message.  Other type bytes are
 # refused so that a future version can add binary frames without ambiguity.
@@ -177,6 +177,14 @@ def _members(field: str, value: Any) -> List[Tuple[int, str]]:
     return result
 
 
+def _fingerprint(field: str, value: Any) -> str:
+    # A certificate fingerprint: "sha256:" and 64 lowercase hex digits.
+    _check(field, value, (str,))
+    if not (value.startswith("sha256:") and _isHexDigest(value[7:])):
+        raise WireError(f"field {field!r} is not a sha256: fingerprint")
+    return value
+
+
 def _optional(checker: Checker) -> Checker:
     return lambda field, value: None if value is None else checker(field, value)
 
@@ -191,15 +199,17 @@ _number = _typed(int, float)
 # listed is required (optional ones accept null); unknown fields are ignored so
 # that a newer peer can add fields without breaking an older one.
 SCHEMAS: Dict[str, Dict[str, Checker]] = {
-    # Handshake (see p2pfiles.auth).
+    # Handshake (see p2pfiles.auth), once TLS is up.  A hello's
+    # fingerprint is that of the certificate its sender presented in TLS
+    # (null for a client, which has none).
     "hello": {
         "version": _nonNegative,
         "role": _str,
         "node": _optionalId,
         "nonce": _str,
         "address": _optional(_str),
-        "proof": _optional(_str),
         "purpose": _str,
+        "fingerprint": _optional(_fingerprint),
     },
     "auth": {"proof": _str},
     "ready": {"node": _optionalId},

@@ -5,8 +5,10 @@ Frames as they travel, for tests that write to or read from a transport.
 from struct import pack
 from typing import Any, List, Optional
 
+from p2pfiles import auth
 from p2pfiles.protocol import LocalIdentity
 from p2pfiles.wire import PROTOCOL_VERSION, Message, decode, encode
+from tests.channels import PLAIN_EXPORTER
 
 
 def frame(message: Message) -> bytes:
@@ -34,7 +36,7 @@ def parseFrames(data: bytes) -> List[Message]:
     return messages
 
 
-def hello(identity: LocalIdentity, nonce: str, proof: Optional[str] = None, **overrides: Any) -> Message:
+def hello(identity: LocalIdentity, nonce: str, **overrides: Any) -> Message:
     """
     The C{hello} that C{identity} sends, with any field overridden.
     """
@@ -44,8 +46,18 @@ def hello(identity: LocalIdentity, nonce: str, proof: Optional[str] = None, **ov
         node=identity.node,
         nonce=nonce,
         address=identity.address,
-        proof=proof,
         purpose=identity.purpose,
+        fingerprint=identity.fingerprint,
     )
     fields.update(overrides)
     return Message("hello", **fields)
+
+
+def proofFor(
+    secret: bytes, side: bytes, connectorHello: Message, listenerHello: Message, exporter: bytes = PLAIN_EXPORTER
+) -> str:
+    """
+    The proof the C{side} end makes after these two hellos, on a channel
+    exporting C{exporter} (a plain test channel's by default).
+    """
+    return auth.proof(secret, side, exporter, encode(connectorHello), encode(listenerHello))

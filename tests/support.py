@@ -20,6 +20,8 @@ from twisted.trial.unittest import TestCase
 from p2pfiles.demo import freePorts, twistdCommand
 from p2pfiles.node import Node, NodeConfig
 from p2pfiles.protocol import LocalIdentity, P2PFactory
+from p2pfiles.tls import TLS
+from tests.channels import certificate
 
 # Generous: the machine running the tests may be loaded.
 DEADLINE = 30.0
@@ -128,9 +130,10 @@ def startCluster(
     base = FilePath(testcase.mktemp())
     factories = {}
     ports = {}
+    certificates = {node: certificate(("cluster", node)) for node in ids}
     for node in ids:
         factory = P2PFactory(LocalIdentity("node", node, None, secret), None, reactor, listening=True)
-        ports[node] = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        ports[node] = reactor.listenTCP(0, TLS(certificates[node]).serverFactory(factory, reactor), interface="127.0.0.1")
         factories[node] = factory
     addresses = {node: f"127.0.0.1:{ports[node].getHost().port}" for node in ids}
     cluster = {}
@@ -149,6 +152,7 @@ def startCluster(
             share=share,
             state=base.child(f"node{node}").child("state"),
             secret=secret,
+            certificate=certificates[node],
         )
         instance = Node(config, reactor)
         instance.listeningFactory(factories[node])

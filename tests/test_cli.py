@@ -33,7 +33,10 @@ from p2pfiles.cli import (
     run,
 )
 from p2pfiles.errors import CODES, P2PError
-from p2pfiles.protocol import P2PFactory
+from p2pfiles.identity import stateIdentity
+from p2pfiles.protocol import LocalIdentity, P2PFactory
+from p2pfiles.tls import TLS
+from tests.channels import certificate
 from p2pfiles.wire import Message
 
 from tests.test_node import HEARTBEAT, Harness, RecordingHandler, heartbeat, nodeIdentity
@@ -43,6 +46,14 @@ NODE = "127.0.0.1:9001"
 # A HostnameEndpoint reports that its connection attempt failed when its
 # next attempt would be due: this many seconds after the first.
 ATTEMPT_DELAY = 0.3
+
+def tlsListener(handler: Any, reactor: Any) -> Any:
+    """
+    A node 1 listening with TLS whose connections all go to C{handler}.
+    """
+    security = TLS(certificate(("node", 1)))
+    identity = LocalIdentity("node", 1, NODE, b"", "request", security)
+    return security.serverFactory(P2PFactory(identity, handler, reactor, listening=True), reactor)
 
 # What `p2pfiles status --json` promises.
 STATUS_KEYS = {"id", "role", "leader", "epoch", "members", "version"}
@@ -274,6 +285,49 @@ class BadNameTests(CommandTestCase):
                 self.assertEqual(reactor.tcpClients, [])
 
 
+class IdTests(CommandTestCase):
+    """
+    C{p2pfiles id}: a node's fingerprint, read from its files alone.
+    """
+
+    def test_state(self) -> None:
+        """
+        C{id --state DIR} prints the fingerprint of the identity in DIR.
+        """
+        state = FilePath(self.mktemp())
+        identity = stateIdentity(state)
+        self.assertEqual(self.exitCode(MemoryReactorClock(), "id", "--state", state.path), EXIT_OK)
+        self.assertEqual(self.out.getvalue(), identity.fingerprint + "\n")
+
+    def test_certificateFile(self) -> None:
+        """
+        C{id --tls-cert FILE} prints the fingerprint of that certificate.
+        """
+        cert = FilePath(self.mktemp())
+        cert.setContent(certificate("id").certificatePEM())
+        self.assertEqual(self.exitCode(MemoryReactorClock(), "id", "--tls-cert", cert.path), EXIT_OK)
+        self.assertEqual(self.out.getvalue(), certificate("id").fingerprint + "\n")
+
+    def test_absent(self) -> None:
+        """
+        A state directory without an identity is one line and exit 2, and
+        nothing is created.
+        """
+        state = FilePath(self.mktemp())
+        self.assertEqual(self.exitCode(MemoryReactorClock(), "id", "--state", state.path), EXIT_USAGE)
+        self.assertIn("no TLS identity", self.assertOneErrorLine("id"))
+        self.assertFalse(state.exists())
+
+    def test_corrupt(self) -> None:
+        """
+        A corrupt certificate is one line, not a traceback.
+        """
+        cert = FilePath(self.mktemp())
+        cert.setContent(b"not a certificate")
+        self.assertEqual(self.exitCode(MemoryReactorClock(), "id", "--tls-cert", cert.path), EXIT_USAGE)
+        self.assertOneErrorLine("id")
+
+
 class FormatTests(SynchronousTestCase):
     """
     The readable forms of a status and a listing.
@@ -451,8 +505,10 @@ class LiveNodeTests(CommandTestCase):
         """
         A started node 1 listening on 127.0.0.1:9001 of its memory reactor.
         """
-        harness = Harness(self, node=1, **kwargs).start()
-        harness.reactor.listenTCP(9001, harness.factory, interface="127.0.0.1")
+        harness = Harness(self, node=1, tls=True, **kwargs).start()
+        harness.reactor.listenTCP(
+            9001, harness.node.security.serverFactory(harness.factory, harness.reactor), interface="127.0.0.1"
+        )
         return harness
 
     def connectCLI(self, harness: Harness) -> IOPump:
@@ -476,8 +532,10 @@ class LiveNodeTests(CommandTestCase):
         self.assertEqual(len(lines), 1)
         status = json.loads(lines[0])
         self.assertTrue(STATUS_KEYS <= set(status), sorted(status))
-        # The node adds its own address, which the table shows.
-        self.assertEqual(set(status) - STATUS_KEYS, {"address"})
+        # The node adds its own address, which the table shows, and its
+        # certificate's fingerprint.
+        self.assertEqual(set(status) - STATUS_KEYS, {"address", "fingerprint"})
+        self.assertEqual(status["fingerprint"], harness.node.security.fingerprint)
         for member in status["members"]:
             self.assertEqual(set(member), MEMBER_KEYS)
         self.assertEqual(
@@ -578,6 +636,36 @@ class LiveNodeTests(CommandTestCase):
         self.assertEqual(self.successResultOf(d), EXIT_AUTH)
         self.assertIn("authentication failed", self.assertOneErrorLine("status"))
 
+    def test_pinned(self) -> None:
+        """
+        C{--pin} with the node's fingerprint talks to it; with another, the
+        client refuses the node before proving anything: exit 4, one line
+        naming both fingerprints.
+        """
+        harness = self.startNode()
+        own = harness.node.security.fingerprint
+        d = self.run_(harness.reactor, "status", "--node", NODE, "--json", "--pin", own)
+        self.connectCLI(harness)
+        self.assertEqual(self.successResultOf(d), EXIT_OK)
+        self.reset()
+        other = "sha256:" + "ab" * 32
+        d = self.run_(harness.reactor, "status", "--node", NODE, "--pin", other)
+        self.connectCLI(harness)
+        self.assertEqual(self.successResultOf(d), EXIT_AUTH)
+        line = self.assertOneErrorLine("status")
+        self.assertIn(own, line)
+        self.assertIn(other, line)
+
+    def test_statusTableCertificate(self) -> None:
+        """
+        The status table names the node's certificate on its second line.
+        """
+        harness = self.startNode()
+        d = self.run_(harness.reactor, "status", "--node", NODE)
+        self.connectCLI(harness)
+        self.assertEqual(self.successResultOf(d), EXIT_OK)
+        self.assertEqual(self.out.getvalue().splitlines()[1].split(), ["certificate", harness.node.security.fingerprint])
+
     def test_noAnswer(self) -> None:
         """
         A node that authenticates but never answers makes C{status} give up
@@ -585,7 +673,7 @@ class LiveNodeTests(CommandTestCase):
         """
         reactor = MemoryReactorClock()
         silent = RecordingHandler()
-        reactor.listenTCP(9001, P2PFactory(nodeIdentity(1), silent, reactor, listening=True))
+        reactor.listenTCP(9001, tlsListener(silent, reactor))
         d = self.run_(reactor, "status", "--node", NODE, "--timeout", "3")
         pump = ConnectionCompleter(reactor).succeedOnce()
         pump.flush()
@@ -605,13 +693,14 @@ class LiveNodeTests(CommandTestCase):
         """
         reactor = MemoryReactorClock()
         listener = RecordingHandler()
-        factory = P2PFactory(nodeIdentity(1), listener, reactor, listening=True)
-        reactor.listenTCP(9001, factory)
+        tls = tlsListener(listener, reactor)
+        factory = tls.wrappedFactory
+        reactor.listenTCP(9001, tls)
         d = self.run_(reactor, "status", "--node", NODE)
         pump = ConnectionCompleter(reactor).succeedOnce(greet=False)
         (server,) = factory.protocols
         server.transport.loseConnection()
         pump.flush()
         self.assertEqual(self.successResultOf(d), EXIT_UNREACHABLE)
-        self.assertIn("during the handshake", self.assertOneErrorLine("status"))
+        self.assertIn("before the connection was secured", self.assertOneErrorLine("status"))
         self.assertEqual(reactor.getDelayedCalls(), [])

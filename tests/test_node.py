@@ -30,7 +30,9 @@ from p2pfiles.session import RequestSession
 from p2pfiles.status import StatusBoard
 from p2pfiles.protocol import IConnectionHandler, LocalIdentity, P2PFactory, P2PProtocol
 from p2pfiles.wire import SCHEMAS, Message
-from tests.frames import frame, hello, parseFrames, rawFrame
+from p2pfiles.tls import TLS
+from tests.channels import PLAIN, PLAIN_FINGERPRINT, certificate, plainIdentity
+from tests.frames import frame, hello, parseFrames, proofFor, rawFrame
 
 HEARTBEAT = 0.25
 LEADER_TIMEOUT = 1.0
@@ -54,10 +56,10 @@ def heartbeat(node: int, epoch: int, leader: Optional[int], members: Optional[Li
 
 
 def nodeIdentity(node: int, purpose: str = "control") -> LocalIdentity:
-    return LocalIdentity("node", node, address(node), b"", purpose)
+    return plainIdentity("node", node, address(node), b"", purpose)
 
 
-CLIENT = LocalIdentity("client", None, None, b"", "request")
+CLIENT = plainIdentity("client", None, None, b"", "request")
 
 
 @implementer(IConnectionHandler)
@@ -98,14 +100,27 @@ class Link:
 
     def __init__(self, harness: "Harness", identity: LocalIdentity, number: int) -> None:
         self.handler = RecordingHandler()
-        self.server: P2PProtocol = harness.factory.buildProtocol(None)
-        self.client = P2PProtocol(identity, self.handler, harness.reactor, listening=False)
         here = IPv4Address("TCP", "127.0.0.1", 9000 + harness.node.id)
         there = IPv4Address("TCP", "127.0.0.1", 40000 + number)
-        self.serverTransport = FakeTransport(self.server, isServer=True, hostAddress=here, peerAddress=there)
-        self.clientTransport = FakeTransport(self.client, isServer=False, hostAddress=there, peerAddress=here)
+        if harness.tls:
+            # Real TLS in memory: the far end presents a certificate of its own.
+            built: List[P2PProtocol] = []
+            security = TLS(certificate(("far end", identity.role, identity.node)))
+            identity = LocalIdentity(
+                identity.role, identity.node, identity.address, identity.secret, identity.purpose, security, identity.pins
+            )
+            far = P2PFactory(identity, self.handler, harness.reactor, listening=False)
+            far.buildProtocol = lambda addr: built.append(P2PFactory.buildProtocol(far, addr)) or built[-1]
+            server = harness.node.security.serverFactory(harness.factory, harness.reactor).buildProtocol(there)
+            client = security.clientFactory(far, harness.reactor).buildProtocol(here)
+            (self.client,) = built
+        else:
+            server = harness.factory.buildProtocol(None)
+            client = self.client = P2PProtocol(identity, self.handler, harness.reactor, listening=False)
+        self.serverTransport = FakeTransport(server, isServer=True, hostAddress=here, peerAddress=there)
+        self.clientTransport = FakeTransport(client, isServer=False, hostAddress=there, peerAddress=here)
         self.pump: IOPump = connect(
-            self.server, self.serverTransport, self.client, self.clientTransport, greet=True, clock=harness.reactor
+            server, self.serverTransport, client, self.clientTransport, greet=True, clock=harness.reactor
         )
 
     @property
@@ -152,8 +167,14 @@ class Harness:
         peers: Optional[Dict[int, str]] = None,
         state: Optional[FilePath] = None,
         files: Optional[Dict[str, bytes]] = None,
+        tls: bool = False,
     ) -> None:
+        """
+        @param tls: secure the node's connections with real TLS (in memory)
+            rather than the plain test channel.
+        """
         self.case = case
+        self.tls = tls
         self.reactor = MemoryReactorClock()
         base = FilePath(case.mktemp())
         share = base.child("files")
@@ -169,7 +190,8 @@ class Harness:
             heartbeat=HEARTBEAT,
             leaderTimeout=LEADER_TIMEOUT,
         )
-        self.node = Node(self.config, self.reactor, runInThread=inline, useInotify=False)
+        security = TLS(certificate(("node", node))) if tls else PLAIN
+        self.node = Node(self.config, self.reactor, runInThread=inline, useInotify=False, security=security)
         self.factory = self.node.listeningFactory()
         self.links: List[Link] = []
         self.pumps: List[IOPump] = []
@@ -239,12 +261,12 @@ class Harness:
         """
         protocol = self.factory.buildProtocol(None)
         transport = self.fresh(protocol)
-        nonce = auth.makeNonce()
-        protocol.dataReceived(frame(hello(identity, nonce)))
-        (answer,) = parseFrames(transport.value())
-        self.case.assertEqual(answer.proof, auth.proof(b"", auth.LISTENER, nonce, answer.nonce))
+        mine = hello(identity, auth.makeNonce())
+        protocol.dataReceived(frame(mine))
+        (answer, proof) = parseFrames(transport.value())
+        self.case.assertEqual(proof.proof, proofFor(b"", auth.LISTENER, mine, answer))
         transport.clear()
-        protocol.dataReceived(frame(Message("auth", proof=auth.proof(b"", auth.CONNECTOR, nonce, answer.nonce))))
+        protocol.dataReceived(frame(Message("auth", proof=proofFor(b"", auth.CONNECTOR, mine, answer))))
         self.case.assertEqual(parseFrames(transport.value())[0].type, "ready")
         return protocol, transport
 
@@ -299,8 +321,24 @@ class StatusTests(SynchronousTestCase):
                 "epoch": 0,
                 "members": [{"id": 1, "address": "127.0.0.1:9001", "alive": True}],
                 "version": __version__,
+                "fingerprint": PLAIN_FINGERPRINT,
             },
         )
+
+    def test_memberFingerprints(self) -> None:
+        """
+        The status names the node's own certificate fingerprint, and each
+        member's once one of its links has authenticated it: a configured
+        peer that never connected has none.
+        """
+        harness = Harness(self, node=1, peers={3: address(3)}).start()
+        harness.peer(2)
+        harness.flush()
+        members = {m["id"]: m for m in harness.node.status()["members"]}
+        self.assertEqual(harness.node.status()["fingerprint"], PLAIN_FINGERPRINT)
+        self.assertEqual(members[2]["fingerprint"], PLAIN_FINGERPRINT)
+        self.assertNotIn("fingerprint", members[3])
+        self.assertNotIn("fingerprint", members[1])
 
     def test_loneNodeLeadsAtOnce(self) -> None:
         """

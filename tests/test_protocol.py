@@ -30,15 +30,16 @@ from p2pfiles.protocol import (
     ProtocolViolation,
 )
 from p2pfiles.wire import PROTOCOL_VERSION, Message, encode
-from tests.frames import frame, hello, parseFrames, rawFrame
+from tests.channels import PLAIN_FINGERPRINT, PlainSecurity, plainIdentity
+from tests.frames import frame, hello, parseFrames, proofFor, rawFrame
 
 SECRET = b"the cluster secret"
 
 LISTENER_ADDRESS = IPv4Address("TCP", "127.0.0.11", 7000)
 CONNECTOR_ADDRESS = IPv4Address("TCP", "127.0.0.12", 50000)
 
-LISTENER = LocalIdentity("node", 1, "127.0.0.11:7000", SECRET, "request")
-CONNECTOR = LocalIdentity("node", 2, "127.0.0.12:7000", SECRET, "control")
+LISTENER = plainIdentity("node", 1, "127.0.0.11:7000", SECRET, "request")
+CONNECTOR = plainIdentity("node", 2, "127.0.0.12:7000", SECRET, "control")
 
 
 def errorsTo(pair) -> list:
@@ -153,8 +154,10 @@ def connectedPair(
     listenerSecret: bytes = SECRET, connectorSecret: bytes = SECRET, connector: LocalIdentity = CONNECTOR
 ) -> Pair:
     return Pair(
-        LocalIdentity(LISTENER.role, LISTENER.node, LISTENER.address, listenerSecret, LISTENER.purpose),
-        LocalIdentity(connector.role, connector.node, connector.address, connectorSecret, connector.purpose),
+        plainIdentity(LISTENER.role, LISTENER.node, LISTENER.address, listenerSecret, LISTENER.purpose),
+        plainIdentity(
+            connector.role, connector.node, connector.address, connectorSecret, connector.purpose, connector.security
+        ),
     )
 
 
@@ -164,10 +167,12 @@ class Listener:
     connector would drive it.
     """
 
-    def __init__(self, secret: bytes = SECRET, transport: Optional[StringTransport] = None) -> None:
+    def __init__(
+        self, secret: bytes = SECRET, transport: Optional[StringTransport] = None, security: Any = None, pins: Any = None
+    ) -> None:
         self.clock = Clock()
         self.handler = RecordingHandler()
-        identity = LocalIdentity(LISTENER.role, LISTENER.node, LISTENER.address, secret, LISTENER.purpose)
+        identity = plainIdentity(LISTENER.role, LISTENER.node, LISTENER.address, secret, LISTENER.purpose, security, pins)
         self.protocol = P2PProtocol(identity, self.handler, self.clock, listening=True)
         if transport is None:
             transport = StringTransport(hostAddress=LISTENER_ADDRESS, peerAddress=CONNECTOR_ADDRESS)
@@ -181,10 +186,12 @@ class Listener:
 
     def sendHello(self, **overrides: Any) -> Message:
         """
-        Send a connector's hello; return the listener's hello in answer.
+        Send a connector's hello; return the listener's hello in answer
+        (its C{auth}, which follows, is kept as C{listenerAuth}).
         """
-        self.protocol.dataReceived(frame(hello(CONNECTOR, self.nonce, **overrides)))
-        (answer,) = self.sent()
+        self.connectorHello = hello(CONNECTOR, self.nonce, **overrides)
+        self.protocol.dataReceived(frame(self.connectorHello))
+        (answer, self.listenerAuth) = self.sent()
         self.transport.clear()
         return answer
 
@@ -194,7 +201,7 @@ class Listener:
         """
         answer = self.sendHello()
         self.protocol.dataReceived(
-            frame(Message("auth", proof=auth.proof(secret, auth.CONNECTOR, self.nonce, answer.nonce)))
+            frame(Message("auth", proof=proofFor(secret, auth.CONNECTOR, self.connectorHello, answer)))
         )
 
 
@@ -204,11 +211,11 @@ class Connector:
     listener would drive it.
     """
 
-    def __init__(self, secret: bytes = SECRET) -> None:
+    def __init__(self, secret: bytes = SECRET, security: Any = None, pins: Any = None, expectedNode: Any = None) -> None:
         self.clock = Clock()
         self.handler = RecordingHandler()
-        identity = LocalIdentity(CONNECTOR.role, CONNECTOR.node, CONNECTOR.address, secret, CONNECTOR.purpose)
-        self.protocol = P2PProtocol(identity, self.handler, self.clock, listening=False)
+        identity = plainIdentity(CONNECTOR.role, CONNECTOR.node, CONNECTOR.address, secret, CONNECTOR.purpose, security, pins)
+        self.protocol = P2PProtocol(identity, self.handler, self.clock, listening=False, expectedNode=expectedNode)
         self.transport = StringTransport(hostAddress=CONNECTOR_ADDRESS, peerAddress=LISTENER_ADDRESS)
         self.protocol.makeConnection(self.transport)
         (self.hello,) = parseFrames(self.transport.value())
@@ -216,8 +223,14 @@ class Connector:
         self.nonce = auth.makeNonce()
 
     def answer(self, secret: bytes = SECRET, **overrides: Any) -> None:
-        proof = auth.proof(secret, auth.LISTENER, self.hello.nonce, self.nonce)
-        self.protocol.dataReceived(frame(hello(LISTENER, self.nonce, proof=proof, **overrides)))
+        """
+        Answer as the listener: its hello, then its proof with C{secret}.
+        """
+        listenerHello = hello(LISTENER, self.nonce, **overrides)
+        self.protocol.dataReceived(frame(listenerHello))
+        if not self.protocol.closed and not self.transport.disconnecting:
+            proof = proofFor(secret, auth.LISTENER, self.hello, listenerHello)
+            self.protocol.dataReceived(frame(Message("auth", proof=proof)))
 
 
 class HandshakeTests(SynchronousTestCase):
@@ -273,7 +286,7 @@ class HandshakeTests(SynchronousTestCase):
         A client (no node id, no address) can connect; the listener sees a
         client peer.
         """
-        pair = connectedPair(connector=LocalIdentity("client", None, None, SECRET, "request"))
+        pair = connectedPair(connector=plainIdentity("client", None, None, SECRET, "request"))
         self.assertTrue(pair.listener.isReady())
         peer = pair.listener.peer
         self.assertEqual((peer.role, peer.node, peer.address, peer.purpose), ("client", None, None, "request"))
@@ -378,22 +391,22 @@ class HandshakeTests(SynchronousTestCase):
         is refused: proofs name their side and cannot be reflected.
         """
         listener = Listener()
-        answer = listener.sendHello()
-        listener.protocol.dataReceived(frame(Message("auth", proof=answer.proof)))
+        listener.sendHello()
+        listener.protocol.dataReceived(frame(Message("auth", proof=listener.listenerAuth.proof)))
         self.assertFalse(listener.protocol.isReady())
         self.assertTrue(listener.transport.disconnecting)
         self.assertEqual([m.code for m in listener.sent()], ["auth"])
 
     def test_connectorRefusesMissingProof(self) -> None:
         """
-        A connector refuses a listener hello without a proof, and sends no
-        C{auth} of its own.
+        A connector refuses a listener that follows its hello with anything
+        but its proof, and sends no C{auth} of its own.
         """
         connector = Connector()
-        connector.protocol.dataReceived(frame(hello(LISTENER, connector.nonce, proof=None)))
+        connector.protocol.dataReceived(frame(hello(LISTENER, connector.nonce)))
+        connector.protocol.dataReceived(frame(Message("ready", node=1)))
         self.assertTrue(connector.transport.disconnecting)
-        self.assertEqual([m.type for m in parseFrames(connector.transport.value())], ["error"])
-        self.assertEqual(connector.protocol.refusal[0], "auth")
+        self.assertEqual([m.code for m in parseFrames(connector.transport.value())], ["protocol"])
         self.assertEqual(connector.handler.events, [])
 
     def test_connectorChecksProof(self) -> None:
@@ -480,15 +493,15 @@ class VersionTests(SynchronousTestCase):
 
     def test_listenerRefusesOtherVersion(self) -> None:
         """
-        A hello with version 2 makes the listener send a C{version} error
-        mentioning both versions, and drop the connection without answering
-        with its own hello.
+        A hello with version 1 (before TLS) makes the listener send a
+        C{version} error mentioning both versions, and drop the connection
+        without answering with its own hello.
         """
         listener = Listener()
-        listener.protocol.dataReceived(frame(hello(CONNECTOR, listener.nonce, version=2)))
+        listener.protocol.dataReceived(frame(hello(CONNECTOR, listener.nonce, version=1)))
         (error,) = listener.sent()
         self.assertEqual((error.type, error.code), ("error", "version"))
-        self.assertIn("2", error.reason)
+        self.assertIn("1", error.reason)
         self.assertIn(str(PROTOCOL_VERSION), error.reason)
         self.assertTrue(listener.transport.disconnecting)
         self.assertEqual(listener.handler.events, [])
@@ -515,7 +528,8 @@ class VersionTests(SynchronousTestCase):
     def test_otherHelloProblemsAreProtocolErrors(self) -> None:
         """
         A hello with a bad nonce, an unknown role or purpose, or from a node
-        without id or address, is refused with a C{protocol} error.
+        without id, address or certificate, is refused with a C{protocol}
+        error.
         """
         for overrides in (
             dict(nonce="short"),
@@ -524,6 +538,7 @@ class VersionTests(SynchronousTestCase):
             dict(purpose="everything"),
             dict(node=None),
             dict(address=None),
+            dict(fingerprint=None),
         ):
             self.assertHelloRefusedAsProtocolError(**overrides)
 
@@ -688,8 +703,8 @@ def validHandshakeFrames() -> List[bytes]:
     nonce = auth.makeNonce()
     return [
         frame(hello(CONNECTOR, nonce)),
-        frame(hello(CONNECTOR, nonce, proof="00" * 32)),
-        frame(Message("auth", proof=auth.proof(SECRET, auth.CONNECTOR, nonce, nonce))),
+        frame(hello(CONNECTOR, nonce, fingerprint=None)),
+        frame(Message("auth", proof=proofFor(SECRET, auth.CONNECTOR, hello(CONNECTOR, nonce), hello(LISTENER, nonce)))),
         frame(Message("auth", proof="")),
         frame(Message("ready", node=1)),
         frame(Message("status", watch=True)),

@@ -10,6 +10,7 @@ from typing import Any, Dict, List
 from twisted.application.service import IService, IServiceCollection, IServiceMaker, MultiService
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.testing import MemoryReactorClock
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
@@ -20,6 +21,9 @@ from p2pfiles.node import Incoming
 from p2pfiles.protocol import P2PFactory
 from p2pfiles.tap import CannotListen, Listener
 from p2pfiles.tap import Options, isLoopback, makeService, parseCluster
+from p2pfiles.identity import stateIdentity
+from p2pfiles.tls import TLS, TLSServerEndpoint
+from tests.channels import certificate
 
 ROOT = FilePath(__file__).parent().parent()
 
@@ -539,11 +543,14 @@ class MakeServiceTests(OptionsTestCase):
 
     def test_listener(self) -> None:
         """
-        The port listens on the options' port and interface with the node's
-        listening factory: each connection gets a fresh L{Incoming} router.
+        The port listens on the options' port and interface, with TLS, with
+        the node's listening factory: each connection gets a fresh
+        L{Incoming} router.
         """
         top, listener, node, reactor = self.build("--id", "2", "--port", "9222")
-        self.assertIsInstance(listener.endpoint, TCP4ServerEndpoint)
+        self.assertIsInstance(listener.endpoint, TLSServerEndpoint)
+        self.assertIsInstance(listener.endpoint.wrapped, TCP4ServerEndpoint)
+        self.assertIs(listener.endpoint.security, node.security)
         factory = listener.factory
         self.assertIsInstance(factory, P2PFactory)
         self.assertIn(factory, node.factories)
@@ -559,7 +566,7 @@ class MakeServiceTests(OptionsTestCase):
         An IPv6 interface gets an IPv6 endpoint on that interface.
         """
         top, listener, node, reactor = self.build("--id", "2", "--interface", "::1")
-        self.assertIsInstance(listener.endpoint, TCP6ServerEndpoint)
+        self.assertIsInstance(listener.endpoint.wrapped, TCP6ServerEndpoint)
         listener.privilegedStartService()
         self.addCleanup(lambda: self.successResultOf(listener.stopService()))
         [(port, factory, backlog, interface)] = reactor.tcpServers
@@ -568,16 +575,22 @@ class MakeServiceTests(OptionsTestCase):
     def test_listenerStarts(self) -> None:
         """
         Started on a memory reactor, the listener asks for the configured
-        port and interface with the node's factory, and lets go of it when
-        stopped.
+        port and interface with the node's factory behind TLS, and lets go
+        of it when stopped.  The node's certificate is made then, in its
+        state directory, not when the service was built.
         """
         top, listener, node, reactor = self.build("--id", "2", "--port", "9222")
+        key = node.config.state.child("node.key")
+        self.assertFalse(key.exists())
         listener.privilegedStartService()
         listener.startService()
         self.addCleanup(lambda: self.successResultOf(listener.stopService()))
         [(port, factory, backlog, interface)] = reactor.tcpServers
         self.assertEqual((port, interface), (9222, "127.0.0.1"))
-        self.assertIs(factory, listener.factory)
+        self.assertIsInstance(factory, TLSMemoryBIOFactory)
+        self.assertIs(factory.wrappedFactory, listener.factory)
+        self.assertTrue(key.exists())
+        self.assertEqual(node.security.fingerprint, stateIdentity(node.config.state, create=False).fingerprint)
 
     def test_portTakenFailsAtStart(self) -> None:
         """
@@ -595,7 +608,8 @@ class MakeServiceTests(OptionsTestCase):
         holder.bind(("127.0.0.1", 0))
         holder.listen(1)
         port = holder.getsockname()[1]
-        listener = Listener(serverEndpoint(realReactor, "127.0.0.1", port), P2PFactory(None, None, None, True), f"127.0.0.1:{port}")
+        endpoint = serverEndpoint(realReactor, "127.0.0.1", port, TLS(certificate("tap")))
+        listener = Listener(endpoint, P2PFactory(None, None, None, True), f"127.0.0.1:{port}")
         error = self.assertRaises(CannotListen, listener.privilegedStartService)
         self.assertEqual(str(error), f"cannot listen on 127.0.0.1:{port}: address already in use")
         self.assertIsNone(listener.port)

@@ -65,7 +65,9 @@ def indexUpdate(*entries: object) -> bytes:
 
 # One plain, valid example of every message type.
 EXAMPLES = {
-    "hello": dict(version=1, role="node", node=1, nonce="ab" * 32, address="h:1", proof=None, purpose="control"),
+    "hello": dict(
+        version=2, role="node", node=1, nonce="ab" * 32, address="h:1", purpose="control", fingerprint="sha256:" + "ef" * 32
+    ),
     "auth": dict(proof="cd" * 32),
     "ready": dict(node=None),
     "error": dict(code="auth", reason="wrong secret"),
@@ -128,8 +130,8 @@ FIELDS = {
         "node": optionalIds,
         "nonce": texts,
         "address": optionalTexts,
-        "proof": optionalTexts,
         "purpose": texts,
+        "fingerprint": st.none() | sha256s.map(lambda h: "sha256:" + h),
     },
     "auth": {"proof": texts},
     "ready": {"node": optionalIds},
@@ -504,6 +506,21 @@ class DecodeRejectsTests(SynchronousTestCase):
         self.assertRejected(frame({"type": "stale", "epoch": 1}), "lacks field 'leader'")
         self.assertRejected(frame({"type": "get", "name": "a", "offset": 0}), "lacks field 'sha256'")
 
+    def test_helloFingerprint(self) -> None:
+        """
+        A hello's fingerprint is null or C{sha256:} and exactly 64 lowercase
+        hex digits; anything else (upper case, another hash, a short digest,
+        a number) is refused, and the hello has no proof field any more.
+        """
+        base = dict(EXAMPLES["hello"], type="hello")
+        self.assertEqual(decode(frame(dict(base, fingerprint=None))).fingerprint, None)
+        good = "sha256:" + "0a" * 32
+        self.assertEqual(decode(frame(dict(base, fingerprint=good))).fingerprint, good)
+        for bad in ("sha256:" + "0A" * 32, "sha1:" + "0a" * 20, "sha256:" + "0a" * 31, "0a" * 32, 5, True):
+            self.assertRejected(frame(dict(base, fingerprint=bad)), "'fingerprint'")
+        self.assertRejected(frame({k: v for k, v in base.items() if k != "fingerprint"}), "lacks field 'fingerprint'")
+        self.assertNotIn("proof", SCHEMAS["hello"])
+
     def test_boolIsNotInt(self) -> None:
         """
         C{true} is refused where an integer is expected, even though Python's
@@ -533,7 +550,7 @@ class DecodeRejectsTests(SynchronousTestCase):
             {"type": "heartbeat", "node": 1, "epoch": 1, "leader": None, "members": [[1, "h"]]},
             {"type": "heartbeat", "node": 1, "epoch": 1, "leader": None, "members": [{"id": 1}]},
             {"type": "hello", "version": 1, "role": "node", "node": 1, "nonce": "n",
-             "address": 5, "proof": None, "purpose": "control"},
+             "address": 5, "purpose": "control", "fingerprint": None},
         ):
             self.assertRejected(frame(body))
 
@@ -668,10 +685,10 @@ class EncodeTests(SynchronousTestCase):
 
     def test_versionConstant(self) -> None:
         """
-        This end speaks protocol version 1, the version the handshake tests
-        and peers assume.
+        This end speaks protocol version 2 (TLS, proofs bound to the channel
+        and both hellos), the version the handshake tests and peers assume.
         """
-        self.assertEqual(PROTOCOL_VERSION, 1)
+        self.assertEqual(PROTOCOL_VERSION, 2)
 
 
 class ChunkedTests(SynchronousTestCase):

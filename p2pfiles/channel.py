@@ -1,0 +1,80 @@
+"""
+What a connection's security layer tells the handshake: L{IConnectionSecurity}
+(how this end secures its connections) and L{IChannelBinding} (what one
+secured connection is bound to).
+
+The protocol proves the cluster secret over the channel binding of its own
+connection, so a proof is worth nothing on any other connection.  The one
+implementation in the package is TLS (L{p2pfiles.tls}); tests may give the
+protocol a fixed binding to drive its handshake without TLS.
+
+This module imports nothing else of the package.
+"""
+
+from zope.interface import Attribute, Interface
+
+
+class ChannelError(Exception):
+    """
+    A connection cannot be bound: it is not secured the way this end
+    requires.  The string form is one line.
+    """
+
+
+class IChannelBinding(Interface):
+    """
+    What one secured connection is bound to.
+    """
+
+    def exporter():
+        """
+        Keying material exported from this connection's security layer
+        (for TLS, RFC 5705 with the label C{EXPORTER-p2pfiles-v2}): the same
+        bytes at both ends of this connection, and different on any other.
+        """
+
+    def peerFingerprint():
+        """
+        The C{sha256:...} fingerprint of the certificate the other end
+        presented, or None if it presented none.
+        """
+
+    def readLarger(size):
+        """
+        Read the connection in blocks of up to C{size} bytes from now on
+        (for bulk transfers).
+        """
+
+
+class IConnectionSecurity(Interface):
+    """
+    How this end secures its connections.
+    """
+
+    fingerprint = Attribute("this end's own certificate fingerprint, or None (a client has no certificate)")
+
+    def wrapClient(endpoint, clock):
+        """
+        An endpoint that connects through C{endpoint} and secures the
+        connection; it fires with the protocol inside the security layer.
+        C{clock} is the reactor the layer may schedule on.
+        """
+
+    def wrapServer(endpoint, clock):
+        """
+        An endpoint that listens through C{endpoint} and secures every
+        connection it accepts.
+        """
+
+    def connected(protocol):
+        """
+        C{protocol}'s connection was made: arrange for
+        C{protocol.handshakeCompleted()} to be called once the connection is
+        secure.  (TLS calls it itself when its handshake is done.)
+        """
+
+    def binding(transport):
+        """
+        The L{IChannelBinding} of the secured connection under C{transport};
+        raise L{ChannelError} if it is not secured.
+        """

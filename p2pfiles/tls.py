@@ -1,0 +1,257 @@
+"""
+TLS on every p2pfiles connection: L{TLS}, this end's security, and
+L{TLSBinding}, what one TLS connection is bound to.
+
+Every connection, loopback included, is TLS (1.3 where both ends have it,
+1.2 at least), through Twisted's memory-BIO TLS layer: clients wrap their
+endpoint with L{TLSClientEndpoint}, listeners with L{TLSServerEndpoint}.
+
+Nobody checks a certificate against an authority or a host name.  A node
+presents its self-signed certificate on both sides of a connection (so that
+a listener learns who connects too); a command-line client presents none.
+Each end accepts whatever the other presents, and records its fingerprint:
+who a node is, is its fingerprint (checked against pins, if any), and the
+cluster secret is proved over this very connection's exported keying
+material (L{p2pfiles.auth}).
+"""
+
+from typing import Any, Callable, Optional
+
+from OpenSSL import SSL
+from cryptography.hazmat.primitives.serialization import Encoding
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+    IReactorTime,
+    IStreamClientEndpoint,
+    IStreamServerEndpoint,
+)
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
+
+from p2pfiles.channel import ChannelError, IChannelBinding, IConnectionSecurity
+from p2pfiles.identity import NodeCertificate, fingerprintOf
+
+# RFC 5705 exporter label and length of the channel binding.
+EXPORTER_LABEL = b"EXPORTER-p2pfiles-v2"
+EXPORTER_LENGTH = 32
+
+# TLS 1.2, if a peer has nothing newer: forward-secret AEAD suites only.
+TLS12_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20"
+
+# TLS 1.3: AES-128-GCM first, the fastest of the three with AES-NI, and as
+# safe for this use as the others.
+TLS13_SUITES = b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+
+
+def _acceptAny(connection: Any, certificate: Any, errno: int, depth: int, ok: int) -> bool:
+    # Identity is the fingerprint and the secret proof, not a CA: accept
+    # whatever certificate the other end presents (self-signed ones are the
+    # rule), and let the handshake judge its fingerprint.
+    return True
+
+
+def makeContext(certificate: Optional[NodeCertificate], server: bool) -> SSL.Context:
+    """
+    The OpenSSL context for one side of p2pfiles connections.
+    """
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.set_options(
+        SSL.OP_NO_COMPRESSION | SSL.OP_NO_TICKET | SSL.OP_NO_RENEGOTIATION | SSL.OP_CIPHER_SERVER_PREFERENCE
+    )
+    context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    context.set_cipher_list(TLS12_CIPHERS)
+    context.set_tls13_ciphersuites(TLS13_SUITES)
+    if certificate is not None:
+        context.use_certificate(certificate.certificate)
+        context.use_privatekey(certificate.key)
+        context.check_privatekey()
+    # On a listener VERIFY_PEER asks the connector for its certificate, and
+    # without FAIL_IF_NO_PEER_CERT a client that has none still connects.
+    context.set_verify(SSL.VERIFY_PEER | (SSL.VERIFY_CLIENT_ONCE if server else 0), _acceptAny)
+    return context
+
+
+@implementer(IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator)
+class ConnectionCreator:
+    """
+    Makes the OpenSSL connection of each new TLS connection from one
+    context.
+    """
+
+    def __init__(self, context: SSL.Context) -> None:
+        self.context = context
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        connection = SSL.Connection(self.context, None)
+        connection.set_connect_state()
+        return connection
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        connection = SSL.Connection(self.context, None)
+        connection.set_accept_state()
+        return connection
+
+
+@implementer(IStreamServerEndpoint)
+class TLSServerEndpoint:
+    """
+    Listen through another server endpoint, TLS on every accepted
+    connection.
+    """
+
+    def __init__(self, wrapped: Any, security: "TLS", clock: IReactorTime) -> None:
+        self.wrapped = wrapped
+        self.security = security
+        self.clock = clock
+
+    def listen(self, factory: Any) -> Deferred:
+        try:
+            tls = self.security.serverFactory(factory, self.clock)
+        except Exception:
+            # A certificate that cannot be had fails the listening, as a
+            # port that cannot be had does.
+            return fail()
+        return self.wrapped.listen(tls)
+
+
+@implementer(IStreamClientEndpoint)
+class TLSClientEndpoint:
+    """
+    Connect through another client endpoint, TLS on the connection; fire
+    with the protocol inside the TLS layer.
+
+    (Twisted's C{wrapClientTLS} does the same, but its TLS layer takes its
+    clock from the global reactor; this one is given the clock.)
+    """
+
+    def __init__(self, wrapped: Any, security: "TLS", clock: IReactorTime) -> None:
+        self.wrapped = wrapped
+        self.security = security
+        self.clock = clock
+
+    def connect(self, factory: Any) -> Deferred:
+        try:
+            tls = self.security.clientFactory(factory, self.clock)
+        except Exception:
+            return fail()
+        return self.wrapped.connect(tls).addCallback(lambda protocol: protocol.wrappedProtocol)
+
+
+@implementer(IChannelBinding)
+class TLSBinding:
+    """
+    What one TLS connection is bound to: its exported keying material and
+    the certificate the other end presented.
+    """
+
+    def __init__(self, transport: Any) -> None:
+        getHandle = getattr(transport, "getHandle", None)
+        handle = getHandle() if getHandle is not None else None
+        if not isinstance(handle, SSL.Connection):
+            raise ChannelError("the connection is not TLS")
+        self.transport = transport
+        self.version = handle.get_protocol_version_name()
+        self.cipher = handle.get_cipher_name()
+        self._exporter = handle.export_keying_material(EXPORTER_LABEL, EXPORTER_LENGTH)
+        certificate = handle.get_peer_certificate(as_cryptography=True)
+        self._peer = None if certificate is None else fingerprintOf(certificate.public_bytes(Encoding.DER))
+
+    def exporter(self) -> bytes:
+        return self._exporter
+
+    def peerFingerprint(self) -> Optional[str]:
+        return self._peer
+
+    def readLarger(self, size: int) -> None:
+        # The TLS layer reads whatever its transport (TCP) hands it.
+        lower = getattr(self.transport, "transport", None)
+        if lower is not None and getattr(lower, "bufferSize", size) < size:
+            lower.bufferSize = size
+
+
+@implementer(IConnectionSecurity)
+class TLS:
+    """
+    TLS for this end's connections, with its certificate if it has one (a
+    node always does; the command-line client does not).
+
+    A node whose certificate is made on its first start gives C{source}
+    instead: a callable that loads (or makes) it, called the first time the
+    certificate is needed, so that building a node's service writes
+    nothing.
+    """
+
+    def __init__(
+        self,
+        certificate: Optional[NodeCertificate] = None,
+        source: Optional[Callable[[], NodeCertificate]] = None,
+    ) -> None:
+        self._source = source
+        self._certificate: Optional[NodeCertificate] = None
+        self._client: Optional[ConnectionCreator] = None
+        self._server: Optional[ConnectionCreator] = None
+        if source is None or certificate is not None:
+            self._build(certificate)
+
+    def _build(self, certificate: Optional[NodeCertificate]) -> None:
+        self._certificate = certificate
+        self._server = ConnectionCreator(makeContext(certificate, server=True)) if certificate is not None else None
+        self._client = ConnectionCreator(makeContext(certificate, server=False))
+
+    def load(self) -> None:
+        """
+        Have the certificate ready; raise what its source raises (an
+        L{p2pfiles.identity.IdentityError}) if it cannot be had.
+        """
+        if self._client is None:
+            assert self._source is not None
+            self._build(self._source())
+
+    @property
+    def certificate(self) -> Optional[NodeCertificate]:
+        self.load()
+        return self._certificate
+
+    @property
+    def fingerprint(self) -> Optional[str]:
+        certificate = self.certificate
+        return certificate.fingerprint if certificate is not None else None
+
+    def _creator(self, server: bool) -> ConnectionCreator:
+        self.load()
+        creator = self._server if server else self._client
+        if creator is None:
+            raise ValueError("listening needs a certificate")
+        return creator
+
+    def wrapClient(self, endpoint: Any, clock: IReactorTime) -> TLSClientEndpoint:
+        return TLSClientEndpoint(endpoint, self, clock)
+
+    def wrapServer(self, endpoint: Any, clock: IReactorTime) -> TLSServerEndpoint:
+        return TLSServerEndpoint(endpoint, self, clock)
+
+    def clientFactory(self, factory: Any, clock: IReactorTime) -> TLSMemoryBIOFactory:
+        """
+        C{factory}'s connections as the connecting side of TLS.  The TLS
+        layer gathers small writes until the next turn of C{clock}.
+        """
+        return TLSMemoryBIOFactory(self._creator(server=False), True, factory, clock)
+
+    def serverFactory(self, factory: Any, clock: IReactorTime) -> TLSMemoryBIOFactory:
+        """
+        C{factory}'s connections as the accepting side of TLS.
+        """
+        wrapped = TLSMemoryBIOFactory(self._creator(server=True), False, factory, clock)
+        # Connections are logged by the protocol, not by the factory.
+        wrapped.noisy = False
+        return wrapped
+
+    def connected(self, protocol: Any) -> None:
+        # The TLS layer calls protocol.handshakeCompleted() itself.
+        pass
+
+    def binding(self, transport: Any) -> TLSBinding:
+        return TLSBinding(transport)
