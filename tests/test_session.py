@@ -34,16 +34,20 @@ from p2pfiles.session import (
     RequestSession,
 )
 from p2pfiles.wire import FileEntry, Message, decode
-from tests.frames import frame, hello
+from tests.channels import PlainSecurity, plainIdentity
+from tests.frames import frame, hello, proofFor
 
 ME = 2
 MY_ADDRESS = "127.0.0.1:9002"
 LEADER_ADDRESS = "127.0.0.1:9001"
-CLIENT = LocalIdentity("client", None, None, b"", "request")
+# A client presents no certificate.
+CLIENT = plainIdentity("client", None, None, b"", "request", PlainSecurity(fingerprint=None))
 
 
 def nodeIdentity(node: int) -> LocalIdentity:
-    return LocalIdentity("node", node, f"127.0.0.1:{9000 + node}", b"", "request")
+    # Each node presents a certificate of its own.
+    fingerprint = "sha256:" + f"{node:02x}" * 32
+    return plainIdentity("node", node, f"127.0.0.1:{9000 + node}", b"", "request", PlainSecurity(fingerprint))
 
 
 def entryOf(name: str, data: bytes) -> FileEntry:
@@ -225,28 +229,29 @@ class FakeContext:
 class Connection:
     """
     One request connection to a L{RequestSession}: a real listening
-    L{P2PProtocol} on a L{StringTransport}, taken through the handshake by
-    hand as C{identity}.
+    L{P2PProtocol} on a L{StringTransport}, over a plain test channel that
+    shows it the certificate C{identity} presents, taken through the
+    handshake by hand as C{identity}.
     """
 
     def __init__(self, case: SynchronousTestCase, context: FakeContext, identity: LocalIdentity = CLIENT) -> None:
         self.case = case
         self.session = RequestSession(context)
-        self.protocol = P2PProtocol(
-            LocalIdentity("node", context.me, MY_ADDRESS, b"", "request"), self.session, context.clock, listening=True
+        listener = plainIdentity(
+            "node", context.me, MY_ADDRESS, b"", "request", PlainSecurity(peer=identity.fingerprint)
         )
+        self.protocol = P2PProtocol(listener, self.session, context.clock, listening=True)
         self.transport = StringTransport(
             hostAddress=IPv4Address("TCP", "127.0.0.1", 9002),
             peerAddress=IPv4Address("TCP", "127.0.0.1", 50000),
         )
         self.protocol.makeConnection(self.transport)
-        nonce = auth.makeNonce()
-        self.protocol.dataReceived(frame(hello(identity, nonce)))
-        answer = parseStream(self.transport.value())[0]
+        mine = hello(identity, auth.makeNonce())
+        self.protocol.dataReceived(frame(mine))
+        answer, listenerAuth = parseStream(self.transport.value())
+        case.assertEqual(listenerAuth.proof, proofFor(b"", auth.LISTENER, mine, answer))
         self.transport.clear()
-        self.protocol.dataReceived(
-            frame(Message("auth", proof=auth.proof(b"", auth.CONNECTOR, nonce, answer.nonce)))
-        )
+        self.protocol.dataReceived(frame(Message("auth", proof=proofFor(b"", auth.CONNECTOR, mine, answer))))
         case.assertEqual([m.type for m in parseStream(self.transport.value())], ["ready"])
         self.transport.clear()
         case.assertIs(self.session.connection, self.protocol)

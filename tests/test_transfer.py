@@ -40,6 +40,7 @@ from p2pfiles.protocol import IConnectionHandler, LocalIdentity, P2PProtocol, Pe
 from p2pfiles.session import IDLE, RELAYING, SERVING, IRequestContext, RequestSession
 from p2pfiles.transfer import CHUNK_SIZE, FileProducer, Relay, download
 from p2pfiles.wire import FileEntry, Message, encode
+from tests.channels import PlainSecurity, plainIdentity
 
 NAME = "movie.bin"
 # Not a multiple of anything in particular, so off-by-one errors show.
@@ -1332,6 +1333,22 @@ class ServingHandler:
         pass
 
 
+def holderIdentity(secret: bytes) -> LocalIdentity:
+    """
+    Node 1 as it listens on a plain test channel, where a client shows no
+    certificate.
+    """
+    return plainIdentity("node", 1, "holder:7000", secret, "request", PlainSecurity(peer=None))
+
+
+def clientIdentity(secret: bytes) -> LocalIdentity:
+    """
+    A client on a plain test channel: no certificate of its own, and the
+    holder's at the other end.
+    """
+    return plainIdentity("client", None, None, secret, "request", PlainSecurity(fingerprint=None))
+
+
 class InMemoryTransferTests(SynchronousTestCase):
     """
     L{FileProducer} and L{download} over real L{P2PProtocol}s joined by
@@ -1353,8 +1370,8 @@ class InMemoryTransferTests(SynchronousTestCase):
         secret = b"cluster secret"
         server = ServingHandler(share)
         client = ClientConnection("holder:7000")
-        serverProtocol = P2PProtocol(LocalIdentity("node", 1, "holder:7000", secret, "request"), server, clock, True)
-        clientProtocol = P2PProtocol(LocalIdentity("client", None, None, secret, "request"), client, clock, False)
+        serverProtocol = P2PProtocol(holderIdentity(secret), server, clock, True)
+        clientProtocol = P2PProtocol(clientIdentity(secret), client, clock, False)
         pump = connect(
             serverProtocol,
             FakeTransport(serverProtocol, isServer=True),
@@ -1426,9 +1443,8 @@ class RawModeTests(SynchronousTestCase):
         clock = Clock()
         secret = b"cluster secret"
         self.connection = ClientConnection("holder:7000")
-        server = P2PProtocol(LocalIdentity("node", 1, "holder:7000", secret, "request"), SilentHandler(), clock, True)
-        client = LocalIdentity("client", None, None, secret, "request")
-        self.protocol = P2PProtocol(client, self.connection, clock, False)
+        server = P2PProtocol(holderIdentity(secret), SilentHandler(), clock, True)
+        self.protocol = P2PProtocol(clientIdentity(secret), self.connection, clock, False)
         pump = connect(
             server,
             FakeTransport(server, isServer=True),
