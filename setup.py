@@ -8,7 +8,12 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(exclude=["tests*", "bench*"]) + ["twisted.plugins"],
-    install_requires=["twisted>=23.10", "zope.interface"],
+    install_requires=[
+        "twisted>=23.10",
+        "zope.interface",
+        # treq: HTTP client for etcd's v3 JSON gateway (the etcd coordinator).
+        "treq",
+    ],
     extras_require={
         # hypothesis: property tests of the wire codec and name checks.
         "test": ["hypothesis"],
