@@ -416,10 +416,11 @@ def _decode(body: bytes) -> Dict[str, Any]:
         raise _Malformed("not a JSON object")
     error = answer.get("error")
     if error is not None:
-        # Unary calls put the error at the top; streams wrap it in "error".
+        # Unary calls put the error at the top ({"error", "message",
+        # "code"}); streams wrap it: {"error": {"grpc_code", "message", ...}}.
         detail = error if isinstance(error, dict) else answer
         message = detail.get("message") or error
-        code = detail.get("code", 2)
+        code = detail.get("code", detail.get("grpc_code", 2))
         if not isinstance(message, str):
             message = "unreadable error"
         if isinstance(code, bool) or not isinstance(code, int):
@@ -719,13 +720,19 @@ class EtcdClient:
         response.deliverBody(reader)
         body = await reader.done
         if response.code != 200:
+            reason = f"HTTP {response.code}"
             try:
-                _decode(body)  # raises _Refused with etcd's own reason
+                _decode(body)
+            except _Refused as e:
+                if response.code < 500:
+                    raise
+                reason = str(e)
             except _Malformed:
                 pass
+            # 5xx: this member cannot serve now (no raft leader, timed out).
             if response.code >= 500:
-                raise _Unreachable(f"HTTP {response.code}")
-            raise _Refused(2, f"HTTP {response.code}")
+                raise _Unreachable(reason)
+            raise _Refused(2, reason)
         return _decode(body)
 
     async def _post(self, endpoint: str, path: str, data: bytes) -> Any:

@@ -158,6 +158,12 @@ class FakeEtcd(Resource):
             return NOT_DONE_YET
         refused = self.refusing.get(endpoint, set()) | self.refusing.get("*", set())
         if endpoint in self.down or path in refused:
+            if path in ("/v3/lease/keepalive", "/v3/watch"):
+                # Streams wrap their errors, as etcd 3.4 does.
+                request.setResponseCode(503)
+                request.setHeader("content-type", "application/json")
+                message = {"grpc_code": 14, "http_code": 503, "message": "etcdserver: no leader", "http_status": "Service Unavailable"}
+                return json.dumps({"error": message}).encode("utf-8")
             return self._error(request, GrpcError(503, 14, "etcdserver: no leader"))
         return self._answer(request, path, body)
 

@@ -387,6 +387,17 @@ class ClientTests(SynchronousTestCase):
         self.assertEqual(client.current, "127.0.0.1:3")
         self.assertEqual([e for e, _, _ in self.etcd.requests], list(endpoints))
 
+    def test_streamErrorFailsOver(self) -> None:
+        """
+        A keepalive refused the way etcd refuses streams without a raft
+        leader (HTTP 503, the error wrapped) is passed to the next endpoint.
+        """
+        client = self.gateway.client(("127.0.0.1:1", "127.0.0.1:2"))
+        lease, _ = self.result(client.grant(2))
+        self.etcd.down.add(client.current)
+        self.assertEqual(self.result(client.keepalive(lease)), 2)
+        self.assertEqual([path for _, path, _ in self.etcd.requests], ["/v3/lease/grant", "/v3/lease/keepalive", "/v3/lease/keepalive"])
+
     def test_nobodyAnswers(self) -> None:
         """
         When no endpoint answers, the call fails "unavailable" in one line
