@@ -27,6 +27,7 @@ import json
 import math
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
+from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.error import ConnectError, ConnectingCancelledError, ConnectionClosed, DNSLookupError
@@ -36,7 +37,14 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import RequestGenerationFailed, RequestTransmissionFailed, ResponseDone, ResponseFailed
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    RequestGenerationFailed,
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseFailed,
+)
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
@@ -65,7 +73,7 @@ DEFAULT_PREFIX = "/p2pfiles/default"
 DEFAULT_TTL = 2.0
 
 # How long one request to one etcd endpoint may take before the next endpoint
-# is tried.  Keepalives use a shorter bound of their own (see EtcdCoordinator).
+# is tried.  Keepalives use a shorter bound of their own (see Registration).
 REQUEST_TIMEOUT = 2.0
 
 # A whole answer to one request: a range of this prefix is at most MAX_KEYS
@@ -225,7 +233,13 @@ class KeyValue:
     __slots__ = ("key", "value", "createRevision", "modRevision", "version", "lease")
 
     def __init__(
-        self, key: bytes, value: bytes = b"", createRevision: int = 0, modRevision: int = 0, version: int = 0, lease: int = 0
+        self,
+        key: bytes,
+        value: bytes = b"",
+        createRevision: int = 0,
+        modRevision: int = 0,
+        version: int = 0,
+        lease: int = 0,
     ) -> None:
         self.key = key
         self.value = value
@@ -366,20 +380,22 @@ class _BodyReader(Protocol):
         self.onLine = onLine
         self.done: Deferred = Deferred(lambda d: self._abort())
         self.closed: Deferred = Deferred()
-        self._buffer = b""
+        self._buffer = bytearray()
 
     def dataReceived(self, data: bytes) -> None:
         if self.done.called:
             return
         self._buffer += data
         try:
-            if self.onLine is not None:
-                while b"\n" in self._buffer:
-                    line, self._buffer = self._buffer.split(b"\n", 1)
+            # A newline can only be in what just arrived.
+            if self.onLine is not None and b"\n" in data:
+                lines = self._buffer.split(b"\n")
+                self._buffer = lines.pop()
+                for line in lines:
                     if len(line) > self.limit:
                         raise _TooLong(f"etcd sent a message over {self.limit} bytes")
                     if line.strip():
-                        self.onLine(line)
+                        self.onLine(bytes(line))
                     if self.done.called:
                         return
             if len(self._buffer) > self.limit:
@@ -398,7 +414,7 @@ class _BodyReader(Protocol):
     def connectionLost(self, reason: Failure = _BODY_DONE) -> None:
         if not self.done.called:
             if reason.check(ResponseDone, PotentialDataLoss):
-                self.done.callback(b"" if self.onLine is not None else self._buffer)
+                self.done.callback(b"" if self.onLine is not None else bytes(self._buffer))
             else:
                 self.done.errback(reason)
         self.closed.callback(None)
@@ -446,7 +462,14 @@ def _oneLine(failure: Failure, timeout: Optional[float] = None) -> str:
 # Failures that mean an endpoint did not answer (as opposed to answering with
 # an error): the next endpoint is tried.
 _HTTP_FAILURES = (ResponseFailed, RequestGenerationFailed, RequestTransmissionFailed)
-_NOT_ANSWERED = (_Unreachable, ConnectError, ConnectionClosed, ConnectTimeout, DeferredTimeout, DNSLookupError) + _HTTP_FAILURES
+_NOT_ANSWERED = (
+    _Unreachable,
+    ConnectError,
+    ConnectionClosed,
+    ConnectTimeout,
+    DeferredTimeout,
+    DNSLookupError,
+) + _HTTP_FAILURES
 
 
 # The client.
@@ -543,9 +566,6 @@ class EtcdClient:
         self._current = 0
         self._pool = None
         if treqClient is None:
-            from treq.client import HTTPClient
-            from twisted.web.client import Agent, HTTPConnectionPool
-
             self._pool = HTTPConnectionPool(reactor, persistent=True)
             self._pool.retryAutomatically = False
             treqClient = HTTPClient(Agent(reactor, connectTimeout=timeout, pool=self._pool))
@@ -757,7 +777,9 @@ class EtcdClient:
         if len(self.endpoints) > 1 and self.current == endpoint:
             self._current = (self._current + 1) % len(self.endpoints)
             if endpoint not in self._failing:
-                self.log.info("etcd at {endpoint} did not answer ({why}); trying {next}", endpoint=endpoint, why=why, next=self.current)
+                self.log.info(
+                    "etcd at {endpoint} did not answer ({why}); trying {next}", endpoint=endpoint, why=why, next=self.current
+                )
         self._failing.add(endpoint)
 
     async def _watch(self, watch: EtcdWatch, data: bytes, onEvents: Callable[[List[Event]], None]) -> WatchEnd:
@@ -777,7 +799,10 @@ class EtcdClient:
             raise CoordinatorError("unavailable", f"no etcd endpoint answered /v3/watch ({'; '.join(problems)})")
         self._failing.discard(endpoint)
         parser = _WatchParser(watch, onEvents)
-        reader = _BodyReader(MAX_WATCH_LINE if response.code == 200 else MAX_BODY, parser.line if response.code == 200 else None)
+        if response.code == 200:
+            reader = _BodyReader(MAX_WATCH_LINE, parser.line)
+        else:
+            reader = _BodyReader(MAX_BODY)
         self._readers.add(reader)
         reader.closed.addBoth(lambda _: self._readers.discard(reader))
         response.deliverBody(reader)
@@ -1034,7 +1059,9 @@ class PrefixFollower:
                     view.reset(current)
                     self.onChange()
                     reread = False
-                watch = self.client.watch(view.start, view.end, view.revision + 1, lambda events: self._watched(token, events))
+                watch = self.client.watch(
+                    view.start, view.end, view.revision + 1, lambda events: self._watched(token, events)
+                )
                 self._watch = watch
                 end = await self._wait(watch.done)
                 if watch.received:
@@ -1098,7 +1125,7 @@ class Step(NamedTuple):
     epoch: int = 0
 
 
-def nextStep(view: PrefixView, me: int, lease: int, memberRevision: int, abandoned: Optional[int] = None) -> Optional[Step]:
+def nextStep(view: PrefixView, me: int, lease: int, memberRevision: int, abandoned: Iterable[int] = ()) -> Optional[Step]:
     """
     What node C{me} (registered under C{lease}, its key created at
     C{memberRevision}) should do about the leader key, as C{view} stands:
@@ -1109,7 +1136,7 @@ def nextStep(view: PrefixView, me: int, lease: int, memberRevision: int, abandon
         if it is still that leadership's key);
       - a leader key that names no live member under that member's lease,
         and C{me} is the smallest live id: clear it (if unchanged) so that a
-        claim can follow — unless it is ours under the C{abandoned} lease,
+        claim can follow — unless it is ours under an C{abandoned} lease,
         which goes when we revoke that lease;
       - otherwise nothing: some other node leads, or must act first.
     """
@@ -1134,7 +1161,7 @@ def nextStep(view: PrefixView, me: int, lease: int, memberRevision: int, abandon
             handingOver=True,
             epoch=standing.createRevision,
         )
-    if claim is None and smallest == me and (abandoned is None or standing.lease != abandoned):
+    if claim is None and smallest == me and standing.lease not in set(abandoned):
         return Step(
             "clear the leader key",
             [compareModified(view.leaderKey, standing.modRevision)],
@@ -1174,7 +1201,7 @@ class Registration:
 
     @ivar lease: the lease we hold and trust, or L{None}.
     @ivar memberRevision: the create_revision of our member key.
-    @ivar abandoned: a lease we stopped trusting and have not revoked yet.
+    @ivar abandoned: leases we stopped trusting and have not revoked yet.
     """
 
     log = Logger()
@@ -1205,8 +1232,8 @@ class Registration:
         self.onLost = onLost
         self.lease: Optional[int] = None
         self.memberRevision = 0
-        self.abandoned: Optional[int] = None
-        self._previousRevision = 0  # create_revision of our key under the abandoned lease
+        self.abandoned: Set[int] = set()
+        self._previousRevision = 0  # create_revision of our key under the last abandoned lease
         self._granted: Optional[int] = None  # a lease being registered
         self._safeUntil = 0.0
         self._lapseCall: Any = None
@@ -1278,8 +1305,9 @@ class Registration:
             d.cancel()
         if self._loop is not None:
             await self._loop
-        leases = [lease for lease in (self.lease, self.abandoned, self._granted) if lease is not None]
-        self.lease = self.abandoned = self._granted = None
+        leases = sorted(self.abandoned | {lease for lease in (self.lease, self._granted) if lease is not None})
+        self.lease = self._granted = None
+        self.abandoned.clear()
         for lease in leases:
             try:
                 await self.client.revoke(lease)
@@ -1300,7 +1328,8 @@ class Registration:
         lease = self.lease
         if lease is None:
             return
-        self.abandoned, self.lease = lease, None
+        self.abandoned.add(lease)
+        self.lease = None
         self._previousRevision = self.memberRevision if keepKey else 0
         self.memberRevision = 0
         self._cancelLapse()
@@ -1389,25 +1418,27 @@ class Registration:
             await self._register(self._previousRevision)
         except _Held as held:
             raise CoordinatorError("conflict", held.message) from None
-        self._previousRevision = 0
         self._recovered()
+        if self.lease is None:
+            return  # lost again at once; the abandoned leases wait
+        self._previousRevision = 0
         self.log.info(
             "registered in etcd again as node {id} (lease {lease:x}, revision {revision})",
             id=self.me.id,
             lease=self.lease,
             revision=self.memberRevision,
         )
-        abandoned, self.abandoned = self.abandoned, None
-        if abandoned is not None:
+        for old in sorted(self.abandoned):
             try:
-                await self._call(self.client.revoke(abandoned))
+                await self._call(self.client.revoke(old))
             except CoordinatorError as e:
                 self.log.info(
                     "could not revoke our old lease {lease:x} ({why}); etcd drops it within {ttl:g}s",
-                    lease=abandoned,
+                    lease=old,
                     why=str(e),
                     ttl=math.ceil(self.ttl),
                 )
+            self.abandoned.discard(old)
 
     # Keeping the lease.
 

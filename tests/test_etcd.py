@@ -289,7 +289,7 @@ class NextStepTests(SynchronousTestCase):
         self.assertEqual(step.compare, [etcd.compareModified(LEADER_KEY, 6)])
         self.assertIsNone(nextStep(self.view(stray, n1=11, n2=22), 2, 22, 2))
         old = KeyValue(LEADER_KEY, b"1", 5, 5, 1, 10)
-        self.assertIsNone(nextStep(self.view(old, n1=11, n2=22), 1, 11, 2, abandoned=10))
+        self.assertIsNone(nextStep(self.view(old, n1=11, n2=22), 1, 11, 2, abandoned={10}))
 
 
 # The client against the fake gateway.
