@@ -534,7 +534,8 @@ class LiveNodeTests(CommandTestCase):
         self.assertTrue(STATUS_KEYS <= set(status), sorted(status))
         # The node adds its own address, which the table shows, and its
         # certificate's fingerprint.
-        self.assertEqual(set(status) - STATUS_KEYS, {"address", "fingerprint"})
+        self.assertEqual(set(status) - STATUS_KEYS, {"address", "fingerprint", "refused"})
+        self.assertEqual(status["refused"], [])
         self.assertEqual(status["fingerprint"], harness.node.security.fingerprint)
         for member in status["members"]:
             self.assertEqual(set(member), MEMBER_KEYS)
@@ -559,11 +560,12 @@ class LiveNodeTests(CommandTestCase):
 
     def test_statusWatch(self) -> None:
         """
-        C{status --watch --json} prints the status, one more line at each
-        change, and ends with exit 3 and one line when the node goes away.
+        C{status --watch --json --no-follow} prints the status, one more
+        line at each change, and ends with exit 3 and one line when the node
+        goes away.
         """
         harness = self.startNode()
-        d = self.run_(harness.reactor, "status", "--node", NODE, "--json", "--watch")
+        d = self.run_(harness.reactor, "status", "--node", NODE, "--json", "--watch", "--no-follow")
         self.connectCLI(harness)
         self.assertNoResult(d)
         self.assertEqual(len(self.out.getvalue().splitlines()), 1)
@@ -599,10 +601,103 @@ class LiveNodeTests(CommandTestCase):
         changes = self.out.getvalue().splitlines()[len(table):]
         self.assertEqual(len(changes), 2)
         self.assertRegex(changes[-1], r"^\d\d:\d\d:\d\d leader, leader 1, epoch 1, alive 1,2$")
+        stopped = self.stopNode(harness)
+        self.successResultOf(stopped)
+        # It tries the member it learned, which does not answer either.
+        self.assertNoResult(d)
+        self.assertEqual([(host, port) for host, port, *_ in harness.reactor.tcpClients[-1:]], [("127.0.0.1", 9002)])
+        self.failConnection(harness.reactor)
+        self.assertEqual(self.successResultOf(d), EXIT_UNREACHABLE)
+        self.assertIn("no other member it knew answered", self.assertOneErrorLine("status"))
+
+    def test_statusWatchFollows(self) -> None:
+        """
+        When the watched node goes away, C{status --watch} says so in one
+        line and carries on watching through a live member it learned:
+        it asks that member to watch, and prints its changes.
+        """
+        harness = self.startNode()
+        d = self.run_(harness.reactor, "status", "--node", NODE, "--json", "--watch")
+        self.connectCLI(harness)
+        peer = harness.peer(2)
+        harness.flush()
+        peer.send(heartbeat(2, 1, 1))
+        harness.flush()
+        shown = len(self.out.getvalue().splitlines())
+        other = RecordingHandler()
+        harness.reactor.listenTCP(9002, tlsListener(other, harness.reactor), interface="127.0.0.1")
+        stopped = self.stopNode(harness)
+        self.successResultOf(stopped)
+        pump = ConnectionCompleter(harness.reactor).succeedOnce()
+        pump.flush()
+        self.assertNoResult(d)
+        self.assertEqual(
+            self.err.getvalue(), "p2pfiles status: node 127.0.0.1:9001 went away; watching node 2 at 127.0.0.1:9002\n"
+        )
+        self.assertEqual(other.messages, [Message("status", watch=True)])
+        status = {"id": 2, "role": "leader", "leader": 2, "epoch": 2, "version": __version__,
+                  "members": [{"id": 1, "address": NODE, "alive": False}, {"id": 2, "address": "127.0.0.1:9002", "alive": True}]}
+        self.sendState(pump, status)
+        lines = self.out.getvalue().splitlines()
+        self.assertEqual(len(lines), shown + 1)
+        self.assertEqual(json.loads(lines[-1])["leader"], 2)
+        # That one goes away too, and the only other member, node 1, is gone.
+        self.closeFollowed(pump)
+        self.failConnection(harness.reactor)
+        self.assertEqual(self.successResultOf(d), EXIT_UNREACHABLE)
+        self.assertIn("no other member it knew answered", self.err.getvalue().splitlines()[-1])
+
+    def stopNode(self, harness: Harness) -> Deferred:
+        """
+        Stop the node, and forget the connection attempts it left pending
+        in the memory reactor (cancelled: it has stopped), so that the
+        CLI's next attempt is the first.
+        """
+        before = len(harness.reactor.tcpClients)
         stopped = harness.node.stopService()
         harness.flush()
-        self.successResultOf(stopped)
-        self.assertEqual(self.successResultOf(d), EXIT_UNREACHABLE)
+        del harness.reactor.tcpClients[:before]
+        return stopped
+
+    def sendState(self, pump: IOPump, status: Any) -> None:
+        """
+        Answer the CLI from the listening end joined by C{pump} with a
+        C{state} message.
+        """
+        self.serverProtocol(pump).sendMessage(Message("state", status=status))
+        pump.flush()
+
+    def serverProtocol(self, pump: IOPump) -> Any:
+        """
+        The P2P protocol of the listening end of C{pump}, under its TLS layer.
+        """
+        return pump.server.wrappedProtocol
+
+    def closeFollowed(self, pump: IOPump) -> None:
+        self.serverProtocol(pump).transport.loseConnection()
+        pump.flush()
+
+    def test_statusRefused(self) -> None:
+        """
+        Members that refuse the node's link are listed in C{status --json}
+        under C{refused} (id and reason), and the table warns of each in
+        one line.
+        """
+        harness = self.startNode()
+        harness.node.membership.refused[3] = "authentication failed: wrong cluster secret, or a relayed connection"
+        d = self.run_(harness.reactor, "status", "--node", NODE, "--json")
+        self.connectCLI(harness)
+        self.assertEqual(self.successResultOf(d), EXIT_OK)
+        status = json.loads(self.out.getvalue())
+        self.assertEqual(
+            status["refused"],
+            [{"id": 3, "reason": "authentication failed: wrong cluster secret, or a relayed connection"}],
+        )
+        self.assertEqual(
+            formatStatus(status).splitlines()[-1],
+            "  warning: node 3 refuses this node's link: "
+            "authentication failed: wrong cluster secret, or a relayed connection",
+        )
 
     def test_ls(self) -> None:
         """
