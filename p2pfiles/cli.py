@@ -395,7 +395,7 @@ class Progress:
     """
 
     STALL_AFTER = 2.0
-    FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{rate_fmt}, ETA {remaining}{postfix}]"
+    FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B [{rate_fmt}, ETA {remaining}{postfix}]"
 
     def __init__(self, reactor: Any, stream: TextIO, name: str, nodes: Dict[str, int]) -> None:
         self.reactor = reactor
