@@ -533,7 +533,8 @@ async def getCommand(reactor: Any, args: argparse.Namespace, out: TextIO, err: T
         sink: Any = StreamSink(getattr(out, "buffer", out))
     else:
         sink = PartialFile(target.parent(), target.basename())
-    showing = err.isatty() and not args.json
+    # Not over the file itself when it goes to the same terminal.
+    showing = err.isatty() and not args.json and not (toStdout and out.isatty())
     progress = Progress(reactor, err, name, members) if showing else None
 
     def inThread(f: Any, *a: Any) -> Deferred:
