@@ -15,7 +15,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, TextIO
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.task import LoopingCall, react
+from twisted.internet.task import react
 from twisted.internet.threads import deferToThread
 from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.python.filepath import FilePath
@@ -44,6 +44,7 @@ from p2pfiles.identity import (
 from p2pfiles.protocol import LocalIdentity
 from p2pfiles.names import BadName, checkName
 from p2pfiles.partfile import PartialFile, StreamSink
+from p2pfiles.progress import Progress, humanSize
 from p2pfiles.transfer import download
 from p2pfiles.wire import Message
 
@@ -300,18 +301,6 @@ async def _follow(
     raise P2PError(f"node {gone} went away, and no other member it knew answered", "unreachable")
 
 
-def humanSize(size: int) -> str:
-    if size < 1024:
-        return f"{size} B"
-    value = float(size)
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        value /= 1024
-        # Judge by the rounded figure, so 1048575 is "1.0 MiB", not "1024.0 KiB".
-        if round(value, 1) < 1024 or unit == "TiB":
-            return f"{value:.1f} {unit}"
-    raise AssertionError("unreachable")
-
-
 def formatListing(files: List[Dict[str, Any]]) -> str:
     if not files:
         return "no files shared"
@@ -381,122 +370,6 @@ def _shown(path: FilePath) -> str:
     """
     relative = os.path.relpath(path.path)
     return path.path if relative.startswith("..") else relative
-
-
-class Progress:
-    """
-    The progress display of C{get} on a terminal: one self-overwriting
-    line (drawn by tqdm) with the file's name, percentage, bytes, rate, ETA
-    and the resumed portion, and a "stalled" state when no byte came for
-    L{STALL_AFTER} seconds or while the download resumes through another
-    node.  It is made only when its stream is a terminal.
-
-    @param nodes: node ids by address, to name the node waited for.
-    """
-
-    STALL_AFTER = 2.0
-    FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B [{rate_fmt}, ETA {remaining}{postfix}]"
-
-    def __init__(self, reactor: Any, stream: TextIO, name: str, nodes: Dict[str, int]) -> None:
-        self.reactor = reactor
-        self.stream = stream
-        self.name = name
-        self.nodes = nodes
-        self.bar: Any = None
-        self.resumed = 0
-        self.sender = ""
-        self.stall: Optional[str] = None
-        self.lost = False
-        self.lastByte = reactor.seconds()
-        self.watch = LoopingCall(self._check)
-        self.watch.clock = reactor
-        self.watch.start(0.5, now=False)
-
-    def _node(self, address: str) -> str:
-        node = self.nodes.get(address)
-        return f"node {node}" if node is not None else address
-
-    def stage(self, stage: str, detail: Any) -> None:
-        """
-        L{download}'s C{onStage}.
-        """
-        if stage == "receiving":
-            header = detail
-            if self.bar is None:
-                from tqdm import tqdm
-
-                class Bar(tqdm):
-                    # No monitor thread: the reactor redraws a stalled bar.
-                    monitor_interval = 0
-
-                self.bar = Bar(
-                    total=header.size,
-                    initial=header.offset,
-                    desc=self.name,
-                    unit="B",
-                    unit_scale=True,
-                    unit_divisor=1024,
-                    file=self.stream,
-                    leave=False,
-                    dynamic_ncols=True,
-                    mininterval=0.2,
-                    bar_format=self.FORMAT,
-                )
-            if not self.resumed and header.offset:
-                self.resumed = header.offset
-            self.sender = (
-                f"node {header.holder}" if header.holder == header.leader else f"node {header.holder} via {header.leader}"
-            )
-            self.lost = False
-            self.lastByte = self.reactor.seconds()
-            self._set(None)
-        elif stage == "lost":
-            self.lost = True
-            self._set("stalled \u2014 connection lost, resuming")
-        elif stage == "asking" and self.lost:
-            self._set(f"stalled \u2014 resuming through {self._node(detail)}")
-
-    def __call__(self, done: int, total: int) -> None:
-        """
-        L{download}'s C{onProgress}.
-        """
-        self.lastByte = self.reactor.seconds()
-        if self.bar is None:
-            return
-        if self.stall is not None:
-            self._set(None)
-        self.bar.update(done - self.bar.n)
-
-    def _check(self) -> None:
-        if self.bar is None or self.lost or self.stall is not None:
-            return
-        if self.reactor.seconds() - self.lastByte >= self.STALL_AFTER:
-            self._set(f"stalled \u2014 waiting for {self.sender}")
-
-    def _set(self, stall: Optional[str]) -> None:
-        self.stall = stall
-        if self.bar is None:
-            return
-        parts = []
-        if self.resumed:
-            parts.append(f"resumed {humanSize(self.resumed)}")
-        if stall is not None:
-            parts.append(stall)
-        self.bar.set_postfix_str(", ".join(parts))
-
-    def end(self) -> None:
-        """
-        Take the bar off the terminal, leaving the cursor at the start of a
-        clean line.
-        """
-        if self.watch.running:
-            self.watch.stop()
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-        # Also wipes a "^C" the terminal echoed.
-        self.stream.write("\r\x1b[K")
-        self.stream.flush()
 
 
 async def _members(reactor: Any, args: argparse.Namespace, identity: LocalIdentity) -> Dict[str, int]:
