@@ -514,6 +514,10 @@ class Node(MultiService):
             "epoch": coordinator.epoch(),
             "members": members,
             "version": __version__,
+            # Members whose side refused this node's link, and why.
+            "refused": [
+                {"id": member, "reason": reason} for member, reason in sorted(self.membership.refused.items())
+            ],
         }
 
     def _countConnections(self) -> None:

@@ -298,10 +298,17 @@ class Options(usage.Options):
         )
 
 
-class CannotListen(Exception):
+class CannotListen(SystemExit):
     """
     The node's port could not be had; the string form is one line.
+
+    It is a L{SystemExit} carrying that line: raised while twistd starts the
+    application, it ends the process with status 1 and the line alone on
+    standard error (which twistd sends to its log), not a traceback.
     """
+
+    def __str__(self) -> str:
+        return str(self.code)
 
 
 class Listener(Service):

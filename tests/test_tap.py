@@ -19,7 +19,7 @@ from p2pfiles.address import parseAddress
 from p2pfiles.node import Node
 from p2pfiles.node import Incoming
 from p2pfiles.protocol import P2PFactory
-from p2pfiles.tap import CannotListen, Listener
+from p2pfiles.tap import CannotListen, Listener, WebListener
 from p2pfiles.tap import Options, isLoopback, makeService, parseCluster
 from p2pfiles.identity import stateIdentity
 from p2pfiles.tls import TLS, TLSServerEndpoint
@@ -613,6 +613,10 @@ class MakeServiceTests(OptionsTestCase):
         error = self.assertRaises(CannotListen, listener.privilegedStartService)
         self.assertEqual(str(error), f"cannot listen on 127.0.0.1:{port}: address already in use")
         self.assertIsNone(listener.port)
+        # A SystemExit carrying the line: twistd ends with it, exit status 1,
+        # and no traceback.
+        self.assertIsInstance(error, SystemExit)
+        self.assertEqual(error.code, str(error))
 
 
 class PluginTests(SynchronousTestCase):
@@ -670,8 +674,9 @@ class TacTests(SynchronousTestCase):
         application = namespace["application"]
         top = list(IServiceCollection(application))
         self.assertEqual(len(top), 1)
+        self.top = list(top[0])
         nodes: List[Node] = [s for s in top[0] if isinstance(s, Node)]
-        listeners = [s for s in top[0] if isinstance(s, Listener)]
+        listeners = [s for s in top[0] if type(s) is Listener]
         self.assertEqual((len(nodes), len(listeners)), (1, 1))
         self.assertFalse(nodes[0].running)
         self.assertFalse(listeners[0].running)
@@ -748,3 +753,73 @@ class TacTests(SynchronousTestCase):
         )
         self.assertEqual(node.config.secret, b"tac-secret")
         self.assertEqual(node.config.peers, {})
+
+    def test_everyPluginOption(self) -> None:
+        """
+        Every option of the plugin has its C{P2PFILES_*} variable: interface,
+        advertise, cluster (whose own line gives the port), heartbeat,
+        leader timeout, web, part age; an empty variable counts as unset.
+        """
+        base = FilePath(self.mktemp())
+        base.makedirs()
+        cluster = base.child("cluster")
+        cluster.setContent(b"1 127.0.0.1:9601\n2 127.0.0.2:9602\n")
+        node = self.load(
+            {
+                "P2PFILES_ID": "2",
+                "P2PFILES_CLUSTER": cluster.path,
+                "P2PFILES_INTERFACE": "127.0.0.3",
+                "P2PFILES_ADVERTISE": "127.0.0.2:9602",
+                "P2PFILES_SHARE": base.child("f").path,
+                "P2PFILES_STATE": base.child("s").path,
+                "P2PFILES_HEARTBEAT": "0.5",
+                "P2PFILES_LEADER_TIMEOUT": "3",
+                "P2PFILES_PART_MAX_AGE": "2",
+                "P2PFILES_SECRET_FILE": "",
+                "P2PFILES_TLS_CERT": "",
+            }
+        )
+        config = node.config
+        self.assertEqual(config.peers, {1: "127.0.0.1:9601"})
+        self.assertEqual(config.address, "127.0.0.2:9602")
+        self.assertEqual((config.heartbeat, config.leaderTimeout, config.partMaxAge), (0.5, 3.0, 2 * 86400))
+        self.assertEqual(config.secret, b"")
+        listener = [s for s in self.top if isinstance(s, Listener)][0]
+        self.assertEqual(listener.where, "127.0.0.3:9602")
+
+    def test_web(self) -> None:
+        """
+        C{P2PFILES_WEB} turns the web view on, as C{--web} does.
+        """
+        base = FilePath(self.mktemp())
+        self.load(
+            {
+                "P2PFILES_WEB": "tcp:0:interface=127.0.0.1",
+                "P2PFILES_SHARE": base.child("f").path,
+                "P2PFILES_STATE": base.child("s").path,
+            }
+        )
+        self.assertEqual([s.where for s in self.top if isinstance(s, WebListener)], ["tcp:0:interface=127.0.0.1"])
+
+    def test_arguments(self) -> None:
+        """
+        C{P2PFILES_ARGS} adds plugin options, split as a shell would.
+        """
+        base = FilePath(self.mktemp())
+        node = self.load(
+            {
+                "P2PFILES_ARGS": f"--share '{base.child('a b').path}' --heartbeat 0.1",
+                "P2PFILES_STATE": base.child("s").path,
+            }
+        )
+        self.assertEqual(node.config.share, base.child("a b"))
+        self.assertEqual(node.config.heartbeat, 0.1)
+
+    def test_badOption(self) -> None:
+        """
+        A bad value ends the tac with one line naming the file and the
+        plugin's reason, not a traceback.
+        """
+        self.patch(os, "environ", {"P2PFILES_ID": "-1"})
+        error = self.assertRaises(SystemExit, runpy.run_path, ROOT.child("tac").child("p2pfiles.tac").path)
+        self.assertEqual(error.code, "p2pfiles.tac: --id must be a non-negative integer")

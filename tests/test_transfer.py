@@ -1036,9 +1036,69 @@ class DownloadTests(SynchronousTestCase):
         summary = self.successResultOf(d)
         self.assertEqual(self.final.getContent(), CONTENT)
         self.assertFalse(self.part.exists())
-        self.assertEqual(summary["resumed_from"], 0)
+        # The 4000 bytes kept were not fetched again.
+        self.assertEqual(summary["resumed_from"], 4000)
         self.assertTrue(closedByUs(first))
         self.assertTrue(closedByUs(second))
+
+    def test_resumedFromSumsEveryAttempt(self) -> None:
+        """
+        C{resumed_from} adds up the bytes already in the part at each
+        attempt's start (a part of 1000 from an earlier run, then 3000 at a
+        resume inside this run), and C{bytes_per_second} counts only the
+        bytes this run received.
+        """
+        self.directory.makedirs()
+        self.part.setContent(CONTENT[:1000])
+        self.leader.script = [fileHeader(1000), fileHeader(3000)]
+        d = self.start()
+        feed(self.leader.connections[0], CONTENT[1000:3000])
+        lose(self.leader.connections[0])
+        self.clock.advance(0.1)
+        self.assertEqual(self.offsetsAsked(), [("n1:7000", 1000), ("n2:7000", 3000)])
+        self.clock.advance(1.9)
+        feed(self.leader.connections[1], CONTENT[3000:])
+        summary = self.successResultOf(d)
+        self.assertEqual(summary["resumed_from"], 1000 + 3000)
+        self.assertEqual(summary["bytes_per_second"], (SIZE - 1000) // 2)
+
+    def test_stages(self) -> None:
+        """
+        C{onStage} hears whom the download asks, when a node starts sending
+        (with its header) and when an attempt is lost, in that order.
+        """
+        stages: List[Tuple[str, Any]] = []
+        self.leader.script = [fileHeader(0, holder=3), fileHeader(4000, holder=3)]
+        d = self.start(onStage=lambda stage, detail: stages.append((stage, detail)))
+        feed(self.leader.connections[0], CONTENT[:4000])
+        lose(self.leader.connections[0])
+        self.clock.advance(0.1)
+        feed(self.leader.connections[1], CONTENT[4000:])
+        self.successResultOf(d)
+        self.assertEqual([stage for stage, _ in stages], ["asking", "receiving", "lost", "asking", "receiving"])
+        self.assertEqual([stages[0][1], stages[3][1]], ["n1:7000", "n2:7000"])
+        self.assertEqual([(h.offset, h.holder) for h in (stages[1][1], stages[4][1])], [(0, 3), (4000, 3)])
+        self.assertIsInstance(stages[2][1], str)
+
+    def test_cancelledKeepsPart(self) -> None:
+        """
+        Cancelled mid-file, the download keeps the bytes it received in the
+        part and fails with L{CancelledError}; cancelled before any byte, it
+        leaves no empty part behind.
+        """
+        self.leader.script = [fileHeader(0)]
+        d = self.start()
+        feed(self.leader.connections[0], CONTENT[:3000])
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual(self.part.getContent(), CONTENT[:3000])
+        self.assertFalse(self.final.exists())
+        self.part.remove()
+        self.leader.script = [fileHeader(0)]
+        d = self.start()
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertFalse(self.part.exists())
 
     def test_resumesExistingPart(self) -> None:
         """
