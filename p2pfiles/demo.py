@@ -215,13 +215,23 @@ class Demo:
             time.sleep(0.1)
 
     def stopAll(self) -> None:
+        """
+        Stop every node: SIGTERM, then SIGKILL for one still running after
+        10 s, or for all that are left at once if Ctrl-C comes again.
+        """
         for node, process in self.processes.items():
             if process.poll() is None:
                 process.terminate()
+        hurry = False
         for node, process in self.processes.items():
             try:
-                process.wait(timeout=10)
+                if not hurry:
+                    process.wait(timeout=10)
             except subprocess.TimeoutExpired:
+                pass
+            except KeyboardInterrupt:
+                hurry = True
+            if process.poll() is None:
                 process.kill()
                 process.wait()
 
@@ -404,7 +414,9 @@ def main(argv: Optional[List[str]] = None, out: Any = None) -> int:
     workspace = args.dir or tempfile.mkdtemp(prefix="p2pfiles-demo-")
     demo = Demo(os.path.abspath(workspace), args.keep, out)
     started = time.monotonic()
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # Ctrl-C and SIGTERM stop the demo the same way, even if this process
+    # was started with SIGINT ignored (in the background, by a shell).
+    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     took: Optional[float] = None
     try:
         demo.run()
@@ -416,12 +428,14 @@ def main(argv: Optional[List[str]] = None, out: Any = None) -> int:
             out.write("interrupted: stopping the nodes\n")
             return 130
         out.write("stopping the nodes\n")
+        out.flush()
     except DemoFailed as e:
         out.write(f"demo failed: {e}\n")
         return 1
     finally:
-        signal.signal(signal.SIGTERM, previous)
         demo.stopAll()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if args.dir is None:
             shutil.rmtree(workspace, ignore_errors=True)
     out.write(f"demo finished in {took:.1f}s: every step succeeded; all nodes stopped\n")

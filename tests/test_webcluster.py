@@ -234,13 +234,16 @@ class DemoWebTests(SynchronousTestCase):
         )
 
         def cleanup() -> None:
-            if demo.poll() is None:
-                demo.send_signal(signal.SIGINT)
+            # Ctrl-C, then SIGTERM (the demo stops its nodes for both), and
+            # only then SIGKILL, which would leave them running.
+            for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+                if demo.poll() is not None:
+                    return
+                demo.send_signal(stop)
                 try:
                     demo.wait(timeout=DEADLINE)
                 except subprocess.TimeoutExpired:
-                    demo.kill()
-                    demo.wait()
+                    pass
 
         self.addCleanup(cleanup)
         lines: "queue.Queue[Optional[str]]" = queue.Queue()
