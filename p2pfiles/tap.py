@@ -282,7 +282,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         from twisted.web.server import Site
 
         root = makeWebRoot(node.board, node.board.metrics.registry, options["web-token"], reactor)
-        site = Site(root)
+        site = Site(root, reactor=reactor)
         site.noisy = False
         WebListener(serverFromString(reactor, options["web"]), site, options["web"], root).setServiceParent(top)
     return top

@@ -764,7 +764,8 @@ class WebServiceTests(OptionsTestCase):
         """
         Started on a memory reactor, the web listener asks for the
         endpoint's port and interface with a L{Site} whose root is the web
-        view, besides the node's own port, and lets go when stopped.
+        view, on the given reactor (its connections' timers too), and lets
+        go when stopped.
         """
         top, web, node, reactor = self.build("--web", "tcp:9102:interface=127.0.0.1")
         self.assertIsInstance(web.endpoint, TCP4ServerEndpoint)
@@ -774,6 +775,7 @@ class WebServiceTests(OptionsTestCase):
         self.assertIsInstance(factory, Site)
         self.assertIs(factory, web.factory)
         self.assertIsInstance(factory.resource, WebRoot)
+        self.assertIs(factory.reactor, reactor)
         self.assertIsNotNone(web.port)
         self.successResultOf(web.stopService())
         self.assertIsNone(web.port)
