@@ -79,15 +79,19 @@ class Ended:
     The callable a context hands out for a transfer's end: records it.
     """
 
-    def __init__(self, what: str, name: str, peer: str, size: int) -> None:
+    def __init__(self, what: str, name: str, peer: str, size: int, progress: Callable[[], int]) -> None:
         self.what = what
         self.name = name
         self.peer = peer
         self.size = size
+        self.progress = progress
         self.results: List[Any] = []
+        # What the session's progress() said as the end was reported.
+        self.moved: List[int] = []
 
     def __call__(self, result: Any) -> None:
         self.results.append(result)
+        self.moved.append(self.progress())
 
 
 class FakeUpstream:
@@ -213,7 +217,7 @@ class FakeContext:
         return self.progressValue
 
     def transferStarted(self, session: Any, what: str, name: str, peer: str, size: int) -> Callable[[Any], None]:
-        ended = Ended(what, name, peer, size)
+        ended = Ended(what, name, peer, size, session.progress)
         self.ended.append(ended)
         return ended
 
@@ -628,7 +632,8 @@ class ServeTests(Case):
         The leader serves its own file to a client: a C{file} header naming
         itself as holder and leader, then the bytes; the session is
         I{serving} until the producer is done, then idle, and the
-        transfer's end is reported with the byte count.
+        transfer's end is reported with the byte count while C{progress()}
+        still says it (the status board reads it then).
         """
         entry = self.context.share("a.txt", b"hello world")
         connection = self.connect()
@@ -645,6 +650,7 @@ class ServeTests(Case):
         self.assertEqual(raw, b"hello world")
         self.assertEqual(connection.session.state, IDLE)
         self.assertEqual(ended.results, [11])
+        self.assertEqual(ended.moved, [11])
         self.assertTrue(self.context.opened[0][2].closed)
 
     def test_serveFromOffset(self) -> None:
@@ -888,8 +894,8 @@ class RelayTests(Case):
     def test_relayCompletes(self) -> None:
         """
         The relay asks the holder for the file with its SHA-256, passes the
-        header and bytes on, ends the transfer with the count, and the
-        session is idle again.
+        header and bytes on, ends the transfer with the count (while
+        C{progress()} still says it), and the session is idle again.
         """
         connection = self.connect()
         connection.send(Message("get", name="a.txt", offset=0, sha256=None))
@@ -909,6 +915,7 @@ class RelayTests(Case):
         self.assertEqual((header.type, header.holder, header.leader, raw), ("file", 3, ME, b"relayed bytes"))
         self.assertEqual(connection.session.state, IDLE)
         self.assertEqual(self.context.ended[0].results, [13])
+        self.assertEqual(self.context.ended[0].moved, [13])
         self.assertEqual((self.context.ended[0].what, self.context.ended[0].size), ("relay", 13))
         self.assertIsNone(connection.transport.producer)
         self.assertTrue(upstream.closed)
