@@ -532,9 +532,10 @@ class LiveNodeTests(CommandTestCase):
         self.assertEqual(len(lines), 1)
         status = json.loads(lines[0])
         self.assertTrue(STATUS_KEYS <= set(status), sorted(status))
-        # The node adds its own address, which the table shows, and its
-        # certificate's fingerprint.
-        self.assertEqual(set(status) - STATUS_KEYS, {"address", "fingerprint"})
+        # The node adds its own address, which the table shows, its
+        # certificate's fingerprint, and which coordinator decides.
+        self.assertEqual(set(status) - STATUS_KEYS, {"address", "fingerprint", "coordinator"})
+        self.assertEqual(status["coordinator"], "builtin")
         self.assertEqual(status["fingerprint"], harness.node.security.fingerprint)
         for member in status["members"]:
             self.assertEqual(set(member), MEMBER_KEYS)

@@ -100,8 +100,8 @@ class CommandTests(SynchronousTestCase):
             return json.loads(result.stdout) if result.returncode == 0 else None
 
         got = poll(lambda: (s := status()) and s["leader"] == 1 and s, "leader 1")
-        self.assertEqual(set(got), {"id", "address", "role", "leader", "epoch", "members", "version", "fingerprint"})
-        self.assertEqual((got["id"], got["role"]), (2, "follower"))
+        self.assertEqual(set(got), {"id", "address", "role", "coordinator", "leader", "epoch", "members", "version", "fingerprint"})
+        self.assertEqual((got["id"], got["role"], got["coordinator"]), (2, "follower", "builtin"))
         # The node's own fingerprint is the one `p2pfiles id` reads from its
         # state, and its peer's is the one it saw on their link.
         own = cli("id", "--state", nodes[2].dir.child("state").path)
