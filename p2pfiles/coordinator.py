@@ -9,7 +9,7 @@ an etcd cluster.  The node sees only this interface, so it runs the same
 whichever decides.
 """
 
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 from zope.interface import Attribute, Interface
 
@@ -105,4 +105,54 @@ class ICoordinator(Interface):
         """
         Call C{callback} (with no arguments) after any change of leader,
         epoch or members; returns a function that unsubscribes it.
+        """
+
+
+class INodeCoordinator(ICoordinator):
+    """
+    What the node asks of its coordinator: L{ICoordinator}, a few words for
+    its status, and the inputs its control links give.
+
+    The built-in coordinator decides from those inputs; one that decides
+    elsewhere (etcd) takes them and ignores them, so that the node feeds
+    whichever it has the same way.
+    """
+
+    stopping = Attribute("True once stop() was called: nothing is claimed from then on")
+
+    def role() -> str:
+        """
+        C{"leader"}, C{"follower"}, or C{"candidate"} while no leader is
+        known.
+        """
+
+    def isLive(member: int) -> bool:
+        """
+        Whether C{member} counts as live now (this node always does).
+        """
+
+    def linkUp(member: int) -> None:
+        """
+        The first control link to C{member} is up.
+        """
+
+    def linkDown(member: int) -> None:
+        """
+        The last control link to C{member} closed.
+        """
+
+    def heartbeatReceived(sender: int, message: Any) -> None:
+        """
+        A C{heartbeat} message arrived from C{sender}.
+        """
+
+    def staleReceived(sender: int, message: Any) -> None:
+        """
+        A C{stale} notice arrived from C{sender}.
+        """
+
+    def rejectStale(sender: int, epoch: int) -> bool:
+        """
+        Whether a message of C{epoch} from C{sender} is from an older epoch
+        than ours, and so must not be acted on.
         """

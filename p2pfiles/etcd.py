@@ -19,7 +19,7 @@ reports no leader (and is no leader) until it has registered again under a
 new lease.  Since the lease cannot have expired before then, no two nodes
 lead at once while clocks run at about the same rate.
 
-See C{docs/etcd.md} for the whole story.
+See "Who leads: the coordinator" in C{docs/design.md} for the whole story.
 """
 
 import base64

@@ -17,8 +17,10 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
+from zope.interface import implementer
 
 from p2pfiles.atomic import atomicWrite
+from p2pfiles.coordinator import INodeCoordinator, MemberInfo
 from p2pfiles.election import LEADER, Claimed, ElectionState, Stale
 from p2pfiles.wire import Message
 
@@ -51,11 +53,16 @@ class EpochStore:
         atomicWrite(self.path, b"%d\n" % (epoch,))
 
 
+@implementer(INodeCoordinator)
 class HeartbeatCoordinator:
     """
     Leadership by heartbeats: the live node with the smallest id leads.
 
     @ivar election: the L{ElectionState} it drives.
+    @ivar learn: called with C{(id, address)} for every member a heartbeat
+        lists; returns True if that member was new to this node.
+    @ivar fingerprintOf: the certificate fingerprint a member presented, or
+        L{None}, for L{members}.
     """
 
     log = Logger()
@@ -73,6 +80,8 @@ class HeartbeatCoordinator:
         heartbeat: float,
         leaderTimeout: float,
         knownPeers: Any = (),
+        learn: Callable[[int, str], bool] = lambda member, address: False,
+        fingerprintOf: Callable[[int], Optional[str]] = lambda member: None,
     ) -> None:
         self.me = me
         self.reactor = reactor
@@ -81,6 +90,8 @@ class HeartbeatCoordinator:
         self.send = send
         self.broadcast = broadcast
         self.addressOf = addressOf
+        self.learn = learn
+        self.fingerprintOf = fingerprintOf
         self.heartbeat = heartbeat
         self.leaderTimeout = leaderTimeout
         self.election = ElectionState(me, reactor, leaderTimeout, epoch=0, knownPeers=knownPeers)
@@ -125,15 +136,15 @@ class HeartbeatCoordinator:
     def isLive(self, member: int) -> bool:
         return self.election.isLive(member)
 
-    def members(self) -> Dict[int, str]:
+    def members(self) -> Dict[int, MemberInfo]:
         """
-        The live members and their addresses, this node included.
+        The live members whose addresses are known, this node included.
         """
         live = {}
         for member in self.election.liveMembers():
             address = self.addressOf(member)
             if address is not None:
-                live[member] = address
+                live[member] = MemberInfo(member, address, self.fingerprintOf(member))
         return live
 
     def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
@@ -141,9 +152,6 @@ class HeartbeatCoordinator:
         return lambda: self._subscribers.remove(callback) if callback in self._subscribers else None
 
     # Events from the links.
-
-    def peerKnown(self, member: int) -> None:
-        self.election.peerKnown(member)
 
     def linkUp(self, member: int) -> None:
         if self.stopping:
@@ -159,8 +167,15 @@ class HeartbeatCoordinator:
         self._notify()
 
     def heartbeatReceived(self, sender: int, message: Message) -> None:
+        """
+        Learn the members C{message} lists (the sender and those it sees as
+        live, so that knowledge spreads), then let the election hear it.
+        """
         if self.stopping:
             return
+        for member, address in message.members:
+            if self.learn(member, address):
+                self.election.peerKnown(member)
         self._apply(self.election.heartbeatReceived(sender, message.epoch, message.leader))
         self._notify()
 
@@ -184,7 +199,7 @@ class HeartbeatCoordinator:
     # Heartbeats.
 
     def heartbeatMessage(self) -> Message:
-        members = [(member, address) for member, address in sorted(self.members().items())]
+        members = [(member, info.address) for member, info in sorted(self.members().items())]
         return Message(
             "heartbeat",
             node=self.me,

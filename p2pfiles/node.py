@@ -3,7 +3,8 @@ A p2pfiles node: the service that wires its parts together.
 
 The parts, each in its own module:
   - L{Membership}: the members and the control links to them;
-  - L{HeartbeatCoordinator}: who leads (the built-in election);
+  - the coordinator, who leads: L{HeartbeatCoordinator} (the built-in
+    election) or an L{ExternalCoordinator} (etcd);
   - L{LocalIndex}: this node's own files; L{IndexKeeper}: the cluster's
     index and C{peer_files.log} while this node leads;
   - L{ControlSession} and L{RequestSession}: one per connection;
@@ -14,7 +15,7 @@ session for its purpose, gives the sessions the small views they need, and
 carries the coordinator's decisions to the index keeper.
 """
 
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from twisted.application.service import MultiService
 from twisted.internet import threads
@@ -28,6 +29,9 @@ from zope.interface import implementer
 from p2pfiles import __version__
 from p2pfiles.client import askLeader, connect, receiveListing
 from p2pfiles.control import ControlSession
+from p2pfiles.coordinator import INodeCoordinator
+from p2pfiles.etcd import DEFAULT_PREFIX, DEFAULT_TTL
+from p2pfiles.external import etcdCoordinator
 from p2pfiles.errors import P2PError
 from p2pfiles.fetcher import Fetcher
 from p2pfiles.gather import IndexKeeper
@@ -69,9 +73,14 @@ class NodeConfig:
         partMaxAge: float = 7 * 24 * 3600.0,
         certificate: Optional[NodeCertificate] = None,
         pins: Optional[Pins] = None,
+        etcd: Sequence[str] = (),
+        coordinatorPrefix: str = DEFAULT_PREFIX,
+        leaseTTL: float = DEFAULT_TTL,
     ) -> None:
         # certificate: the node's TLS identity; None to keep it in the state
-        # directory (made there on the first start).
+        # directory (made there on the first start).  etcd: the endpoints
+        # (HOST:PORT) of the etcd cluster that decides who leads; none for
+        # the built-in election.
         self.id = id
         self.certificate = certificate
         self.pins = pins
@@ -83,6 +92,9 @@ class NodeConfig:
         self.secret = secret
         self.heartbeat = heartbeat
         self.leaderTimeout = leaderTimeout
+        self.etcd = tuple(etcd)
+        self.coordinatorPrefix = coordinatorPrefix
+        self.leaseTTL = leaseTTL
 
 
 def _stateIdentity(state: FilePath) -> NodeCertificate:
@@ -170,18 +182,35 @@ class Node(MultiService):
         self._localReady = Once()
         self.membership = Membership(config.id, config.address, self.identity, reactor, self._outgoingControl)
         self.membership.setServiceParent(self)
-        self.coordinator = HeartbeatCoordinator(
-            config.id,
-            reactor,
-            EpochStore(config.state),
-            runInThread,
-            self.membership.sendTo,
-            self.membership.broadcast,
-            self.membership.addressOf,
-            config.heartbeat,
-            config.leaderTimeout,
-            knownPeers=config.peers,
-        )
+        self.coordinator: INodeCoordinator
+        if config.etcd:
+            # Members come from etcd; the node links to them for the index.
+            self.coordinator = etcdCoordinator(
+                reactor,
+                config.etcd,
+                config.coordinatorPrefix,
+                config.leaseTTL,
+                config.id,
+                config.address,
+                lambda: self.security.fingerprint,
+                self.membership.learn,
+            )
+        else:
+            self.coordinator = HeartbeatCoordinator(
+                config.id,
+                reactor,
+                EpochStore(config.state),
+                runInThread,
+                self.membership.sendTo,
+                self.membership.broadcast,
+                self.membership.addressOf,
+                config.heartbeat,
+                config.leaderTimeout,
+                knownPeers=config.peers,
+                learn=self.membership.learn,
+                fingerprintOf=self.membership.fingerprintOf,
+            )
+        self._joined = Once()
         self.keeper = IndexKeeper(
             config.id,
             config.address,
@@ -209,7 +238,7 @@ class Node(MultiService):
         self.coordinator.subscribe(self._leadershipChanged)
         # Control messages: type -> function of (sender, message).
         self.controlHandlers: Dict[str, Callable[[int, Message], None]] = {
-            "heartbeat": self._heartbeat,
+            "heartbeat": self.coordinator.heartbeatReceived,
             "stale": self.coordinator.staleReceived,
             "index-request": self._indexRequest,
             "index-chunk": self.keeper.chunkReceived,
@@ -282,16 +311,18 @@ class Node(MultiService):
             )
         for peer, address in sorted(self.config.peers.items()):
             self.membership.learn(peer, address, configured=True)
-        # First, so that a corrupt epoch file stops the start here.
-        self.coordinator.start()
+        # First, so that a corrupt epoch file stops the start here.  Joining
+        # etcd takes a round trip or more; see whenJoined.
+        self.coordinator.start().addBoth(self._joined.fire)
         super().startService()
         self._housekeeping.start(self.config.heartbeat, now=False)
         self._partSweep.start(PART_SWEEP_INTERVAL, now=True)
         self.log.info(
-            "node {id} up at {address} as {fingerprint} (epoch {epoch}, peers {peers})",
+            "node {id} up at {address} as {fingerprint} ({coordinator} coordinator, epoch {epoch}, peers {peers})",
             id=self.id,
             address=self.config.address,
             fingerprint=self.security.fingerprint,
+            coordinator=self.coordinator.name,
             epoch=self.coordinator.epoch(),
             peers=", ".join(str(p) for p in sorted(self.config.peers)) or "none",
         )
@@ -348,6 +379,15 @@ class Node(MultiService):
         self.log.failure("cannot index the share {share}", reason, share=self.config.share.path)
         # Nobody waits for a first scan that will not come.
         self._localReady.fire(Failure(P2PError(f"cannot index the share {self.config.share.path}", "io")))
+
+    def whenJoined(self) -> Deferred:
+        """
+        Fire once the coordinator has admitted this node (at once for the
+        built-in election); fail with its L{CoordinatorError} if it refused
+        (code C{conflict}: the id is taken) or could not be reached (code
+        C{unavailable}).
+        """
+        return self._joined.wait()
 
     def whenLocalReady(self) -> Deferred:
         """
@@ -408,7 +448,7 @@ class Node(MultiService):
             self.log.failure("error in the node's housekeeping")
 
     def _liveMembers(self) -> Dict[int, str]:
-        return {m: a for m, a in self.coordinator.members().items() if m != self.id}
+        return {m: info.address for m, info in self.coordinator.members().items() if m != self.id}
 
     def _lead(self, epoch: int) -> None:
         started = self.reactor.seconds()
@@ -426,12 +466,6 @@ class Node(MultiService):
         self.keeper.lead(epoch, own, self._liveMembers()).addCallback(gathered)
 
     # Control messages.
-
-    def _heartbeat(self, sender: int, message: Message) -> None:
-        for member, address in message.members:
-            if self.membership.learn(member, address):
-                self.coordinator.peerKnown(member)
-        self.coordinator.heartbeatReceived(sender, message)
 
     def _controlError(self, sender: int, message: Message) -> None:
         self.log.warn(
@@ -510,6 +544,7 @@ class Node(MultiService):
             "address": self.config.address,
             "fingerprint": self.security.fingerprint,
             "role": coordinator.role(),
+            "coordinator": coordinator.name,
             "leader": coordinator.leader(),
             "epoch": coordinator.epoch(),
             "members": members,

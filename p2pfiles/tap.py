@@ -2,18 +2,24 @@
 The twistd plugin's options and service: C{twistd -n p2pfiles --id 1 ...}.
 """
 
+import atexit
 import ipaddress
 import math
-from typing import Any, Dict, Optional, Tuple
+import os
+import sys
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
 from p2pfiles.auth import SecretError, readSecret
 from p2pfiles.address import formatAddress, parseAddress, serverEndpoint
+from p2pfiles.coordinator import CoordinatorError
+from p2pfiles.etcd import DEFAULT_PREFIX, DEFAULT_TTL, checkPrefix
 from p2pfiles.heartbeat import EpochStore
 from p2pfiles.identity import IdentityError, NodeCertificate, Pins, loadIdentity, parseFingerprint, stateIdentity
 from p2pfiles.node import Node, NodeConfig
@@ -25,6 +31,34 @@ def _positive(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise ValueError("must be a positive number")
     return value
+
+
+def _leaseTTL(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 1):
+        raise ValueError("must be at least 1 (second)")
+    return value
+
+
+def parseCoordinator(text: str) -> List[str]:
+    """
+    The etcd endpoints of C{--coordinator etcd://HOST:PORT[,HOST:PORT...]},
+    or an empty list for C{builtin}.
+    """
+    if text == "builtin":
+        return []
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme != "etcd":
+        raise usage.UsageError(f"--coordinator {text!r}: expected 'builtin' or etcd://HOST:PORT[,HOST:PORT...]")
+    endpoints = rest.split(",")
+    for endpoint in endpoints:
+        try:
+            parseAddress(endpoint)
+        except ValueError as e:
+            raise usage.UsageError(f"--coordinator {text!r}: {e}") from None
+    if len(set(endpoints)) != len(endpoints):
+        raise usage.UsageError(f"--coordinator {text!r}: an endpoint is given twice")
+    return endpoints
 
 
 def _nodeId(text: str) -> Optional[int]:
@@ -133,6 +167,26 @@ class Options(usage.Options):
         ["heartbeat", None, 0.25, "Seconds between heartbeats.", _positive],
         ["leader-timeout", None, 1.0, "Seconds of silence after which a member counts as down.", _positive],
         [
+            "coordinator",
+            None,
+            "builtin",
+            "Who decides membership and leadership: 'builtin' (the nodes, by heartbeats) or "
+            "etcd://HOST:PORT[,HOST:PORT...] (an etcd cluster; --peer and --cluster become optional).",
+        ],
+        [
+            "coordinator-prefix",
+            None,
+            None,
+            f"With etcd: the key prefix this cluster keeps its members and leader under (default {DEFAULT_PREFIX}).",
+        ],
+        [
+            "lease-ttl",
+            None,
+            None,
+            f"With etcd: seconds a node's lease lives without renewal, at least 1 (default {DEFAULT_TTL:g}).",
+            _leaseTTL,
+        ],
+        [
             "web",
             None,
             None,
@@ -153,6 +207,7 @@ class Options(usage.Options):
         super().__init__()
         self["peers"] = {}
         self["pins"] = {}
+        self["etcd"] = []
 
     def opt_peer(self, value: str) -> None:
         """
@@ -201,6 +256,7 @@ class Options(usage.Options):
             raise usage.UsageError(
                 "--leader-timeout must be at least twice --heartbeat, or members would flap between up and down"
             )
+        self._checkCoordinator()
         if self["advertise"] is not None:
             try:
                 parseAddress(self["advertise"])
@@ -238,6 +294,22 @@ class Options(usage.Options):
             raise usage.UsageError(f"cannot use --state {self['state']}: {e}") from None
         self["certificate"] = self._certificate()
         self._checkPins()
+
+    def _checkCoordinator(self) -> None:
+        self["etcd"] = parseCoordinator(self["coordinator"])
+        if not self["etcd"]:
+            for name in ("coordinator-prefix", "lease-ttl"):
+                if self[name] is not None:
+                    raise usage.UsageError(f"--{name} applies only to --coordinator etcd://...")
+            return
+        if self["coordinator-prefix"] is None:
+            self["coordinator-prefix"] = DEFAULT_PREFIX
+        try:
+            checkPrefix(self["coordinator-prefix"])
+        except ValueError as e:
+            raise usage.UsageError(f"--coordinator-prefix: {e}") from None
+        if self["lease-ttl"] is None:
+            self["lease-ttl"] = DEFAULT_TTL
 
     def _certificate(self) -> Optional[NodeCertificate]:
         """
@@ -296,6 +368,9 @@ class Options(usage.Options):
             partMaxAge=self["part-max-age"] * 86400,
             certificate=self["certificate"],
             pins=self.pins(),
+            etcd=self["etcd"],
+            coordinatorPrefix=self["coordinator-prefix"] or DEFAULT_PREFIX,
+            leaseTTL=self["lease-ttl"] or DEFAULT_TTL,
         )
 
 
@@ -352,6 +427,59 @@ class Listener(Service):
         return maybeDeferred(port.stopListening)
 
 
+def exitStatusAfterTwistd(status: int) -> None:
+    """
+    Make the process exit with C{status} once twistd is done.
+
+    twistd exits 0 whenever its reactor stopped, and offers no exit status
+    of its own: so, once twistd has stopped its services, removed its pid
+    file and logged its last line, an exit handler flushes the standard
+    streams and ends the process with C{status}.
+    """
+
+    def exit() -> None:
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except Exception:
+                pass
+        os._exit(status)
+
+    atexit.register(exit)
+
+
+class NodeService(MultiService):
+    """
+    The node and its ports, as twistd runs them.  If the node cannot join
+    its cluster (its id is taken, or etcd does not answer), that is one
+    line in the log, the reactor stops, and the process exits with status 1.
+    """
+
+    log = Logger()
+
+    def __init__(self, node: Node, reactor: Any, exitStatus: Callable[[int], None] = exitStatusAfterTwistd) -> None:
+        super().__init__()
+        self.node = node
+        self.reactor = reactor
+        self.exitStatus = exitStatus
+
+    def startService(self) -> None:
+        super().startService()
+        self.node.whenJoined().addErrback(self._cannotJoin)
+
+    def _cannotJoin(self, reason: Failure) -> None:
+        if not self.running:
+            # Stopped while joining: nothing went wrong.
+            return
+        if reason.check(CoordinatorError):
+            self.log.critical("node {id} cannot start: {why}", id=self.node.id, why=reason.getErrorMessage())
+        else:
+            self.log.failure("node {id} cannot start", reason, id=self.node.id)
+        self.exitStatus(1)
+        self.reactor.callWhenRunning(self.reactor.stop)
+
+
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     """
     The node and the port it listens on, as one service.
@@ -361,7 +489,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     node = Node(options.nodeConfig(), reactor)
     endpoint = serverEndpoint(reactor, options["interface"], options["port"], node.security)
     listener = Listener(endpoint, node.listeningFactory(), formatAddress(options["interface"], options["port"]))
-    top = MultiService()
+    top = NodeService(node, reactor)
     listener.setServiceParent(top)
     node.setServiceParent(top)
     if options["web"] is not None:

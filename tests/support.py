@@ -3,6 +3,7 @@ Helpers for integration tests: real nodes on 127.0.0.1 in this process, real
 twistd processes, and polling with a deadline (never a fixed sleep).
 """
 
+import itertools
 import json
 import os
 import signal
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
@@ -115,6 +116,9 @@ async def _nothing() -> None:
     return None
 
 
+_clusters = itertools.count()
+
+
 def startCluster(
     testcase: TestCase,
     ids: List[int],
@@ -122,12 +126,18 @@ def startCluster(
     files: Optional[Dict[int, Dict[str, bytes]]] = None,
     peersOf: Optional[Callable[[int, Dict[int, str]], Dict[int, str]]] = None,
     shares: Optional[Dict[int, FilePath]] = None,
+    etcd: Sequence[str] = (),
+    leaseTTL: float = 2.0,
 ) -> Dict[int, InProcessNode]:
     """
     Start one in-process node per id, each knowing all the others (or those
     C{peersOf} picks), with the given files in their shares.  Every node is
     stopped in the test's cleanup.
+
+    @param etcd: etcd endpoints: the nodes leave leadership to etcd (under a
+        prefix of their own) and know no peers, only what etcd tells them.
     """
+    prefix = f"/p2pfiles/test-{os.getpid()}-{next(_clusters)}"
     base = FilePath(testcase.mktemp())
     factories = {}
     ports = {}
@@ -143,7 +153,7 @@ def startCluster(
         share.makedirs(ignoreExistingDirectory=True)
         for name, data in (files or {}).get(node, {}).items():
             share.child(name).setContent(data)
-        peers = {p: a for p, a in addresses.items() if p != node}
+        peers = {p: a for p, a in addresses.items() if p != node and not etcd}
         if peersOf is not None:
             peers = peersOf(node, addresses)
         config = NodeConfig(
@@ -154,6 +164,9 @@ def startCluster(
             state=base.child(f"node{node}").child("state"),
             secret=secret,
             certificate=certificates[node],
+            etcd=etcd,
+            coordinatorPrefix=prefix,
+            leaseTTL=leaseTTL,
         )
         instance = Node(config, reactor)
         instance.listeningFactory(factories[node])

@@ -802,9 +802,11 @@ class LiveNodeTests(CommandTestCase):
         self.assertEqual(len(lines), 1)
         status = json.loads(lines[0])
         self.assertTrue(STATUS_KEYS <= set(status), sorted(status))
-        # The node adds its own address, which the table shows, and its
-        # certificate's fingerprint.
-        self.assertEqual(set(status) - STATUS_KEYS, {"address", "fingerprint", "refused"})
+        # The node adds its own address, which the table shows, its
+        # certificate's fingerprint, which coordinator decides, and who
+        # refuses its links.
+        self.assertEqual(set(status) - STATUS_KEYS, {"address", "fingerprint", "coordinator", "refused"})
+        self.assertEqual(status["coordinator"], "builtin")
         self.assertEqual(status["refused"], [])
         self.assertEqual(status["fingerprint"], harness.node.security.fingerprint)
         for member in status["members"]:

@@ -12,7 +12,9 @@ from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
+from p2pfiles.coordinator import ICoordinator, INodeCoordinator, MemberInfo
 from p2pfiles.election import ElectionState
 from p2pfiles.heartbeat import EpochStore, HeartbeatCoordinator
 from p2pfiles.wire import Message
@@ -114,6 +116,18 @@ class CoordinatorCase(SynchronousTestCase):
         self.patch(HeartbeatCoordinator, "log", Logger(observer=self.events.append))
         self.patch(ElectionState, "log", Logger(observer=lambda e: None))
         self.addresses: Dict[int, str] = {}
+        self.fingerprints: Dict[int, str] = {}
+        self.learned: List[Tuple[int, str]] = []
+
+    def learn(self, member: int, address: str) -> bool:
+        """
+        As the membership's C{learn}: True for a member not known before.
+        """
+        self.learned.append((member, address))
+        if member in self.addresses:
+            return False
+        self.addresses[member] = address
+        return True
 
     def coordinator(self, me: int, knownPeers: Any = ()) -> HeartbeatCoordinator:
         self.addresses = {me: address(me)}
@@ -129,6 +143,8 @@ class CoordinatorCase(SynchronousTestCase):
             HEARTBEAT,
             LEADER_TIMEOUT,
             knownPeers=knownPeers,
+            learn=self.learn,
+            fingerprintOf=self.fingerprints.get,
         )
         self.addCleanup(lambda: coordinator.stop())
         return coordinator
@@ -408,23 +424,81 @@ class MembersTests(CoordinatorCase):
     What the coordinator says about the cluster.
     """
 
+    def test_provides(self) -> None:
+        """
+        The built-in coordinator provides L{ICoordinator} and what the node
+        asks beyond it, L{INodeCoordinator}, and is named "builtin".
+        """
+        coordinator = self.coordinator(1)
+        self.assertTrue(verifyObject(ICoordinator, coordinator))
+        self.assertTrue(verifyObject(INodeCoordinator, coordinator))
+        self.assertEqual(coordinator.name, "builtin")
+
     def test_membersAreLiveWithAddresses(self) -> None:
         """
-        C{members} maps every live member (this node included) to its
-        address; a member linked but not heard from, or whose address is
-        unknown, is left out.
+        C{members} maps every live member (this node included) to a
+        L{MemberInfo} with its address and the fingerprint its links
+        presented, if any; a member linked but not heard from, or whose
+        address is unknown, is left out.
         """
         coordinator = self.coordinator(1, knownPeers=[2, 3, 4])
+        self.fingerprints[2] = "sha256:" + "ab" * 32
         coordinator.start()
-        self.assertEqual(coordinator.members(), {1: address(1)})
+        self.assertEqual(coordinator.members(), {1: MemberInfo(1, address(1))})
         for peer in (2, 3, 4):
             coordinator.linkUp(peer)
         coordinator.heartbeatReceived(2, Message("heartbeat", node=2, epoch=0, leader=None, members=[]))
         del self.addresses[4]
         coordinator.heartbeatReceived(4, Message("heartbeat", node=4, epoch=0, leader=None, members=[]))
-        self.assertEqual(coordinator.members(), {1: address(1), 2: address(2)})
+        self.assertEqual(
+            coordinator.members(),
+            {1: MemberInfo(1, address(1)), 2: MemberInfo(2, address(2), "sha256:" + "ab" * 32)},
+        )
         self.assertTrue(coordinator.isLive(4))
         self.assertFalse(coordinator.isLive(3))
+
+    def test_heartbeatTeachesMembers(self) -> None:
+        """
+        Every member a heartbeat lists is passed to C{learn}; one that is
+        new counts as known to the election, which then waits to hear from
+        it (or for the leader timeout) before it claims.
+        """
+        coordinator = self.coordinator(1, knownPeers=[2])
+        coordinator.start()
+        coordinator.linkUp(2)
+        listed = [(2, address(2)), (3, address(3))]
+        coordinator.heartbeatReceived(2, Message("heartbeat", node=2, epoch=0, leader=None, members=listed))
+        self.assertEqual(self.learned, listed)
+        self.clock.advance(HEARTBEAT)
+        self.assertEqual(coordinator.role(), "candidate", "node 3 was learned: wait for it")
+        self.clock.advance(LEADER_TIMEOUT)
+        self.assertEqual(coordinator.role(), "leader")
+
+    def test_heartbeatOfKnownMembersClaims(self) -> None:
+        """
+        The counterpart of L{test_heartbeatTeachesMembers}: when the members
+        a heartbeat lists are all known, the node has heard from everyone
+        and claims on its next tick.
+        """
+        coordinator = self.coordinator(1, knownPeers=[2])
+        coordinator.start()
+        coordinator.linkUp(2)
+        members = [(2, address(2))]
+        coordinator.heartbeatReceived(2, Message("heartbeat", node=2, epoch=0, leader=None, members=members))
+        self.clock.advance(HEARTBEAT)
+        self.assertEqual(coordinator.role(), "leader")
+
+    def test_nothingLearnedWhileStopping(self) -> None:
+        """
+        A stopping node learns no member from a heartbeat.
+        """
+        coordinator = self.coordinator(1)
+        coordinator.start()
+        self.threads.run(0)
+        self.successResultOf(coordinator.stop())
+        members = [(3, address(3))]
+        coordinator.heartbeatReceived(2, Message("heartbeat", node=2, epoch=0, leader=None, members=members))
+        self.assertEqual(self.learned, [])
 
     def test_linkUpAnsweredWithHeartbeat(self) -> None:
         """

@@ -21,7 +21,9 @@ from twisted.python.filepath import FilePath
 from twisted.test.iosim import ConnectionCompleter, FakeTransport, IOPump, connect
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2pfiles import __version__, auth
+from p2pfiles import __version__, auth, external
+from p2pfiles.coordinator import CoordinatorError
+from p2pfiles.external import ExternalCoordinator
 from p2pfiles.node import Node, NodeConfig
 from p2pfiles.election import ElectionState
 from p2pfiles.heartbeat import HeartbeatCoordinator
@@ -33,6 +35,7 @@ from p2pfiles.wire import SCHEMAS, Message
 from p2pfiles.tls import TLS
 from tests.channels import PLAIN, PLAIN_FINGERPRINT, certificate, plainIdentity
 from tests.frames import frame, hello, parseFrames, proofFor, rawFrame
+from tests.test_external import FakeCoordinator
 
 HEARTBEAT = 0.25
 LEADER_TIMEOUT = 1.0
@@ -168,10 +171,13 @@ class Harness:
         state: Optional[FilePath] = None,
         files: Optional[Dict[str, bytes]] = None,
         tls: bool = False,
+        etcd: Optional[FakeCoordinator] = None,
     ) -> None:
         """
         @param tls: secure the node's connections with real TLS (in memory)
             rather than the plain test channel.
+        @param etcd: the coordinator the node gets when configured for etcd
+            (in place of an L{EtcdCoordinator}); the built-in one if None.
         """
         self.case = case
         self.tls = tls
@@ -189,7 +195,10 @@ class Harness:
             state=state if state is not None else base.child("state"),
             heartbeat=HEARTBEAT,
             leaderTimeout=LEADER_TIMEOUT,
+            etcd=["127.0.0.1:2379"] if etcd is not None else [],
         )
+        if etcd is not None:
+            case.patch(external, "EtcdCoordinator", lambda *args: etcd)
         security = TLS(certificate(("node", node))) if tls else PLAIN
         self.node = Node(self.config, self.reactor, runInThread=inline, useInotify=False, security=security)
         self.factory = self.node.listeningFactory()
@@ -198,7 +207,9 @@ class Harness:
         self.byHand: List[P2PProtocol] = []
         self.events: List[dict] = []
         # What the node and its parts log.
-        for part in (Node, Membership, PeerLink, HeartbeatCoordinator, ElectionState, RequestSession, StatusBoard):
+        for part in (
+            Node, Membership, PeerLink, HeartbeatCoordinator, ExternalCoordinator, ElectionState, RequestSession, StatusBoard
+        ):
             case.patch(part, "log", forwardingLogger(self.events))
         self.protocolEvents: List[dict] = []
         case.patch(P2PProtocol, "log", forwardingLogger(self.protocolEvents))
@@ -317,6 +328,7 @@ class StatusTests(SynchronousTestCase):
                 "id": 1,
                 "address": "127.0.0.1:9001",
                 "role": "candidate",
+                "coordinator": "builtin",
                 "leader": None,
                 "epoch": 0,
                 "members": [{"id": 1, "address": "127.0.0.1:9001", "alive": True}],
@@ -729,6 +741,155 @@ class HeartbeatTests(SynchronousTestCase):
             self.assertIn("heartbeat is not accepted on a request connection", reason)
             self.assertTrue(link.isClosed)
         self.assertEqual(harness.node.membership.members, {})
+
+
+class ExternalCoordinatorTests(SynchronousTestCase):
+    """
+    A node whose coordinator decides elsewhere (etcd, here a fake): no
+    heartbeats, members and leader from the coordinator, index traffic as
+    with the built-in election.
+    """
+
+    def harness(self, node: int = 2, atOnce: bool = True) -> Tuple[Harness, FakeCoordinator]:
+        fake = FakeCoordinator(node, atOnce=atOnce)
+        return Harness(self, node=node, etcd=fake), fake
+
+    def test_status(self) -> None:
+        """
+        The status names the coordinator, C{etcd}; with no leader known the
+        node is a candidate in epoch 0.
+        """
+        harness, fake = self.harness()
+        harness.start()
+        status = harness.node.status()
+        self.assertEqual(
+            (status["coordinator"], status["role"], status["leader"], status["epoch"]), ("etcd", "candidate", None, 0)
+        )
+
+    def test_whenJoined(self) -> None:
+        """
+        C{whenJoined} fires once the coordinator has admitted the node, and
+        fails with the coordinator's error when it refuses it; the built-in
+        election admits at once.
+        """
+        harness, fake = self.harness(atOnce=False)
+        harness.start()
+        joined = harness.node.whenJoined()
+        self.assertNoResult(joined)
+        assert fake.started is not None
+        fake.started.callback(None)
+        self.successResultOf(joined)
+        self.successResultOf(harness.node.whenJoined())
+        fake.stopped = None
+        harness.node.stopService()
+        assert fake.stopped is not None
+        fake.stopped.callback(None)
+
+        refused, other = self.harness(atOnce=False)
+        refused.start()
+        assert other.started is not None
+        other.started.errback(CoordinatorError("conflict", "node id 2 is already registered in etcd by 127.0.0.1:1"))
+        error = self.failureResultOf(refused.node.whenJoined(), CoordinatorError).value
+        self.assertEqual(error.code, "conflict")
+        refused.node.stopService()
+        assert other.stopped is not None
+        other.stopped.callback(None)
+
+        builtin = Harness(self, node=1).start()
+        self.successResultOf(builtin.node.whenJoined())
+
+    def test_noHeartbeats(self) -> None:
+        """
+        The node sends no heartbeat, on a new link or as time passes, and
+        a heartbeat it receives changes nothing: neither the leader nor
+        the members it lists.
+        """
+        harness, fake = self.harness()
+        harness.start()
+        protocol, transport = harness.openByHand(nodeIdentity(3))
+        self.assertEqual([m.type for m in parseFrames(transport.value())], ["ready"])
+        transport.clear()
+        harness.reactor.advance(10 * HEARTBEAT)
+        protocol.dataReceived(frame(heartbeat(3, 9, 3, [(3, address(3)), (4, address(4))])))
+        harness.reactor.advance(10 * HEARTBEAT)
+        self.assertEqual(transport.value(), b"")
+        status = harness.node.status()
+        self.assertEqual((status["leader"], status["epoch"]), (None, 0))
+        self.assertNotIn(4, harness.node.membership)
+
+    def test_membersFromCoordinator(self) -> None:
+        """
+        Every member the coordinator reports is linked to at its address and
+        shown alive; the leader's address is known; a member that leaves
+        the coordinator is shown not alive.
+        """
+        harness, fake = self.harness()
+        harness.start()
+        fake.set(1, 5, 1, 3)
+        self.assertEqual(
+            sorted((host, port) for host, port, *_ in harness.reactor.tcpClients),
+            [("127.0.0.1", 9001), ("127.0.0.1", 9003)],
+        )
+        status = harness.node.status()
+        self.assertEqual((status["role"], status["leader"], status["epoch"]), ("follower", 1, 5))
+        self.assertEqual([(m["id"], m["alive"]) for m in status["members"]], [(1, True), (2, True), (3, True)])
+        self.assertEqual(harness.node.leaderAddress(), address(1))
+        fake.set(1, 5, 1)
+        self.assertEqual([(m["id"], m["alive"]) for m in harness.node.status()["members"]], [(1, True), (2, True), (3, False)])
+
+    def test_leaderGathers(self) -> None:
+        """
+        When the coordinator says this node leads, it gathers every live
+        member's index over the control links, tagged with the
+        coordinator's epoch.
+        """
+        harness, fake = self.harness()
+        harness.start()
+        peer = harness.peer(3)
+        fake.set(2, 7, 3)
+        harness.advance(HEARTBEAT)
+        (request,) = peer.handler.of("index-request")
+        self.assertEqual(request.epoch, 7)
+        self.assertEqual(harness.node.status()["role"], "leader")
+        self.assertTrue(harness.node.isLeader())
+
+    def test_followerAnswersCurrentEpochOnly(self) -> None:
+        """
+        A follower sends its index to the leader's request of the current
+        epoch; a request of an older epoch is refused with one log line and
+        no stale notice.
+        """
+        harness, fake = self.harness()
+        harness.start()
+        harness.advance(0)
+        fake.set(1, 5, 1)
+        leader = harness.peer(1)
+        leader.send(Message("index-request", epoch=4, request=1), Message("index-request", epoch=4, request=2))
+        self.assertEqual(leader.handler.of("index-chunk"), [])
+        self.assertEqual(leader.handler.of("stale"), [])
+        self.assertEqual(harness.lines().count("rejected message from 1: stale epoch 4 < 5"), 1)
+        leader.send(Message("index-request", epoch=5, request=3))
+        harness.flush()
+        self.assertEqual([(m.epoch, m.request, m.last) for m in leader.handler.of("index-chunk")], [(5, 3, True)])
+
+    def test_stopLeavesThenCloses(self) -> None:
+        """
+        Stopping the node stops the coordinator, which stops leading at
+        once: the node resigns its index.
+        """
+        harness, fake = self.harness(atOnce=False)
+        harness.start()
+        assert fake.started is not None
+        fake.started.callback(None)
+        fake.set(2, 7)
+        self.assertIsNotNone(harness.node.keeper.epoch)
+        stopped = harness.node.stopService()
+        self.assertEqual(fake.calls, ["start", "stop"])
+        self.assertIsNone(harness.node.keeper.epoch)
+        self.assertFalse(harness.node.isLeader())
+        assert fake.stopped is not None
+        fake.stopped.callback(None)
+        self.successResultOf(stopped)
 
 
 class EpochStoreTests(SynchronousTestCase):

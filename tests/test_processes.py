@@ -101,9 +101,10 @@ class CommandTests(SynchronousTestCase):
 
         got = poll(lambda: (s := status()) and s["leader"] == 1 and s, "leader 1")
         self.assertEqual(
-            set(got), {"id", "address", "role", "leader", "epoch", "members", "version", "fingerprint", "refused"}
+            set(got),
+            {"id", "address", "role", "coordinator", "leader", "epoch", "members", "version", "fingerprint", "refused"},
         )
-        self.assertEqual((got["id"], got["role"]), (2, "follower"))
+        self.assertEqual((got["id"], got["role"], got["coordinator"]), (2, "follower", "builtin"))
         # The node's own fingerprint is the one `p2pfiles id` reads from its
         # state, and its peer's is the one it saw on their link.
         own = cli("id", "--state", nodes[2].dir.child("state").path)

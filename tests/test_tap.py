@@ -10,7 +10,9 @@ from typing import Any, Dict, List
 from twisted.application.service import IService, IServiceCollection, IServiceMaker, MultiService
 from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import Logger, formatEvent
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.filepath import FilePath
@@ -21,7 +23,8 @@ from p2pfiles.address import parseAddress
 from p2pfiles.node import Node
 from p2pfiles.node import Incoming
 from p2pfiles.protocol import P2PFactory
-from p2pfiles.tap import CannotListen, Listener, WebListener
+from p2pfiles.coordinator import CoordinatorError
+from p2pfiles.tap import CannotListen, Listener, NodeService, WebListener
 from p2pfiles.tap import Options, isLoopback, makeService, parseCluster
 from p2pfiles.identity import stateIdentity
 from p2pfiles.tls import TLS, TLSServerEndpoint
@@ -482,6 +485,164 @@ class DirectoryAndTimingTests(OptionsTestCase):
             self.assertUsageError("--id", "1", option, "inf")
 
 
+class CoordinatorOptionTests(OptionsTestCase):
+    """
+    C{--coordinator builtin} (the default) or C{etcd://HOST:PORT[,...]},
+    with C{--coordinator-prefix} and C{--lease-ttl} for etcd.
+    """
+
+    def test_builtinByDefault(self) -> None:
+        """
+        Without C{--coordinator} the nodes elect among themselves: no etcd
+        endpoint reaches the node's configuration.
+        """
+        for arguments in ((), ("--coordinator", "builtin")):
+            options = parse("--id", "1", *arguments)
+            self.assertEqual((options["coordinator"], options["etcd"]), ("builtin", []))
+            self.assertEqual(options.nodeConfig().etcd, ())
+
+    def test_etcd(self) -> None:
+        """
+        C{etcd://} with one or more endpoints; the prefix defaults to
+        C{/p2pfiles/default} and the lease TTL to 2 seconds.  No C{--peer}
+        or C{--cluster} is needed.
+        """
+        options = parse("--id", "1", "--coordinator", "etcd://127.0.0.1:2379,[::1]:2379,etcd.example:2379")
+        self.assertEqual(options["etcd"], ["127.0.0.1:2379", "[::1]:2379", "etcd.example:2379"])
+        config = options.nodeConfig()
+        self.assertEqual(
+            (config.etcd, config.coordinatorPrefix, config.leaseTTL, config.peers),
+            (("127.0.0.1:2379", "[::1]:2379", "etcd.example:2379"), "/p2pfiles/default", 2.0, {}),
+        )
+
+    def test_etcdSettings(self) -> None:
+        """
+        The prefix and the lease TTL (fractional, at least one second) are
+        carried to the node.
+        """
+        options = parse(
+            "--id", "1", "--coordinator", "etcd://127.0.0.1:2379",
+            "--coordinator-prefix", "/teams/blue", "--lease-ttl", "1.5",
+        )
+        config = options.nodeConfig()
+        self.assertEqual((config.coordinatorPrefix, config.leaseTTL), ("/teams/blue", 1.5))
+        self.assertEqual(parse("--id", "1", "--coordinator", "etcd://127.0.0.1:2379", "--lease-ttl", "1").nodeConfig().leaseTTL, 1.0)
+
+    def test_badCoordinator(self) -> None:
+        """
+        Anything but C{builtin} or C{etcd://} with valid, distinct
+        C{HOST:PORT} endpoints is refused in one line naming the option.
+        """
+        for bad in (
+            "", "etcd", "Builtin", "zookeeper://127.0.0.1:2181", "http://127.0.0.1:2379", "etcd://",
+            "etcd://127.0.0.1", "etcd://127.0.0.1:2379,", "etcd://127.0.0.1:0", "etcd://127.0.0.1:2379,127.0.0.1:2379",
+        ):
+            self.assertIn("--coordinator", self.assertUsageError("--id", "1", "--coordinator", bad))
+
+    def test_badPrefix(self) -> None:
+        """
+        A prefix that is not an absolute key path of printable ASCII is
+        refused with etcd's reason.
+        """
+        for bad in ("p2pfiles", "/", "/p2pfiles/", "/with space", "/" + "x" * 200):
+            message = self.assertUsageError(
+                "--id", "1", "--coordinator", "etcd://127.0.0.1:2379", "--coordinator-prefix", bad
+            )
+            self.assertIn("--coordinator-prefix", message)
+
+    def test_badLeaseTTL(self) -> None:
+        """
+        A lease shorter than a second (etcd counts whole seconds), or not a
+        finite number, is refused.
+        """
+        for bad in ("0.5", "0", "-2", "nan", "inf", "soon"):
+            self.assertUsageError("--id", "1", "--coordinator", "etcd://127.0.0.1:2379", "--lease-ttl", bad)
+
+    def test_etcdSettingsNeedEtcd(self) -> None:
+        """
+        A prefix or a lease TTL without etcd would be silently ignored: it
+        is refused instead.
+        """
+        self.assertIn("--coordinator-prefix", self.assertUsageError("--id", "1", "--coordinator-prefix", "/x"))
+        self.assertIn("--lease-ttl", self.assertUsageError("--id", "1", "--lease-ttl", "3"))
+
+
+class JoinedNode:
+    """
+    What L{NodeService} asks of its node.
+    """
+
+    id = 4
+
+    def __init__(self, joined: Deferred) -> None:
+        self.joined = joined
+
+    def whenJoined(self) -> Deferred:
+        return self.joined
+
+
+class NodeServiceTests(SynchronousTestCase):
+    """
+    L{NodeService}: a node that cannot join its cluster ends the process,
+    with one line and exit status 1.
+    """
+
+    def service(self, joined: Deferred) -> "tuple[NodeService, MemoryReactorClock, List[int], List[dict]]":
+        reactor = MemoryReactorClock()
+        statuses: List[int] = []
+        events: List[dict] = []
+        self.patch(NodeService, "log", Logger(observer=events.append))
+        service = NodeService(JoinedNode(joined), reactor, statuses.append)  # type: ignore[arg-type]
+        return service, reactor, statuses, events
+
+    def test_joined(self) -> None:
+        """
+        A node that joins runs on: nothing logged, no exit status, the
+        reactor left alone.
+        """
+        joined: Deferred = Deferred()
+        service, reactor, statuses, events = self.service(joined)
+        service.startService()
+        joined.callback(None)
+        self.assertEqual((statuses, events, reactor.whenRunningHooks), ([], [], []))
+
+    def test_refused(self) -> None:
+        """
+        A refusal by the coordinator (the id is taken; etcd does not answer)
+        is one critical line with its reason, exit status 1, and the
+        reactor stopped once it runs.
+        """
+        error = CoordinatorError("conflict", "node id 4 is already registered in etcd by 127.0.0.1:9999")
+        service, reactor, statuses, events = self.service(fail(error))
+        service.startService()
+        self.assertEqual([formatEvent(e) for e in events], [f"node 4 cannot start: {error}"])
+        self.assertEqual(events[0]["log_level"].name, "critical")
+        self.assertEqual(statuses, [1])
+        self.assertEqual(reactor.whenRunningHooks, [(reactor.stop, (), {})])
+
+    def test_unexpected(self) -> None:
+        """
+        Any other failure is logged with its traceback, and still exits 1.
+        """
+        service, reactor, statuses, events = self.service(fail(RuntimeError("bug")))
+        service.startService()
+        self.assertEqual(statuses, [1])
+        self.assertEqual(reactor.whenRunningHooks, [(reactor.stop, (), {})])
+        self.assertIn("log_failure", events[0])
+
+    def test_stoppedWhileJoining(self) -> None:
+        """
+        A join that fails because the service was stopped meanwhile (SIGTERM
+        during the start) is no failure: nothing logged, no exit status.
+        """
+        joined: Deferred = Deferred()
+        service, reactor, statuses, events = self.service(joined)
+        service.startService()
+        service.stopService()
+        joined.errback(CoordinatorError("unavailable", "stopped before joining etcd"))
+        self.assertEqual((statuses, events), ([], []))
+
+
 class MakeServiceTests(OptionsTestCase):
     """
     L{makeService} builds the node and its listening port as one service.
@@ -536,6 +697,20 @@ class MakeServiceTests(OptionsTestCase):
             (node.identity.role, node.identity.node, node.identity.address, node.identity.secret, node.identity.purpose),
             ("node", 3, "127.0.0.1:9333", b"cluster-secret", "control"),
         )
+
+    def test_coordinator(self) -> None:
+        """
+        The node's coordinator is the one the options name: the built-in
+        election by default, etcd with C{--coordinator etcd://}; and the
+        top service watches the node's start.
+        """
+        top, listener, node, reactor = self.build("--id", "1")
+        self.assertEqual(node.coordinator.name, "builtin")
+        self.assertIsInstance(top, NodeService)
+        self.assertIs(top.node, node)
+        top, listener, node, reactor = self.build("--id", "1", "--coordinator", "etcd://127.0.0.1:2379")
+        self.assertEqual(node.coordinator.name, "etcd")
+        self.assertEqual(node.config.etcd, ("127.0.0.1:2379",))
 
     def test_advertisedAddress(self) -> None:
         """
