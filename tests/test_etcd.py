@@ -25,7 +25,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface.verify import verifyObject
 
-from p2pfiles import etcd
+from p2pfiles import etcd, etcdclient, etcdview, etcdwire
+
+# The etcd coordinator's modules: a limit is patched wherever it is read.
+ETCD_MODULES = (etcd, etcdclient, etcdview, etcdwire)
 from p2pfiles.coordinator import CoordinatorError, ICoordinator, MemberInfo
 from p2pfiles.etcd import (
     EtcdClient,
@@ -422,7 +425,9 @@ class ClientTests(SynchronousTestCase):
         etcd answers that is not about availability fails "internal"; an
         answer over the size limit fails "protocol" and is not read further.
         """
-        self.patch(etcd, "MAX_BODY", 100)
+        for module in ETCD_MODULES:
+            if hasattr(module, "MAX_BODY"):
+                self.patch(module, "MAX_BODY", 100)
         gateway, stub, client = self.canned(
             {
                 "/v3/kv/range": (200, b'{"header": {"revision": "x"}}'),
@@ -483,7 +488,9 @@ class ClientTests(SynchronousTestCase):
         A watch message over the line limit fails the watch "protocol" and
         closes its connection, without reading the rest.
         """
-        self.patch(etcd, "MAX_WATCH_LINE", 50)
+        for module in ETCD_MODULES:
+            if hasattr(module, "MAX_WATCH_LINE"):
+                self.patch(module, "MAX_WATCH_LINE", 50)
         gateway, stub, client = self.canned({"/v3/watch": None})
         watch = client.watch(b"/p/", b"/p0", 1, lambda events: None)
         stub.flush()
@@ -953,7 +960,9 @@ class CoordinatorTests(SynchronousTestCase):
         More keys under the prefix than a node may hold: it trusts none of
         them (no leader) until there are fewer again.
         """
-        self.patch(etcd, "MAX_KEYS", 4)
+        for module in ETCD_MODULES:
+            if hasattr(module, "MAX_KEYS"):
+                self.patch(module, "MAX_KEYS", 4)
         coordinators = self.startAll(1, 2)
         for i in range(3):
             self.etcd.put(f"/p2pfiles/default/junk{i}".encode(), b"x")
