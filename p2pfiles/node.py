@@ -14,7 +14,8 @@ session for its purpose, gives the sessions the small views they need, and
 carries the coordinator's decisions to the index keeper.
 """
 
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from collections import deque
+from typing import Any, Deque, Callable, Dict, List, Optional, Set, Tuple
 
 from twisted.application.service import MultiService
 from twisted.internet import threads
@@ -42,9 +43,12 @@ from p2pfiles.status import StatusBoard
 from p2pfiles.tls import TLS
 from p2pfiles.partfile import openShared, removeStaleParts
 from p2pfiles.waiting import Once
-from p2pfiles.wire import FileEntry, Message, splitEntries, splitUpdate
+from p2pfiles.wire import FileEntry, Message
 
 __all__ = ["Node", "NodeConfig", "EpochStore"]
+
+# Over how long the longest timer delay is reported.
+TIMER_DELAY_WINDOW = 60.0
 
 # How often partial downloads are looked at for removal.
 PART_SWEEP_INTERVAL = 24 * 3600.0
@@ -188,7 +192,7 @@ class Node(MultiService):
             config.state.child("peer_files.log"),
             reactor,
             runInThread,
-            self.membership.sendTo,
+            self.openRequest,
         )
         self.fetcher = Fetcher(
             config.id,
@@ -211,9 +215,7 @@ class Node(MultiService):
         self.controlHandlers: Dict[str, Callable[[int, Message], None]] = {
             "heartbeat": self._heartbeat,
             "stale": self.coordinator.staleReceived,
-            "index-request": self._indexRequest,
-            "index-chunk": self.keeper.chunkReceived,
-            "index-update": self._indexUpdate,
+            "index-changed": self._indexChanged,
             "error": self._controlError,
         }
         self.context = RequestContext(self)
@@ -224,6 +226,8 @@ class Node(MultiService):
         # and notice members whose silence made them count as down.
         self._housekeeping = LoopingCall(self._tick)
         self._housekeeping.clock = reactor
+        self._lastTick: Optional[float] = None
+        self._delays: Deque[Tuple[float, float]] = deque()
         # Parts of abandoned downloads go at start and then daily.
         self._partSweep = LoopingCall(self._sweepParts)
         self._partSweep.clock = reactor
@@ -340,9 +344,9 @@ class Node(MultiService):
         self.log.info(
             "sharing {count} files from {share}", count=len(self.localIndex.entries), share=self.config.share.path
         )
-        if self.keeper.epoch is not None:
-            self.keeper.ownChanges(list(self.localIndex.entries.values()), [])
+        self.keeper.ownChanges(list(self.localIndex.entries.values()), [])
         self._localReady.fire(None)
+        self._announceChanges()
 
     def _localFailed(self, reason: Failure) -> None:
         self.log.failure("cannot index the share {share}", reason, share=self.config.share.path)
@@ -356,17 +360,19 @@ class Node(MultiService):
         return self._localReady.wait()
 
     def _localChanges(self, changed: List[FileEntry], removed: List[str]) -> None:
-        if self.keeper.epoch is not None:
-            self.keeper.ownChanges(changed, removed)
-            return
-        leader = self.coordinator.leader()
-        if leader is None or leader == self.id:
-            return
-        # Followers send only changes, tagged with the epoch; a change lost
-        # in an election is covered by the new leader's full gather.
-        epoch = self.coordinator.epoch()
-        for entries, gone in splitUpdate(changed, removed):
-            self.membership.sendTo(leader, Message("index-update", epoch=epoch, entries=entries, removed=gone))
+        self.keeper.ownChanges(changed, removed)
+        self._announceChanges()
+
+    def _announceChanges(self) -> None:
+        """
+        Tell every member (a few bytes on each control link) that this
+        node's files are at a new change number; whoever keeps the index
+        asks for the change on a request connection.
+        """
+        local = self.localIndex
+        self.membership.broadcast(
+            Message("index-changed", epoch=self.coordinator.epoch(), incarnation=local.incarnation, seq=local.seq)
+        )
 
     # Links and leadership.
 
@@ -376,36 +382,67 @@ class Node(MultiService):
 
     def _linkDown(self, member: int) -> None:
         self.coordinator.linkDown(member)
-        if self.keeper.epoch is not None:
+        if self.keeper.gathering:
             self.keeper.memberGone(member)
         self._changed()
 
     def _linkLost(self, member: int) -> None:
-        if self.keeper.epoch is not None and (self.keeper.index.hasNode(member) or self.keeper.isGathering(member)):
-            # Index messages are not acknowledged: an update, a request or
-            # its answer may have been lost with the link that closed.  Its
-            # whole index again covers that.
-            address = self.membership.addressOf(member)
-            if address is not None:
-                self.keeper.gather(member, address)
+        # A notice may have been lost with the link that closed: ask the
+        # member what changed (nothing, usually).
+        self.keeper.lost(member)
 
     def _leadershipChanged(self) -> None:
         coordinator = self.coordinator
+        if coordinator.stopping:
+            return
         if self.keeper.epoch is not None and (not coordinator.isLeader() or self.keeper.epoch != coordinator.epoch()):
             self.keeper.resign()
-        if coordinator.isLeader() and self.keeper.epoch is None and not coordinator.stopping:
-            self._lead(coordinator.epoch())
+        if coordinator.isLeader():
+            if self.keeper.epoch is None:
+                self._lead(coordinator.epoch())
+        else:
+            leader = coordinator.leader()
+            if leader is not None:
+                others = sorted(m for m in coordinator.members() if m != leader)
+                if others and others[0] == self.id:
+                    self.keeper.standBy(list(self.localIndex.entries.values()), self._liveMembers())
+                else:
+                    self.keeper.idle()
         self._tick()
 
     def _tick(self) -> None:
         try:
-            if self.keeper.epoch is not None:
+            self._timerDelay()
+            if self.keeper.gathering:
                 self.keeper.reconcile(self._liveMembers())
+            if self.keeper.epoch is not None:
                 self.board.metrics.filesIndexed(self.keeper.index.fileCount())
             self._countConnections()
             self._changed()
         except Exception:
             self.log.failure("error in the node's housekeeping")
+
+    def _timerDelay(self) -> None:
+        """
+        How late this tick ran: the reactor's longest stretch of work, as
+        timers feel it.  Kept for a minute for C{status} and the metrics.
+        """
+        now = self.reactor.seconds()
+        if self._lastTick is not None:
+            late = max(0.0, now - self._lastTick - self.config.heartbeat)
+            self._delays.append((now, late))
+            self.board.metrics.timerDelay(late)
+        self._lastTick = now
+        while self._delays and self._delays[0][0] < now - TIMER_DELAY_WINDOW:
+            self._delays.popleft()
+
+    def maxTimerDelay(self) -> float:
+        """
+        The longest a housekeeping tick ran late in the last minute, in
+        seconds.
+        """
+        now = self.reactor.seconds()
+        return max((late for when, late in self._delays if when >= now - TIMER_DELAY_WINDOW), default=0.0)
 
     def _liveMembers(self) -> Dict[int, str]:
         return {m: a for m, a in self.coordinator.members().items() if m != self.id}
@@ -438,44 +475,16 @@ class Node(MultiService):
             "node {sender} reports an error: {reason} ({code})", sender=sender, reason=message.reason, code=message.code
         )
 
-    def _indexRequest(self, sender: int, message: Message) -> None:
-        epoch = message.epoch
-        if self.coordinator.rejectStale(sender, epoch):
-            return
-        if epoch != self.coordinator.epoch() or sender != self.coordinator.leader():
-            # A claim we have not heard yet: the leader asks again.
-            return
-
-        def send(ignored: object) -> None:
-            if self.coordinator.epoch() != epoch or self.coordinator.leader() != sender:
-                return
-            entries = sorted(self.localIndex.entries.values(), key=lambda e: e.name)
-            parts = splitEntries(entries)
-            for i, part in enumerate(parts):
-                # On the same link as later changes, so they cannot overtake it.
-                self.membership.sendTo(
-                    sender,
-                    Message(
-                        "index-chunk",
-                        epoch=epoch,
-                        request=message.request,
-                        entries=part,
-                        last=i == len(parts) - 1,
-                    ),
-                )
-
-        def failed(reason: Failure) -> None:
-            if not reason.check(P2PError):
-                self.log.failure("cannot send the index to {leader}", reason, leader=sender)
-
-        self.whenLocalReady().addCallback(send).addErrback(failed)
-
-    def _indexUpdate(self, sender: int, message: Message) -> None:
+    def _indexChanged(self, sender: int, message: Message) -> None:
         if self.coordinator.rejectStale(sender, message.epoch):
             return
-        address = self.membership.addressOf(sender)
-        if address is not None:
-            self.keeper.updateReceived(sender, address, message)
+        self.keeper.noticed(sender, message.incarnation, message.seq)
+
+    def openRequest(self, address: str) -> Deferred:
+        """
+        A request connection to the node at C{address}, as this node.
+        """
+        return connect(self.reactor, address, self.config.secret, 10.0, self.identity.withPurpose("request"))
 
     # Status.
 
@@ -514,6 +523,8 @@ class Node(MultiService):
             "epoch": coordinator.epoch(),
             "members": members,
             "version": __version__,
+            "coordinator": coordinator.name,
+            "max_timer_delay": round(self.maxTimerDelay(), 3),
         }
 
     def _countConnections(self) -> None:
@@ -636,8 +647,11 @@ class RequestContext:
             raise
 
     def openUpstream(self, address: str) -> Deferred:
+        return self._node.openRequest(address)
+
+    def indexSince(self, incarnation: Optional[str], since: int) -> Deferred:
         node = self._node
-        return connect(node.reactor, address, node.config.secret, 10.0, node.identity.withPurpose("request"))
+        return node.whenLocalReady().addCallback(lambda _: node.localIndex.changesSince(incarnation, since))
 
     def fetch(self, name: str, overwrite: bool) -> Deferred:
         return self._node.fetcher.fetch(name, overwrite)
