@@ -43,10 +43,6 @@ MAX_METHODS_KNOWN = 35
 PRIVATE_ALLOWED = {
     # FileEntry.__eq__ compares with another FileEntry's key.
     ("wire.py", "other._key"),
-    # ClusterIndex.snapshot fills in the copy it has just made of itself.
-    ("index.py", "copy._files"),
-    ("index.py", "copy._addresses"),
-    ("index.py", "copy._byName"),
 }
 
 
