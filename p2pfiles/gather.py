@@ -16,7 +16,6 @@ of connections: it opens request connections through a callable and keeps
 time with an injected clock.
 """
 
-from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
@@ -26,7 +25,7 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
 from p2pfiles.errors import P2PError
-from p2pfiles.index import ClusterIndex, LogWriter, renderLog
+from p2pfiles.index import ClusterIndex, LogContent, LogWriter
 from p2pfiles.indexstream import Changes, pullIndex
 from p2pfiles.names import nameProblem
 from p2pfiles.wire import FileEntry
@@ -333,10 +332,10 @@ class IndexKeeper:
         self._writtenVersion = self.index.version
         epoch, index = self.epoch, self.index
 
-        def render() -> Callable[[], bytes]:
-            # Copy now, on the reactor; build the text in the writer's thread
-            # (tens of thousands of lines would stall heartbeats here).
-            return partial(renderLog, index.snapshot(), self.me, epoch, self.clock.seconds())
+        def render() -> LogContent:
+            # A snapshot costs O(nodes) here, on the reactor; the lines are
+            # made and written, streamed, in the writer's thread.
+            return LogContent(index.snapshot(), self.me, epoch, self.clock.seconds())
 
         self.writer.changed(render)
 
