@@ -26,7 +26,8 @@ from twisted.python.filepath import FilePath
 
 from p2pfiles.errors import P2PError
 from p2pfiles.index import ClusterIndex, LogContent, LogWriter
-from p2pfiles.indexstream import Changes, pullIndex
+from p2pfiles.indexstream import pullIndex
+from p2pfiles.localindex import Changes
 from p2pfiles.names import nameProblem
 from p2pfiles.wire import FileEntry
 

@@ -11,7 +11,7 @@ is built long before it can be sent.  None of this travels on control links,
 so it never delays a heartbeat.
 """
 
-from typing import Any, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPullProducer
@@ -20,20 +20,8 @@ from zope.interface import implementer
 
 from p2pfiles.client import bounded
 from p2pfiles.errors import P2PError
+from p2pfiles.localindex import Changes
 from p2pfiles.wire import FileEntry, Message, encode, iterUpdate
-
-
-class Changes(NamedTuple):
-    """
-    What changed in a node's share since a given change number (or all of
-    it, when C{full}).
-    """
-
-    incarnation: str
-    seq: int
-    full: bool
-    entries: List[FileEntry]
-    removed: List[str]
 
 
 @implementer(IPullProducer)

@@ -8,7 +8,7 @@ ever queues on a control link.
 from twisted.internet.defer import succeed
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2pfiles.indexstream import Changes
+from p2pfiles.localindex import Changes
 from p2pfiles.wire import FileEntry, Message
 
 from tests.test_node import HEARTBEAT, LEADER_TIMEOUT, Harness, heartbeat
