@@ -17,6 +17,11 @@ setup(
         # pyOpenSSL and service_identity: TLS on every connection.
         "pyOpenSSL>=22.1",
         "service_identity>=21.1",
+        # treq: HTTP client for etcd's v3 JSON gateway (the etcd coordinator).
+        "treq",
+        # tqdm: the download progress bar of `p2pfiles get` (rate, ETA,
+        # terminal width), the library magic-wormhole uses for the same job.
+        "tqdm>=4.60",
     ],
     # The status page's HTML, CSS and JavaScript, served by p2pfiles.web.
     package_data={"p2pfiles": ["static/*.html", "static/*.css", "static/*.js"]},

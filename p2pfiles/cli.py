@@ -9,11 +9,12 @@ refusal codes (L{p2pfiles.errors}) become exit codes.
 import argparse
 import json
 import os
+import signal
 import sys
 import time
-from typing import Any, Dict, List, Optional, TextIO
+from typing import Any, Callable, Dict, List, Optional, TextIO
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import react
 from twisted.internet.threads import deferToThread
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -43,6 +44,7 @@ from p2pfiles.identity import (
 from p2pfiles.protocol import LocalIdentity
 from p2pfiles.names import BadName, checkName
 from p2pfiles.partfile import PartialFile, StreamSink
+from p2pfiles.progress import Progress, humanSize
 from p2pfiles.transfer import download
 from p2pfiles.wire import Message
 
@@ -60,6 +62,9 @@ EXIT_NO_LEADER = 7
 EXIT_VERIFY = 8
 EXIT_REFUSED = 9
 EXIT_LOCAL = 10
+# An interrupted command exits 128 + the signal's number, as a shell reports
+# a command killed by it: 130 for SIGINT (Ctrl-C), 143 for SIGTERM.
+EXIT_SIGNAL_BASE = 128
 
 # Refusal codes -> exit codes.  Every code in p2pfiles.errors.CODES is here
 # (a test checks it).
@@ -104,9 +109,10 @@ def _commonOptions(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--secret-file",
-        default=os.environ.get("P2PFILES_SECRET_FILE"),
+        # Empty means no secret, as in the tac file.
+        default=os.environ.get("P2PFILES_SECRET_FILE") or None,
         metavar="F",
-        help="file holding the cluster secret (default $P2PFILES_SECRET_FILE)",
+        help="file holding the cluster secret (default $P2PFILES_SECRET_FILE; empty: none)",
     )
     parser.add_argument(
         "--timeout", type=float, default=10.0, metavar="S", help="seconds to wait for the node (default 10)"
@@ -139,6 +145,12 @@ def makeParser() -> argparse.ArgumentParser:
     _commonOptions(status)
     status.add_argument("--json", action="store_true", help="print one JSON object")
     status.add_argument("--watch", action="store_true", help="keep printing every change")
+    status.add_argument(
+        "--no-follow",
+        dest="follow",
+        action="store_false",
+        help="with --watch: stop (exit 3) when the node goes away, instead of watching through another member",
+    )
 
     ls = commands.add_parser("ls", help="every file the cluster shares")
     _commonOptions(ls)
@@ -149,6 +161,7 @@ def makeParser() -> argparse.ArgumentParser:
     get.add_argument("name", metavar="NAME", help="the file's name")
     get.add_argument("-o", "--output", metavar="PATH", help="where to save it (default ./NAME; - for stdout)")
     get.add_argument("--json", action="store_true", help="print one JSON summary at the end")
+    get.add_argument("--overwrite", action="store_true", help="replace an existing file of that name")
 
     fetch = commands.add_parser("fetch", help="have a node get a file into its own share")
     _commonOptions(fetch)
@@ -169,7 +182,7 @@ def makeParser() -> argparse.ArgumentParser:
 
 
 def _secret(args: argparse.Namespace) -> bytes:
-    if args.secret_file is None:
+    if not args.secret_file:
         return b""
     try:
         return readSecret(args.secret_file)
@@ -212,6 +225,8 @@ def formatStatus(status: Dict[str, Any]) -> str:
         lines.append(
             f"  {member['id']:>4}  {member['address']:<24} {'yes' if member['alive'] else 'no':<6} {role}"
         )
+    for refusal in status.get("refused", []):
+        lines.append(f"  warning: node {refusal['id']} refuses this node's link: {refusal['reason']}")
     return "\n".join(lines)
 
 
@@ -231,49 +246,59 @@ def _print(out: TextIO, text: str) -> None:
 
 
 async def statusCommand(reactor: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    connection = await connect(reactor, args.node, b"", args.timeout, _identity(args))
-    # Ctrl-C or SIGTERM stops the reactor, which closes the connection: that
-    # is the user leaving, not the node going away.
-    # (The trigger can stay: the command ends the process when it returns.)
-    leaving: List[bool] = []
-    reactor.addSystemEventTrigger("before", "shutdown", leaving.append, True)
-    try:
-        reply = await bounded(reactor, request(connection, Message("status", watch=args.watch)), args.timeout, args.node)
-        last = None
-        while True:
-            status = reply.status
-            key = (status["role"], status["leader"], status["epoch"], json.dumps(status["members"]))
-            if key != last:
-                if args.json:
-                    _print(out, json.dumps(status, sort_keys=True))
-                elif last is None:
-                    _print(out, formatStatus(status))
-                else:
-                    _print(out, formatChange(status, reactor.seconds()))
-                last = key
-            if not args.watch:
-                return EXIT_OK
-            reply = await connection.receive()
-    except P2PError as e:
-        if leaving:
-            return EXIT_OK
-        if args.watch and e.code == "unreachable":
-            raise P2PError(f"node {args.node} went away", "unreachable") from None
-        raise
-    finally:
-        connection.close()
+    identity = _identity(args)
+    address = args.node
+    connection = await connect(reactor, address, b"", args.timeout, identity)
+    last: Optional[tuple] = None
+    while True:
+        status: Optional[Dict[str, Any]] = None
+        try:
+            reply = await bounded(reactor, request(connection, Message("status", watch=args.watch)), args.timeout, address)
+            while True:
+                status = reply.status
+                key = (status["id"], status["role"], status["leader"], status["epoch"], json.dumps(status["members"]))
+                if key != last:
+                    if args.json:
+                        _print(out, json.dumps(status, sort_keys=True))
+                    elif last is None:
+                        _print(out, formatStatus(status))
+                    else:
+                        _print(out, formatChange(status, reactor.seconds()))
+                    last = key
+                if not args.watch:
+                    return EXIT_OK
+                reply = await connection.receive()
+        except P2PError as e:
+            if not (args.watch and e.code == "unreachable"):
+                raise
+            members = status["members"] if status is not None else []
+        finally:
+            connection.close()
+        if not args.follow:
+            raise P2PError(f"node {address} went away", "unreachable")
+        address, connection = await _follow(reactor, args, identity, address, members, err)
 
 
-def humanSize(size: int) -> str:
-    if size < 1024:
-        return f"{size} B"
-    value = float(size)
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        value /= 1024
-        # Judge by the rounded figure, so 1048575 is "1.0 MiB", not "1024.0 KiB".
-        if round(value, 1) < 1024 or unit == "TiB":
-            return f"{value:.1f} {unit}"
-    raise AssertionError("unreachable")
+async def _follow(
+    reactor: Any, args: argparse.Namespace, identity: LocalIdentity, gone: str, members: List[Dict[str, Any]], err: TextIO
+) -> Any:
+    """
+    The watched node at C{gone} went away: connect to another member it
+    listed (those it saw alive first), say so in one line, and return that
+    member's address and connection.
+    """
+    others = [m for m in members if m["address"] != gone and m["address"]]
+    others.sort(key=lambda m: (not m["alive"], m["id"]))
+    for member in others:
+        try:
+            connection = await connect(reactor, member["address"], b"", args.timeout, identity)
+        except P2PError as e:
+            if e.code in ("auth", "usage"):
+                raise
+            continue
+        _print(err, f"p2pfiles status: node {gone} went away; watching node {member['id']} at {member['address']}")
+        return member["address"], connection
+    raise P2PError(f"node {gone} went away, and no other member it knew answered", "unreachable")
 
 
 def formatListing(files: List[Dict[str, Any]]) -> str:
@@ -309,96 +334,119 @@ def _checkedName(name: str) -> str:
         raise P2PError(str(e), "bad-name") from None
 
 
-def _destination(name: str, output: Optional[str]) -> FilePath:
+def _destination(name: str, output: Optional[str], overwrite: bool) -> FilePath:
     """
-    Where C{get} saves C{name}: C{-o PATH}, or into PATH if it is a
-    directory, or C{./NAME}.
+    Where C{get} saves C{name}: C{./NAME}; C{-o DIR} or C{-o DIR/} for
+    DIR/NAME (a trailing slash always means a directory, which must exist);
+    or C{-o PATH}.  An existing file is refused unless C{overwrite}; a
+    missing directory is refused, not made.
     """
     if output is None:
-        return FilePath(os.getcwd()).child(name)
-    path = FilePath(os.path.abspath(output))
-    if path.isdir():
-        return path.child(name)
+        path = FilePath(os.getcwd()).child(name)
+        shown = name
+    elif output.endswith("/"):
+        directory = FilePath(os.path.abspath(output))
+        if not directory.isdir():
+            raise P2PError(f"-o {output}: no such directory", "io")
+        path = directory.child(name)
+        shown = output + name
+    else:
+        path = FilePath(os.path.abspath(output))
+        shown = output
+        if path.isdir():
+            path = path.child(name)
+            shown = os.path.join(output, name)
+    if not path.parent().isdir():
+        raise P2PError(f"cannot save {shown}: no such directory {os.path.dirname(shown) or '.'}", "io")
+    if (path.exists() or path.islink()) and not overwrite:
+        raise P2PError(f"{shown} exists; give --overwrite to replace it", "conflict")
     return path
 
 
-class Progress:
+def _shown(path: FilePath) -> str:
     """
-    Bytes, rate and ETA on one self-overwriting line of a terminal.
+    C{path} as the user would type it: relative to the current directory
+    when it lies inside it.
     """
-
-    def __init__(self, reactor: Any, stream: TextIO) -> None:
-        self.reactor = reactor
-        self.stream = stream
-        self.started = reactor.seconds()
-        self.shown = 0.0
-        self.first: Optional[int] = None
-
-    def __call__(self, done: int, total: int) -> None:
-        now = self.reactor.seconds()
-        if self.first is None:
-            self.first = done
-        if now - self.shown < 0.2 and done < total:
-            return
-        self.shown = now
-        elapsed = max(now - self.started, 1e-6)
-        rate = (done - self.first) / elapsed
-        eta = (total - done) / rate if rate > 0 else 0
-        self.stream.write(
-            f"\r{humanSize(done)} / {humanSize(total)}  {humanSize(int(rate))}/s  ETA {eta:.0f}s   "
-        )
-        self.stream.flush()
-
-    def end(self) -> None:
-        if self.first is not None:
-            self.stream.write("\n")
-            self.stream.flush()
+    relative = os.path.relpath(path.path)
+    return path.path if relative.startswith("..") else relative
 
 
-async def _memberAddresses(reactor: Any, args: argparse.Namespace, identity: LocalIdentity) -> List[str]:
+async def _members(reactor: Any, args: argparse.Namespace, identity: LocalIdentity) -> Dict[str, int]:
     """
-    The node the user named, then every other member it knows: where to
-    look for a new leader if the current one dies mid-transfer.
+    The node the user named, then every other member it knows, by address
+    with their ids: where to look for a new leader if the current one dies
+    mid-transfer.
     """
     connection = await connect(reactor, args.node, b"", args.timeout, identity)
     try:
         reply = await bounded(reactor, request(connection, Message("status", watch=False)), args.timeout, args.node)
     finally:
         connection.close()
-    others = [m["address"] for m in reply.status["members"] if m["address"] != args.node]
-    return [args.node] + others
+    members = {args.node: reply.status["id"]}
+    for member in reply.status["members"]:
+        if member["address"] and member["address"] not in members:
+            members[member["address"]] = member["id"]
+    return members
+
+
+class Interrupted(Exception):
+    """
+    The command was interrupted; the string form says what it kept.
+    """
 
 
 async def getCommand(reactor: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     name = _checkedName(args.name)
-    identity = _identity(args)
-    addresses = await _memberAddresses(reactor, args, identity)
     toStdout = args.output == "-"
-    if toStdout:
+    target = None if toStdout else _destination(name, args.output, args.overwrite)
+    identity = _identity(args)
+    members = await _members(reactor, args, identity)
+    if target is None:
         sink: Any = StreamSink(getattr(out, "buffer", out))
     else:
-        target = _destination(name, args.output)
         sink = PartialFile(target.parent(), target.basename())
-    progress = Progress(reactor, err) if (not toStdout or not out.isatty()) and err.isatty() and not args.json else None
+    # Not over the file itself when it goes to the same terminal.
+    showing = err.isatty() and not args.json and not (toStdout and out.isatty())
+    progress = Progress(reactor, err, name, members) if showing else None
 
     def inThread(f: Any, *a: Any) -> Deferred:
         return deferToThread(f, *a)
 
     try:
         summary = await download(
-            reactor, name, sink, addresses, b"", inThread, identity, timeout=args.timeout, onProgress=progress
+            reactor,
+            name,
+            sink,
+            list(members),
+            b"",
+            inThread,
+            identity,
+            timeout=args.timeout,
+            onProgress=progress,
+            onStage=progress.stage if progress is not None else None,
         )
+    except CancelledError:
+        if target is None:
+            raise Interrupted(f"{humanSize(sink.offset)} of {name} written to the output") from None
+        if sink.offset == 0:
+            raise Interrupted("nothing received yet") from None
+        raise Interrupted(
+            f"{humanSize(sink.offset)} kept in {_shown(sink.part)}; run the same command to resume"
+        ) from None
     finally:
         if progress is not None:
             progress.end()
     if args.json:
         _print(out, json.dumps(summary))
-    elif not toStdout:
-        _print(
-            err,
-            f"saved {sink.final.path} ({humanSize(summary['size'])}, sha256 {summary['sha256'][:16]}..., "
-            f"via leader {summary['via'][0]} from node {summary['via'][1]})",
-        )
+        return EXIT_OK
+    what = f"wrote {name} to the output" if target is None else f"saved {_shown(target)}"
+    resumed = f", {humanSize(summary['resumed_from'])} not fetched again" if summary["resumed_from"] else ""
+    _print(
+        err,
+        f"{what} ({humanSize(summary['size'])}, sha256 {summary['sha256'][:16]}..., "
+        f"via leader {summary['via'][0]} from node {summary['via'][1]}{resumed})",
+    )
     return EXIT_OK
 
 
@@ -450,33 +498,90 @@ COMMANDS = {
     "id": idCommand,
 }
 
+# What a client with no secret is told when the node wants one.
+NO_SECRET = (
+    "authentication failed: the node needs the cluster secret and none was given; "
+    "give it with --secret-file F or $P2PFILES_SECRET_FILE"
+)
+
+
+class Invocation:
+    """
+    One run of a command.  C{done} fires with its exit code; expected
+    failures are printed as one line.  L{interrupt} stops it as SIGINT or
+    SIGTERM would: the command cleans up (a download keeps its part), says
+    in one line what it kept, and exits 128 + the signal's number.
+    """
+
+    def __init__(self, reactor: Any, argv: List[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
+        self.signal: Optional[int] = None
+        self.out = out
+        self.err = err
+        parser = makeParser()
+        try:
+            self.args = parser.parse_args(argv)
+        except SystemExit as e:
+            self.args = None
+            self.done = Deferred.fromCoroutine(_const(int(e.code or 0)))
+            return
+        d = Deferred.fromCoroutine(COMMANDS[self.args.command](reactor, self.args, out, err))
+        self.done = d.addErrback(self._failed)
+
+    def interrupt(self, signum: int) -> None:
+        """
+        Stop the command as signal C{signum} asks.
+        """
+        if self.signal is None and not self.done.called:
+            self.signal = signum
+            self.done.cancel()
+
+    def _failed(self, reason: Any) -> int:
+        args, err = self.args, self.err
+        if self.signal is not None:
+            detail = f": {reason.value}" if reason.check(Interrupted) else ""
+            err.write(f"p2pfiles {args.command}: interrupted{detail}\n")
+            err.flush()
+            return EXIT_SIGNAL_BASE + self.signal
+        if reason.check(P2PError):
+            error = reason.value
+            text = str(error)
+            if error.code == "auth" and not args.secret_file and "wrong cluster secret" in text:
+                text = NO_SECRET
+            err.write(f"p2pfiles {args.command}: error: {text}\n")
+            err.flush()
+            return exitCode(error)
+        err.write(f"p2pfiles {args.command}: internal error: {reason.getErrorMessage()}\n")
+        reason.printTraceback(err)
+        return EXIT_ERROR
+
 
 def run(reactor: Any, argv: List[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> Deferred:
     """
     Run one command; fire with its exit code.  Expected failures are printed
     here as one line.
     """
-    parser = makeParser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:
-        return Deferred.fromCoroutine(_const(int(e.code or 0)))
-
-    def failed(reason: Any) -> int:
-        if reason.check(P2PError):
-            err.write(f"p2pfiles {args.command}: error: {reason.value}\n")
-            err.flush()
-            return exitCode(reason.value)
-        err.write(f"p2pfiles {args.command}: internal error: {reason.getErrorMessage()}\n")
-        reason.printTraceback(err)
-        return EXIT_ERROR
-
-    d = Deferred.fromCoroutine(COMMANDS[args.command](reactor, args, out, err))
-    return d.addErrback(failed)
+    return Invocation(reactor, argv, out, err).done
 
 
 async def _const(value: int) -> int:
     return value
+
+
+def catchSignals(reactor: Any, invocation: Invocation, signals: Any = signal) -> None:
+    """
+    Make SIGINT and SIGTERM interrupt C{invocation} instead of stopping the
+    reactor under it (which would end the process with exit 0 and nothing
+    said).  A second signal ends the process at once, the default way.
+    Call it once the reactor runs: it replaces the reactor's own handlers.
+    """
+
+    def handler(signum: int, frame: Any) -> None:
+        for each in (signals.SIGINT, signals.SIGTERM):
+            signals.signal(each, signals.SIG_DFL)
+        reactor.callFromThread(invocation.interrupt, signum)
+
+    for each in (signals.SIGINT, signals.SIGTERM):
+        signals.signal(each, handler)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -492,7 +597,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         raise SystemExit(demo.main(argv[1:]))
 
     def start(reactor: Any) -> Deferred:
-        return run(reactor, argv).addCallback(_exitWith)
+        invocation = Invocation(reactor, argv)
+        reactor.callWhenRunning(catchSignals, reactor, invocation)
+        return invocation.done.addCallback(_exitWith)
 
     react(start)
 

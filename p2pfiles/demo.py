@@ -3,8 +3,10 @@ C{p2pfiles demo}: the original system's scenario, end to end, on three real
 nodes, and what this one does beyond it.
 
 It runs real C{twistd -n p2pfiles} processes and the real C{p2pfiles}
-command, exactly as a user would, and narrates one line per step.  Every
-process it starts is stopped again, on success, error or Ctrl-C.
+command, exactly as a user would, and narrates one line per step.  Each node
+serves its status page on a free loopback port (C{--web}); with C{--keep}
+the cluster stays up after the story, node 1 back in it, until Ctrl-C.
+Every process it starts is stopped again, on success, error or Ctrl-C.
 """
 
 import argparse
@@ -134,6 +136,7 @@ class Demo:
         self.out = out
         self.processes: Dict[int, subprocess.Popen] = {}
         self.ports: Dict[int, int] = {}
+        self.webPorts: Dict[int, int] = {}
         self.secretFile = os.path.join(workspace, "cluster.secret")
         self.step = 0
         self.counts: Dict[int, int] = {}
@@ -155,6 +158,9 @@ class Demo:
     def address(self, node: int) -> str:
         return f"127.0.0.1:{self.ports[node]}"
 
+    def webURL(self, node: int) -> str:
+        return f"http://127.0.0.1:{self.webPorts[node]}/"
+
     def nodeDir(self, node: int) -> str:
         return os.path.join(self.workspace, f"node{node}")
 
@@ -167,6 +173,7 @@ class Demo:
             "--share", os.path.join(self.nodeDir(node), "files"),
             "--state", os.path.join(self.nodeDir(node), "state"),
             "--secret-file", self.secretFile,
+            "--web", f"tcp:{self.webPorts[node]}:interface=127.0.0.1",
         ]
         for peer in sorted(self.ports):
             if peer != node:
@@ -220,26 +227,49 @@ class Demo:
             time.sleep(0.1)
 
     def stopAll(self) -> None:
+        """
+        Stop every node: SIGTERM, then SIGKILL for one still running after
+        10 s, or for all that are left at once if Ctrl-C comes again.
+        """
         for node, process in self.processes.items():
             if process.poll() is None:
                 process.terminate()
+        hurry = False
         for node, process in self.processes.items():
             try:
-                process.wait(timeout=10)
+                if not hurry:
+                    process.wait(timeout=10)
             except subprocess.TimeoutExpired:
+                pass
+            except KeyboardInterrupt:
+                hurry = True
+            if process.poll() is None:
                 process.kill()
                 process.wait()
 
     # The story.
 
+    def pickWebPorts(self) -> None:
+        """
+        Free loopback ports for the nodes' status pages, none of them a
+        node's port.
+        """
+        while True:
+            ports = freePorts(3)
+            if not set(ports) & set(self.ports.values()):
+                self.webPorts = dict(zip([1, 2, 3], ports))
+                return
+
     def startCluster(self) -> Dict[str, Any]:
         """
         Start nodes 1-3 on ports 9001-9003, or on free ports if those are
         taken (also if another program takes one between our check and the
-        node's start), and wait until they agree on leader 1.
+        node's start), each with its status page on a free port, and wait
+        until they agree on leader 1.
         """
         preferred = [9001, 9002, 9003]
         self.ports = dict(zip([1, 2, 3], portsFor(3, preferred)))
+        self.pickWebPorts()
         for attempt in range(3):
             for node in (1, 2, 3):
                 self.startNode(node)
@@ -248,6 +278,7 @@ class Demo:
             except NodeExited:
                 self.stopAll()
                 self.ports = dict(zip([1, 2, 3], freePorts(3)))
+                self.pickWebPorts()
         raise DemoFailed("the nodes could not start: see node*/node.log in the workspace")
 
     def run(self) -> None:
@@ -262,16 +293,28 @@ class Demo:
         self.say("every connection is TLS; each node made its certificate on its first start:")
         self.detail("\n".join(f"node {n}: {self.fingerprint(n)}" for n in (1, 2, 3)))
         self.detail(self.p2pfiles("status", "--node", self.address(3)).stdout)
+        self.detail("\n".join(f"node {n} status page: {self.webURL(n)}" for n in (1, 2, 3)))
         self.showLog(1, expectFiles=sum(self.counts.values()))
         self.fetchAndCompare()
         self.failover()
         if self.keep:
-            self.say("nodes left running (--keep); talk to them with:")
+            self.startNode(1)
+            status = self.waitForAgreement([1, 2, 3], 1)
+            self.say(f"restarted node 1: it leads again, epoch {status['epoch']}")
+            self.say("nodes left running (--keep): their status pages are above; talk to them with:")
             self.detail(
                 f"p2pfiles status --node {self.address(2)} --secret-file {self.secretFile}\n"
-                f"p2pfiles ls --node {self.address(2)} --secret-file {self.secretFile}\n"
-                f"stop them with: kill {' '.join(str(p.pid) for p in self.processes.values() if p.poll() is None)}"
+                f"p2pfiles ls --node {self.address(2)} --secret-file {self.secretFile}"
             )
+            self.out.write("press Ctrl-C to stop them\n")
+            self.out.flush()
+
+    def waitForInterrupt(self) -> None:
+        """
+        Return only by Ctrl-C (or SIGTERM): a L{KeyboardInterrupt}.
+        """
+        while True:
+            signal.pause()
 
     def prepare(self) -> None:
         os.makedirs(self.workspace, exist_ok=True)
@@ -377,29 +420,37 @@ class Demo:
 def main(argv: Optional[List[str]] = None, out: Any = None) -> int:
     parser = argparse.ArgumentParser(prog="p2pfiles demo", description="Run three local nodes through the original scenario.")
     parser.add_argument("--dir", help="workspace directory (default: a new temporary one, removed afterwards)")
-    parser.add_argument("--keep", action="store_true", help="leave the nodes running and print how to reach them")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the nodes and their status pages running until Ctrl-C"
+    )
     args = parser.parse_args(argv)
     out = out or sys.stdout
     workspace = args.dir or tempfile.mkdtemp(prefix="p2pfiles-demo-")
     demo = Demo(os.path.abspath(workspace), args.keep, out)
     started = time.monotonic()
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    succeeded = False
+    # Ctrl-C and SIGTERM stop the demo the same way, even if this process
+    # was started with SIGINT ignored (in the background, by a shell).
+    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    took: Optional[float] = None
     try:
         demo.run()
-        succeeded = True
+        took = time.monotonic() - started
+        if args.keep:
+            demo.waitForInterrupt()
     except KeyboardInterrupt:
-        out.write("interrupted: stopping the nodes\n")
-        return 130
+        if took is None:
+            out.write("interrupted: stopping the nodes\n")
+            return 130
+        out.write("stopping the nodes\n")
+        out.flush()
     except DemoFailed as e:
         out.write(f"demo failed: {e}\n")
         return 1
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        if not (args.keep and succeeded):
-            demo.stopAll()
-            if args.dir is None:
-                shutil.rmtree(workspace, ignore_errors=True)
-    ending = "nodes left running" if args.keep else "all nodes stopped"
-    out.write(f"demo finished in {time.monotonic() - started:.1f}s: every step succeeded; {ending}\n")
+        demo.stopAll()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if args.dir is None:
+            shutil.rmtree(workspace, ignore_errors=True)
+    out.write(f"demo finished in {took:.1f}s: every step succeeded; all nodes stopped\n")
     return 0

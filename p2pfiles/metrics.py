@@ -83,7 +83,8 @@ class NodeMetrics:
         self._epoch = gauge("p2pfiles_epoch", "The election epoch this node is in")
         self._memberCount = gauge("p2pfiles_members", "Cluster members by state, this node included", "state")
         self._leaderChanges = counter(
-            "p2pfiles_leader_changes_total", "Times this node saw the leader change (to another node or to none)"
+            "p2pfiles_leader_changes_total",
+            "Times the leader this node knows changed to another node (with or without a spell of none between)",
         )
         self._failover = Histogram(
             "p2pfiles_failover_seconds",
@@ -121,7 +122,8 @@ class NodeMetrics:
 
     def leaderChanged(self) -> None:
         """
-        The leader this node follows (or is) changed.
+        The leader this node follows (or is) is another node than the last
+        one it knew.
         """
         self._leaderChanges.inc()
 

@@ -525,6 +525,10 @@ class Node(MultiService):
             "version": __version__,
             "coordinator": coordinator.name,
             "max_timer_delay": round(self.maxTimerDelay(), 3),
+            # Members whose side refused this node's link, and why.
+            "refused": [
+                {"id": member, "reason": reason} for member, reason in sorted(self.membership.refused.items())
+            ],
         }
 
     def _countConnections(self) -> None:

@@ -420,10 +420,11 @@ class RequestSession:
 
     def _track(self, done: Deferred) -> None:
         def ended(result: Any) -> None:
+            # Reported first: whoever records the end reads progress().
+            self._ended(result)
             self._transfer = None
             if self.state != CLOSED:
                 self.state = self._restingState()
-            self._ended(result)
 
         done.addBoth(ended)
 

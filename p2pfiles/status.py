@@ -45,6 +45,21 @@ class Transfer:
         }
 
 
+def _replacedLostLeader(previous: Tuple[Any, ...], leader: int, members: Tuple[Tuple[int, bool], ...]) -> bool:
+    """
+    Whether a direct change from the leader in the snapshot C{previous} to
+    C{leader} replaced a leader that was lost, rather than one that stepped
+    aside for a returning smaller id.  It was lost if this node now counts
+    it as down, or if C{leader} is a larger id: the smallest live id leads,
+    so a larger one leads only when the smaller is gone.  A node that led
+    itself has not lost itself.
+    """
+    role, before = previous[0], previous[1]
+    if role == "leader":
+        return False
+    return not dict(members).get(before, True) or leader > before
+
+
 @implementer(IStatusSource)
 class StatusBoard:
     """
@@ -76,6 +91,8 @@ class StatusBoard:
         self.transfersInFlight: Dict[Any, Transfer] = {}
         self._watchers = Subscribers()
         self._snapshot: Optional[Tuple[Any, ...]] = None
+        # The last leader known, through spells without one.
+        self._lastLeader: Optional[int] = None
 
     # IStatusSource
 
@@ -128,11 +145,20 @@ class StatusBoard:
         metrics.members(1 + sum(1 for _, alive in members if alive), sum(1 for _, alive in members if not alive))
         now = self.clock.seconds()
         if previous is None or (previous[1], previous[2]) != (leader, epoch):
-            if previous is not None and previous[1] != leader:
-                metrics.leaderChanged()
+            before = None if previous is None else previous[1]
             if leader is None:
-                metrics.leaderLost(now)
+                # Knowing none at start is not losing one.
+                if before is not None:
+                    metrics.leaderLost(now)
             else:
+                if before is not None and before != leader and _replacedLostLeader(previous, leader, members):
+                    # The next leader was known the moment the last was
+                    # lost (this node claimed at once, or adopted the new
+                    # epoch first): a failover too short to see here.
+                    metrics.leaderLost(now)
+                if self._lastLeader is not None and leader != self._lastLeader:
+                    metrics.leaderChanged()
+                self._lastLeader = leader
                 metrics.leaderKnown(now)
                 self.eventLog.add("leader", leader=leader, epoch=epoch)
         if previous is not None:

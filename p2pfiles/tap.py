@@ -224,6 +224,7 @@ class Options(usage.Options):
                 raise usage.UsageError(str(e)) from None
         if self["web"] is not None:
             where = webInterface(self["web"])
+            checkServerDescription(self["web"])
             if where is not None and not isLoopback(where) and self["web-token"] is None:
                 raise usage.UsageError(
                     f"--web {self['web']} is not loopback: refusing to serve it without --web-token-file"
@@ -298,10 +299,17 @@ class Options(usage.Options):
         )
 
 
-class CannotListen(Exception):
+class CannotListen(SystemExit):
     """
     The node's port could not be had; the string form is one line.
+
+    It is a L{SystemExit} carrying that line: raised while twistd starts the
+    application, it ends the process with status 1 and the line alone on
+    standard error (which twistd sends to its log), not a traceback.
     """
+
+    def __str__(self) -> str:
+        return str(self.code)
 
 
 class Listener(Service):
@@ -361,7 +369,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         from twisted.web.server import Site
 
         root = makeWebRoot(node.board, node.board.metrics.registry, options["web-token"], reactor)
-        site = Site(root)
+        site = Site(root, reactor=reactor)
         site.noisy = False
         WebListener(serverFromString(reactor, options["web"]), site, options["web"], root).setServiceParent(top)
     return top
@@ -401,3 +409,19 @@ def webInterface(description: str) -> Optional[str]:
     if kind not in ("tcp", "tcp6", "ssl"):
         raise usage.UsageError(f"--web {description}: use a tcp:, tcp6:, ssl: or unix: endpoint")
     return interface
+
+
+def checkServerDescription(description: str) -> None:
+    """
+    Raise L{usage.UsageError}, in one line, if C{description} is not a
+    server endpoint Twisted can build here (a bad port or parameter, or
+    C{ssl:} without pyOpenSSL).  Nothing listens: the endpoint is built
+    without a reactor and dropped.
+    """
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        serverFromString(None, description)
+    except (ValueError, TypeError, KeyError, ImportError) as e:
+        reason = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        raise usage.UsageError(f"--web {description}: not a usable server endpoint ({reason})") from None

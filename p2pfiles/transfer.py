@@ -282,6 +282,7 @@ async def download(
     resumeFor: float = RESUME_FOR,
     onProgress: Optional[Callable[[int, int], None]] = None,
     waitTurn: float = 24 * 3600.0,
+    onStage: Optional[Callable[[str, Any], None]] = None,
 ) -> dict:
     """
     Download C{name} through the leader into C{sink} (a L{PartialFile} or
@@ -291,13 +292,32 @@ async def download(
     resumes through whichever of C{addresses} leads next, for up to
     C{resumeFor} seconds.  Fires with the summary that C{p2pfiles get --json}
     prints; fails with a L{P2PError}.  Cancelled, it waits for the bytes
-    already received to reach the part, keeps the part for a later resume,
-    and fails with L{CancelledError}.
+    already received to reach the part, keeps a part that holds bytes for a
+    later resume (removes an empty one), and fails with L{CancelledError}.
+
+    @param onProgress: called with the bytes held and the file's size as
+        bytes arrive.
+    @param onStage: called with C{("asking", address)} before each request,
+        C{("receiving", header)} when a node starts sending, and
+        C{("lost", reason)} when an attempt failed and another will follow:
+        what a progress display needs to say who it waits for.
     """
     writers: List[SerialWriter] = []
     try:
         return await _download(
-            reactor, name, sink, addresses, secret, runInThread, identity, timeout, resumeFor, onProgress, waitTurn, writers
+            reactor,
+            name,
+            sink,
+            addresses,
+            secret,
+            runInThread,
+            identity,
+            timeout,
+            resumeFor,
+            onProgress,
+            waitTurn,
+            writers,
+            onStage or _ignoreStage,
         )
     except CancelledError:
         for writer in writers:
@@ -305,8 +325,12 @@ async def download(
                 await writer.flush()
             except Exception:
                 pass
-        sink.close()
+        _giveUp(sink)
         raise
+
+
+def _ignoreStage(stage: str, detail: Any) -> None:
+    pass
 
 
 async def _download(
@@ -322,16 +346,21 @@ async def _download(
     onProgress: Optional[Callable[[int, int], None]],
     waitTurn: float,
     writers: List[SerialWriter],
+    onStage: Callable[[str, Any], None],
 ) -> dict:
     started = reactor.seconds()
+    # Bytes already in the part when each attempt started (what a download
+    # without resume would have fetched again), and bytes received in this run.
+    notTransferred = 0
+    transferred = 0
     try:
-        resumedFrom = await runInThread(sink.resumeOffset)
+        await runInThread(sink.resumeOffset)
         waited = False
     except PartBusy as e:
         # Another download of the same destination: wait our turn, then
         # find its result (or resume what it left).
         log.info("{reason}; waiting for it to finish", reason=str(e))
-        resumedFrom = await waitForPart(reactor, runInThread, sink, waitTurn)
+        await waitForPart(reactor, runInThread, sink, waitTurn)
         waited = True
     expected: Optional[str] = None
     attempt = 0
@@ -340,6 +369,7 @@ async def _download(
     while True:
         address = addresses[attempt % len(addresses)]
         request = Message("get", name=name, offset=sink.offset, sha256=expected)
+        onStage("asking", address)
         try:
             connection, header = await askLeader(reactor, address, secret, request, timeout, identity)
         except P2PError as e:
@@ -354,6 +384,7 @@ async def _download(
             # A file we were already receiving can be "not found" for a
             # moment after an election, until the new leader has gathered
             # its holders: keep trying within the resume window.
+            onStage("lost", str(e))
             attempt, giveUpAt = await _pause(reactor, attempt, giveUpAt, resumeFor, e, sink)
             continue
         if header.type != "file" or header.name != name:
@@ -375,32 +406,40 @@ async def _download(
             if await _alreadyThere(runInThread, sink, header):
                 connection.close()
                 sink.discard()
-                return _summary(reactor, started, header, header.size, header.size)
+                return _summary(reactor, started, header, header.size, 0)
         before = sink.offset
+        notTransferred += before
+        onStage("receiving", header)
         try:
             await _receive(reactor, connection, header, sink, onProgress, timeout, runInThread, writers)
         except P2PError as e:
+            transferred += max(sink.offset - before, 0)
             if e.code == "io":
                 sink.close()
                 raise
             if sink.offset > before:
                 # It made progress: this loss gets a resume window of its own.
                 giveUpAt = None
+            onStage("lost", str(e))
             attempt, giveUpAt = await _pause(reactor, attempt, giveUpAt, resumeFor, e, sink)
             continue
         finally:
             connection.close()
+        transferred += max(sink.offset - before, 0)
         try:
             await runInThread(sink.finish, header.sha256, header.size)
         except OSError as e:
             sink.close()
             raise P2PError(f"cannot save {name}: {e.strerror or e}", "io") from None
-        return _summary(reactor, started, header, resumedFrom, resumedFrom)
+        return _summary(reactor, started, header, notTransferred, transferred)
 
 
-def _summary(reactor: Any, started: float, header: Message, resumedFrom: int, notTransferred: int) -> dict:
+def _summary(reactor: Any, started: float, header: Message, notTransferred: int, transferred: int) -> dict:
     """
-    What C{p2pfiles get --json} prints.
+    What C{p2pfiles get --json} prints.  C{resumed_from} is the number of
+    bytes this run did not fetch again: the bytes already in the part when
+    each attempt started, summed over the run's attempts (0 for a download
+    that never lost its connection and found no part).
     """
     seconds = max(reactor.seconds() - started, 1e-9)
     return {
@@ -408,8 +447,8 @@ def _summary(reactor: Any, started: float, header: Message, resumedFrom: int, no
         "size": header.size,
         "sha256": header.sha256,
         "seconds": round(seconds, 3),
-        "bytes_per_second": int((header.size - notTransferred) / seconds),
-        "resumed_from": resumedFrom,
+        "bytes_per_second": int(transferred / seconds),
+        "resumed_from": notTransferred,
         "via": [header.leader, header.holder],
     }
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from typing import Any, Callable, Dict, List, Optional
 
 from twisted.internet import reactor
@@ -296,3 +297,90 @@ def statusOf(address: str) -> Optional[Dict[str, Any]]:
     if result.returncode != 0:
         return None
     return json.loads(result.stdout)
+
+
+# Real processes with their web views.
+
+
+class WebCluster:
+    """
+    Real C{twistd} nodes, each knowing all the others and serving its web
+    view (C{--web}) on a loopback port of its own; node and web ports are
+    picked free together.  Not tied to a test: a test stops it in a
+    cleanup, a script in a C{finally}.
+    """
+
+    def __init__(self, base: FilePath, ids: List[int], files: Optional[Dict[int, Dict[str, bytes]]] = None) -> None:
+        base.makedirs(ignoreExistingDirectory=True)
+        ports = freePorts(2 * len(ids))
+        nodePorts = dict(zip(ids, ports[: len(ids)]))
+        self.webPorts = dict(zip(ids, ports[len(ids) :]))
+        self.nodes: Dict[int, NodeProcess] = {}
+        for node in ids:
+            peers = {p: port for p, port in nodePorts.items() if p != node}
+            web = ["--web", f"tcp:{self.webPorts[node]}:interface=127.0.0.1"]
+            self.nodes[node] = NodeProcess(base, node, nodePorts[node], peers, web)
+            for name, data in (files or {}).get(node, {}).items():
+                self.nodes[node].share.child(name).setContent(data)
+        # Proxies from the environment must not see loopback requests.
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def start(self) -> None:
+        for node in sorted(self.nodes):
+            self.nodes[node].start()
+
+    def stop(self) -> None:
+        """
+        Stop every node still running (SIGTERM, then SIGKILL if it lingers).
+        """
+        for node in self.nodes.values():
+            node.stop()
+
+    def url(self, node: int, path: str = "/") -> str:
+        return f"http://127.0.0.1:{self.webPorts[node]}{path}"
+
+    def get(self, node: int, path: str, timeout: float = 10.0) -> bytes:
+        """
+        The body of C{GET path} on C{node}'s web view (an C{OSError} if it
+        cannot be had, an C{HTTPError} for an error status).
+        """
+        with self._opener.open(self.url(node, path), timeout=timeout) as response:
+            return response.read()
+
+    def getJSON(self, node: int, path: str) -> Any:
+        return json.loads(self.get(node, path))
+
+    def metrics(self, node: int) -> Dict[Any, float]:
+        """
+        Every sample of C{node}'s C{/metrics} as Prometheus parses it:
+        C{(sample name, sorted labels) -> value}.
+        """
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = self.get(node, "/metrics").decode("utf-8")
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+    def statusOrNone(self, node: int) -> Optional[Dict[str, Any]]:
+        try:
+            return self.getJSON(node, "/api/status")
+        except OSError:
+            return None
+
+    def agreed(self, leader: int, alive: List[int]) -> bool:
+        """
+        Whether every node in C{alive} answers, follows C{leader} in one
+        epoch, and counts exactly C{alive} as alive.
+        """
+        statuses = [self.statusOrNone(n) for n in alive]
+        if any(s is None for s in statuses):
+            return False
+        views = {(s["leader"], s["epoch"]) for s in statuses}
+        return (
+            len(views) == 1
+            and views.pop()[0] == leader
+            and all(sorted(m["id"] for m in s["members"] if m["alive"]) == sorted(alive) for s in statuses)
+        )

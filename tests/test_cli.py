@@ -7,11 +7,13 @@ L{MemoryReactorClock}.
 import io
 import json
 import os
+import signal
 import sys
 from typing import Any, List
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError, TimeoutError
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
@@ -22,6 +24,7 @@ from p2pfiles import __version__, cli
 from p2pfiles.cli import (
     EXIT_AUTH,
     EXIT_CODES,
+    EXIT_LOCAL,
     EXIT_OK,
     EXIT_REFUSED,
     EXIT_TIMEOUT,
@@ -47,12 +50,12 @@ NODE = "127.0.0.1:9001"
 # next attempt would be due: this many seconds after the first.
 ATTEMPT_DELAY = 0.3
 
-def tlsListener(handler: Any, reactor: Any) -> Any:
+def tlsListener(handler: Any, reactor: Any, secret: bytes = b"") -> Any:
     """
     A node 1 listening with TLS whose connections all go to C{handler}.
     """
     security = TLS(certificate(("node", 1)))
-    identity = LocalIdentity("node", 1, NODE, b"", "request", security)
+    identity = LocalIdentity("node", 1, NODE, secret, "request", security)
     return security.serverFactory(P2PFactory(identity, handler, reactor, listening=True), reactor)
 
 # What `p2pfiles status --json` promises.
@@ -283,6 +286,273 @@ class BadNameTests(CommandTestCase):
                 self.assertEqual(self.exitCode(reactor, command, name, "--node", NODE), EXIT_REFUSED, (command, name))
                 self.assertOneErrorLine(command)
                 self.assertEqual(reactor.tcpClients, [])
+
+
+class GetDestinationTests(CommandTestCase):
+    """
+    Where C{get} saves, checked before it connects anywhere: an existing
+    file needs C{--overwrite} (as C{fetch} does), and a directory that does
+    not exist is refused, not made and not taken for a file name.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.here = FilePath(self.mktemp())
+        self.here.makedirs()
+        cwd = os.getcwd()
+        os.chdir(self.here.path)
+        self.addCleanup(os.chdir, cwd)
+
+    def test_refusesToOverwrite(self) -> None:
+        """
+        C{get NAME} when ./NAME exists exits 9 with one line naming it and
+        the flag, connects nowhere and leaves the file alone.
+        """
+        self.here.child("a.txt").setContent(b"mine")
+        reactor = MemoryReactorClock()
+        self.assertEqual(self.exitCode(reactor, "get", "a.txt", "--node", NODE), EXIT_REFUSED)
+        line = self.assertOneErrorLine("get")
+        self.assertTrue(line.endswith("a.txt exists; give --overwrite to replace it"), line)
+        self.assertEqual(reactor.tcpClients, [])
+        self.assertEqual(self.here.child("a.txt").getContent(), b"mine")
+
+    def test_refusesToOverwriteOutput(self) -> None:
+        """
+        The same for C{-o PATH} and for C{-o DIR} holding NAME, each named
+        as the user wrote it.
+        """
+        self.here.child("out").makedirs()
+        self.here.child("out").child("a.txt").setContent(b"mine")
+        self.here.child("other.txt").setContent(b"mine")
+        for output, shown in (("other.txt", "other.txt"), ("out", "out/a.txt"), ("out/", "out/a.txt")):
+            self.reset()
+            reactor = MemoryReactorClock()
+            self.assertEqual(self.exitCode(reactor, "get", "a.txt", "--node", NODE, "-o", output), EXIT_REFUSED)
+            self.assertIn(f" {shown} exists", self.assertOneErrorLine("get"))
+
+    def test_overwriteConnects(self) -> None:
+        """
+        With C{--overwrite}, or with only a part of NAME present (a resume),
+        C{get} goes ahead and asks the node.
+        """
+        self.here.child("a.txt").setContent(b"mine")
+        self.here.child(".b.txt.part").setContent(b"half")
+        for argv in (["a.txt", "--overwrite"], ["b.txt"]):
+            reactor = MemoryReactorClock()
+            d = self.run_(reactor, "get", *argv, "--node", NODE)
+            self.assertEqual(len(reactor.tcpClients), 1, argv)
+            self.failConnection(reactor)
+            self.assertEqual(self.successResultOf(d), EXIT_UNREACHABLE)
+
+    def test_missingDirectoryWithSlash(self) -> None:
+        """
+        C{-o nodir/} for a directory that does not exist exits 10 with one
+        line naming it, and saves nothing (not a file called nodir).
+        """
+        reactor = MemoryReactorClock()
+        self.assertEqual(self.exitCode(reactor, "get", "a.txt", "--node", NODE, "-o", "nodir/"), EXIT_LOCAL)
+        self.assertTrue(self.assertOneErrorLine("get").endswith("-o nodir/: no such directory"))
+        self.assertEqual(self.here.listdir(), [])
+        self.assertEqual(reactor.tcpClients, [])
+
+    def test_missingParent(self) -> None:
+        """
+        C{-o nodir/x.txt} names the missing directory, and does not make it.
+        """
+        reactor = MemoryReactorClock()
+        self.assertEqual(self.exitCode(reactor, "get", "a.txt", "--node", NODE, "-o", "nodir/x.txt"), EXIT_LOCAL)
+        self.assertTrue(self.assertOneErrorLine("get").endswith("cannot save nodir/x.txt: no such directory nodir"))
+        self.assertEqual(self.here.listdir(), [])
+
+
+class SecretMessageTests(CommandTestCase):
+    """
+    What a client is told about the cluster secret.
+    """
+
+    def test_noSecret(self) -> None:
+        """
+        A client without a secret, against a node that has one, is told the
+        secret is missing and how to give it: exit 4, one line.
+        """
+        reactor = MemoryReactorClock()
+        reactor.listenTCP(9001, tlsListener(RecordingHandler(), reactor, secret=b"cluster"))
+        d = self.run_(reactor, "status", "--node", NODE)
+        ConnectionCompleter(reactor).succeedOnce().flush()
+        self.assertEqual(self.successResultOf(d), EXIT_AUTH)
+        line = self.assertOneErrorLine("status")
+        self.assertEqual(line, "p2pfiles status: error: " + cli.NO_SECRET)
+        self.assertIn("--secret-file F", line)
+        self.assertIn("$P2PFILES_SECRET_FILE", line)
+        self.assertNotIn("wrong", line)
+
+    def test_emptyVariableMeansNoSecret(self) -> None:
+        """
+        C{P2PFILES_SECRET_FILE=} (empty) means no secret, as in the tac
+        file: no "cannot read ''" usage error; the node is asked.
+        """
+        os.environ["P2PFILES_SECRET_FILE"] = ""
+        reactor = MemoryReactorClock()
+        reactor.listenTCP(9001, tlsListener(RecordingHandler(), reactor, secret=b"cluster"))
+        d = self.run_(reactor, "status", "--node", NODE)
+        ConnectionCompleter(reactor).succeedOnce().flush()
+        self.assertEqual(self.successResultOf(d), EXIT_AUTH)
+        self.assertIn("none was given", self.assertOneErrorLine("status"))
+
+
+class InterruptTests(CommandTestCase):
+    """
+    SIGINT and SIGTERM: the command stops, says so in one line and exits
+    128 + the signal's number.
+    """
+
+    def test_interruptWatch(self) -> None:
+        """
+        An interrupted C{status --watch} exits 130 (SIGINT) with one line,
+        and closes its connection.
+        """
+        reactor = MemoryReactorClock()
+        handler = RecordingHandler()
+        reactor.listenTCP(9001, tlsListener(handler, reactor))
+        invocation = cli.Invocation(reactor, ["status", "--node", NODE, "--watch"], self.out, self.err)
+        pump = ConnectionCompleter(reactor).succeedOnce()
+        pump.flush()
+        self.assertNoResult(invocation.done)
+        invocation.interrupt(signal.SIGINT)
+        pump.flush()
+        self.assertEqual(self.successResultOf(invocation.done), 130)
+        self.assertEqual(self.err.getvalue(), "p2pfiles status: interrupted\n")
+        self.assertEqual(handler.closed, 1)
+
+    def test_terminateWhileConnecting(self) -> None:
+        """
+        SIGTERM while connecting exits 143 with one line.
+        """
+        reactor = MemoryReactorClock()
+        invocation = cli.Invocation(reactor, ["ls", "--node", NODE], self.out, self.err)
+        invocation.interrupt(signal.SIGTERM)
+        self.assertEqual(self.successResultOf(invocation.done), 143)
+        self.assertEqual(self.err.getvalue(), "p2pfiles ls: interrupted\n")
+
+    def test_catchSignals(self) -> None:
+        """
+        L{cli.catchSignals} replaces the handlers of SIGINT and SIGTERM (the
+        reactor's, which would stop it under the command and exit 0); the
+        first signal interrupts the command from the reactor's thread and
+        puts the default handlers back, so that a second one ends the
+        process at once.
+        """
+        installed: dict = {}
+        interrupted: List[int] = []
+
+        class Signals:
+            SIGINT, SIGTERM, SIG_DFL = signal.SIGINT, signal.SIGTERM, signal.SIG_DFL
+
+            @staticmethod
+            def signal(number: int, handler: Any) -> None:
+                installed[number] = handler
+
+        class Reactor:
+            def callFromThread(self, f: Any, *args: Any) -> None:
+                f(*args)
+
+        class Command:
+            def interrupt(self, number: int) -> None:
+                interrupted.append(number)
+
+        cli.catchSignals(Reactor(), Command(), Signals)
+        self.assertEqual(set(installed), {signal.SIGINT, signal.SIGTERM})
+        installed[signal.SIGINT](signal.SIGINT, None)
+        self.assertEqual(interrupted, [signal.SIGINT])
+        self.assertEqual(installed, {signal.SIGINT: signal.SIG_DFL, signal.SIGTERM: signal.SIG_DFL})
+
+
+class TerminalStream(io.StringIO):
+    """
+    A stream that says it is a terminal.
+    """
+
+    def isatty(self) -> bool:
+        return True
+
+
+class ProgressTests(SynchronousTestCase):
+    """
+    The progress display of C{get}.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.stream = TerminalStream()
+        self.progress = cli.Progress(
+            self.clock, self.stream, "big.bin", {"127.0.0.1:9001": 1, "127.0.0.1:9002": 2}
+        )
+        self.addCleanup(self.progress.end)
+
+    def shown(self) -> str:
+        """
+        What the terminal shows now: the last redraw of the line.
+        """
+        return self.stream.getvalue().split("\r")[-1]
+
+    def header(self, offset: int, holder: int = 3) -> Message:
+        return Message("file", name="big.bin", size=4096, sha256="0" * 64, offset=offset, holder=holder, leader=1)
+
+    def test_bar(self) -> None:
+        """
+        The line names the file and shows the percentage, bytes, rate, ETA
+        and the part resumed.
+        """
+        self.progress.stage("receiving", self.header(1024))
+        self.clock.advance(1)
+        self.progress(2048, 4096)
+        self.progress.bar.refresh()
+        line = self.shown()
+        self.assertTrue(line.startswith("big.bin:  50%|"), line)
+        self.assertIn("2.00kB/4.00kB", line)
+        self.assertIn("ETA", line)
+        self.assertIn("resumed 1.0 KiB", line)
+
+    def test_stalled(self) -> None:
+        """
+        No byte for two seconds shows "stalled", naming the node waited
+        for; the next byte takes it away.
+        """
+        self.progress.stage("receiving", self.header(0))
+        self.progress(1024, 4096)
+        self.clock.advance(1.5)
+        self.assertNotIn("stalled", self.shown())
+        self.clock.advance(1)
+        self.assertIn("stalled \u2014 waiting for node 3 via 1", self.shown())
+        self.progress(2048, 4096)
+        self.progress.bar.refresh()
+        self.assertNotIn("stalled", self.shown())
+
+    def test_resuming(self) -> None:
+        """
+        A lost connection shows "stalled" at once, then the node the
+        download resumes through; its first bytes end the stall.
+        """
+        self.progress.stage("receiving", self.header(0))
+        self.progress(1024, 4096)
+        self.progress.stage("lost", "connection to 127.0.0.1:9001 lost")
+        self.assertIn("stalled \u2014 connection lost", self.shown())
+        self.progress.stage("asking", "127.0.0.1:9002")
+        self.assertIn("stalled \u2014 resuming through node 2", self.shown())
+        self.progress.stage("receiving", self.header(1024, holder=2))
+        self.assertNotIn("stalled", self.shown())
+        self.assertEqual(self.progress.bar.n, 1024)
+
+    def test_end(self) -> None:
+        """
+        At the end the bar is wiped, the cursor left at the start of a clean
+        line, and no timer is left.
+        """
+        self.progress.stage("receiving", self.header(0))
+        self.progress(4096, 4096)
+        self.progress.end()
+        self.assertTrue(self.stream.getvalue().endswith("\r\x1b[K"))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
 class IdTests(CommandTestCase):
@@ -534,7 +804,8 @@ class LiveNodeTests(CommandTestCase):
         self.assertTrue(STATUS_KEYS <= set(status), sorted(status))
         # The node adds its own address, which the table shows, and its
         # certificate's fingerprint.
-        self.assertEqual(set(status) - STATUS_KEYS, {"address", "fingerprint"})
+        self.assertEqual(set(status) - STATUS_KEYS, {"address", "fingerprint", "refused"})
+        self.assertEqual(status["refused"], [])
         self.assertEqual(status["fingerprint"], harness.node.security.fingerprint)
         for member in status["members"]:
             self.assertEqual(set(member), MEMBER_KEYS)
@@ -559,11 +830,12 @@ class LiveNodeTests(CommandTestCase):
 
     def test_statusWatch(self) -> None:
         """
-        C{status --watch --json} prints the status, one more line at each
-        change, and ends with exit 3 and one line when the node goes away.
+        C{status --watch --json --no-follow} prints the status, one more
+        line at each change, and ends with exit 3 and one line when the node
+        goes away.
         """
         harness = self.startNode()
-        d = self.run_(harness.reactor, "status", "--node", NODE, "--json", "--watch")
+        d = self.run_(harness.reactor, "status", "--node", NODE, "--json", "--watch", "--no-follow")
         self.connectCLI(harness)
         self.assertNoResult(d)
         self.assertEqual(len(self.out.getvalue().splitlines()), 1)
@@ -599,10 +871,103 @@ class LiveNodeTests(CommandTestCase):
         changes = self.out.getvalue().splitlines()[len(table):]
         self.assertEqual(len(changes), 2)
         self.assertRegex(changes[-1], r"^\d\d:\d\d:\d\d leader, leader 1, epoch 1, alive 1,2$")
+        stopped = self.stopNode(harness)
+        self.successResultOf(stopped)
+        # It tries the member it learned, which does not answer either.
+        self.assertNoResult(d)
+        self.assertEqual([(host, port) for host, port, *_ in harness.reactor.tcpClients[-1:]], [("127.0.0.1", 9002)])
+        self.failConnection(harness.reactor)
+        self.assertEqual(self.successResultOf(d), EXIT_UNREACHABLE)
+        self.assertIn("no other member it knew answered", self.assertOneErrorLine("status"))
+
+    def test_statusWatchFollows(self) -> None:
+        """
+        When the watched node goes away, C{status --watch} says so in one
+        line and carries on watching through a live member it learned:
+        it asks that member to watch, and prints its changes.
+        """
+        harness = self.startNode()
+        d = self.run_(harness.reactor, "status", "--node", NODE, "--json", "--watch")
+        self.connectCLI(harness)
+        peer = harness.peer(2)
+        harness.flush()
+        peer.send(heartbeat(2, 1, 1))
+        harness.flush()
+        shown = len(self.out.getvalue().splitlines())
+        other = RecordingHandler()
+        harness.reactor.listenTCP(9002, tlsListener(other, harness.reactor), interface="127.0.0.1")
+        stopped = self.stopNode(harness)
+        self.successResultOf(stopped)
+        pump = ConnectionCompleter(harness.reactor).succeedOnce()
+        pump.flush()
+        self.assertNoResult(d)
+        self.assertEqual(
+            self.err.getvalue(), "p2pfiles status: node 127.0.0.1:9001 went away; watching node 2 at 127.0.0.1:9002\n"
+        )
+        self.assertEqual(other.messages, [Message("status", watch=True)])
+        status = {"id": 2, "role": "leader", "leader": 2, "epoch": 2, "version": __version__,
+                  "members": [{"id": 1, "address": NODE, "alive": False}, {"id": 2, "address": "127.0.0.1:9002", "alive": True}]}
+        self.sendState(pump, status)
+        lines = self.out.getvalue().splitlines()
+        self.assertEqual(len(lines), shown + 1)
+        self.assertEqual(json.loads(lines[-1])["leader"], 2)
+        # That one goes away too, and the only other member, node 1, is gone.
+        self.closeFollowed(pump)
+        self.failConnection(harness.reactor)
+        self.assertEqual(self.successResultOf(d), EXIT_UNREACHABLE)
+        self.assertIn("no other member it knew answered", self.err.getvalue().splitlines()[-1])
+
+    def stopNode(self, harness: Harness) -> Deferred:
+        """
+        Stop the node, and forget the connection attempts it left pending
+        in the memory reactor (cancelled: it has stopped), so that the
+        CLI's next attempt is the first.
+        """
+        before = len(harness.reactor.tcpClients)
         stopped = harness.node.stopService()
         harness.flush()
-        self.successResultOf(stopped)
-        self.assertEqual(self.successResultOf(d), EXIT_UNREACHABLE)
+        del harness.reactor.tcpClients[:before]
+        return stopped
+
+    def sendState(self, pump: IOPump, status: Any) -> None:
+        """
+        Answer the CLI from the listening end joined by C{pump} with a
+        C{state} message.
+        """
+        self.serverProtocol(pump).sendMessage(Message("state", status=status))
+        pump.flush()
+
+    def serverProtocol(self, pump: IOPump) -> Any:
+        """
+        The P2P protocol of the listening end of C{pump}, under its TLS layer.
+        """
+        return pump.server.wrappedProtocol
+
+    def closeFollowed(self, pump: IOPump) -> None:
+        self.serverProtocol(pump).transport.loseConnection()
+        pump.flush()
+
+    def test_statusRefused(self) -> None:
+        """
+        Members that refuse the node's link are listed in C{status --json}
+        under C{refused} (id and reason), and the table warns of each in
+        one line.
+        """
+        harness = self.startNode()
+        harness.node.membership.refused[3] = "authentication failed: wrong cluster secret, or a relayed connection"
+        d = self.run_(harness.reactor, "status", "--node", NODE, "--json")
+        self.connectCLI(harness)
+        self.assertEqual(self.successResultOf(d), EXIT_OK)
+        status = json.loads(self.out.getvalue())
+        self.assertEqual(
+            status["refused"],
+            [{"id": 3, "reason": "authentication failed: wrong cluster secret, or a relayed connection"}],
+        )
+        self.assertEqual(
+            formatStatus(status).splitlines()[-1],
+            "  warning: node 3 refuses this node's link: "
+            "authentication failed: wrong cluster secret, or a relayed connection",
+        )
 
     def test_ls(self) -> None:
         """

@@ -16,9 +16,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from p2pfiles import auth
 from p2pfiles.control import ControlSession
-from p2pfiles.protocol import IConnectionHandler, LocalIdentity, P2PProtocol, PeerInfo, ProtocolViolation
+from p2pfiles.protocol import IConnectionHandler, P2PProtocol, PeerInfo, ProtocolViolation
 from p2pfiles.wire import Message
-from tests.frames import frame, hello, parseFrames
+from tests.channels import plainIdentity
+from tests.frames import frame, hello, parseFrames, proofFor
 
 
 class FakeConnection:
@@ -151,25 +152,31 @@ class ControlSessionTests(SynchronousTestCase):
 
 class ControlOverProtocolTests(SynchronousTestCase):
     """
-    A L{ControlSession} behind a real listening L{P2PProtocol}.
+    A L{ControlSession} behind a real listening L{P2PProtocol}, on a plain
+    test channel.
     """
 
     def open(self, recorder: Recorder, *types: str) -> Tuple[P2PProtocol, StringTransport]:
+        """
+        A listening node 1 whose control session C{recorder} dispatches
+        C{types}, taken through the handshake by hand as node 2.
+        """
         clock = Clock()
         protocol = P2PProtocol(
-            LocalIdentity("node", 1, "127.0.0.1:9001", b"", "control"),
+            plainIdentity("node", 1, "127.0.0.1:9001", b"", "control"),
             recorder.session(*types),
             clock,
             listening=True,
         )
         transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40002))
         protocol.makeConnection(transport)
-        nonce = auth.makeNonce()
-        peer = LocalIdentity("node", 2, "127.0.0.1:9002", b"", "control")
-        protocol.dataReceived(frame(hello(peer, nonce)))
-        (answer,) = parseFrames(transport.value())
+        mine = hello(plainIdentity("node", 2, "127.0.0.1:9002", b"", "control"), auth.makeNonce())
+        protocol.dataReceived(frame(mine))
+        (answer, listenerAuth) = parseFrames(transport.value())
+        self.assertEqual(listenerAuth.proof, proofFor(b"", auth.LISTENER, mine, answer))
         transport.clear()
-        protocol.dataReceived(frame(Message("auth", proof=auth.proof(b"", auth.CONNECTOR, nonce, answer.nonce))))
+        protocol.dataReceived(frame(Message("auth", proof=proofFor(b"", auth.CONNECTOR, mine, answer))))
+        self.assertEqual([m.type for m in parseFrames(transport.value())], ["ready"])
         transport.clear()
         self.addCleanup(lambda: protocol.closed or protocol.connectionLost(Failure(ConnectionDone())))
         return protocol, transport

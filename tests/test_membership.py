@@ -30,6 +30,7 @@ from p2pfiles.membership import (
 )
 from p2pfiles.protocol import IConnectionHandler, LocalIdentity, P2PFactory, P2PProtocol, PeerInfo
 from p2pfiles.wire import Message, encode
+from tests.channels import plainIdentity
 
 ME = 1
 PEER = 2
@@ -37,7 +38,7 @@ PEER_ADDRESS = "127.0.0.1:9002"
 
 
 def identity(node: int, secret: bytes = b"") -> LocalIdentity:
-    return LocalIdentity("node", node, f"127.0.0.1:{9000 + node}", secret, "control")
+    return plainIdentity("node", node, f"127.0.0.1:{9000 + node}", secret, "control")
 
 
 @implementer(IConnectionHandler)
@@ -68,12 +69,13 @@ class FakeEndpoint:
     Deferred the test fires (or sees cancelled).
     """
 
-    def __init__(self, attempts: List["Attempt"], address: str) -> None:
+    def __init__(self, attempts: List["Attempt"], address: str, security: Any = None) -> None:
         self.attempts = attempts
         self.address = address
+        self.security = security
 
     def connect(self, factory: P2PFactory) -> Deferred:
-        attempt = Attempt(self.address, factory)
+        attempt = Attempt(self.address, factory, self.security)
         self.attempts.append(attempt)
         return attempt.deferred
 
@@ -83,9 +85,11 @@ class Attempt:
     One connection attempt of a L{PeerLink}.
     """
 
-    def __init__(self, address: str, factory: P2PFactory) -> None:
+    def __init__(self, address: str, factory: P2PFactory, security: Any = None) -> None:
         self.address = address
         self.factory = factory
+        # What the endpoint was told to secure the connection with.
+        self.security = security
         self.cancelled = False
         self.deferred: Deferred = Deferred(self._cancel)
 
@@ -103,7 +107,11 @@ class LinkCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
         self.attempts: List[Attempt] = []
-        self.patch(membership, "clientEndpoint", lambda reactor, address, timeout: FakeEndpoint(self.attempts, address))
+        self.patch(
+            membership,
+            "clientEndpoint",
+            lambda reactor, address, timeout, security: FakeEndpoint(self.attempts, address, security),
+        )
         self.events: List[dict] = []
         self.patch(PeerLink, "log", Logger(observer=self.events.append))
         self.refusals: List[Tuple[int, Optional[str]]] = []
@@ -182,10 +190,12 @@ class BackOffTests(LinkCase):
 
     def test_connectsAtStart(self) -> None:
         """
-        Starting the link makes one attempt at once, to the peer's address.
+        Starting the link makes one attempt at once, to the peer's address,
+        secured by the link's own identity.
         """
         self.link.startService()
         self.assertEqual([a.address for a in self.attempts], [PEER_ADDRESS])
+        self.assertIs(self.attempts[0].security, self.factory.identity.security)
 
     def test_unreachableBacksOffToOneSecond(self) -> None:
         """
@@ -455,7 +465,9 @@ class MembershipTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
-        self.patch(membership, "clientEndpoint", lambda reactor, address, timeout: FakeEndpoint([], address))
+        self.patch(
+            membership, "clientEndpoint", lambda reactor, address, timeout, security: FakeEndpoint([], address, security)
+        )
         self.patch(Membership, "log", Logger(observer=lambda e: None))
         self.members = Membership(ME, "127.0.0.1:9001", identity(ME), self.reactor, Handler)
         self.ups: List[int] = []

@@ -322,6 +322,7 @@ class StatusTests(SynchronousTestCase):
                 "members": [{"id": 1, "address": "127.0.0.1:9001", "alive": True}],
                 "version": __version__,
                 "fingerprint": PLAIN_FINGERPRINT,
+                "refused": [],
             },
         )
 

@@ -100,7 +100,9 @@ class CommandTests(SynchronousTestCase):
             return json.loads(result.stdout) if result.returncode == 0 else None
 
         got = poll(lambda: (s := status()) and s["leader"] == 1 and s, "leader 1")
-        self.assertEqual(set(got), {"id", "address", "role", "leader", "epoch", "members", "version", "fingerprint"})
+        self.assertEqual(
+            set(got), {"id", "address", "role", "leader", "epoch", "members", "version", "fingerprint", "refused"}
+        )
         self.assertEqual((got["id"], got["role"]), (2, "follower"))
         # The node's own fingerprint is the one `p2pfiles id` reads from its
         # state, and its peer's is the one it saw on their link.
@@ -195,6 +197,199 @@ class CommandTests(SynchronousTestCase):
         relayed = int(relays[0].split(": ")[-1].split(" bytes")[0])
         self.assertGreater(relayed, 0)
         self.assertLess(relayed, len(data))
+
+
+class Valve:
+    """
+    A TCP forwarder on 127.0.0.1 that passes at most C{budget} bytes from
+    the node to the client on each connection, then holds the rest: a
+    transfer that stops half-way while both ends stay connected.
+    """
+
+    def __init__(self, target: int, budget: int) -> None:
+        import socket
+        import threading
+
+        self.target = target
+        self.budget = budget
+        self.sockets: list = []
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                inside, _ = self.listener.accept()
+            except OSError:
+                return
+            outside = socket.create_connection(("127.0.0.1", self.target), timeout=DEADLINE)
+            outside.settimeout(None)
+            self.sockets += [inside, outside]
+            threading.Thread(target=self.pipe, args=(inside, outside, None), daemon=True).start()
+            threading.Thread(target=self.pipe, args=(outside, inside, self.budget), daemon=True).start()
+
+    def pipe(self, source, sink, budget) -> None:
+        try:
+            while budget is None or budget > 0:
+                data = source.recv(min(65536, budget) if budget is not None else 65536)
+                if not data:
+                    break
+                sink.sendall(data)
+                if budget is not None:
+                    budget -= len(data)
+        except OSError:
+            pass
+
+    def stop(self) -> None:
+        self.listener.close()
+        for each in self.sockets:
+            each.close()
+
+
+def holdsLock(path: FilePath) -> bool:
+    """
+    Whether another process holds the lock on C{path} (a download holds its
+    part's).
+    """
+    import fcntl
+
+    try:
+        fd = os.open(path.path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def sizeOf(path: FilePath) -> int:
+    """
+    The size of C{path} now (L{FilePath} caches what it last saw), 0 if absent.
+    """
+    try:
+        return os.path.getsize(path.path)
+    except OSError:
+        return 0
+
+
+class InterruptionTests(SynchronousTestCase):
+    """
+    A real C{p2pfiles get} interrupted by SIGTERM and SIGINT, and the run
+    that resumes after it.
+    """
+
+    def test_interruptedGetKeepsPart(self):
+        """
+        SIGTERM, then SIGINT, to a download stuck half-way: each exits 143
+        and 130, says in one line how much it kept and where, and keeps the
+        part.  The same command then resumes it: the file arrives whole,
+        C{resumed_from} is what the part held, and on a stderr that is not a
+        terminal the one summary line is all it writes there.
+        """
+        from p2pfiles.cli import humanSize
+
+        nodes = startProcesses(self, [1])
+        data = os.urandom(6 * 1024 * 1024)
+        nodes[1].share.child("big.bin").setContent(data)
+
+        def listed():
+            result = cli("ls", "--node", nodes[1].address, "--json")
+            return result.returncode == 0 and any(f["name"] == "big.bin" for f in json.loads(result.stdout))
+
+        poll(listed, "big.bin in the index")
+        out = FilePath(self.mktemp())
+        out.makedirs()
+        part = out.child(".big.bin.part")
+        kept = 0
+        for signum, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+            valve = Valve(nodes[1].port, 1024 * 1024)
+            self.addCleanup(valve.stop)
+            client = subprocess.Popen(
+                [sys.executable, "-m", "p2pfiles", "get", "big.bin", "--node", f"127.0.0.1:{valve.port}",
+                 "--timeout", "60"],
+                env=childEnvironment(),
+                cwd=out.path,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+            )
+            self.addCleanup(lambda c=client: c.poll() is None and c.kill())
+            # Held by the download, and fed with more than it held before.
+            poll(lambda: holdsLock(part) and sizeOf(part) > kept + 512 * 1024, "the download to stall half-way")
+            client.send_signal(signum)
+            stdout, stderr = client.communicate(timeout=DEADLINE)
+            valve.stop()
+            self.assertEqual(client.returncode, code, stderr)
+            kept = sizeOf(part)
+            self.assertEqual(
+                stderr.decode(),
+                f"p2pfiles get: interrupted: {humanSize(kept)} kept in .big.bin.part; run the same command to resume\n",
+            )
+            self.assertEqual(stdout, b"")
+            self.assertEqual(part.getContent(), data[:kept])
+            self.assertFalse(out.child("big.bin").exists())
+        result = cli("get", "big.bin", "--node", nodes[1].address, cwd=out.path)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(out.child("big.bin").getContent(), data)
+        self.assertFalse(part.exists())
+        lines = result.stderr.decode().splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertTrue(lines[0].startswith("saved big.bin (6.0 MiB, sha256 "), lines[0])
+        self.assertTrue(lines[0].endswith(f", {humanSize(kept)} not fetched again)"), lines[0])
+        # The same again is refused: the file is there.
+        again = cli("get", "big.bin", "--node", nodes[1].address, "--json", cwd=out.path)
+        self.assertEqual(again.returncode, 9)
+        # With --overwrite it is fetched whole; a part of it resumed.
+        part.setContent(data[:1000])
+        again = cli("get", "big.bin", "--node", nodes[1].address, "--json", "--overwrite", cwd=out.path)
+        self.assertEqual(again.returncode, 0, again.stderr)
+        self.assertEqual(json.loads(again.stdout)["resumed_from"], 1000)
+        self.assertEqual(again.stderr, b"")
+
+
+class ListenTests(SynchronousTestCase):
+    """
+    twistd starting a node whose port is taken.
+    """
+
+    def test_portInUse(self):
+        """
+        A node whose port another socket holds ends at once with a non-zero
+        status and one line, C{cannot listen on 127.0.0.1:PORT: address
+        already in use}, not a traceback.
+        """
+        import socket
+
+        holder = socket.socket()
+        self.addCleanup(holder.close)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        base = FilePath(self.mktemp())
+        base.makedirs()
+        result = subprocess.run(
+            twistdCommand() + ["-n", "--pidfile=", "p2pfiles", "--id", "1", "--port", str(port)],
+            env=childEnvironment(),
+            cwd=base.path,
+            capture_output=True,
+            timeout=DEADLINE,
+            stdin=subprocess.DEVNULL,
+        )
+        self.assertNotEqual(result.returncode, 0)
+        output = (result.stdout + result.stderr).decode()
+        self.assertNotIn("Traceback", output)
+        [line] = [l for l in output.splitlines() if "cannot listen" in l]
+        self.assertTrue(line.endswith(f" cannot listen on 127.0.0.1:{port}: address already in use"), line)
 
 
 class DemoTests(SynchronousTestCase):

@@ -34,16 +34,20 @@ from p2pfiles.session import (
     RequestSession,
 )
 from p2pfiles.wire import FileEntry, Message, decode
-from tests.frames import frame, hello
+from tests.channels import PlainSecurity, plainIdentity
+from tests.frames import frame, hello, proofFor
 
 ME = 2
 MY_ADDRESS = "127.0.0.1:9002"
 LEADER_ADDRESS = "127.0.0.1:9001"
-CLIENT = LocalIdentity("client", None, None, b"", "request")
+# A client presents no certificate.
+CLIENT = plainIdentity("client", None, None, b"", "request", PlainSecurity(fingerprint=None))
 
 
 def nodeIdentity(node: int) -> LocalIdentity:
-    return LocalIdentity("node", node, f"127.0.0.1:{9000 + node}", b"", "request")
+    # Each node presents a certificate of its own.
+    fingerprint = "sha256:" + f"{node:02x}" * 32
+    return plainIdentity("node", node, f"127.0.0.1:{9000 + node}", b"", "request", PlainSecurity(fingerprint))
 
 
 def entryOf(name: str, data: bytes) -> FileEntry:
@@ -75,15 +79,19 @@ class Ended:
     The callable a context hands out for a transfer's end: records it.
     """
 
-    def __init__(self, what: str, name: str, peer: str, size: int) -> None:
+    def __init__(self, what: str, name: str, peer: str, size: int, progress: Callable[[], int]) -> None:
         self.what = what
         self.name = name
         self.peer = peer
         self.size = size
+        self.progress = progress
         self.results: List[Any] = []
+        # What the session's progress() said as the end was reported.
+        self.moved: List[int] = []
 
     def __call__(self, result: Any) -> None:
         self.results.append(result)
+        self.moved.append(self.progress())
 
 
 class FakeUpstream:
@@ -209,7 +217,7 @@ class FakeContext:
         return self.progressValue
 
     def transferStarted(self, session: Any, what: str, name: str, peer: str, size: int) -> Callable[[Any], None]:
-        ended = Ended(what, name, peer, size)
+        ended = Ended(what, name, peer, size, session.progress)
         self.ended.append(ended)
         return ended
 
@@ -225,28 +233,29 @@ class FakeContext:
 class Connection:
     """
     One request connection to a L{RequestSession}: a real listening
-    L{P2PProtocol} on a L{StringTransport}, taken through the handshake by
-    hand as C{identity}.
+    L{P2PProtocol} on a L{StringTransport}, over a plain test channel that
+    shows it the certificate C{identity} presents, taken through the
+    handshake by hand as C{identity}.
     """
 
     def __init__(self, case: SynchronousTestCase, context: FakeContext, identity: LocalIdentity = CLIENT) -> None:
         self.case = case
         self.session = RequestSession(context)
-        self.protocol = P2PProtocol(
-            LocalIdentity("node", context.me, MY_ADDRESS, b"", "request"), self.session, context.clock, listening=True
+        listener = plainIdentity(
+            "node", context.me, MY_ADDRESS, b"", "request", PlainSecurity(peer=identity.fingerprint)
         )
+        self.protocol = P2PProtocol(listener, self.session, context.clock, listening=True)
         self.transport = StringTransport(
             hostAddress=IPv4Address("TCP", "127.0.0.1", 9002),
             peerAddress=IPv4Address("TCP", "127.0.0.1", 50000),
         )
         self.protocol.makeConnection(self.transport)
-        nonce = auth.makeNonce()
-        self.protocol.dataReceived(frame(hello(identity, nonce)))
-        answer = parseStream(self.transport.value())[0]
+        mine = hello(identity, auth.makeNonce())
+        self.protocol.dataReceived(frame(mine))
+        answer, listenerAuth = parseStream(self.transport.value())
+        case.assertEqual(listenerAuth.proof, proofFor(b"", auth.LISTENER, mine, answer))
         self.transport.clear()
-        self.protocol.dataReceived(
-            frame(Message("auth", proof=auth.proof(b"", auth.CONNECTOR, nonce, answer.nonce)))
-        )
+        self.protocol.dataReceived(frame(Message("auth", proof=proofFor(b"", auth.CONNECTOR, mine, answer))))
         case.assertEqual([m.type for m in parseStream(self.transport.value())], ["ready"])
         self.transport.clear()
         case.assertIs(self.session.connection, self.protocol)
@@ -623,7 +632,8 @@ class ServeTests(Case):
         The leader serves its own file to a client: a C{file} header naming
         itself as holder and leader, then the bytes; the session is
         I{serving} until the producer is done, then idle, and the
-        transfer's end is reported with the byte count.
+        transfer's end is reported with the byte count while C{progress()}
+        still says it (the status board reads it then).
         """
         entry = self.context.share("a.txt", b"hello world")
         connection = self.connect()
@@ -640,6 +650,7 @@ class ServeTests(Case):
         self.assertEqual(raw, b"hello world")
         self.assertEqual(connection.session.state, IDLE)
         self.assertEqual(ended.results, [11])
+        self.assertEqual(ended.moved, [11])
         self.assertTrue(self.context.opened[0][2].closed)
 
     def test_serveFromOffset(self) -> None:
@@ -883,8 +894,8 @@ class RelayTests(Case):
     def test_relayCompletes(self) -> None:
         """
         The relay asks the holder for the file with its SHA-256, passes the
-        header and bytes on, ends the transfer with the count, and the
-        session is idle again.
+        header and bytes on, ends the transfer with the count (while
+        C{progress()} still says it), and the session is idle again.
         """
         connection = self.connect()
         connection.send(Message("get", name="a.txt", offset=0, sha256=None))
@@ -904,6 +915,7 @@ class RelayTests(Case):
         self.assertEqual((header.type, header.holder, header.leader, raw), ("file", 3, ME, b"relayed bytes"))
         self.assertEqual(connection.session.state, IDLE)
         self.assertEqual(self.context.ended[0].results, [13])
+        self.assertEqual(self.context.ended[0].moved, [13])
         self.assertEqual((self.context.ended[0].what, self.context.ended[0].size), ("relay", 13))
         self.assertIsNone(connection.transport.producer)
         self.assertTrue(upstream.closed)

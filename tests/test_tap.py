@@ -8,22 +8,25 @@ import runpy
 from typing import Any, Dict, List
 
 from twisted.application.service import IService, IServiceCollection, IServiceMaker, MultiService
+from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import Site
 
 from p2pfiles.address import parseAddress
 from p2pfiles.node import Node
 from p2pfiles.node import Incoming
 from p2pfiles.protocol import P2PFactory
-from p2pfiles.tap import CannotListen, Listener
+from p2pfiles.tap import CannotListen, Listener, WebListener
 from p2pfiles.tap import Options, isLoopback, makeService, parseCluster
 from p2pfiles.identity import stateIdentity
 from p2pfiles.tls import TLS, TLSServerEndpoint
 from tests.channels import certificate
+from p2pfiles.web import MIN_TOKEN, WebRoot
 
 ROOT = FilePath(__file__).parent().parent()
 
@@ -613,6 +616,243 @@ class MakeServiceTests(OptionsTestCase):
         error = self.assertRaises(CannotListen, listener.privilegedStartService)
         self.assertEqual(str(error), f"cannot listen on 127.0.0.1:{port}: address already in use")
         self.assertIsNone(listener.port)
+        # A SystemExit carrying the line: twistd ends with it, exit status 1,
+        # and no traceback.
+        self.assertIsInstance(error, SystemExit)
+        self.assertEqual(error.code, str(error))
+
+
+WEB_TOKEN = b"web-token-0123456789"
+
+
+class WebOptionsTests(OptionsTestCase):
+    """
+    C{--web ENDPOINT} serves the status page; an endpoint reachable beyond
+    loopback needs C{--web-token-file}, refused in one line without it.
+    """
+
+    def test_offByDefault(self) -> None:
+        """
+        Without C{--web} there is no web view and no token.
+        """
+        options = parse("--id", "1")
+        self.assertEqual((options["web"], options["web-token"]), (None, None))
+
+    def test_loopbackWithoutToken(self) -> None:
+        """
+        Endpoints on a loopback interface, or on a UNIX socket, are
+        accepted without a token.
+        """
+        for description in (
+            "tcp:9101:interface=127.0.0.1",
+            "tcp:9101:interface=127.0.0.53",
+            "tcp:0:interface=localhost",
+            "tcp6:9101:interface=\\:\\:1",
+            "unix:/run/p2pfiles/web.sock",
+        ):
+            options = parse("--id", "1", "--web", description)
+            self.assertEqual((options["web"], options["web-token"]), (description, None))
+
+    def test_notLoopbackNeedsToken(self) -> None:
+        """
+        An endpoint on another interface, on every interface, or naming no
+        interface at all (which means every one) is refused without
+        C{--web-token-file}, naming the endpoint and the option.
+        """
+        for description in (
+            "tcp:9101",
+            "tcp:9101:interface=0.0.0.0",
+            "tcp:9101:interface=192.0.2.7",
+            "tcp6:9101",
+            "tcp6:9101:interface=\\:\\:",
+            "tcp:9101:interface=example.com",
+        ):
+            message = self.assertUsageError("--id", "1", "--web", description)
+            self.assertIn(f"--web {description}", message)
+            self.assertIn("--web-token-file", message)
+
+    def test_notLoopbackWithToken(self) -> None:
+        """
+        With a token file any interface is accepted, and the token is the
+        file's content without surrounding whitespace.
+        """
+        path = self.writeFile(b"  " + WEB_TOKEN + b"\n")
+        options = parse("--id", "1", "--web", "tcp:9101", "--web-token-file", path)
+        self.assertEqual((options["web"], options["web-token"]), ("tcp:9101", WEB_TOKEN))
+
+    def test_tokenWithLoopback(self) -> None:
+        """
+        A token may guard a loopback endpoint too.
+        """
+        path = self.writeFile(WEB_TOKEN)
+        options = parse("--id", "1", "--web", "tcp:9101:interface=127.0.0.1", "--web-token-file", path)
+        self.assertEqual(options["web-token"], WEB_TOKEN)
+
+    def test_tokenFileProblems(self) -> None:
+        """
+        A token file that is missing, a directory, empty, too short, too
+        large, or holds characters a header cannot carry is a one-line
+        usage error naming the file, even on an endpoint that would not
+        need it.
+        """
+        directory = FilePath(self.mktemp())
+        directory.makedirs()
+        bad = [
+            FilePath(self.mktemp()).path,
+            directory.path,
+            self.writeFile(b""),
+            self.writeFile(b" \n\t\n"),
+            self.writeFile(b"x" * (MIN_TOKEN - 1)),
+            self.writeFile(b"x" * 5000),
+            self.writeFile(b"web token with spaces in it"),
+            self.writeFile("t\u00f6ken-0123456789abcdef".encode("utf-8")),
+        ]
+        for path in bad:
+            for description in ("tcp:9101", "tcp:9101:interface=127.0.0.1"):
+                message = self.assertUsageError("--id", "1", "--web", description, "--web-token-file", path)
+                self.assertIn(path, message)
+
+    def test_badEndpoints(self) -> None:
+        """
+        A description Twisted cannot build a server endpoint from, or an
+        endpoint kind that does not serve HTTP here, is a one-line usage
+        error naming it, not a traceback when the node starts.
+        """
+        for description in (
+            "9101",
+            "tcp:web:interface=127.0.0.1",
+            "tcp:9101:interface=127.0.0.1:colour=blue",
+            "tcp:9101:interface=127.0.0.1:backlog=many",
+            "udp:9101:interface=127.0.0.1",
+            "stdio:",
+        ):
+            message = self.assertUsageError("--id", "1", "--web", description)
+            self.assertIn(f"--web {description}", message)
+
+
+class WebServiceTests(OptionsTestCase):
+    """
+    With C{--web}, L{makeService} adds a L{WebListener} serving the node's
+    web view.
+    """
+
+    def build(self, *arguments: str) -> "tuple[MultiService, WebListener, Node, MemoryReactorClock]":
+        reactor = MemoryReactorClock()
+        base = FilePath(self.mktemp())
+        options = parse(
+            "--id", "2", "--port", "9222",
+            "--share", base.child("files").path, "--state", base.child("state").path, *arguments,
+        )
+        top = makeService(options, reactor=reactor)
+        services = list(top)
+        webs = [s for s in services if isinstance(s, WebListener)]
+        nodes = [s for s in services if isinstance(s, Node)]
+        self.assertEqual((len(services), len(webs), len(nodes)), (3, 1, 1))
+        return top, webs[0], nodes[0], reactor
+
+    def start(self, listener: WebListener) -> None:
+        listener.privilegedStartService()
+        listener.startService()
+        self.addCleanup(lambda: listener.running and self.successResultOf(listener.stopService()))
+
+    def request(self, listener: WebListener, path: str, headers: Dict[str, str] = {}) -> StringTransport:
+        """
+        Send one GET to the listener's site over an in-memory connection;
+        the transport holds the answer.
+        """
+        transport = StringTransport(
+            hostAddress=IPv4Address("TCP", "127.0.0.1", 9102), peerAddress=IPv4Address("TCP", "127.0.0.1", 50000)
+        )
+        channel = listener.factory.buildProtocol(transport.getPeer())
+        channel.makeConnection(transport)
+        lines = [f"GET {path} HTTP/1.1", "Host: 127.0.0.1:9102"] + [f"{k}: {v}" for k, v in headers.items()]
+        channel.dataReceived(("\r\n".join(lines) + "\r\n\r\n").encode("ascii"))
+        return transport
+
+    def test_noWebNoListener(self) -> None:
+        """
+        Without C{--web} nothing but the node's own port listens.
+        """
+        reactor = MemoryReactorClock()
+        base = FilePath(self.mktemp())
+        top = makeService(parse("--id", "1", "--state", base.child("state").path), reactor=reactor)
+        self.assertEqual([type(s) for s in top if isinstance(s, Listener)], [Listener])
+
+    def test_listensOnTheEndpoint(self) -> None:
+        """
+        Started on a memory reactor, the web listener asks for the
+        endpoint's port and interface with a L{Site} whose root is the web
+        view, on the given reactor (its connections' timers too), and lets
+        go when stopped.
+        """
+        top, web, node, reactor = self.build("--web", "tcp:9102:interface=127.0.0.1")
+        self.assertIsInstance(web.endpoint, TCP4ServerEndpoint)
+        self.start(web)
+        [(port, factory, backlog, interface)] = reactor.tcpServers
+        self.assertEqual((port, interface), (9102, "127.0.0.1"))
+        self.assertIsInstance(factory, Site)
+        self.assertIs(factory, web.factory)
+        self.assertIsInstance(factory.resource, WebRoot)
+        self.assertIs(factory.reactor, reactor)
+        self.assertIsNotNone(web.port)
+        self.successResultOf(web.stopService())
+        self.assertIsNone(web.port)
+
+    def test_ipv6Endpoint(self) -> None:
+        """
+        A C{tcp6:} endpoint listens on its IPv6 interface.
+        """
+        top, web, node, reactor = self.build("--web", "tcp6:9102:interface=\\:\\:1")
+        self.assertIsInstance(web.endpoint, TCP6ServerEndpoint)
+        self.start(web)
+        [(port, factory, backlog, interface)] = reactor.tcpServers
+        self.assertEqual((port, interface), (9102, "::1"))
+
+    def test_servesTheNodesStatus(self) -> None:
+        """
+        The site answers C{/api/status} with this node's status.
+        """
+        top, web, node, reactor = self.build("--web", "tcp:9102:interface=127.0.0.1")
+        self.start(web)
+        raw = self.request(web, "/api/status").value()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+        self.assertIn(b'"id": 2', body)
+        self.assertIn(b'"address": "127.0.0.1:9222"', body)
+
+    def test_tokenRequired(self) -> None:
+        """
+        With C{--web-token-file}, the site refuses a request without the
+        token and answers one with it.
+        """
+        path = self.writeFile(WEB_TOKEN + b"\n")
+        top, web, node, reactor = self.build("--web", "tcp:9102", "--web-token-file", path)
+        self.start(web)
+        [(port, factory, backlog, interface)] = reactor.tcpServers
+        self.assertEqual((port, interface), (9102, ""))
+        self.assertTrue(self.request(web, "/api/status").value().startswith(b"HTTP/1.1 401 "))
+        answer = self.request(web, "/api/status", {"Authorization": "Bearer " + WEB_TOKEN.decode()}).value()
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)
+
+    def test_stopClosesLiveStreams(self) -> None:
+        """
+        Stopping the web listener drops every open C{/api/watch} stream (they
+        never end by themselves) and stops listening; other connections
+        are left to finish.
+        """
+        top, web, node, reactor = self.build("--web", "tcp:9102:interface=127.0.0.1")
+        self.start(web)
+        streams = [self.request(web, "/api/watch") for n in range(2)]
+        for stream in streams:
+            self.assertIn(b"event: status", stream.value())
+            self.assertFalse(stream.disconnecting)
+        idle = StringTransport()
+        web.factory.buildProtocol(None).makeConnection(idle)
+        self.successResultOf(web.stopService())
+        self.assertEqual([s.disconnecting for s in streams], [True, True])
+        self.assertFalse(idle.disconnecting)
+        self.assertIsNone(web.port)
+        self.assertFalse(web.running)
 
 
 class PluginTests(SynchronousTestCase):
@@ -670,8 +910,9 @@ class TacTests(SynchronousTestCase):
         application = namespace["application"]
         top = list(IServiceCollection(application))
         self.assertEqual(len(top), 1)
+        self.top = list(top[0])
         nodes: List[Node] = [s for s in top[0] if isinstance(s, Node)]
-        listeners = [s for s in top[0] if isinstance(s, Listener)]
+        listeners = [s for s in top[0] if type(s) is Listener]
         self.assertEqual((len(nodes), len(listeners)), (1, 1))
         self.assertFalse(nodes[0].running)
         self.assertFalse(listeners[0].running)
@@ -748,3 +989,73 @@ class TacTests(SynchronousTestCase):
         )
         self.assertEqual(node.config.secret, b"tac-secret")
         self.assertEqual(node.config.peers, {})
+
+    def test_everyPluginOption(self) -> None:
+        """
+        Every option of the plugin has its C{P2PFILES_*} variable: interface,
+        advertise, cluster (whose own line gives the port), heartbeat,
+        leader timeout, web, part age; an empty variable counts as unset.
+        """
+        base = FilePath(self.mktemp())
+        base.makedirs()
+        cluster = base.child("cluster")
+        cluster.setContent(b"1 127.0.0.1:9601\n2 127.0.0.2:9602\n")
+        node = self.load(
+            {
+                "P2PFILES_ID": "2",
+                "P2PFILES_CLUSTER": cluster.path,
+                "P2PFILES_INTERFACE": "127.0.0.3",
+                "P2PFILES_ADVERTISE": "127.0.0.2:9602",
+                "P2PFILES_SHARE": base.child("f").path,
+                "P2PFILES_STATE": base.child("s").path,
+                "P2PFILES_HEARTBEAT": "0.5",
+                "P2PFILES_LEADER_TIMEOUT": "3",
+                "P2PFILES_PART_MAX_AGE": "2",
+                "P2PFILES_SECRET_FILE": "",
+                "P2PFILES_TLS_CERT": "",
+            }
+        )
+        config = node.config
+        self.assertEqual(config.peers, {1: "127.0.0.1:9601"})
+        self.assertEqual(config.address, "127.0.0.2:9602")
+        self.assertEqual((config.heartbeat, config.leaderTimeout, config.partMaxAge), (0.5, 3.0, 2 * 86400))
+        self.assertEqual(config.secret, b"")
+        listener = [s for s in self.top if isinstance(s, Listener)][0]
+        self.assertEqual(listener.where, "127.0.0.3:9602")
+
+    def test_web(self) -> None:
+        """
+        C{P2PFILES_WEB} turns the web view on, as C{--web} does.
+        """
+        base = FilePath(self.mktemp())
+        self.load(
+            {
+                "P2PFILES_WEB": "tcp:0:interface=127.0.0.1",
+                "P2PFILES_SHARE": base.child("f").path,
+                "P2PFILES_STATE": base.child("s").path,
+            }
+        )
+        self.assertEqual([s.where for s in self.top if isinstance(s, WebListener)], ["tcp:0:interface=127.0.0.1"])
+
+    def test_arguments(self) -> None:
+        """
+        C{P2PFILES_ARGS} adds plugin options, split as a shell would.
+        """
+        base = FilePath(self.mktemp())
+        node = self.load(
+            {
+                "P2PFILES_ARGS": f"--share '{base.child('a b').path}' --heartbeat 0.1",
+                "P2PFILES_STATE": base.child("s").path,
+            }
+        )
+        self.assertEqual(node.config.share, base.child("a b"))
+        self.assertEqual(node.config.heartbeat, 0.1)
+
+    def test_badOption(self) -> None:
+        """
+        A bad value ends the tac with one line naming the file and the
+        plugin's reason, not a traceback.
+        """
+        self.patch(os, "environ", {"P2PFILES_ID": "-1"})
+        error = self.assertRaises(SystemExit, runpy.run_path, ROOT.child("tac").child("p2pfiles.tac").path)
+        self.assertEqual(error.code, "p2pfiles.tac: --id must be a non-negative integer")

@@ -40,6 +40,7 @@ from p2pfiles.protocol import IConnectionHandler, LocalIdentity, P2PProtocol, Pe
 from p2pfiles.session import IDLE, RELAYING, SERVING, IRequestContext, RequestSession
 from p2pfiles.transfer import CHUNK_SIZE, FileProducer, Relay, download
 from p2pfiles.wire import FileEntry, Message, encode
+from tests.channels import PlainSecurity, plainIdentity
 
 NAME = "movie.bin"
 # Not a multiple of anything in particular, so off-by-one errors show.
@@ -1035,9 +1036,69 @@ class DownloadTests(SynchronousTestCase):
         summary = self.successResultOf(d)
         self.assertEqual(self.final.getContent(), CONTENT)
         self.assertFalse(self.part.exists())
-        self.assertEqual(summary["resumed_from"], 0)
+        # The 4000 bytes kept were not fetched again.
+        self.assertEqual(summary["resumed_from"], 4000)
         self.assertTrue(closedByUs(first))
         self.assertTrue(closedByUs(second))
+
+    def test_resumedFromSumsEveryAttempt(self) -> None:
+        """
+        C{resumed_from} adds up the bytes already in the part at each
+        attempt's start (a part of 1000 from an earlier run, then 3000 at a
+        resume inside this run), and C{bytes_per_second} counts only the
+        bytes this run received.
+        """
+        self.directory.makedirs()
+        self.part.setContent(CONTENT[:1000])
+        self.leader.script = [fileHeader(1000), fileHeader(3000)]
+        d = self.start()
+        feed(self.leader.connections[0], CONTENT[1000:3000])
+        lose(self.leader.connections[0])
+        self.clock.advance(0.1)
+        self.assertEqual(self.offsetsAsked(), [("n1:7000", 1000), ("n2:7000", 3000)])
+        self.clock.advance(1.9)
+        feed(self.leader.connections[1], CONTENT[3000:])
+        summary = self.successResultOf(d)
+        self.assertEqual(summary["resumed_from"], 1000 + 3000)
+        self.assertEqual(summary["bytes_per_second"], (SIZE - 1000) // 2)
+
+    def test_stages(self) -> None:
+        """
+        C{onStage} hears whom the download asks, when a node starts sending
+        (with its header) and when an attempt is lost, in that order.
+        """
+        stages: List[Tuple[str, Any]] = []
+        self.leader.script = [fileHeader(0, holder=3), fileHeader(4000, holder=3)]
+        d = self.start(onStage=lambda stage, detail: stages.append((stage, detail)))
+        feed(self.leader.connections[0], CONTENT[:4000])
+        lose(self.leader.connections[0])
+        self.clock.advance(0.1)
+        feed(self.leader.connections[1], CONTENT[4000:])
+        self.successResultOf(d)
+        self.assertEqual([stage for stage, _ in stages], ["asking", "receiving", "lost", "asking", "receiving"])
+        self.assertEqual([stages[0][1], stages[3][1]], ["n1:7000", "n2:7000"])
+        self.assertEqual([(h.offset, h.holder) for h in (stages[1][1], stages[4][1])], [(0, 3), (4000, 3)])
+        self.assertIsInstance(stages[2][1], str)
+
+    def test_cancelledKeepsPart(self) -> None:
+        """
+        Cancelled mid-file, the download keeps the bytes it received in the
+        part and fails with L{CancelledError}; cancelled before any byte, it
+        leaves no empty part behind.
+        """
+        self.leader.script = [fileHeader(0)]
+        d = self.start()
+        feed(self.leader.connections[0], CONTENT[:3000])
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual(self.part.getContent(), CONTENT[:3000])
+        self.assertFalse(self.final.exists())
+        self.part.remove()
+        self.leader.script = [fileHeader(0)]
+        d = self.start()
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertFalse(self.part.exists())
 
     def test_resumesExistingPart(self) -> None:
         """
@@ -1332,6 +1393,22 @@ class ServingHandler:
         pass
 
 
+def holderIdentity(secret: bytes) -> LocalIdentity:
+    """
+    Node 1 as it listens on a plain test channel, where a client shows no
+    certificate.
+    """
+    return plainIdentity("node", 1, "holder:7000", secret, "request", PlainSecurity(peer=None))
+
+
+def clientIdentity(secret: bytes) -> LocalIdentity:
+    """
+    A client on a plain test channel: no certificate of its own, and the
+    holder's at the other end.
+    """
+    return plainIdentity("client", None, None, secret, "request", PlainSecurity(fingerprint=None))
+
+
 class InMemoryTransferTests(SynchronousTestCase):
     """
     L{FileProducer} and L{download} over real L{P2PProtocol}s joined by
@@ -1353,8 +1430,8 @@ class InMemoryTransferTests(SynchronousTestCase):
         secret = b"cluster secret"
         server = ServingHandler(share)
         client = ClientConnection("holder:7000")
-        serverProtocol = P2PProtocol(LocalIdentity("node", 1, "holder:7000", secret, "request"), server, clock, True)
-        clientProtocol = P2PProtocol(LocalIdentity("client", None, None, secret, "request"), client, clock, False)
+        serverProtocol = P2PProtocol(holderIdentity(secret), server, clock, True)
+        clientProtocol = P2PProtocol(clientIdentity(secret), client, clock, False)
         pump = connect(
             serverProtocol,
             FakeTransport(serverProtocol, isServer=True),
@@ -1426,9 +1503,8 @@ class RawModeTests(SynchronousTestCase):
         clock = Clock()
         secret = b"cluster secret"
         self.connection = ClientConnection("holder:7000")
-        server = P2PProtocol(LocalIdentity("node", 1, "holder:7000", secret, "request"), SilentHandler(), clock, True)
-        client = LocalIdentity("client", None, None, secret, "request")
-        self.protocol = P2PProtocol(client, self.connection, clock, False)
+        server = P2PProtocol(holderIdentity(secret), SilentHandler(), clock, True)
+        self.protocol = P2PProtocol(clientIdentity(secret), self.connection, clock, False)
         pump = connect(
             server,
             FakeTransport(server, isServer=True),

@@ -1,0 +1,1 @@
+`p2pfiles get` shows a progress bar on a terminal (drawn with tqdm, on stderr): file name, percentage, bytes, rate, ETA, the resumed portion, and "stalled — waiting for node N" when no byte came for 2 s or while resuming through another node; it ends with one summary line, which is all it writes to a stderr that is not a terminal.
