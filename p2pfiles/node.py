@@ -14,12 +14,11 @@ session for its purpose, gives the sessions the small views they need, and
 carries the coordinator's decisions to the index keeper.
 """
 
-from collections import deque
-from typing import Any, Deque, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from twisted.application.service import MultiService
 from twisted.internet import threads
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -27,7 +26,7 @@ from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
 from p2pfiles import __version__
-from p2pfiles.client import askLeader, connect, receiveListing
+from p2pfiles.client import askListing, connect
 from p2pfiles.control import ControlSession
 from p2pfiles.errors import P2PError
 from p2pfiles.fetcher import Fetcher
@@ -41,14 +40,11 @@ from p2pfiles.protocol import IConnectionHandler, LocalIdentity, P2PFactory, P2P
 from p2pfiles.session import IRequestContext, RequestSession
 from p2pfiles.status import StatusBoard
 from p2pfiles.tls import TLS
-from p2pfiles.partfile import openShared, removeStaleParts
+from p2pfiles.partfile import openShared
 from p2pfiles.waiting import Once
 from p2pfiles.wire import FileEntry, Message
 
 __all__ = ["Node", "NodeConfig", "EpochStore"]
-
-# Over how long the longest timer delay is reported.
-TIMER_DELAY_WINDOW = 60.0
 
 # How often partial downloads are looked at for removal.
 PART_SWEEP_INTERVAL = 24 * 3600.0
@@ -172,7 +168,7 @@ class Node(MultiService):
         )
         self.localIndex.subscribe(self._localChanges)
         self._localReady = Once()
-        self.membership = Membership(config.id, config.address, self.identity, reactor, self._outgoingControl)
+        self.membership = Membership(config.id, config.address, self.identity, reactor, self._controlSession)
         self.membership.setServiceParent(self)
         self.coordinator = HeartbeatCoordinator(
             config.id,
@@ -226,11 +222,6 @@ class Node(MultiService):
         # and notice members whose silence made them count as down.
         self._housekeeping = LoopingCall(self._tick)
         self._housekeeping.clock = reactor
-        self._lastTick: Optional[float] = None
-        self._delays: Deque[Tuple[float, float]] = deque()
-        # Parts of abandoned downloads go at start and then daily.
-        self._partSweep = LoopingCall(self._sweepParts)
-        self._partSweep.clock = reactor
 
     # Connections.
 
@@ -258,9 +249,6 @@ class Node(MultiService):
         if peer.role == "node" and peer.purpose == "control":
             return self._controlSession()
         return RequestSession(self.context)
-
-    def _outgoingControl(self) -> ControlSession:
-        return self._controlSession()
 
     def _controlSession(self) -> ControlSession:
         return ControlSession(self.controlHandlers, self._controlReady, self._controlClosed)
@@ -290,7 +278,7 @@ class Node(MultiService):
         self.coordinator.start()
         super().startService()
         self._housekeeping.start(self.config.heartbeat, now=False)
-        self._partSweep.start(PART_SWEEP_INTERVAL, now=True)
+        self.fetcher.startSweeping(self.config.partMaxAge, PART_SWEEP_INTERVAL)
         self.log.info(
             "node {id} up at {address} as {fingerprint} (epoch {epoch}, peers {peers})",
             id=self.id,
@@ -306,9 +294,8 @@ class Node(MultiService):
         Stop claiming and heartbeating first, then close every connection
         this node owns, incoming ones included, and cancel what is pending.
         """
-        for loop in (self._housekeeping, self._partSweep):
-            if loop.running:
-                loop.stop()
+        if self._housekeeping.running:
+            self._housekeeping.stop()
         stopping = [self.coordinator.stop(), self.fetcher.stop()]
         stopping.append(super().stopService())
         stopping.append(self.membership.closeLinks())
@@ -320,25 +307,6 @@ class Node(MultiService):
         return DeferredList(stopping, consumeErrors=True)
 
     # This node's own files.
-
-    def _sweepParts(self) -> Deferred:
-        share = self.config.share
-        d = self.runInThread(removeStaleParts, share, self.config.partMaxAge, self.reactor.seconds())
-
-        def removed(names: List[str]) -> None:
-            if names:
-                self.log.info(
-                    "removed {count} partial downloads older than {days:g} days from {share}: {names}",
-                    count=len(names),
-                    days=self.config.partMaxAge / 86400,
-                    share=share.path,
-                    names=", ".join(names[:5]) + (" ..." if len(names) > 5 else ""),
-                )
-
-        def failed(reason: Failure) -> None:
-            self.log.warn("cannot clean partial downloads in {share}: {reason}", share=share.path, reason=reason.getErrorMessage())
-
-        return d.addCallbacks(removed, failed)
 
     def _localStarted(self, ignored: object) -> None:
         self.log.info(
@@ -412,37 +380,18 @@ class Node(MultiService):
 
     def _tick(self) -> None:
         try:
-            self._timerDelay()
+            self.board.ticked(self.config.heartbeat)
             if self.keeper.gathering:
                 self.keeper.reconcile(self._liveMembers())
             if self.keeper.epoch is not None:
                 self.board.metrics.filesIndexed(self.keeper.index.fileCount())
-            self._countConnections()
+            self.board.countConnections(self._protocols())
             self._changed()
         except Exception:
             self.log.failure("error in the node's housekeeping")
 
-    def _timerDelay(self) -> None:
-        """
-        How late this tick ran: the reactor's longest stretch of work, as
-        timers feel it.  Kept for a minute for C{status} and the metrics.
-        """
-        now = self.reactor.seconds()
-        if self._lastTick is not None:
-            late = max(0.0, now - self._lastTick - self.config.heartbeat)
-            self._delays.append((now, late))
-            self.board.metrics.timerDelay(late)
-        self._lastTick = now
-        while self._delays and self._delays[0][0] < now - TIMER_DELAY_WINDOW:
-            self._delays.popleft()
-
     def maxTimerDelay(self) -> float:
-        """
-        The longest a housekeeping tick ran late in the last minute, in
-        seconds.
-        """
-        now = self.reactor.seconds()
-        return max((late for when, late in self._delays if when >= now - TIMER_DELAY_WINDOW), default=0.0)
+        return self.board.maxTimerDelay()
 
     def _liveMembers(self) -> Dict[int, str]:
         return {m: a for m, a in self.coordinator.members().items() if m != self.id}
@@ -531,15 +480,13 @@ class Node(MultiService):
             ],
         }
 
-    def _countConnections(self) -> None:
-        counts = {"control": 0, "request": 0, "handshake": 0}
+    def _protocols(self) -> List[P2PProtocol]:
+        """
+        Every connection this node holds.
+        """
         protocols = [p for f in self.factories for p in f.protocols]
         protocols += [link for m in self.membership.members.values() for link in m.links if not link.incoming]
-        for protocol in protocols:
-            purpose = protocol.peer.purpose if protocol.peer is not None else "handshake"
-            counts[purpose] = counts.get(purpose, 0) + 1
-        for purpose, count in counts.items():
-            self.board.metrics.connections(purpose, count)
+        return protocols
 
     def _view(self) -> Tuple[Any, ...]:
         """
@@ -577,18 +524,12 @@ class Node(MultiService):
         """
         if self.coordinator.isLeader():
             return succeed(self.keeper.index.listing())
-        return Deferred.fromCoroutine(self._listingFromLeader())
-
-    async def _listingFromLeader(self) -> List[dict]:
         address = self.leaderAddress()
         if address is None:
-            raise P2PError("no leader elected right now; try again shortly", "no-leader")
-        identity = self.identity.withPurpose("request")
-        connection, reply = await askLeader(self.reactor, address, self.config.secret, Message("ls"), 10.0, identity)
-        try:
-            return await receiveListing(self.reactor, connection, reply, 10.0, address)
-        finally:
-            connection.close()
+            return fail(P2PError("no leader elected right now; try again shortly", "no-leader"))
+        return Deferred.fromCoroutine(
+            askListing(self.reactor, address, self.config.secret, 10.0, self.identity.withPurpose("request"))
+        )
 
 
 @implementer(IRequestContext)
