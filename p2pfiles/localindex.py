@@ -189,7 +189,7 @@ class LocalIndex:
         the call.
 
         The answer is the full list when C{incarnation} is not this index's
-        (or is L{None}), when C{since} is 0, when it is below C{floor} (the
+        (or is L{None}), when C{since} is 0, when it is below C{floor} (some
         removals after it were forgotten) or when it is above C{seq} (the
         asker is confused).  Otherwise it holds only the entries changed, and
         the names removed, after C{since}.
