@@ -5,11 +5,9 @@ Most tests drive the index with a L{Clock} and run its "thread" work
 synchronously, so that every scan is deterministic and no real time passes.
 """
 
-import errno
 import hashlib
 import json
 import os
-import random
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, Iterator, List, Tuple
 
@@ -19,10 +17,9 @@ from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from p2pfiles import localindex
-from p2pfiles.localindex import (
-    HASH_TRIES, MAX_TOMBSTONES, Changes, IndexStopped, LocalIndex, hashFile, hashOpened,
-)
+from p2pfiles import sharescan
+from p2pfiles.localindex import MAX_TOMBSTONES, Changes, IndexStopped, LocalIndex, hashOpened
+from p2pfiles.sharescan import HASH_TRIES
 from p2pfiles.wire import FileEntry
 
 
@@ -307,49 +304,6 @@ class ListingTests(LocalIndexTestsMixin, SynchronousTestCase):
         self.failureResultOf(index.rescan(), IndexStopped)
         self.successResultOf(index.stop())
 
-    def test_hashFileInChunks(self) -> None:
-        """
-        L{hashFile} returns the SHA-256 and length of a file longer than its
-        chunk size.
-        """
-        path = FilePath(self.mktemp())
-        data = bytes(range(256)) * 5
-        path.setContent(data)
-        self.assertEqual(hashFile(path.path, chunk=7), (sha(data), len(data)))
-        self.assertEqual(hashFile(path.path), (sha(data), len(data)))
-
-    def test_hashOpened(self) -> None:
-        """
-        L{hashOpened} returns the SHA-256 and length of what it read, and the
-        fstat of the file it read; a file bigger than expected, or than one
-        read, is read to its end.
-        """
-        path = FilePath(self.mktemp())
-        data = bytes(range(256)) * 5
-        path.setContent(data)
-        st = os.stat(path.path)
-        for expected in [len(data), 3, 0]:
-            digest, length, after = hashOpened(path.path, expected)
-            self.assertEqual((digest, length), (sha(data), len(data)))
-            self.assertEqual((after.st_ino, after.st_size, after.st_mtime_ns), (st.st_ino, st.st_size, st.st_mtime_ns))
-        self.patch(localindex, "CHUNK", 7)
-        self.assertEqual(hashOpened(path.path, len(data))[:2], (sha(data), len(data)))
-        empty = FilePath(self.mktemp())
-        empty.setContent(b"")
-        self.assertEqual(hashOpened(empty.path, 0)[:2], (sha(b""), 0))
-
-    def test_hashOpenedRefusesSymlink(self) -> None:
-        """
-        L{hashOpened} does not follow a symlink: the scan resolves links
-        itself and hands it the target.
-        """
-        target = FilePath(self.mktemp())
-        target.setContent(b"secret")
-        link = FilePath(self.mktemp())
-        os.symlink(target.path, link.path)
-        e = self.assertRaises(OSError, hashOpened, link.path, 6)
-        self.assertEqual(e.errno, errno.ELOOP)
-
     def test_fileReplacedBySymlinkNotFollowed(self) -> None:
         """
         A file that becomes a symlink to something outside the share while
@@ -373,18 +327,6 @@ class ListingTests(LocalIndexTestsMixin, SynchronousTestCase):
         self.assertEqual(index.entries, {})
         [message] = self.messages()
         self.assertIn("symlink", message)
-
-    def test_sortedInSteps(self) -> None:
-        """
-        Sorting in pieces gives the same order as one sort, whatever the
-        piece size.
-        """
-        rng = random.Random(4)
-        items = [bytes(rng.randrange(256) for _ in range(rng.randrange(6))) for _ in range(200)]
-        for step in [1, 3, 64, 1000]:
-            self.patch(localindex, "STEP", step)
-            self.assertEqual(localindex._sortedInSteps(list(items)), sorted(items))
-
 
 class HashCacheTests(LocalIndexTestsMixin, SynchronousTestCase):
     """
@@ -521,7 +463,7 @@ class HashCacheTests(LocalIndexTestsMixin, SynchronousTestCase):
         The cache is plain JSON written a few names to a line, so that it is
         written and read in short steps; a restart reads it without hashing.
         """
-        self.patch(localindex, "STEP", 2)
+        self.patch(sharescan, "STEP", 2)
         for name in "abcde":
             self.write(name, name.encode())
         index = self.startIndex()
@@ -1035,14 +977,14 @@ class NumberedChangesTests(LocalIndexTestsMixin, SynchronousTestCase):
         a = index.entries["a"]
         asked = index.changesSince(index.incarnation, 0)
         self.assertNoResult(asked)
-        self.assertEqual(threads.names(), ["_changes"])
+        self.assertEqual(threads.names(), ["changes"])
         self.write("b", b"2")
         self.share.child("a").remove()
         scanned = index.rescan()
         threads.run("scan")
         self.successResultOf(scanned)
         self.assertEqual(index.seq, 2)
-        threads.run("_changes")
+        threads.run("changes")
         self.assertEqual(self.successResultOf(asked), Changes(index.incarnation, 1, True, [a], []))
         stopped = index.stop()
         threads.runAll()
