@@ -350,6 +350,9 @@ class RequestSession:
                 return
             self.state = self._restingState()
             if isinstance(result, Failure) and not result.check(CancelledError):
+                if result.check(P2PError) and result.value.code == "gone":
+                    # The reader went away: nothing to tell it.
+                    return
                 if result.check(P2PError):
                     self._refuse(result.value.code, str(result.value))
                 else:
