@@ -298,3 +298,15 @@ async def fetchInto(reactor: Any, connection: ClientConnection, name: str, overw
             return reply
         if reply.type != "progress":
             raise P2PError(f"unexpected {reply.type} reply to fetch", "protocol")
+
+
+async def askListing(reactor: Any, address: str, secret: bytes, timeout: float, identity: Optional[LocalIdentity] = None) -> List[dict]:
+    """
+    What C{ls --json} prints: the leader's listing, asked through the node
+    at C{address}.
+    """
+    connection, reply = await askLeader(reactor, address, secret, Message("ls"), timeout, identity)
+    try:
+        return await receiveListing(reactor, connection, reply, timeout, address)
+    finally:
+        connection.close()

@@ -13,13 +13,14 @@ import stat
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
 from p2pfiles.client import askLeader
 from p2pfiles.errors import P2PError
-from p2pfiles.partfile import PartialFile
+from p2pfiles.partfile import PartialFile, removeStaleParts
 from p2pfiles.transfer import download
 from p2pfiles.waiting import Waiters
 from p2pfiles.wire import Message
@@ -66,6 +67,7 @@ class Fetcher:
         self._inFlight: Dict[str, Deferred] = {}
         self._joined: Dict[str, Waiters] = {}
         self._progress: Dict[str, Tuple[int, int]] = {}
+        self._sweeper: Optional[LoopingCall] = None
 
     def fetch(self, name: str, overwrite: bool) -> Deferred:
         """
@@ -102,10 +104,43 @@ class Fetcher:
         if isinstance(result, Failure) and nobody and not result.check(P2PError, CancelledError):
             self.log.failure("fetch of {name} failed", result, name=name)
 
+    def startSweeping(self, maxAge: float, interval: float) -> None:
+        """
+        Remove partial downloads older than C{maxAge} seconds from the share
+        now and every C{interval} seconds.
+        """
+        self._sweeper = LoopingCall(self._sweep, maxAge)
+        self._sweeper.clock = self.reactor
+        self._sweeper.start(interval, now=True)
+
+    def _sweep(self, maxAge: float) -> Deferred:
+        share = self.share
+        d = self.runInThread(removeStaleParts, share, maxAge, self.reactor.seconds())
+
+        def removed(names: List[str]) -> None:
+            if names:
+                self.log.info(
+                    "removed {count} partial downloads older than {days:g} days from {share}: {names}",
+                    count=len(names),
+                    days=maxAge / 86400,
+                    share=share.path,
+                    names=", ".join(names[:5]) + (" ..." if len(names) > 5 else ""),
+                )
+
+        def failed(reason: Failure) -> None:
+            self.log.warn(
+                "cannot clean partial downloads in {share}: {reason}", share=share.path, reason=reason.getErrorMessage()
+            )
+
+        return d.addCallbacks(removed, failed)
+
     def stop(self) -> Deferred:
         """
-        Cancel every download in flight; fire once they have all ended.
+        Cancel every download in flight and stop sweeping; fire once the
+        downloads have all ended.
         """
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
         self.stopped = True
         downloads = list(self._inFlight.values())
         ended = [Deferred() for _ in downloads]

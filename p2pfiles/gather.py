@@ -1,44 +1,77 @@
 """
-The leader's side of the index: gathering every member's file list in each
-new epoch, applying their changes afterwards, and keeping C{peer_files.log}
-current.
+The cluster's index, gathered: L{IndexKeeper}.
 
-L{IndexKeeper} sends through a callable and keeps time with an injected
-clock; it knows nothing of connections.  Each member's gather is a Deferred
-bounded by a timeout, so one slow or dead member never holds up the others:
-its files arrive when it answers, it is asked again if it does not, and it is
-dropped when it leaves.
+The leader, and the node that would lead next (the standby), keep the index
+of every live member's files.  Each member numbers its changes (an
+incarnation and a change number, see L{p2pfiles.localindex}); the keeper
+remembers, per member, the incarnation and number its copy is at, and asks
+only for what changed since (C{index-since}, on a request connection, with
+back-pressure).  A member tells the cluster on its control links when its
+files change (C{index-changed}, a few bytes), and a keeper that is behind
+asks again.  So a new leader, or a leader after a blip, fetches only the
+delta, and a keeper that stops gathering keeps what it knows.
+
+While leading, the keeper keeps C{peer_files.log} current.  It knows nothing
+of connections: it opens request connections through a callable and keeps
+time with an injected clock.
 """
 
-import itertools
-from functools import partial
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from twisted.internet.defer import Deferred, gatherResults, succeed
-from twisted.internet.defer import TimeoutError as DeferredTimeout
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
-from p2pfiles.index import ClusterIndex, LogWriter, renderLog
+from p2pfiles.errors import P2PError
+from p2pfiles.index import ClusterIndex, LogContent, LogWriter
+from p2pfiles.indexstream import pullIndex
+from p2pfiles.localindex import Changes
 from p2pfiles.names import nameProblem
-from p2pfiles.wire import FileEntry, Message
+from p2pfiles.wire import FileEntry
 
-# How long a member may take to send its whole index before it is asked again.
+# How long a member may take between two frames of its index.
 GATHER_TIMEOUT = 10.0
 
 # How long a new leader holds back its first peer_files.log while the gather
 # is under way: a complete first log soon beats a partial one at once.
 FIRST_WRITE_HOLD = 1.0
 
+# The most files one member may list (a bound on what a hostile or broken
+# member can make every gatherer hold).
+MAX_MEMBER_ENTRIES = 1_000_000
+
+
+class MemberView:
+    """
+    How far this keeper's copy of one member's files goes.
+    """
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.incarnation: Optional[str] = None
+        self.seq = 0
+        # The newest change number the member announced.
+        self.announced: Tuple[Optional[str], int] = (None, 0)
+        self.pulling: Optional[Deferred] = None
+        self.again = False
+
+    def behind(self) -> bool:
+        incarnation, seq = self.announced
+        if self.incarnation is None:
+            return True
+        return incarnation is not None and (incarnation != self.incarnation or seq > self.seq)
+
 
 class IndexKeeper:
     """
-    The cluster index while this node leads.
+    The cluster index, kept while this node gathers.
 
     @ivar index: the L{ClusterIndex}.
-    @ivar epoch: the epoch being led, or L{None} when not leading.
+    @ivar epoch: the epoch being led, or L{None} when not leading (the
+        keeper may still gather as the standby).
+    @ivar gathering: True while the keeper follows its members' changes.
     """
 
     log = Logger()
@@ -50,38 +83,40 @@ class IndexKeeper:
         logPath: FilePath,
         clock: IReactorTime,
         runInThread: Callable[..., Deferred],
-        send: Callable[[int, Message], bool],
+        openUpstream: Callable[[str], Deferred],
         gatherTimeout: float = GATHER_TIMEOUT,
+        maxEntries: int = MAX_MEMBER_ENTRIES,
     ) -> None:
         self.me = me
         self.address = address
         self.clock = clock
-        self.send = send
+        self.openUpstream = openUpstream
         self.gatherTimeout = gatherTimeout
+        self.maxEntries = maxEntries
         self.index = ClusterIndex()
         self.writer = LogWriter(logPath, clock, runInThread)
         self.epoch: Optional[int] = None
-        self._requests = itertools.count(1)
-        # member -> (request id, entries so far, Deferred)
-        self._pending: Dict[int, Tuple[int, List[FileEntry], Deferred]] = {}
-        self._writtenVersion = -1
+        self.gathering = False
+        self.views: Dict[int, MemberView] = {}
         self._hold: Optional[IDelayedCall] = None
+        self._writtenVersion = -1
 
-    # Leadership.
+    # What to do.
 
-    def lead(self, epoch: int, ownEntries: Iterable[FileEntry], members: Dict[int, str]) -> Deferred:
+    def lead(self, epoch: int, ownEntries: List[FileEntry], members: Dict[int, str]) -> Deferred:
         """
-        Start leading C{epoch}: forget what the last leadership knew and ask
-        every live member for its whole index.  Fires with the list of members
-        gathered once each has answered or timed out (it never fails).
+        Start leading C{epoch}: bring every live member's files up to date
+        (only what changed since this keeper's copy) and keep
+        C{peer_files.log}.  Fires with the members gathered once each has
+        answered or failed (it never fails).
         """
-        self._cancelPending()
         self.epoch = epoch
-        self._freshIndex()
+        self.gathering = True
+        self._writtenVersion = -1
         self._cancelHold()
         self._hold = self.clock.callLater(FIRST_WRITE_HOLD, self._release)
         self.index.replaceNode(self.me, self.address, ownEntries)
-        ds = [self.gather(member, address) for member, address in sorted(members.items())]
+        ds = self.reconcile(members)
 
         def gathered(results: List[Optional[int]]) -> List[int]:
             if self.epoch == epoch:
@@ -89,6 +124,39 @@ class IndexKeeper:
             return sorted(m for m in results if m is not None)
 
         return gatherResults(ds, consumeErrors=True).addCallback(gathered)
+
+    def standBy(self, ownEntries: List[FileEntry], members: Dict[int, str]) -> None:
+        """
+        Gather without leading: this node would lead next, and keeps the
+        index current so that taking over costs only the last changes.
+        """
+        if self.epoch is not None:
+            self.resign()
+        if not self.gathering:
+            self.log.info("keeping the index as the standby")
+        self.gathering = True
+        self.index.replaceNode(self.me, self.address, ownEntries)
+        self.reconcile(members)
+
+    def resign(self) -> None:
+        """
+        No longer leader: stop writing the log.  The index stays (a later
+        leadership starts from it).
+        """
+        if self.epoch is not None:
+            self.log.info("no longer keeping the log of epoch {epoch}", epoch=self.epoch)
+        self.epoch = None
+        self._cancelHold()
+
+    def idle(self) -> None:
+        """
+        Neither leader nor standby: stop following members' changes, keep
+        what is known.
+        """
+        self.resign()
+        if self.gathering:
+            self.gathering = False
+            self._cancelPulls()
 
     def _release(self) -> None:
         """
@@ -104,95 +172,127 @@ class IndexKeeper:
             self._hold.cancel()
         self._hold = None
 
-    def resign(self) -> None:
-        """
-        No longer leader: stop gathering and forget the index.
-        """
-        if self.epoch is not None:
-            self.log.info("no longer keeping the index of epoch {epoch}", epoch=self.epoch)
-        self.epoch = None
-        self._cancelPending()
-        self._cancelHold()
-        self._freshIndex()
-
-    def _freshIndex(self) -> None:
-        # A new object rather than clear(): a log write still pending renders
-        # the index it was scheduled for, so the old leadership's last log
-        # is complete, never emptied.
-        self.index = ClusterIndex()
-        self._writtenVersion = -1
+    # Members.
 
     def isGathering(self, member: int) -> bool:
-        return member in self._pending
+        view = self.views.get(member)
+        return view is not None and view.pulling is not None
 
-    def gather(self, member: int, address: str) -> Deferred:
+    def reconcile(self, live: Dict[int, str]) -> List[Deferred]:
         """
-        Ask C{member} for its whole index.  Fires with C{member} once its
-        files are in the index, or with L{None} if it did not answer in time
-        or could not be asked.
+        Make the index cover exactly the live members: drop the ones that
+        left, bring up to date the ones that are behind (or new).
         """
-        if self.epoch is None:
-            raise RuntimeError("gather while not leading")
-        self._cancelPending(member)
-        request = next(self._requests)
-        d: Deferred = Deferred()
-        self._pending[member] = (request, [], d)
+        if not self.gathering:
+            return []
+        for member in sorted(set(self.views) | set(self.index.nodes())):
+            if member != self.me and member not in live:
+                self.memberGone(member)
+        pulls = []
+        for member, address in sorted(live.items()):
+            if member == self.me:
+                continue
+            view = self.views.get(member)
+            if view is None or view.address != address:
+                self.memberGone(member)
+                view = self.views[member] = MemberView(address)
+            if view.behind() and view.pulling is None:
+                pulls.append(self.pull(member))
+            elif view.pulling is not None:
+                pulls.append(_whenDone(view.pulling, member))
+        return pulls
+
+    def noticed(self, member: int, incarnation: str, seq: int) -> None:
+        """
+        C{member} says its files are at change C{seq} of C{incarnation}.
+        """
+        view = self.views.get(member)
+        if view is None:
+            return
+        view.announced = (incarnation, seq)
+        if not self.gathering or not view.behind():
+            return
+        if view.pulling is not None:
+            view.again = True
+        else:
+            self.pull(member)
+
+    def lost(self, member: int) -> None:
+        """
+        A link to C{member} closed: a notice may have been lost with it.
+        Ask again what changed (a delta, cheap when nothing did).
+        """
+        view = self.views.get(member)
+        if view is None or not self.gathering:
+            return
+        if view.pulling is not None:
+            view.again = True
+        else:
+            self.pull(member)
+
+    def pull(self, member: int) -> Deferred:
+        """
+        Bring C{member}'s files up to date.  Fires with C{member} once they
+        are, or with None if it could not be asked or did not answer.
+        """
+        view = self.views[member]
         started = self.clock.seconds()
-        if not self.send(member, Message("index-request", epoch=self.epoch, request=request)):
-            # No link to it right now: the next reconcile asks again.
-            del self._pending[member]
-            return succeed(None)
+        d = Deferred.fromCoroutine(self._pull(member, view))
+        view.pulling = d
 
-        def gathered(entries: List[FileEntry]) -> int:
-            self.index.replaceNode(member, address, entries)
-            self._changed()
+        def done(result: Any) -> Optional[int]:
+            if view.pulling is d:
+                view.pulling = None
+            if isinstance(result, Failure):
+                if not result.check(CancelledError):
+                    self.log.warn(
+                        "could not get node {member}'s files: {reason}",
+                        member=member,
+                        reason=result.getErrorMessage(),
+                    )
+                return None
+            changes: Changes = result
+            if self.views.get(member) is not view:
+                return None
+            self._apply(member, view, changes)
             self.log.info(
-                "gathered {count} files from node {member} in {ms:.0f} ms (epoch {epoch})",
-                count=len(entries),
+                "{what} from node {member}: {count} files, {gone} removed, in {ms:.0f} ms (at change {seq})",
+                what="all files" if changes.full else "changes",
                 member=member,
+                count=len(changes.entries),
+                gone=len(changes.removed),
                 ms=(self.clock.seconds() - started) * 1000,
-                epoch=self.epoch,
+                seq=changes.seq,
             )
+            if view.again or view.behind():
+                view.again = False
+                if self.gathering:
+                    self.pull(member)
             return member
 
-        def failed(reason: Failure) -> None:
-            if self._pending.get(member, (None,))[0] == request:
-                del self._pending[member]
-            if reason.check(DeferredTimeout):
-                self.log.warn(
-                    "node {member} sent no index within {t:g}s; will ask again", member=member, t=self.gatherTimeout
-                )
-            return None
+        return d.addBoth(done)
 
-        d.addTimeout(self.gatherTimeout, self.clock)
-        return d.addCallbacks(gathered, failed)
-
-    # Messages from members.
-
-    def chunkReceived(self, member: int, message: Message) -> None:
-        pending = self._pending.get(member)
-        if message.epoch != self.epoch or pending is None or pending[0] != message.request:
-            self.log.debug("ignoring index chunk {request} from node {member}", request=message.request, member=member)
-            return
-        pending[1].extend(self._acceptable(member, message.entries))
-        if message.last:
-            del self._pending[member]
-            pending[2].callback(pending[1])
-
-    def updateReceived(self, member: int, address: str, message: Message) -> None:
-        if message.epoch != self.epoch:
-            self.log.info(
-                "ignored index changes from node {member}: epoch {old}, leading {current}",
-                member=member,
-                old=message.epoch,
-                current=self.epoch,
+    async def _pull(self, member: int, view: MemberView) -> Changes:
+        connection = await self.openUpstream(view.address)
+        try:
+            return await pullIndex(
+                self.clock, connection, view.incarnation, view.seq, self.gatherTimeout, self.maxEntries
             )
-            return
-        if not self.index.hasNode(member) or member in self._pending:
-            # Its whole index is on its way (or will be asked for): that
-            # includes this change.
-            return
-        self.index.applyChanges(member, address, self._acceptable(member, message.entries), message.removed)
+        finally:
+            connection.close()
+
+    def _apply(self, member: int, view: MemberView, changes: Changes) -> None:
+        entries = self._acceptable(member, changes.entries)
+        if changes.full:
+            self.index.replaceNode(member, view.address, entries)
+        else:
+            self.index.applyChanges(member, view.address, entries, changes.removed)
+        view.incarnation = changes.incarnation
+        view.seq = changes.seq
+        if view.announced[0] != changes.incarnation:
+            # A notice from before the member's restart (or from before the
+            # answer we now hold): the answer is the newer word.
+            view.announced = (changes.incarnation, changes.seq)
         self._changed()
 
     def _acceptable(self, member: int, entries: List[FileEntry]) -> List[FileEntry]:
@@ -211,32 +311,19 @@ class IndexKeeper:
         return good
 
     def ownChanges(self, changed: List[FileEntry], removed: List[str]) -> None:
-        if self.epoch is None:
+        if not self.gathering:
             return
         self.index.applyChanges(self.me, self.address, changed, removed)
         self._changed()
 
     def memberGone(self, member: int) -> None:
-        self._cancelPending(member)
+        view = self.views.pop(member, None)
+        if view is not None and view.pulling is not None:
+            view.pulling.cancel()
         if self.index.hasNode(member):
             self.index.removeNode(member)
             self.log.info("dropped node {member}'s files from the index", member=member)
             self._changed()
-
-    def reconcile(self, live: Dict[int, str]) -> None:
-        """
-        Make the index cover exactly the live members: gather the ones that
-        are missing (new, or whose gather failed), drop the ones that left.
-        """
-        if self.epoch is None:
-            return
-        # A member still being gathered can leave too: cancel its gather.
-        for member in sorted(set(self.index.nodes()) | set(self._pending)):
-            if member != self.me and member not in live:
-                self.memberGone(member)
-        for member, address in live.items():
-            if member != self.me and not self.index.hasNode(member) and member not in self._pending:
-                self.gather(member, address)
 
     # The log.
 
@@ -246,21 +333,30 @@ class IndexKeeper:
         self._writtenVersion = self.index.version
         epoch, index = self.epoch, self.index
 
-        def render() -> Callable[[], bytes]:
-            # Copy now, on the reactor; build the text in the writer's thread
-            # (tens of thousands of lines would stall heartbeats here).
-            return partial(renderLog, index.snapshot(), self.me, epoch, self.clock.seconds())
+        def render() -> LogContent:
+            # A snapshot costs O(nodes) here, on the reactor; the lines are
+            # made and written, streamed, in the writer's thread.
+            return LogContent(index.snapshot(), self.me, epoch, self.clock.seconds())
 
         self.writer.changed(render)
 
     def stop(self) -> Deferred:
-        self._cancelPending()
+        self.gathering = False
+        self._cancelPulls()
         self._cancelHold()
         return self.writer.flush().addCallback(lambda _: self.writer.stop())
 
-    def _cancelPending(self, member: Optional[int] = None) -> None:
-        members = list(self._pending) if member is None else [member]
-        for m in members:
-            pending = self._pending.pop(m, None)
-            if pending is not None:
-                pending[2].cancel()
+    def _cancelPulls(self) -> None:
+        for view in list(self.views.values()):
+            if view.pulling is not None:
+                view.pulling.cancel()
+
+
+def _whenDone(pulling: Deferred, member: int) -> Deferred:
+    """
+    A Deferred that fires with C{member} (or None) when a pull in flight
+    ends, without touching the pull's own result.
+    """
+    d: Deferred = Deferred()
+    pulling.addBoth(lambda result: (d.callback(None if isinstance(result, Failure) or result is None else member), result)[1])
+    return d

@@ -3,19 +3,30 @@ The leader's cluster index ("the log") and the writer of C{peer_files.log}.
 
 The leader gathers every live node's file list into a L{ClusterIndex}; the
 index answers "who holds this file" for downloads and "what is shared" for
-C{p2pfiles ls}.  L{renderLog} turns it into C{peer_files.log}, a line-based
-file that other tools read, and L{LogWriter} keeps that file current on disk:
-atomically (a reader never sees half a file) and coalesced (a burst of index
-updates costs one write, not one per update).
+C{p2pfiles ls}.  L{writeLog} streams a snapshot of it into
+C{peer_files.log}, a line-based file that other tools read, and L{LogWriter}
+keeps that file current on disk: atomically (a reader never sees half a
+file) and coalesced (a burst of updates costs one write; a large index is
+rewritten at most once per interval).
+
+A file costs a name and a 48-byte packed record (size, mtime, SHA-256);
+L{FileEntry} objects are made only when asked for.  A node's map is never
+changed once a snapshot has seen it, so a snapshot costs one small copy per
+node and can be read in another thread while the index goes on changing.
 
 This is a decision/data module: it knows nothing of protocols, transports or
 the reactor.  Time and threads are handed in by the node service.
 """
 
-import json
+import heapq
+import os
 import re
+import struct
 from datetime import datetime, timezone
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
+from itertools import chain, islice, repeat
+import json
+from json.encoder import encode_basestring
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -23,7 +34,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
-from p2pfiles.atomic import atomicWrite
+from p2pfiles.atomic import atomicWrite, fsyncDirectory
 from p2pfiles.waiting import Waiters
 from p2pfiles.wire import FileEntry
 
@@ -34,78 +45,62 @@ LOG_KEYS = ("node", "address", "name", "size", "mtime", "sha256")
 
 Holder = Tuple[int, str, FileEntry]
 
+# One file's record, 48 bytes: size (int64), mtime (float64), raw SHA-256.
+_RECORD = struct.Struct("<qd32s")
+_DIGEST = slice(16, 48)
 
-class ClusterIndex:
+# One node's name -> record map; who holds a name: an id or a sorted tuple.
+Files = Dict[str, bytes]
+Held = Union[int, Tuple[int, ...]]
+
+
+def packEntry(entry: FileEntry) -> bytes:
     """
-    Every live node's shared files, as the leader knows them.
+    The 48-byte record of C{entry}.  Raises L{ValueError} for what a record
+    cannot hold exactly (all of which the wire codec refuses already): a
+    size outside 0..2**63-1, an mtime that is not a number, a SHA-256 that
+    is not 64 lowercase hex digits.
+    """
+    try:
+        digest = bytes.fromhex(entry.sha256)
+        if entry.size >= 0 and digest.hex() == entry.sha256 and len(digest) == 32:
+            return _RECORD.pack(entry.size, entry.mtime, digest)
+    except (TypeError, ValueError, OverflowError, struct.error):
+        pass
+    raise ValueError(f"{entry!r} does not fit a record")
 
-    Entries are kept per node so that a node leaving costs only its own files,
-    with a name -> nodes map beside them so that finding the holders of a file
-    does not scan the cluster.  C{version} changes whenever the content does,
-    so a writer can tell whether the log needs rewriting.
+
+def unpackEntry(name: str, record: bytes) -> FileEntry:
+    # The FileEntry that record (made by packEntry) stands for.
+    size, mtime, digest = _RECORD.unpack(record)
+    return FileEntry(name, size, mtime, digest.hex())
+
+
+def packEntries(entries: Iterable[FileEntry], into: Files) -> int:
+    """
+    Add every entry's record to C{into} (name -> record, keyed by the
+    entry's own name object; a later entry of a name wins).  Returns how
+    many entries no record can hold (see L{packEntry}), left out.
+    """
+    refused = 0
+    for entry in entries:
+        try:
+            into[entry.name] = packEntry(entry)
+        except ValueError:
+            refused += 1
+    return refused
+
+
+class IndexView:
+    """
+    The reads shared by the live index and its snapshots: node -> name ->
+    record maps, and each node's address.
     """
 
-    def __init__(self) -> None:
-        self._files: Dict[int, Dict[str, FileEntry]] = {}
-        self._addresses: Dict[int, str] = {}
-        self._byName: Dict[str, Set[int]] = {}
-        self.version = 0
-
-    def replaceNode(self, node: int, address: str, entries: Iterable[FileEntry]) -> None:
-        """
-        Set the full index of C{node}, as gathered from it.  A node with no
-        files is still recorded as present.
-        """
-        files = {entry.name: entry for entry in entries}
-        if self._files.get(node) == files and self._addresses.get(node) == address:
-            return
-        self._forget(node)
-        self._files[node] = files
-        self._addresses[node] = address
-        for name in files:
-            self._byName.setdefault(name, set()).add(node)
-        self.version += 1
-
-    def applyChanges(
-        self, node: int, address: str, changed: Iterable[FileEntry], removed: Iterable[str]
-    ) -> None:
-        """
-        Apply an incremental update from C{node}: C{changed} entries replace
-        any of the same name, C{removed} names go.  Removing a name the node
-        does not have is not an error: updates may cross a full gather.
-        """
-        altered = node not in self._files or self._addresses[node] != address
-        files = self._files.setdefault(node, {})
-        self._addresses[node] = address
-        for entry in changed:
-            if files.get(entry.name) != entry:
-                files[entry.name] = entry
-                self._byName.setdefault(entry.name, set()).add(node)
-                altered = True
-        for name in removed:
-            if files.pop(name, None) is not None:
-                self._dropHolder(name, node)
-                altered = True
-        if altered:
-            self.version += 1
-
-    def removeNode(self, node: int) -> None:
-        """
-        Forget C{node} and all its files: it left the cluster.
-        """
-        if node in self._files:
-            self._forget(node)
-            self.version += 1
-
-    def clear(self) -> None:
-        """
-        Forget everything, e.g. when this node stops leading.
-        """
-        if self._files:
-            self._files.clear()
-            self._addresses.clear()
-            self._byName.clear()
-            self.version += 1
+    def __init__(self, files: Dict[int, Files], addresses: Dict[int, str], version: int) -> None:
+        self._files = files
+        self._addresses = addresses
+        self.version = version
 
     def nodes(self) -> List[int]:
         return sorted(self._files)
@@ -114,7 +109,20 @@ class ClusterIndex:
         return node in self._files
 
     def fileCount(self) -> int:
-        return sum(len(files) for files in self._files.values())
+        # How many (node, name) entries there are: O(number of nodes).
+        return sum(map(len, self._files.values()))
+
+    def address(self, node: int) -> str:
+        return self._addresses[node]
+
+    def nodeFiles(self, node: int) -> Mapping[str, bytes]:
+        """
+        The name -> record map of C{node} (see L{unpackEntry}), to read only.
+        """
+        return self._files[node]
+
+    def _holderIds(self, name: str) -> Iterable[int]:
+        return [node for node in sorted(self._files) if name in self._files[node]]
 
     def holders(self, name: str, sha256: Optional[str] = None) -> List[Holder]:
         """
@@ -122,8 +130,8 @@ class ClusterIndex:
         exactly C{name} (optionally with content C{sha256}), by node id.
         """
         result = []
-        for node in sorted(self._byName.get(name, ())):
-            entry = self._files[node][name]
+        for node in self._holderIds(name):
+            entry = unpackEntry(name, self._files[node][name])
             if sha256 is None or entry.sha256 == sha256:
                 result.append((node, self._addresses[node], entry))
         return result
@@ -144,55 +152,232 @@ class ClusterIndex:
         return entry, [(node, address) for node, address, e in holders if e.sha256 == entry.sha256]
 
     def listing(self) -> List[dict]:
-        """
-        The C{p2pfiles ls --json} contract: one object per distinct
-        C{(name, sha256)}, so that two different files under one name show as
-        two rows rather than as one file with misleading holders.
-        """
-        groups: Dict[Tuple[str, str], dict] = {}
-        for node, _, entry in self.entries():
-            row = groups.get((entry.name, entry.sha256))
-            if row is None:
-                row = {"name": entry.name, "size": entry.size, "sha256": entry.sha256, "holders": []}
-                groups[(entry.name, entry.sha256)] = row
-            row["holders"].append(node)
-        return [groups[key] for key in sorted(groups)]
-
-    def snapshot(self) -> "ClusterIndex":
-        """
-        A copy that later changes to this index do not touch: cheap to take
-        on the reactor thread, safe to render in another.
-        """
-        copy = ClusterIndex()
-        copy._files = {node: dict(files) for node, files in self._files.items()}
-        copy._addresses = dict(self._addresses)
-        copy._byName = {name: set(nodes) for name, nodes in self._byName.items()}
-        copy.version = self.version
-        return copy
+        # The ls --json rows: see listingOf.
+        return listingOf(self)
 
     def entries(self) -> List[Holder]:
         """
         Every C{(node, address, entry)}, sorted by name then node.
         """
-        result = [
-            (node, self._addresses[node], entry)
-            for node, files in self._files.items()
-            for entry in files.values()
-        ]
-        result.sort(key=lambda item: (item[2].name, item[0]))
-        return result
+        return [(node, self._addresses[node], unpackEntry(name, self._files[node][name])) for name, node in sortedKeys(self)]
 
-    def _forget(self, node: int) -> None:
-        for name in self._files.pop(node, {}):
-            self._dropHolder(name, node)
-        self._addresses.pop(node, None)
+
+class IndexSnapshot(IndexView):
+    """
+    The index as it was at one moment.  Nothing changes it afterwards, so
+    it can be read in any thread (see L{ClusterIndex.snapshot}).
+    """
+
+
+class ClusterIndex(IndexView):
+    """
+    Every live node's shared files, as the leader knows them.
+
+    Entries are kept per node, as name -> record maps, so that a node
+    leaving costs only its own files, with a name -> holders map beside them
+    (one id, or a sorted tuple of ids) so that finding the holders of a file
+    does not scan the cluster; a name is one C{str}, the key in both maps.
+    C{version} changes whenever the content does, so a writer can tell
+    whether the log needs rewriting.  A node's map is changed in place only
+    while no snapshot has seen it; after L{snapshot}, the next change to it
+    copies it first (O(that node's files), never O(the cluster)).
+    """
+
+    log = Logger()
+
+    def __init__(self) -> None:
+        super().__init__({}, {}, 0)
+        self._byName: Dict[str, Held] = {}
+        # Nodes whose current map no snapshot has seen: changed in place.
+        self._owned: set = set()
+
+    def replaceNode(self, node: int, address: str, entries: Union[Files, Iterable[FileEntry]]) -> None:
+        """
+        Set the full index of C{node}, as gathered from it.  A node with no
+        files is still recorded as present.
+
+        C{entries} is either L{FileEntry} objects or an already built
+        name -> record map (see L{packEntries}), which the index then takes
+        over: the caller must not change it afterwards.
+        """
+        if isinstance(entries, dict):
+            files = entries
+        else:
+            files = {}
+            self._refused(node, packEntries(entries, files))
+        old = self._files.get(node)
+        if old is not None and old == files and self._addresses[node] == address:
+            return
+        byName = self._byName
+        if old is not None:
+            for name in old:
+                if name not in files:
+                    self._dropHolder(name, node)
+        for name in files:
+            held = byName.get(name)
+            if held == node:
+                # Re-key by the new map's name object: the old one is freed.
+                del byName[name]
+                byName[name] = node
+            else:
+                byName[name] = _withHolder(held, node)
+        self._files[node] = files
+        self._addresses[node] = address
+        self._owned.add(node)
+        self.version += 1
+
+    def applyChanges(self, node: int, address: str, changed: Iterable[FileEntry], removed: Iterable[str]) -> None:
+        """
+        Apply an incremental update from C{node}: C{changed} entries replace
+        any of the same name, C{removed} names go.  Removing a name the node
+        does not have is not an error: updates may cross a full gather.
+        """
+        records: Files = {}
+        self._refused(node, packEntries(changed, records))
+        removed = list(removed)
+        current = self._files.get(node)
+        if current is None:
+            files: Files = {}
+        else:
+            records = {name: r for name, r in records.items() if current.get(name) != r}
+            if records or any(name in current for name in removed):
+                # Copy-on-write: a snapshot may be reading this map.
+                files = current if node in self._owned else current.copy()
+            elif self._addresses[node] != address:
+                files = current
+            else:
+                return
+        byName = self._byName
+        for name, record in records.items():
+            if name not in files:
+                byName[name] = _withHolder(byName.get(name), node)
+            files[name] = record
+        for name in removed:
+            if files.pop(name, None) is not None:
+                self._dropHolder(name, node)
+        if files is not current:
+            self._files[node] = files
+            self._owned.add(node)
+        self._addresses[node] = address
+        self.version += 1
+
+    def removeNode(self, node: int) -> None:
+        """
+        Forget C{node} and all its files: it left the cluster.
+        """
+        files = self._files.pop(node, None)
+        if files is not None:
+            for name in files:
+                self._dropHolder(name, node)
+            del self._addresses[node]
+            self._owned.discard(node)
+            self.version += 1
+
+    def clear(self) -> None:
+        """
+        Forget everything, e.g. when this node stops leading.
+        """
+        if self._files:
+            self._files, self._addresses, self._byName, self._owned = {}, {}, {}, set()
+            self.version += 1
+
+    def snapshot(self) -> IndexSnapshot:
+        """
+        The index as it is now, which later changes do not touch: O(number
+        of nodes) to take on the reactor thread, safe to read in another.
+        """
+        self._owned.clear()
+        return IndexSnapshot(dict(self._files), dict(self._addresses), self.version)
+
+    def _holderIds(self, name: str) -> Iterable[int]:
+        held = self._byName.get(name)
+        return () if held is None else held if isinstance(held, tuple) else (held,)
 
     def _dropHolder(self, name: str, node: int) -> None:
-        nodes = self._byName.get(name)
-        if nodes is not None:
-            nodes.discard(node)
-            if not nodes:
-                del self._byName[name]
+        held = self._byName.get(name)
+        if isinstance(held, tuple):
+            rest = tuple(n for n in held if n != node)
+            self._byName[name] = rest[0] if len(rest) == 1 else rest
+        elif held == node:
+            del self._byName[name]
+
+    def _refused(self, node: int, count: int) -> None:
+        if count:
+            self.log.warn("ignored {count} entries from node {node} that the index cannot hold", count=count, node=node)
+
+
+def _withHolder(held: Optional[Held], node: int) -> Held:
+    # The holders held, with node added.
+    if held is None or held == node:
+        return node
+    if isinstance(held, tuple):
+        return held if node in held else tuple(sorted(held + (node,)))
+    return (held, node) if held < node else (node, held)
+
+
+# Names are sorted in runs of at most this many, merged lazily: one sort of
+# a million names holds the interpreter lock for seconds, a run of this
+# size for a few tens of milliseconds, so a thread sorting a large index
+# leaves the reactor thread its turns.
+SORT_RUN = 16384
+
+
+def sortedKeys(view: IndexView) -> Iterator[Tuple[str, int]]:
+    """
+    Every C{(name, node)} of C{view}, sorted by name then node.
+    """
+    runs = []
+    for node in view.nodes():
+        names = list(view.nodeFiles(node))
+        for start in range(0, len(names), SORT_RUN):
+            run = names[start : start + SORT_RUN]
+            run.sort()
+            runs.append(zip(run, repeat(node)))
+    if len(runs) == 1:
+        return runs[0]
+    return heapq.merge(*runs)
+
+
+def _listingRows(snapshot: IndexView) -> Iterator[dict]:
+    maps = {node: snapshot.nodeFiles(node) for node in snapshot.nodes()}
+    last: Optional[str] = None
+    held: List[Tuple[bytes, int]] = []  # (record, node) for the name "last"
+    for name, node in chain(sortedKeys(snapshot), [(None, None)]):
+        if name != last:
+            if len(held) == 1:  # the usual case: one holder, one row
+                record, only = held[0]
+                yield {"name": last, "size": _RECORD.unpack(record)[0], "sha256": record[_DIGEST].hex(), "holders": [only]}
+            elif held:
+                groups: Dict[bytes, Tuple[int, List[int]]] = {}
+                for record, holder in held:
+                    groups.setdefault(record[_DIGEST], (_RECORD.unpack(record)[0], []))[1].append(holder)
+                # Raw digests sort as their hex forms do.
+                for digest in sorted(groups):
+                    yield {"name": last, "size": groups[digest][0], "sha256": digest.hex(), "holders": groups[digest][1]}
+            last, held = name, []
+        if name is not None:
+            held.append((maps[node][name], node))
+
+
+def listingChunks(snapshot: IndexView, rowsPerChunk: int = 500) -> Iterator[List[dict]]:
+    """The rows of L{listingOf} in lists of C{rowsPerChunk} at most, built as consumed."""
+    rows = _listingRows(snapshot)
+    while True:
+        chunk = list(islice(rows, rowsPerChunk))
+        if not chunk:
+            return
+        yield chunk
+
+
+def listingOf(snapshot: IndexView) -> List[dict]:
+    """
+    The C{p2pfiles ls --json} contract: one object per distinct
+    C{(name, sha256)} (C{name}, C{size}, C{sha256}, C{holders} ascending),
+    sorted by name then sha256, so that two different files under one name
+    show as two rows, not as one file with misleading holders.  Safe to
+    call in a thread on an L{IndexSnapshot}.
+    """
+    return list(_listingRows(snapshot))
 
 
 # Characters that json.dumps(ensure_ascii=False) leaves raw but that some line
@@ -206,10 +391,36 @@ def _escapeUnsafe(match: "re.Match[str]") -> str:
     return "\\u%04x" % (ord(match.group()),)
 
 
-def _logLine(node: int, address: str, entry: FileEntry) -> str:
-    values = (node, address, entry.name, entry.size, entry.mtime, entry.sha256)
-    text = json.dumps(dict(zip(LOG_KEYS, values)), ensure_ascii=False, separators=(", ", ": "))
-    return _UNSAFE.sub(_escapeUnsafe, text)
+def _nonFinite(value: float) -> str:
+    # What json writes for a float that is not finite.
+    return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
+
+
+def _logLines(view: IndexView) -> Iterator[str]:
+    """
+    The data lines of C{peer_files.log} for C{view}, each ending in a
+    newline, sorted by name then node.  Each is exactly what
+    C{json.dumps(dict(zip(LOG_KEYS, values)), ensure_ascii=False,
+    separators=(", ", ": "))} writes, unsafe characters escaped, built from
+    pieces: the node and address part once per node, the name through
+    json's own string encoder, the numbers as json writes them.
+    """
+    maps = {node: view.nodeFiles(node) for node in view.nodes()}
+    prefixes = {
+        node: _UNSAFE.sub(_escapeUnsafe, '{"node": %s, "address": %s, "name": ' % (int.__repr__(node), encode_basestring(view.address(node))))
+        for node in maps
+    }
+    unpack = _RECORD.unpack
+    finite = float.__repr__
+    for name, node in sortedKeys(view):
+        size, mtime, digest = unpack(maps[node][name])
+        encoded = encode_basestring(name)
+        # Every unsafe character is outside ASCII.
+        if not encoded.isascii():
+            encoded = _UNSAFE.sub(_escapeUnsafe, encoded)
+        # mtime - mtime is 0.0 exactly when mtime is finite.
+        mtimeText = finite(mtime) if mtime - mtime == 0.0 else _nonFinite(mtime)
+        yield f'{prefixes[node]}{encoded}, "size": {size}, "mtime": {mtimeText}, "sha256": "{digest.hex()}"}}\n'
 
 
 def _timestamp(now: float) -> str:
@@ -219,25 +430,61 @@ def _timestamp(now: float) -> str:
     return f"{iso}.{millis:03d}Z ({seconds}.{millis:03d})"
 
 
-def renderLog(index: ClusterIndex, leader: int, epoch: int, now: float) -> bytes:
-    """
-    Render C{index} as the content of C{peer_files.log}: C{#} header lines,
-    then one JSON object a line, sorted by name then node.
+# Data lines per write(2): about 1 MiB of the usual ~200-byte lines.
+LINES_PER_WRITE = 5000
 
-    Every name goes through JSON escaping (see L{_UNSAFE} for the extra
-    characters escaped), so no name can break a line or inject one.
+
+def logChunks(view: IndexView, leader: int, epoch: int, now: float, linesPerChunk: int = LINES_PER_WRITE) -> Iterator[bytes]:
     """
-    entries = index.entries()
-    lines = [
-        f"# p2pfiles peer_files.log format {LOG_FORMAT_VERSION}",
-        f"# leader: {leader}",
-        f"# epoch: {epoch}",
-        f"# written: {_timestamp(now)}",
-        f"# nodes: {len(index.nodes())}",
-        f"# files: {len(entries)}",
-    ]
-    lines.extend(_logLine(node, address, entry) for node, address, entry in entries)
-    return ("\n".join(lines) + "\n").encode("utf-8")
+    The content of C{peer_files.log} for C{view} in pieces: the C{#} header
+    lines, then C{linesPerChunk} data lines at a time (one JSON object a
+    line, sorted by name then node).  Every name goes through JSON escaping
+    (see L{_UNSAFE}), so no name can break a line or inject one.
+    """
+    yield (
+        f"# p2pfiles peer_files.log format {LOG_FORMAT_VERSION}\n# leader: {leader}\n# epoch: {epoch}\n"
+        f"# written: {_timestamp(now)}\n# nodes: {len(view.nodes())}\n# files: {view.fileCount()}\n"
+    ).encode("utf-8")
+    lines = _logLines(view)
+    while True:
+        batch = "".join(islice(lines, linesPerChunk))
+        if not batch:
+            return
+        yield batch.encode("utf-8")
+
+
+def renderLog(index: IndexView, leader: int, epoch: int, now: float) -> bytes:
+    """
+    Render C{index} (the live index or a snapshot) as the whole content of
+    C{peer_files.log} in memory; L{writeLog} streams the same bytes to disk.
+    """
+    return b"".join(logChunks(index, leader, epoch, now))
+
+
+def writeLog(path: FilePath, snapshot: IndexView, leader: int, epoch: int, now: float) -> None:
+    """
+    Replace C{path} with the log of C{snapshot} (the bytes of L{renderLog}),
+    atomically and durably, never holding the whole text: about 1 MiB at a
+    time into a temporary file beside it, fsynced, renamed over C{path}, the
+    rename fsynced (as L{atomicWrite} does).  Blocks: run it in a thread, on
+    an L{IndexSnapshot}.  If writing fails the temporary file is removed.
+    """
+    directory = path.parent()
+    temporary = directory.child("." + path.basename() + ".tmp")
+    fd = os.open(temporary.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for chunk in logChunks(snapshot, leader, epoch, now, LINES_PER_WRITE):
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(temporary.path)
+        raise
+    os.close(fd)
+    os.replace(temporary.path, path.path)
+    fsyncDirectory(directory)
 
 
 _HEADER_INTS = ("leader", "epoch", "nodes", "files")
@@ -283,10 +530,47 @@ def parseLog(data: bytes) -> Tuple[dict, List[dict]]:
     return header, rows
 
 
+class LogContent:
+    """
+    What C{peer_files.log} is to say: a snapshot and the header values,
+    made on the reactor, written by L{writeLog} in the writer's thread.
+
+    @ivar entries: how many data lines the log will have.
+    """
+
+    def __init__(self, snapshot: IndexView, leader: int, epoch: int, now: float) -> None:
+        self.snapshot = snapshot
+        self.leader = leader
+        self.epoch = epoch
+        self.now = now
+        self.entries = snapshot.fileCount()
+
+
 def _buildAndWrite(path: FilePath, data: Any) -> None:
     if callable(data):
         data = data()
-    atomicWrite(path, data)
+    if isinstance(data, LogContent):
+        writeLog(path, data.snapshot, data.leader, data.epoch, data.now)
+    else:
+        atomicWrite(path, data)
+
+
+# See rewriteInterval.
+REWRITE_LINES_PER_SECOND = 200_000
+MAX_REWRITE_INTERVAL = 2.0
+
+
+def rewriteInterval(entries: int, minInterval: float) -> float:
+    """
+    The least time between the starts of two writes of a log of C{entries}
+    lines: C{max(minInterval, min(2.0, entries / 200_000))} seconds.  Up to
+    50,000 lines that is C{minInterval}, so a small cluster's log follows
+    changes at once; 0.5 s at 100,000 lines, 1.5 s at 300,000, at most 2 s,
+    so a change reaches even a million-line log within about 2 s plus the
+    write.  As the writer also rests as long as its last write took (up to
+    this interval), its thread is busy at most about half the time.
+    """
+    return max(minInterval, min(MAX_REWRITE_INTERVAL, entries / REWRITE_LINES_PER_SECOND))
 
 
 class LogWriter:
@@ -298,26 +582,30 @@ class LogWriter:
     the latest state is what lands on disk.  Changes during a write schedule
     exactly one more.  Writes run in a thread (they fsync) and replace the
     file atomically.
+
+    The larger the log, the further apart its writes: when the last render
+    was a L{LogContent} of many entries, the next write starts no sooner
+    than L{rewriteInterval} after the last one started, nor sooner after
+    the last one ended than the shorter of that interval and the time the
+    last write took.
     """
 
     log = Logger()
 
-    def __init__(
-        self,
-        path: FilePath,
-        clock: IReactorTime,
-        runInThread: Callable[..., Deferred],
-        minInterval: float = 0.25,
-    ) -> None:
+    def __init__(self, path: FilePath, clock: IReactorTime, runInThread: Callable[..., Deferred], minInterval: float = 0.25) -> None:
         self._path = path
         self._clock = clock
         self._runInThread = runInThread
         self._minInterval = minInterval
-        self._render: Optional[Callable[[], bytes]] = None
+        self._render: Optional[Callable[[], Any]] = None
         self._timer: Optional[IDelayedCall] = None
         self._writing: Optional[Deferred] = None
         self._idleWaiters = Waiters()
         self._stopped = False
+        # The size, start and end of the last write, for its successor's delay.
+        self._entries = 0
+        self._started: Optional[float] = None
+        self._ended: Optional[float] = None
         self.writes = 0
 
     def changed(self, render: Callable[[], Any]) -> None:
@@ -325,15 +613,15 @@ class LogWriter:
         Something in the index changed: write the output of C{render} soon.
 
         C{render} is called on the reactor thread when the write starts.  It
-        returns the bytes to write, or, for output that is slow to build, a
-        callable that builds them, which then runs in the writer's thread
-        with the write itself.
+        returns a L{LogContent} (streamed by L{writeLog} in the writer's
+        thread), the bytes to write, or a callable that builds them in the
+        writer's thread.
         """
         if self._stopped:
             return
         self._render = render
         if self._writing is None and self._timer is None:
-            self._timer = self._clock.callLater(self._minInterval, self._write)
+            self._timer = self._clock.callLater(self._delay(), self._write)
 
     def flush(self) -> Deferred:
         """
@@ -341,7 +629,7 @@ class LogWriter:
         return a Deferred that fires when the file is current.
         """
         if self._writing is not None:
-            waiter = self._waitIdle()
+            waiter = self._idleWaiters.wait()
             waiter.addCallback(lambda _: self.flush())
             return waiter
         if self._render is None:
@@ -358,8 +646,17 @@ class LogWriter:
         self._render = None
         self._cancelTimer()
         if self._writing is not None:
-            return self._waitIdle()
+            return self._idleWaiters.wait()
         return succeed(None)
+
+    def _delay(self) -> float:
+        # How long from now the next write may start.
+        if self._started is None or self._ended is None:
+            return self._minInterval
+        now = self._clock.seconds()
+        interval = rewriteInterval(self._entries, self._minInterval)
+        rest = min(interval, self._ended - self._started)
+        return max(self._minInterval, self._started + interval - now, self._ended + rest - now)
 
     def _write(self) -> Deferred:
         """
@@ -374,6 +671,8 @@ class LogWriter:
         except Exception:
             self.log.failure("could not render {path}", path=self._path.path)
             return succeed(None)
+        self._entries = data.entries if isinstance(data, LogContent) else 0
+        self._started = self._clock.seconds()
         writing = maybeDeferred(self._runInThread, _buildAndWrite, self._path, data)
         self._writing = writing
         writing.addCallbacks(self._succeeded, self._failed)
@@ -384,20 +683,14 @@ class LogWriter:
         self.writes += 1
 
     def _failed(self, reason: Failure) -> None:
-        self.log.error(
-            "could not write {path}: {reason}",
-            path=self._path.path,
-            reason=reason.getErrorMessage(),
-        )
+        self.log.error("could not write {path}: {reason}", path=self._path.path, reason=reason.getErrorMessage())
 
     def _written(self, _: None) -> None:
         self._writing = None
+        self._ended = self._clock.seconds()
         if self._render is not None and not self._stopped:
-            self._timer = self._clock.callLater(self._minInterval, self._write)
+            self._timer = self._clock.callLater(self._delay(), self._write)
         self._idleWaiters.fire(None)
-
-    def _waitIdle(self) -> Deferred:
-        return self._idleWaiters.wait()
 
     def _cancelTimer(self) -> None:
         if self._timer is not None:

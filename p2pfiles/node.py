@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from twisted.application.service import MultiService
 from twisted.internet import threads
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -27,7 +27,7 @@ from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
 from p2pfiles import __version__
-from p2pfiles.client import askLeader, connect, receiveListing
+from p2pfiles.client import askListing, connect
 from p2pfiles.control import ControlSession
 from p2pfiles.coordinator import INodeCoordinator
 from p2pfiles.etcd import DEFAULT_PREFIX, DEFAULT_TTL
@@ -44,9 +44,9 @@ from p2pfiles.protocol import IConnectionHandler, LocalIdentity, P2PFactory, P2P
 from p2pfiles.session import IRequestContext, RequestSession
 from p2pfiles.status import StatusBoard
 from p2pfiles.tls import TLS
-from p2pfiles.partfile import openShared, removeStaleParts
+from p2pfiles.partfile import openShared
 from p2pfiles.waiting import Once
-from p2pfiles.wire import FileEntry, Message, splitEntries, splitUpdate
+from p2pfiles.wire import FileEntry, Message
 
 __all__ = ["Node", "NodeConfig", "EpochStore"]
 
@@ -180,7 +180,7 @@ class Node(MultiService):
         )
         self.localIndex.subscribe(self._localChanges)
         self._localReady = Once()
-        self.membership = Membership(config.id, config.address, self.identity, reactor, self._outgoingControl)
+        self.membership = Membership(config.id, config.address, self.identity, reactor, self._controlSession)
         self.membership.setServiceParent(self)
         self.coordinator: INodeCoordinator
         if config.etcd:
@@ -217,7 +217,7 @@ class Node(MultiService):
             config.state.child("peer_files.log"),
             reactor,
             runInThread,
-            self.membership.sendTo,
+            self.openRequest,
         )
         self.fetcher = Fetcher(
             config.id,
@@ -240,9 +240,7 @@ class Node(MultiService):
         self.controlHandlers: Dict[str, Callable[[int, Message], None]] = {
             "heartbeat": self.coordinator.heartbeatReceived,
             "stale": self.coordinator.staleReceived,
-            "index-request": self._indexRequest,
-            "index-chunk": self.keeper.chunkReceived,
-            "index-update": self._indexUpdate,
+            "index-changed": self._indexChanged,
             "error": self._controlError,
         }
         self.context = RequestContext(self)
@@ -251,11 +249,8 @@ class Node(MultiService):
         self.membership.onRejected = self.board.rejected
         # Housekeeping at the heartbeat's pace: retry gathers that failed,
         # and notice members whose silence made them count as down.
-        self._housekeeping = LoopingCall(self._tick)
+        self._housekeeping = LoopingCall(self._housekeep)
         self._housekeeping.clock = reactor
-        # Parts of abandoned downloads go at start and then daily.
-        self._partSweep = LoopingCall(self._sweepParts)
-        self._partSweep.clock = reactor
 
     # Connections.
 
@@ -283,9 +278,6 @@ class Node(MultiService):
         if peer.role == "node" and peer.purpose == "control":
             return self._controlSession()
         return RequestSession(self.context)
-
-    def _outgoingControl(self) -> ControlSession:
-        return self._controlSession()
 
     def _controlSession(self) -> ControlSession:
         return ControlSession(self.controlHandlers, self._controlReady, self._controlClosed)
@@ -316,7 +308,7 @@ class Node(MultiService):
         self.coordinator.start().addBoth(self._joined.fire)
         super().startService()
         self._housekeeping.start(self.config.heartbeat, now=False)
-        self._partSweep.start(PART_SWEEP_INTERVAL, now=True)
+        self.fetcher.startSweeping(self.config.partMaxAge, PART_SWEEP_INTERVAL)
         self.log.info(
             "node {id} up at {address} as {fingerprint} ({coordinator} coordinator, epoch {epoch}, peers {peers})",
             id=self.id,
@@ -333,9 +325,8 @@ class Node(MultiService):
         Stop claiming and heartbeating first, then close every connection
         this node owns, incoming ones included, and cancel what is pending.
         """
-        for loop in (self._housekeeping, self._partSweep):
-            if loop.running:
-                loop.stop()
+        if self._housekeeping.running:
+            self._housekeeping.stop()
         stopping = [self.coordinator.stop(), self.fetcher.stop()]
         stopping.append(super().stopService())
         stopping.append(self.membership.closeLinks())
@@ -348,32 +339,13 @@ class Node(MultiService):
 
     # This node's own files.
 
-    def _sweepParts(self) -> Deferred:
-        share = self.config.share
-        d = self.runInThread(removeStaleParts, share, self.config.partMaxAge, self.reactor.seconds())
-
-        def removed(names: List[str]) -> None:
-            if names:
-                self.log.info(
-                    "removed {count} partial downloads older than {days:g} days from {share}: {names}",
-                    count=len(names),
-                    days=self.config.partMaxAge / 86400,
-                    share=share.path,
-                    names=", ".join(names[:5]) + (" ..." if len(names) > 5 else ""),
-                )
-
-        def failed(reason: Failure) -> None:
-            self.log.warn("cannot clean partial downloads in {share}: {reason}", share=share.path, reason=reason.getErrorMessage())
-
-        return d.addCallbacks(removed, failed)
-
     def _localStarted(self, ignored: object) -> None:
         self.log.info(
             "sharing {count} files from {share}", count=len(self.localIndex.entries), share=self.config.share.path
         )
-        if self.keeper.epoch is not None:
-            self.keeper.ownChanges(list(self.localIndex.entries.values()), [])
+        self.keeper.ownChanges(list(self.localIndex.entries.values()), [])
         self._localReady.fire(None)
+        self._announceChanges()
 
     def _localFailed(self, reason: Failure) -> None:
         self.log.failure("cannot index the share {share}", reason, share=self.config.share.path)
@@ -396,17 +368,19 @@ class Node(MultiService):
         return self._localReady.wait()
 
     def _localChanges(self, changed: List[FileEntry], removed: List[str]) -> None:
-        if self.keeper.epoch is not None:
-            self.keeper.ownChanges(changed, removed)
-            return
-        leader = self.coordinator.leader()
-        if leader is None or leader == self.id:
-            return
-        # Followers send only changes, tagged with the epoch; a change lost
-        # in an election is covered by the new leader's full gather.
-        epoch = self.coordinator.epoch()
-        for entries, gone in splitUpdate(changed, removed):
-            self.membership.sendTo(leader, Message("index-update", epoch=epoch, entries=entries, removed=gone))
+        self.keeper.ownChanges(changed, removed)
+        self._announceChanges()
+
+    def _announceChanges(self) -> None:
+        """
+        Tell every member (a few bytes on each control link) that this
+        node's files are at a new change number; whoever keeps the index
+        asks for the change on a request connection.
+        """
+        local = self.localIndex
+        self.membership.broadcast(
+            Message("index-changed", epoch=self.coordinator.epoch(), incarnation=local.incarnation, seq=local.seq)
+        )
 
     # Links and leadership.
 
@@ -416,36 +390,52 @@ class Node(MultiService):
 
     def _linkDown(self, member: int) -> None:
         self.coordinator.linkDown(member)
-        if self.keeper.epoch is not None:
+        if self.keeper.gathering:
             self.keeper.memberGone(member)
         self._changed()
 
     def _linkLost(self, member: int) -> None:
-        if self.keeper.epoch is not None and (self.keeper.index.hasNode(member) or self.keeper.isGathering(member)):
-            # Index messages are not acknowledged: an update, a request or
-            # its answer may have been lost with the link that closed.  Its
-            # whole index again covers that.
-            address = self.membership.addressOf(member)
-            if address is not None:
-                self.keeper.gather(member, address)
+        # A notice may have been lost with the link that closed: ask the
+        # member what changed (nothing, usually).
+        self.keeper.lost(member)
 
     def _leadershipChanged(self) -> None:
         coordinator = self.coordinator
+        if coordinator.stopping:
+            return
         if self.keeper.epoch is not None and (not coordinator.isLeader() or self.keeper.epoch != coordinator.epoch()):
             self.keeper.resign()
-        if coordinator.isLeader() and self.keeper.epoch is None and not coordinator.stopping:
-            self._lead(coordinator.epoch())
+        if coordinator.isLeader():
+            if self.keeper.epoch is None:
+                self._lead(coordinator.epoch())
+        else:
+            leader = coordinator.leader()
+            if leader is not None:
+                others = sorted(m for m in coordinator.members() if m != leader)
+                if others and others[0] == self.id:
+                    self.keeper.standBy(list(self.localIndex.entries.values()), self._liveMembers())
+                else:
+                    self.keeper.idle()
+        self._tick()
+
+    def _housekeep(self) -> None:
+        # Only this loop's ticks measure how late timers run.
+        self.board.ticked(self.config.heartbeat)
         self._tick()
 
     def _tick(self) -> None:
         try:
-            if self.keeper.epoch is not None:
+            if self.keeper.gathering:
                 self.keeper.reconcile(self._liveMembers())
+            if self.keeper.epoch is not None:
                 self.board.metrics.filesIndexed(self.keeper.index.fileCount())
-            self._countConnections()
+            self.board.countConnections(self._protocols())
             self._changed()
         except Exception:
             self.log.failure("error in the node's housekeeping")
+
+    def maxTimerDelay(self) -> float:
+        return self.board.maxTimerDelay()
 
     def _liveMembers(self) -> Dict[int, str]:
         return {m: info.address for m, info in self.coordinator.members().items() if m != self.id}
@@ -472,44 +462,16 @@ class Node(MultiService):
             "node {sender} reports an error: {reason} ({code})", sender=sender, reason=message.reason, code=message.code
         )
 
-    def _indexRequest(self, sender: int, message: Message) -> None:
-        epoch = message.epoch
-        if self.coordinator.rejectStale(sender, epoch):
-            return
-        if epoch != self.coordinator.epoch() or sender != self.coordinator.leader():
-            # A claim we have not heard yet: the leader asks again.
-            return
-
-        def send(ignored: object) -> None:
-            if self.coordinator.epoch() != epoch or self.coordinator.leader() != sender:
-                return
-            entries = sorted(self.localIndex.entries.values(), key=lambda e: e.name)
-            parts = splitEntries(entries)
-            for i, part in enumerate(parts):
-                # On the same link as later changes, so they cannot overtake it.
-                self.membership.sendTo(
-                    sender,
-                    Message(
-                        "index-chunk",
-                        epoch=epoch,
-                        request=message.request,
-                        entries=part,
-                        last=i == len(parts) - 1,
-                    ),
-                )
-
-        def failed(reason: Failure) -> None:
-            if not reason.check(P2PError):
-                self.log.failure("cannot send the index to {leader}", reason, leader=sender)
-
-        self.whenLocalReady().addCallback(send).addErrback(failed)
-
-    def _indexUpdate(self, sender: int, message: Message) -> None:
+    def _indexChanged(self, sender: int, message: Message) -> None:
         if self.coordinator.rejectStale(sender, message.epoch):
             return
-        address = self.membership.addressOf(sender)
-        if address is not None:
-            self.keeper.updateReceived(sender, address, message)
+        self.keeper.noticed(sender, message.incarnation, message.seq)
+
+    def openRequest(self, address: str) -> Deferred:
+        """
+        A request connection to the node at C{address}, as this node.
+        """
+        return connect(self.reactor, address, self.config.secret, 10.0, self.identity.withPurpose("request"))
 
     # Status.
 
@@ -549,21 +511,21 @@ class Node(MultiService):
             "epoch": coordinator.epoch(),
             "members": members,
             "version": __version__,
+            "coordinator": coordinator.name,
+            "max_timer_delay": round(self.maxTimerDelay(), 3),
             # Members whose side refused this node's link, and why.
             "refused": [
                 {"id": member, "reason": reason} for member, reason in sorted(self.membership.refused.items())
             ],
         }
 
-    def _countConnections(self) -> None:
-        counts = {"control": 0, "request": 0, "handshake": 0}
+    def _protocols(self) -> List[P2PProtocol]:
+        """
+        Every connection this node holds.
+        """
         protocols = [p for f in self.factories for p in f.protocols]
         protocols += [link for m in self.membership.members.values() for link in m.links if not link.incoming]
-        for protocol in protocols:
-            purpose = protocol.peer.purpose if protocol.peer is not None else "handshake"
-            counts[purpose] = counts.get(purpose, 0) + 1
-        for purpose, count in counts.items():
-            self.board.metrics.connections(purpose, count)
+        return protocols
 
     def _view(self) -> Tuple[Any, ...]:
         """
@@ -601,18 +563,12 @@ class Node(MultiService):
         """
         if self.coordinator.isLeader():
             return succeed(self.keeper.index.listing())
-        return Deferred.fromCoroutine(self._listingFromLeader())
-
-    async def _listingFromLeader(self) -> List[dict]:
         address = self.leaderAddress()
         if address is None:
-            raise P2PError("no leader elected right now; try again shortly", "no-leader")
-        identity = self.identity.withPurpose("request")
-        connection, reply = await askLeader(self.reactor, address, self.config.secret, Message("ls"), 10.0, identity)
-        try:
-            return await receiveListing(self.reactor, connection, reply, 10.0, address)
-        finally:
-            connection.close()
+            return fail(P2PError("no leader elected right now; try again shortly", "no-leader"))
+        return Deferred.fromCoroutine(
+            askListing(self.reactor, address, self.config.secret, 10.0, self.identity.withPurpose("request"))
+        )
 
 
 @implementer(IRequestContext)
@@ -675,8 +631,11 @@ class RequestContext:
             raise
 
     def openUpstream(self, address: str) -> Deferred:
+        return self._node.openRequest(address)
+
+    def indexSince(self, incarnation: Optional[str], since: int) -> Deferred:
         node = self._node
-        return connect(node.reactor, address, node.config.secret, 10.0, node.identity.withPurpose("request"))
+        return node.whenLocalReady().addCallback(lambda _: node.localIndex.changesSince(incarnation, since))
 
     def fetch(self, name: str, overwrite: bool) -> Deferred:
         return self._node.fetcher.fetch(name, overwrite)

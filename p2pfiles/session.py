@@ -11,6 +11,7 @@ explicit state machine::
     idle --get (mine)-----> serving  --done---> idle
     idle --get (relayed)--> relaying --done---> idle
     idle --fetch----------> fetching --done---> idle
+    idle --index-since----> sending-index --done---> idle
 
 It owns its producer or relay and its watch, and L{connectionClosed} (an
 input in every state) cleans them up in one place.  It reaches the node only
@@ -19,13 +20,14 @@ through L{IRequestContext}: it never sees the node object.
 
 from typing import Any, Callable, Dict, List, Optional
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from p2pfiles.errors import P2PError
+from p2pfiles.indexstream import IndexSender
 from p2pfiles.names import nameProblem
 from p2pfiles.protocol import IConnectionHandler, P2PProtocol, ProtocolViolation
 from p2pfiles.transfer import FileProducer, Relay
@@ -39,6 +41,7 @@ WATCHING = "watching"
 SERVING = "serving"
 RELAYING = "relaying"
 FETCHING = "fetching"
+SENDING_INDEX = "sending-index"
 CLOSED = "closed"
 
 
@@ -118,6 +121,12 @@ class IRequestContext(Interface):
         share one download.
         """
 
+    def indexSince(incarnation, since):
+        """
+        This node's L{p2pfiles.indexstream.Changes} since change C{since}
+        of C{incarnation} (all of it if that is not its own); a Deferred.
+        """
+
     def fetchProgress(name):
         """
         C{(bytes, size)} of the fetch of C{name} so far.
@@ -152,6 +161,7 @@ class RequestSession:
             "lookup": self.lookup,
             "get": self.get,
             "fetch": self.fetch,
+            "index-since": self.indexSince,
             "error": self.error,
         }
 
@@ -164,7 +174,7 @@ class RequestSession:
         handler = self.handlers.get(message.type)
         if handler is None:
             raise ProtocolViolation(f"{message.type} is not accepted on a request connection")
-        if message.type != "error" and self.state in (SERVING, RELAYING):
+        if message.type != "error" and self.state in (SERVING, RELAYING, SENDING_INDEX):
             # File bytes are on the way: no frame, not even the refusal,
             # may land in them.
             connection.drop(f"{message.type} sent during a transfer", tell=False)
@@ -193,7 +203,7 @@ class RequestSession:
         transfer, self._transfer = self._transfer, None
         if isinstance(transfer, Relay):
             transfer.downstreamLost()
-        elif isinstance(transfer, FileProducer):
+        elif isinstance(transfer, (FileProducer, IndexSender)):
             transfer.stopProducing()
         pending, self._pending = self._pending, None
         if pending is not None:
@@ -316,6 +326,40 @@ class RequestSession:
     def _fetchProgress(self, name: str) -> None:
         done, size = self.context.fetchProgress(name)
         self._send(Message("progress", name=name, bytes=done, size=size))
+
+    def indexSince(self, message: Message) -> None:
+        """
+        Send this node's files, or what changed in them, as C{index-delta}
+        frames written with back-pressure.
+        """
+        assert self.connection is not None
+        connection = self.connection
+        self.state = SENDING_INDEX
+        self._pending = self.context.indexSince(message.incarnation, message.since)
+
+        def send(changes: Any) -> Deferred:
+            self._pending = None
+            sender = IndexSender(connection, changes)
+            self._transfer = sender
+            return sender.start()
+
+        def sent(result: Any) -> None:
+            self._transfer = None
+            self._pending = None
+            if self.state == CLOSED:
+                return
+            self.state = self._restingState()
+            if isinstance(result, Failure) and not result.check(CancelledError):
+                if result.check(P2PError) and result.value.code == "gone":
+                    # The reader went away: nothing to tell it.
+                    return
+                if result.check(P2PError):
+                    self._refuse(result.value.code, str(result.value))
+                else:
+                    self.log.failure("cannot send the index", result)
+                    self._refuse("internal", "cannot send the index")
+
+        self._pending.addCallback(send).addBoth(sent)
 
     # Transfers.
 

@@ -8,7 +8,8 @@ timeline and the metrics.  It also keeps the transfers in flight.  It is
 handed callables to read the node's parts; it never sees the node.
 """
 
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from collections import deque
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -18,6 +19,10 @@ from zope.interface import implementer
 from p2pfiles.events import EventLog, Subscribers
 from p2pfiles.metrics import NodeMetrics
 from p2pfiles.web import IStatusSource
+
+
+# Over how long the longest timer delay is reported.
+TIMER_DELAY_WINDOW = 60.0
 
 
 class Transfer:
@@ -90,6 +95,8 @@ class StatusBoard:
         self.eventLog = EventLog(clock)
         self.transfersInFlight: Dict[Any, Transfer] = {}
         self._watchers = Subscribers()
+        self._lastTick: Optional[float] = None
+        self._delays: Deque[Tuple[float, float]] = deque()
         self._snapshot: Optional[Tuple[Any, ...]] = None
         # The last leader known, through spells without one.
         self._lastLeader: Optional[int] = None
@@ -126,6 +133,41 @@ class StatusBoard:
 
     def watchStatus(self, callback: Callable[[Dict[str, Any]], None]) -> Callable[[], None]:
         return self._watchers.subscribe(callback)
+
+    # The reactor's health and the node's connections.
+
+    def ticked(self, interval: float) -> None:
+        """
+        A periodic timer of C{interval} seconds ran: how late it ran is the
+        reactor's longest stretch of work, as timers feel it.  Kept for a
+        minute for C{status} (C{"max_timer_delay"}) and the metrics.
+        """
+        now = self.clock.seconds()
+        if self._lastTick is not None:
+            late = max(0.0, now - self._lastTick - interval)
+            self._delays.append((now, late))
+            self.metrics.timerDelay(late)
+        self._lastTick = now
+        while self._delays and self._delays[0][0] < now - TIMER_DELAY_WINDOW:
+            self._delays.popleft()
+
+    def maxTimerDelay(self) -> float:
+        """
+        The longest a tick ran late in the last minute, in seconds.
+        """
+        now = self.clock.seconds()
+        return max((late for when, late in self._delays if when >= now - TIMER_DELAY_WINDOW), default=0.0)
+
+    def countConnections(self, protocols: Iterable[Any]) -> None:
+        """
+        Count open connections by purpose (C{handshake} until known).
+        """
+        counts = {"control": 0, "request": 0, "handshake": 0}
+        for protocol in protocols:
+            purpose = protocol.peer.purpose if protocol.peer is not None else "handshake"
+            counts[purpose] = counts.get(purpose, 0) + 1
+        for purpose, count in counts.items():
+            self.metrics.connections(purpose, count)
 
     # Changes.
 

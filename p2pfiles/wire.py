@@ -11,9 +11,10 @@ exactly C{length} bytes (see L{p2pfiles.protocol}).
 This module imports nothing else of the package.
 """
 
+import itertools
 import json
 import math
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 PROTOCOL_VERSION = 2
 
@@ -222,19 +223,11 @@ SCHEMAS: Dict[str, Dict[str, Checker]] = {
         "members": _members,
     },
     "stale": {"epoch": _nonNegative, "leader": _optionalId},
-    # The index, on control links between nodes.
-    "index-request": {"epoch": _nonNegative, "request": _nonNegative},
-    "index-chunk": {
-        "epoch": _nonNegative,
-        "request": _nonNegative,
-        "entries": _entries,
-        "last": _bool,
-    },
-    "index-update": {
-        "epoch": _nonNegative,
-        "entries": _entries,
-        "removed": _strings,
-    },
+    # The index.  On control links only a small notice: a member's files
+    # changed (its incarnation and change number).  The files themselves
+    # travel on request connections, with back-pressure, so that they never
+    # delay a heartbeat.
+    "index-changed": {"epoch": _nonNegative, "incarnation": _str, "seq": _nonNegative},
     # Requests from clients (and from nodes acting as clients).
     "status": {"watch": _bool},
     "state": {"status": _dict},
@@ -256,6 +249,18 @@ SCHEMAS: Dict[str, Dict[str, Checker]] = {
     # Sent every second while a node fetches, so that the client knows it
     # is still at work (and can time out a node that went quiet).
     "progress": {"name": _str, "bytes": _nonNegative, "size": _nonNegative},
+    # Everything a node shares that changed since change number C{since} of
+    # its C{incarnation} (all of it when the incarnation is not its own or
+    # the change is too old): C{index-delta} frames, the last one marked.
+    "index-since": {"incarnation": _optional(_str), "since": _nonNegative},
+    "index-delta": {
+        "incarnation": _str,
+        "seq": _nonNegative,
+        "full": _bool,
+        "entries": _entries,
+        "removed": _strings,
+        "last": _bool,
+    },
     "fetched": {"name": _str, "size": _nonNegative, "sha256": _str, "already": _bool},
 }
 
@@ -488,3 +493,34 @@ def chunked(entries: Sequence[FileEntry], size: int = ENTRIES_PER_FRAME) -> List
     that an empty index is still sent as one (empty, last) chunk.
     """
     return splitEntries(entries, count=size)
+
+
+def iterUpdate(
+    changed: Iterable[FileEntry],
+    removed: Iterable[str],
+    budget: int = ITEM_BUDGET,
+    count: int = ENTRIES_PER_FRAME,
+) -> Iterator[Tuple[List[FileEntry], List[str]]]:
+    """
+    Like L{splitUpdate}, lazily: each piece is measured only when it is
+    asked for, so that a sender producing one frame at a time spends a
+    frame's worth of work at a time, however large the whole.  Yields at
+    least one pair, possibly C{([], [])}.
+    """
+    entries: List[FileEntry] = []
+    names: List[str] = []
+    used = 0
+    sent = False
+    for kind, item in itertools.chain(((0, e) for e in changed), ((1, n) for n in removed)):
+        cost = _cost(item)
+        if (entries or names) and (used + cost > budget or len(entries) + len(names) >= count):
+            yield entries, names
+            sent = True
+            entries, names, used = [], [], 0
+        if kind == 0:
+            entries.append(item)
+        else:
+            names.append(item)
+        used += cost
+    if entries or names or not sent:
+        yield entries, names

@@ -803,12 +803,16 @@ class LiveNodeTests(CommandTestCase):
         status = json.loads(lines[0])
         self.assertTrue(STATUS_KEYS <= set(status), sorted(status))
         # The node adds its own address, which the table shows, its
-        # certificate's fingerprint, which coordinator decides, and who
-        # refuses its links.
-        self.assertEqual(set(status) - STATUS_KEYS, {"address", "fingerprint", "coordinator", "refused"})
+        # certificate's fingerprint, the links refused to it, the
+        # coordinator it runs and how late its timers ran.
+        self.assertEqual(
+            set(status) - STATUS_KEYS, {"address", "fingerprint", "refused", "coordinator", "max_timer_delay"}
+        )
         self.assertEqual(status["coordinator"], "builtin")
         self.assertEqual(status["refused"], [])
         self.assertEqual(status["fingerprint"], harness.node.security.fingerprint)
+        self.assertEqual(status["coordinator"], "builtin")
+        self.assertEqual(status["max_timer_delay"], harness.node.status()["max_timer_delay"])
         for member in status["members"]:
             self.assertEqual(set(member), MEMBER_KEYS)
         self.assertEqual(

@@ -79,7 +79,7 @@ class ControlSessionTests(SynchronousTestCase):
         the sender's id from the handshake; no other entry is called.
         """
         recorder = Recorder()
-        session = recorder.session("heartbeat", "stale", "index-update")
+        session = recorder.session("heartbeat", "stale", "index-changed")
         connection = FakeConnection(2)
         session.connectionReady(connection)
         stale = Message("stale", epoch=3, leader=1)

@@ -3,8 +3,11 @@ Tests for L{p2pfiles.index}: the cluster index, the C{peer_files.log} format
 and the coalescing atomic writer.
 """
 
+import errno
 import json
 import os
+import re
+from typing import Dict, List, Tuple
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,8 +18,24 @@ from twisted.logger import LogLevel, capturedLogs
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2pfiles import atomic
-from p2pfiles.index import ClusterIndex, LogWriter, parseLog, renderLog
+from p2pfiles import atomic, index as indexModule
+from p2pfiles.index import (
+    LOG_KEYS,
+    ClusterIndex,
+    IndexSnapshot,
+    LogContent,
+    LogWriter,
+    listingChunks,
+    listingOf,
+    logChunks,
+    packEntries,
+    packEntry,
+    parseLog,
+    renderLog,
+    rewriteInterval,
+    unpackEntry,
+    writeLog,
+)
 from p2pfiles.wire import FileEntry
 
 HEADER_LINES = 6
@@ -521,3 +540,666 @@ class LogWriterTests(SynchronousTestCase):
         self.successResultOf(stopped)
         self.assertEqual((writer.writes, pending), (1, []))
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+# The data line of the log format as first defined: json.dumps of the whole
+# object, then the unsafe characters escaped.  The streamed writer must
+# produce exactly these bytes.
+_REFERENCE_UNSAFE = re.compile("[\\x85\\u2028\\u2029\\ud800-\\udfff]")
+
+
+def referenceLine(node: int, address: str, entry: FileEntry) -> str:
+    values = (node, address, entry.name, entry.size, entry.mtime, entry.sha256)
+    text = json.dumps(dict(zip(LOG_KEYS, values)), ensure_ascii=False, separators=(", ", ": "))
+    return _REFERENCE_UNSAFE.sub(lambda m: "\\u%04x" % (ord(m.group()),), text)
+
+
+def referenceLines(model: Dict[int, Tuple[str, List[FileEntry]]]) -> List[str]:
+    rows = [(e.name, node, address, e) for node, (address, entries) in model.items() for e in entries]
+    rows.sort(key=lambda row: (row[0], row[1]))
+    return [referenceLine(node, address, e) for _, node, address, e in rows]
+
+
+HOSTILE_NAMES = [
+    'a\n{"node": 9, "name": "evil"}',
+    "tab\there",
+    'quote"d',
+    "back\\slash",
+    "back\\\\\\\\slashes\\\\",
+    "caf\u00e9 \u65e5\u672c",
+    "sep\u2028arator\u2029para",
+    "nel\x85line",
+    "cr\rlf\r\n",
+    "# not a header",
+    "bad\udcffname",
+    "\ud800lead",
+    "ctrl\x00\x01\x1f\x7f",
+    "emoji \U0001f600",
+    "</script>",
+    "",
+]
+
+ODD_MTIMES = [0.0, -1.5, 1e-7, 5e-324, 1e22, 1.7976931348623157e308, 0.1 + 0.2, 1704067200.1234567, 123456789.123456789]
+
+
+def buildModel(names=HOSTILE_NAMES) -> Dict[int, Tuple[str, List[FileEntry]]]:
+    """
+    Three nodes sharing the hostile names with odd sizes and mtimes; node
+    3 has a hostile address too.
+    """
+    model = {}
+    for node, address in ((1, "127.0.0.1:9001"), (2, "[::1]:9002"), (3, 'h"\\\u2028\udcff:3')):
+        entries = []
+        for k, name in enumerate(names):
+            if (k + node) % 3 != 0:
+                mtime = ODD_MTIMES[(k + node) % len(ODD_MTIMES)]
+                size = [0, 1, 2**53 + 1, 2**63 - 1][(k * node) % 4]
+                entries.append(FileEntry(name, size, mtime, sha("0123456789abcdef"[(k + node) % 16])))
+        model[node] = (address, entries)
+    return model
+
+
+def indexOf(model) -> ClusterIndex:
+    index = ClusterIndex()
+    for node, (address, entries) in model.items():
+        index.replaceNode(node, address, entries)
+    return index
+
+
+class PackTests(SynchronousTestCase):
+    """
+    Tests for the packed 48-byte record of one file.
+    """
+
+    def assertExact(self, entry: FileEntry) -> None:
+        record = packEntry(entry)
+        back = unpackEntry(entry.name, record)
+        self.assertEqual(len(record), 48)
+        self.assertEqual(back, entry)
+        self.assertEqual((type(back.size), type(back.mtime)), (int, float))
+        self.assertEqual(repr(back.mtime), repr(float(entry.mtime)))
+
+    def test_roundTripExact(self) -> None:
+        """
+        A record gives back exactly the size (up to 2**63-1), the mtime (to
+        the last bit, denormals and the largest float included) and the
+        SHA-256 it was made from.
+        """
+        for size in (0, 1, 2**32, 2**53 + 1, 2**63 - 1):
+            for mtime in ODD_MTIMES:
+                self.assertExact(FileEntry("n", size, mtime, "0123456789abcdef" * 4))
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.integers(0, 2**63 - 1),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.binary(min_size=32, max_size=32),
+    )
+    def test_roundTripArbitrary(self, size: int, mtime: float, digest: bytes) -> None:
+        """
+        Every size in 0..2**63-1, every finite float mtime and every digest
+        survive packing exactly.
+        """
+        self.assertExact(FileEntry("n", size, mtime, digest.hex()))
+
+    def test_intMtime(self) -> None:
+        """
+        An integer mtime comes back as the equal float, as the wire codec
+        would have decoded it.
+        """
+        back = unpackEntry("n", packEntry(FileEntry("n", 1, 5, sha("a"))))
+        self.assertEqual((back.mtime, type(back.mtime)), (5.0, float))
+
+    def test_refused(self) -> None:
+        """
+        What a record cannot hold exactly is refused with L{ValueError}: a
+        negative size or one past 2**63-1, an mtime that is not a number, a
+        SHA-256 that is not 64 lowercase hex digits.
+        """
+        bad = [
+            FileEntry("n", -1, 1.0, sha("a")),
+            FileEntry("n", 2**63, 1.0, sha("a")),
+            FileEntry("n", 1, "soon", sha("a")),
+            FileEntry("n", 1, 1.0, sha("A")),
+            FileEntry("n", 1, 1.0, "ab" * 31),
+            FileEntry("n", 1, 1.0, "ab" * 33),
+            FileEntry("n", 1, 1.0, sha("g")),
+            FileEntry("n", 1, 1.0, None),
+        ]
+        for entry in bad:
+            self.assertRaises(ValueError, packEntry, entry)
+
+    def test_packEntries(self) -> None:
+        """
+        C{packEntries} fills the map under each entry's own name object, a
+        later entry of a name wins, and it counts the entries it left out.
+        """
+        name = "".join(["sh", "ared"])
+        into = {}
+        refused = packEntries([entry(name, "a"), FileEntry("x", -1, 1.0, sha("a")), entry("shared", "b")], into)
+        self.assertEqual(refused, 1)
+        self.assertEqual(list(into), ["shared"])
+        self.assertIs(next(iter(into)), name)
+        self.assertEqual(unpackEntry("shared", into["shared"]), entry("shared", "b"))
+
+    def test_indexSkipsUnholdable(self) -> None:
+        """
+        The index keeps the good entries of an update and logs how many it
+        could not hold, rather than failing the whole update.
+        """
+        index = ClusterIndex()
+        with capturedLogs() as events:
+            index.replaceNode(1, "h:1", [entry("a"), FileEntry("b", 2**64, 1.0, sha("a"))])
+            index.applyChanges(1, "h:1", [FileEntry("c", 1, 1.0, sha("C"))], [])
+        self.assertEqual([e.name for _, _, e in index.entries()], ["a"])
+        warnings = [e for e in events if e["log_level"] == LogLevel.warn]
+        self.assertEqual([(e["count"], e["node"]) for e in warnings], [(1, 1), (1, 1)])
+
+
+class CompactIndexTests(SynchronousTestCase):
+    """
+    Tests for the compact layout of L{ClusterIndex}: packed maps, holders
+    kept as one id or a tuple of ids.
+    """
+
+    def test_replaceNodeWithPackedMap(self) -> None:
+        """
+        C{replaceNode} takes an already built name -> record map as it is:
+        that map becomes the node's, and holders and entries read from it.
+        """
+        files = {}
+        packEntries([entry("a"), entry("b", "c")], files)
+        index = ClusterIndex()
+        index.replaceNode(4, "h:4", files)
+        self.assertIs(index.nodeFiles(4), files)
+        self.assertEqual(index.holders("b"), [(4, "h:4", entry("b", "c"))])
+        self.assertEqual(index.fileCount(), 2)
+        version = index.version
+        index.replaceNode(4, "h:4", dict(files))
+        self.assertEqual(index.version, version)
+
+    def test_holdersManyNodes(self) -> None:
+        """
+        A name held by one node, then several (added out of order), then
+        one again, always lists its holders by id and forgets the ones gone.
+        """
+        index = ClusterIndex()
+        for node in (5, 2, 9, 7):
+            index.applyChanges(node, f"h:{node}", [entry("x")], [])
+        self.assertEqual([h[0] for h in index.holders("x")], [2, 5, 7, 9])
+        index.removeNode(5)
+        index.applyChanges(9, "h:9", [], ["x"])
+        index.replaceNode(7, "h:7", [entry("y")])
+        self.assertEqual([h[0] for h in index.holders("x")], [2])
+        self.assertEqual([h[0] for h in index.holders("y")], [7])
+        index.removeNode(2)
+        self.assertEqual(index.holders("x"), [])
+
+    def test_nameObjectShared(self) -> None:
+        """
+        A node's map is keyed by the name objects of the entries it was
+        built from: the index keeps no second copy of a name.
+        """
+        name = "".join(["IMG_", "0001.jpg"])
+        index = ClusterIndex()
+        index.replaceNode(1, "h:1", [FileEntry(name, 1, 1.0, sha("a"))])
+        self.assertIs(next(iter(index.nodeFiles(1))), name)
+
+    def test_content(self) -> None:
+        """
+        C{content} names the lowest holder's copy and offers every holder
+        of that same content that C{usable} accepts.
+        """
+        index = ClusterIndex()
+        index.replaceNode(3, "h:3", [entry("x", "b")])
+        index.replaceNode(1, "h:1", [entry("x", "a")])
+        index.replaceNode(2, "h:2", [entry("x", "a")])
+        self.assertEqual(index.content("x"), (entry("x", "a"), [(1, "h:1"), (2, "h:2")]))
+        self.assertEqual(index.content("x", usable=lambda n: n != 1), (entry("x", "a"), [(2, "h:2")]))
+        self.assertEqual(index.content("x", sha("b")), (entry("x", "b"), [(3, "h:3")]))
+        self.assertIsNone(index.content("y"))
+
+    def test_entriesAcrossSortRuns(self) -> None:
+        """
+        Names sorted in many short runs and merged still come out sorted by
+        name then node.
+        """
+        self.patch(indexModule, "SORT_RUN", 2)
+        model = buildModel()
+        index = indexOf(model)
+        expected = sorted((e.name, node) for node, (_, entries) in model.items() for e in entries)
+        self.assertEqual([(e.name, node) for node, _, e in index.entries()], expected)
+
+
+# Operations for the model-based test: replace a node, apply changes,
+# remove a node, take a snapshot.
+_names = st.sampled_from(["a", "b", "c", "d"])
+_entries = st.builds(entry, _names, st.sampled_from("ab"), st.integers(0, 3))
+_nodeIds = st.sampled_from([1, 2, 3])
+_operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("replace"), _nodeIds, st.lists(_entries, max_size=4)),
+        st.tuples(st.just("apply"), _nodeIds, st.lists(_entries, max_size=3), st.lists(_names, max_size=2)),
+        st.tuples(st.just("address"), _nodeIds),
+        st.tuples(st.just("remove"), _nodeIds),
+        st.tuples(st.just("snapshot")),
+    ),
+    max_size=25,
+)
+
+
+class ModelTests(SynchronousTestCase):
+    """
+    The index against a plain model (node -> name -> entry) under random
+    operations.
+    """
+
+    @settings(max_examples=300, deadline=None)
+    @given(_operations)
+    def test_matchesModel(self, operations) -> None:
+        """
+        After any sequence of operations, the entries, holders, file count,
+        listing and log are those of the model, and every snapshot taken on
+        the way still shows the model as it was then.
+        """
+        index = ClusterIndex()
+        model: Dict[int, Dict[str, FileEntry]] = {}
+        addresses: Dict[int, str] = {}
+        snapshots = []
+        for op in operations:
+            if op[0] == "replace":
+                index.replaceNode(op[1], addresses.setdefault(op[1], f"h:{op[1]}"), op[2])
+                model[op[1]] = {e.name: e for e in op[2]}
+            elif op[0] == "apply":
+                index.applyChanges(op[1], addresses.setdefault(op[1], f"h:{op[1]}"), op[2], op[3])
+                files = model.setdefault(op[1], {})
+                files.update((e.name, e) for e in op[2])
+                for name in op[3]:
+                    files.pop(name, None)
+            elif op[0] == "address" and op[1] in model:
+                addresses[op[1]] += "'"
+                index.applyChanges(op[1], addresses[op[1]], [], [])
+            elif op[0] == "remove":
+                index.removeNode(op[1])
+                model.pop(op[1], None)
+            elif op[0] == "snapshot":
+                frozen = {n: (addresses[n], list(files.values())) for n, files in model.items()}
+                snapshots.append((index.snapshot(), frozen))
+            self.assertModel(index, {n: (addresses[n], list(files.values())) for n, files in model.items()})
+        for snapshot, frozen in snapshots:
+            self.assertModel(snapshot, frozen)
+
+    def assertModel(self, view, model: Dict[int, Tuple[str, List[FileEntry]]]) -> None:
+        expected = sorted(((e.name, n), (n, address, e)) for n, (address, entries) in model.items() for e in entries)
+        self.assertEqual(view.entries(), [row for _, row in expected])
+        self.assertEqual(view.nodes(), sorted(model))
+        self.assertEqual(view.fileCount(), len(expected))
+        for name in "abcd":
+            self.assertEqual(view.holders(name), [row for key, row in expected if key[0] == name])
+        groups: Dict[Tuple[str, str], dict] = {}
+        for _, (n, _, e) in expected:
+            groups.setdefault((e.name, e.sha256), {"name": e.name, "size": e.size, "sha256": e.sha256, "holders": []})["holders"].append(n)
+        self.assertEqual(listingOf(view), [groups[key] for key in sorted(groups)])
+        lines = renderLog(view, 1, 1, 0.0).decode("utf-8").split("\n")[HEADER_LINES:-1]
+        self.assertEqual(lines, referenceLines(model))
+
+
+class CopyOnWriteTests(SynchronousTestCase):
+    """
+    A snapshot shares the index's per-node maps, which the index never
+    changes afterwards: it copies a node's map before its next change.
+    """
+
+    def setUp(self) -> None:
+        self.index = ClusterIndex()
+        self.index.replaceNode(1, "h:1", [entry("a"), entry("b")])
+        self.index.replaceNode(2, "h:2", [entry("a"), entry("c")])
+
+    def test_snapshotIsSmall(self) -> None:
+        """
+        A snapshot is an L{IndexSnapshot} that shares every node's map with
+        the index rather than copying them.
+        """
+        snapshot = self.index.snapshot()
+        self.assertIsInstance(snapshot, IndexSnapshot)
+        for node in (1, 2):
+            self.assertIs(snapshot.nodeFiles(node), self.index.nodeFiles(node))
+        self.assertEqual(snapshot.version, self.index.version)
+
+    def test_mapsNotMutated(self) -> None:
+        """
+        Every kind of change after a snapshot leaves the maps it holds, and
+        what it shows, exactly as they were.
+        """
+        snapshot = self.index.snapshot()
+        maps = {node: snapshot.nodeFiles(node) for node in (1, 2)}
+        contents = {node: dict(files) for node, files in maps.items()}
+        before = renderLog(snapshot, 1, 1, 0.0)
+        self.index.applyChanges(1, "h:1", [entry("a", "d"), entry("z")], ["b"])
+        self.index.applyChanges(2, "h:2'", [], [])
+        self.index.applyChanges(2, "h:2'", [], ["c"])
+        self.index.replaceNode(3, "h:3", [entry("q")])
+        self.index.removeNode(1)
+        self.index.clear()
+        for node, files in maps.items():
+            self.assertEqual(files, contents[node])
+            self.assertIs(snapshot.nodeFiles(node), files)
+        self.assertEqual(renderLog(snapshot, 1, 1, 0.0), before)
+        self.assertEqual(snapshot.nodes(), [1, 2])
+
+    def test_copiedOncePerSnapshot(self) -> None:
+        """
+        The first change to a node after a snapshot copies that node's map
+        only; later changes before the next snapshot change the copy in
+        place.
+        """
+        snapshot = self.index.snapshot()
+        self.index.applyChanges(1, "h:1", [entry("z")], [])
+        copied = self.index.nodeFiles(1)
+        self.assertIsNot(copied, snapshot.nodeFiles(1))
+        self.assertIs(self.index.nodeFiles(2), snapshot.nodeFiles(2))
+        self.index.applyChanges(1, "h:1", [entry("y")], ["a"])
+        self.assertIs(self.index.nodeFiles(1), copied)
+        self.assertEqual(sorted(copied), ["b", "y", "z"])
+
+    def test_addressChangeKeepsSharing(self) -> None:
+        """
+        A change of address alone copies nothing, and the node's map stays
+        protected: a later change to its files still copies it first.
+        """
+        snapshot = self.index.snapshot()
+        version = self.index.version
+        self.index.applyChanges(1, "h:one", [], [])
+        self.assertEqual((self.index.version, self.index.address(1)), (version + 1, "h:one"))
+        self.assertIs(self.index.nodeFiles(1), snapshot.nodeFiles(1))
+        self.index.applyChanges(1, "h:one", [entry("z")], [])
+        self.assertEqual(sorted(snapshot.nodeFiles(1)), ["a", "b"])
+
+    def test_noChangeNoCopy(self) -> None:
+        """
+        An update that changes nothing neither copies the map nor moves the
+        version.
+        """
+        snapshot = self.index.snapshot()
+        version = self.index.version
+        self.index.applyChanges(1, "h:1", [entry("a")], ["nope"])
+        self.assertIs(self.index.nodeFiles(1), snapshot.nodeFiles(1))
+        self.assertEqual(self.index.version, version)
+
+
+class StreamedLogTests(SynchronousTestCase):
+    """
+    Tests for L{writeLog} and L{logChunks}: the streamed log is the log
+    format as first defined, byte for byte.
+    """
+
+    def setUp(self) -> None:
+        directory = FilePath(self.mktemp())
+        directory.makedirs()
+        self.path = directory.child("peer_files.log")
+
+    def test_sameAsReference(self) -> None:
+        """
+        Hostile names and addresses (newlines, U+2028, NEL, lone
+        surrogates, quotes, backslashes, control characters), odd mtimes
+        and sizes up to 2**63-1 give, line for line, what json.dumps of the
+        whole row object gives; L{renderLog} and L{writeLog} write the same
+        bytes, which parse back to the entries.
+        """
+        model = buildModel()
+        index = indexOf(model)
+        rendered = renderLog(index, 1, 7, 1764096934.123)
+        writeLog(self.path, index.snapshot(), 1, 7, 1764096934.123)
+        self.assertEqual(self.path.getContent(), rendered)
+        text = rendered.decode("utf-8")
+        self.assertEqual(text.split("\n")[HEADER_LINES:-1], referenceLines(model))
+        self.assertEqual(len(text.splitlines()), HEADER_LINES + index.fileCount())
+        header, rows = parseLog(rendered)
+        self.assertEqual((header["files"], header["nodes"]), (index.fileCount(), 3))
+        self.assertEqual(
+            [(r["node"], r["address"], FileEntry(r["name"], r["size"], r["mtime"], r["sha256"])) for r in rows],
+            index.entries(),
+        )
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        st.lists(
+            st.tuples(st.text(), st.integers(0, 2**63 - 1), st.floats(allow_nan=False, allow_infinity=False)),
+            max_size=6,
+        ),
+        st.text(max_size=8),
+    )
+    def test_arbitraryRows(self, rows, address) -> None:
+        """
+        For arbitrary names, sizes, mtimes and addresses every data line is
+        what json.dumps of the row object gives, escaped the same way.
+        """
+        entries = [FileEntry(name, size, mtime, sha("e")) for name, size, mtime in rows]
+        unique = list({e.name: e for e in entries}.values())
+        model = {1: (address, unique), 2: ("h:2", unique[:2])}
+        lines = renderLog(indexOf(model), 1, 1, 0.0).decode("utf-8").split("\n")[HEADER_LINES:-1]
+        self.assertEqual(lines, referenceLines(model))
+
+    def test_nonFiniteMtime(self) -> None:
+        """
+        A non-finite mtime (which the wire refuses, but a record can hold)
+        is written as json writes it.
+        """
+        model = {1: ("h:1", [FileEntry(n, 1, m, sha("a")) for n, m in (("i", float("inf")), ("m", float("-inf")), ("n", float("nan")))])}
+        lines = renderLog(indexOf(model), 1, 1, 0.0).decode("utf-8").split("\n")[HEADER_LINES:-1]
+        self.assertEqual(lines, referenceLines(model))
+
+    def test_chunks(self) -> None:
+        """
+        L{logChunks} gives the header, then at most the asked number of
+        lines per piece; the pieces joined are the whole log.
+        """
+        index = indexOf(buildModel())
+        chunks = list(logChunks(index, 1, 1, 0.0, linesPerChunk=4))
+        self.assertEqual(b"".join(chunks), renderLog(index, 1, 1, 0.0))
+        self.assertEqual(chunks[0].count(b"\n"), HEADER_LINES)
+        self.assertEqual([c.count(b"\n") for c in chunks[1:-1]], [4] * (len(chunks) - 2))
+        self.assertLessEqual(chunks[-1].count(b"\n"), 4)
+
+    def test_batchedAtomicWrite(self) -> None:
+        """
+        L{writeLog} writes in batches to a temporary file beside the log,
+        never opens the log itself for writing, fsyncs the file and the
+        directory, renames over the log (a reader before that sees the old
+        content whole) and leaves no temporary file.
+        """
+        self.patch(indexModule, "LINES_PER_WRITE", 5)
+        self.path.setContent(b"old\n")
+        opened, writes, synced, seen = [], [], [], []
+        paths = {}
+        realOpen, realWrite, realReplace, realFsync = os.open, os.write, os.replace, os.fsync
+
+        def recordingOpen(path, flags, *args):
+            if flags & (os.O_WRONLY | os.O_RDWR):
+                opened.append(path)
+            fd = realOpen(path, flags, *args)
+            paths[fd] = path
+            return fd
+
+        def recordingWrite(fd, data):
+            writes.append(len(data))
+            return realWrite(fd, data)
+
+        def recordingFsync(fd):
+            synced.append(paths[fd])
+            return realFsync(fd)
+
+        def checkingReplace(src, dst):
+            seen.append(FilePath(dst).getContent())
+            return realReplace(src, dst)
+
+        for module in (indexModule.os, atomic.os):
+            self.patch(module, "open", recordingOpen)
+            self.patch(module, "write", recordingWrite)
+            self.patch(module, "fsync", recordingFsync)
+            self.patch(module, "replace", checkingReplace)
+        index = indexOf(buildModel())
+        writeLog(self.path, index.snapshot(), 1, 1, 0.0)
+        self.assertEqual(self.path.getContent(), renderLog(index, 1, 1, 0.0))
+        self.assertEqual(opened, [self.path.sibling(".peer_files.log.tmp").path])
+        self.assertEqual(len(writes), 1 + -(-index.fileCount() // 5))
+        self.assertEqual(synced, opened + [self.path.parent().path])
+        self.assertEqual(seen, [b"old\n"])
+        self.assertEqual(self.path.parent().listdir(), ["peer_files.log"])
+
+    def test_failureKeepsOldLog(self) -> None:
+        """
+        A write that fails (a full disk) raises, leaves the old log as it
+        was and removes the temporary file.
+        """
+        self.path.setContent(b"old\n")
+
+        def full(fd, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(indexModule.os, "write", full)
+        index = indexOf(buildModel())
+        self.assertRaises(OSError, writeLog, self.path, index.snapshot(), 1, 1, 0.0)
+        self.assertEqual(self.path.getContent(), b"old\n")
+        self.assertEqual(self.path.parent().listdir(), ["peer_files.log"])
+
+
+class ListingTests(SynchronousTestCase):
+    """
+    Tests for L{listingOf} and L{listingChunks}.
+    """
+
+    def test_snapshotListing(self) -> None:
+        """
+        The listing of a snapshot is the index's listing when it was taken;
+        the size of a row is the lowest holder's.
+        """
+        index = ClusterIndex()
+        index.replaceNode(3, "h:3", [entry("x", "b", 5), entry("y")])
+        index.replaceNode(1, "h:1", [entry("x", "b", 6)])
+        snapshot = index.snapshot()
+        expected = [
+            {"name": "x", "size": 6, "sha256": sha("b"), "holders": [1, 3]},
+            {"name": "y", "size": 10, "sha256": sha("a"), "holders": [3]},
+        ]
+        index.removeNode(1)
+        self.assertEqual(listingOf(snapshot), expected)
+        self.assertEqual(index.listing(), [dict(expected[0], size=5, holders=[3]), expected[1]])
+
+    def test_chunks(self) -> None:
+        """
+        L{listingChunks} splits the listing into lists of at most the asked
+        size, in order; an empty index gives none.
+        """
+        index = indexOf(buildModel())
+        rows = listingOf(index)
+        chunks = list(listingChunks(index, 3))
+        self.assertEqual([row for chunk in chunks for row in chunk], rows)
+        self.assertEqual([len(c) for c in chunks[:-1]], [3] * (len(chunks) - 1))
+        self.assertEqual(list(listingChunks(ClusterIndex(), 3)), [])
+
+
+class LogWriterIntervalTests(SynchronousTestCase):
+    """
+    Tests for L{LogWriter} with streamed content: large logs are rewritten
+    less often.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        directory = FilePath(self.mktemp())
+        directory.makedirs()
+        self.path = directory.child("peer_files.log")
+        self.index = ClusterIndex()
+        self.index.replaceNode(1, "h:1", [entry("a")])
+        self.pending: list = []
+
+    def content(self, entries=None) -> LogContent:
+        content = LogContent(self.index.snapshot(), 1, 2, self.clock.seconds())
+        if entries is not None:
+            # Stand in for a large index without building one.
+            content.entries = entries
+        return content
+
+    def test_rewriteInterval(self) -> None:
+        """
+        The interval is C{minInterval} for small logs, grows by a second
+        per 200,000 lines and stops at 2 seconds.
+        """
+        self.assertEqual(
+            [rewriteInterval(n, 0.25) for n in (0, 50_000, 100_000, 300_000, 400_000, 10**7)],
+            [0.25, 0.25, 0.5, 1.5, 2.0, 2.0],
+        )
+        self.assertEqual(rewriteInterval(10**7, 3.0), 3.0)
+
+    def test_streamed(self) -> None:
+        """
+        A render that returns a L{LogContent} has the log streamed by
+        L{writeLog} in the writer's thread: the file is what L{renderLog}
+        gives for the snapshot, with its header.
+        """
+        calls = []
+
+        def runInThread(f, *args):
+            calls.append(f)
+            return syncThread(f, *args)
+
+        writer = LogWriter(self.path, self.clock, runInThread)
+        content = self.content()
+        writer.changed(lambda: content)
+        self.clock.advance(0.25)
+        self.assertEqual(len(calls), 1)
+        self.assertEqual(self.path.getContent(), renderLog(content.snapshot, 1, 2, 0.0))
+        self.assertEqual(content.entries, 1)
+
+    def test_largeLogSpaced(self) -> None:
+        """
+        After writing a log of 400,000 lines, the next write starts 2 s
+        after the last one started, however soon the change came.
+        """
+        writer = LogWriter(self.path, self.clock, syncThread)
+        writer.changed(lambda: self.content(400_000))
+        self.clock.advance(0.25)
+        self.assertEqual(writer.writes, 1)
+        self.clock.advance(0.25)
+        writer.changed(lambda: self.content(400_000))
+        self.clock.advance(1.5)
+        self.assertEqual(writer.writes, 1)
+        self.clock.advance(0.25)
+        self.assertEqual(writer.writes, 2)
+
+    def test_restsAfterSlowWrite(self) -> None:
+        """
+        A large log whose write took 1.5 s is not written again until 1.5 s
+        after that write ended, although its interval (2 s from the start)
+        had passed 0.5 s after it ended.
+        """
+
+        def runInThread(f, *args):
+            d = defer.Deferred()
+            self.pending.append((d, f, args))
+            return d
+
+        writer = LogWriter(self.path, self.clock, runInThread)
+        writer.changed(lambda: self.content(400_000))
+        self.clock.advance(0.25)
+        writer.changed(lambda: self.content(400_000))
+        self.clock.advance(1.5)
+        d, f, args = self.pending.pop()
+        d.callback(f(*args))
+        self.clock.advance(1.25)
+        self.assertEqual(self.pending, [])
+        self.clock.advance(0.25)
+        self.assertEqual(len(self.pending), 1)
+
+    def test_smallLogFollowsAtOnce(self) -> None:
+        """
+        A small log keeps the plain coalescing delay: a change right after
+        a write is written C{minInterval} later.
+        """
+        writer = LogWriter(self.path, self.clock, syncThread)
+        writer.changed(self.content)
+        self.clock.advance(0.25)
+        writer.changed(self.content)
+        self.clock.advance(0.25)
+        self.assertEqual(writer.writes, 2)

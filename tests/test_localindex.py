@@ -8,7 +8,8 @@ synchronously, so that every scan is deterministic and no real time passes.
 import hashlib
 import json
 import os
-from typing import Any, Callable, List, Tuple
+from collections.abc import Mapping
+from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
@@ -16,7 +17,9 @@ from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from p2pfiles.localindex import HASH_TRIES, IndexStopped, LocalIndex, hashFile
+from p2pfiles import sharescan
+from p2pfiles.localindex import MAX_TOMBSTONES, Changes, IndexStopped, LocalIndex, hashOpened
+from p2pfiles.sharescan import HASH_TRIES
 from p2pfiles.wire import FileEntry
 
 
@@ -71,13 +74,13 @@ class CountingHasher:
         self.failFor: set = set()
         self.beforeHash: Callable[[str], None] = lambda path: None
 
-    def __call__(self, path: str) -> Tuple[str, int]:
+    def __call__(self, path: str, size: int) -> Tuple[str, int, os.stat_result]:
         name = os.path.basename(path)
         self.calls.append(name)
         if name in self.failFor:
             raise PermissionError(13, "Permission denied", path)
         self.beforeHash(path)
-        return hashFile(path)
+        return hashOpened(path, size)
 
 
 def sha(data: bytes) -> str:
@@ -301,17 +304,29 @@ class ListingTests(LocalIndexTestsMixin, SynchronousTestCase):
         self.failureResultOf(index.rescan(), IndexStopped)
         self.successResultOf(index.stop())
 
-    def test_hashFileInChunks(self) -> None:
+    def test_fileReplacedBySymlinkNotFollowed(self) -> None:
         """
-        L{hashFile} returns the SHA-256 and length of a file longer than its
-        chunk size.
+        A file that becomes a symlink to something outside the share while
+        the scan looks at it is not read through the link: it is left out,
+        and the next scan refuses the link with a warning.
         """
-        path = FilePath(self.mktemp())
-        data = bytes(range(256)) * 5
-        path.setContent(data)
-        self.assertEqual(hashFile(path.path, chunk=7), (sha(data), len(data)))
-        self.assertEqual(hashFile(path.path), (sha(data), len(data)))
+        outside = FilePath(self.mktemp())
+        outside.setContent(b"secret")
+        self.write("a", b"plain")
 
+        def swap(path: str) -> None:
+            self.hasher.beforeHash = lambda path: None
+            os.unlink(path)
+            os.symlink(outside.path, path)
+
+        self.hasher.beforeHash = swap
+        index = self.startIndex()
+        self.assertEqual(index.entries, {})
+        self.assertEqual(self.messages(), [])
+        self.successResultOf(index.rescan())
+        self.assertEqual(index.entries, {})
+        [message] = self.messages()
+        self.assertIn("symlink", message)
 
 class HashCacheTests(LocalIndexTestsMixin, SynchronousTestCase):
     """
@@ -426,21 +441,86 @@ class HashCacheTests(LocalIndexTestsMixin, SynchronousTestCase):
         started = index.start()
         threads.runNext()  # the first scan
         self.successResultOf(started)
-        self.assertEqual(threads.names(), ["_writeCache"])
+        self.assertEqual(threads.names(), ["writeCache"])
         for data in [b"1", b"22", b"333"]:
             self.write("f", data)
             d = index.rescan()
-            threads.run("_scanBlocking")  # the first write is still pending
+            threads.run("scan")  # the first write is still pending
             self.successResultOf(d)
-        self.assertEqual(threads.names(), ["_writeCache"])
+        self.assertEqual(threads.names(), ["writeCache"])
         stopped = index.stop()
         threads.runNext()
         self.assertNoResult(stopped)
-        self.assertEqual(threads.names(), ["_writeCache"])
+        self.assertEqual(threads.names(), ["writeCache"])
         threads.runNext()
         self.successResultOf(stopped)
         cache = json.loads(self.state.child("hashcache.json").getContent())
         self.assertEqual(cache["files"]["f"]["size"], 3)
+
+
+    def test_cacheWrittenInLines(self) -> None:
+        """
+        The cache is plain JSON written a few names to a line, so that it is
+        written and read in short steps; a restart reads it without hashing.
+        """
+        self.patch(sharescan, "STEP", 2)
+        for name in "abcde":
+            self.write(name, name.encode())
+        index = self.startIndex()
+        lines = self.state.child("hashcache.json").getContent().split(b"\n")
+        self.assertEqual(lines[0], b'{"files": {')
+        self.assertEqual(lines[-2:], [b'}, "version": 1}', b""])
+        self.assertEqual(len(lines), 6)  # 3 lines of names
+        cache = json.loads(self.state.child("hashcache.json").getContent())
+        self.assertEqual(list(cache["files"]), list("abcde"))
+        self.assertEqual(cache["files"]["e"]["sha256"], sha(b"e"))
+        self.restart(index)
+        self.assertEqual(self.hasher.calls, [])
+
+    def test_otherLayoutRead(self) -> None:
+        """
+        A valid cache laid out otherwise (as one line, as earlier versions
+        wrote it) is read whole, used without hashing, and written again in
+        lines.
+        """
+        self.write("a", b"abc")
+        self.write("b", b"def")
+        index = self.startIndex()
+        self.successResultOf(index.stop())
+        cacheFile = self.state.child("hashcache.json")
+        files = json.loads(cacheFile.getContent())["files"]
+        cacheFile.setContent(json.dumps({"version": 1, "files": files}, sort_keys=True).encode())
+        self.hasher.calls = []
+        index = self.startIndex()
+        self.assertEqual(self.hasher.calls, [])
+        self.assertEqual(self.messages(), [])
+        self.assertEqual(cacheFile.getContent().split(b"\n")[0], b'{"files": {')
+        self.assertEqual(json.loads(cacheFile.getContent())["files"], files)
+
+    def test_unchangedCacheNotWritten(self) -> None:
+        """
+        A scan that hashed nothing and lost no name does not write the cache
+        again, nor does a restart that found it as written.
+        """
+        threads = ManualThreads()
+        self.write("a", b"abc")
+        index = self.makeIndex(runInThread=threads)
+        started = index.start()
+        threads.runAll()
+        self.successResultOf(started)
+        d = index.rescan()
+        threads.runAll()
+        self.successResultOf(d)
+        self.assertEqual(threads.calls, [])
+        stopped = index.stop()
+        self.successResultOf(stopped)
+        index = self.makeIndex(runInThread=threads)
+        started = index.start()
+        self.assertEqual(threads.names(), ["scan"])
+        threads.runNext()
+        self.successResultOf(started)
+        self.assertEqual(threads.calls, [])
+        self.successResultOf(index.stop())
 
 
 class ChangingFileTests(LocalIndexTestsMixin, SynchronousTestCase):
@@ -581,14 +661,14 @@ class WatchingTests(LocalIndexTestsMixin, SynchronousTestCase):
             index._changed()  # what an inotify event or a poll calls
         self.assertEqual(len(self.clock.getDelayedCalls()), 2)  # poll + scan
         self.clock.advance(0.1)
-        self.assertEqual(threads.names(), ["_scanBlocking"])
+        self.assertEqual(threads.names(), ["scan"])
         for i in range(50):
             index._changed()
         self.clock.advance(0.5)
-        self.assertEqual(threads.names(), ["_scanBlocking"])
+        self.assertEqual(threads.names(), ["scan"])
         threads.runNext()
         self.clock.advance(0.1)
-        self.assertEqual(threads.names(), ["_scanBlocking"])
+        self.assertEqual(threads.names(), ["scan"])
         threads.runNext()
         self.clock.advance(0.1)
         self.assertEqual(threads.calls, [])
@@ -605,7 +685,7 @@ class WatchingTests(LocalIndexTestsMixin, SynchronousTestCase):
         self.successResultOf(started)
         self.addCleanup(self.stopIndex, index)
         first = index.rescan()
-        self.assertEqual(threads.names(), ["_scanBlocking"])
+        self.assertEqual(threads.names(), ["scan"])
         second = index.rescan()
         threads.runNext()
         self.successResultOf(first)
@@ -635,6 +715,356 @@ class WatchingTests(LocalIndexTestsMixin, SynchronousTestCase):
         self.failureResultOf(waiting, IndexStopped)
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.failureResultOf(index.rescan(), IndexStopped)
+
+
+class CountingMapping(Mapping):
+    """
+    A read-only mapping that counts how often it is walked through (by
+    iteration, a view, a comparison or a copy): to show that a piece of code
+    does no work in proportion to its size.
+    """
+
+    def __init__(self, data: Dict[Any, Any]) -> None:
+        self._data = data
+        self.walks = 0
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._data[key]
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __iter__(self) -> Iterator[Any]:
+        self.walks += 1
+        return iter(self._data)
+
+
+class NumberedChangesTests(LocalIndexTestsMixin, SynchronousTestCase):
+    """
+    The index numbers its changes (an incarnation and a seq) and answers
+    "everything since N" with what changed after N.
+    """
+
+    def changes(self, index: LocalIndex, since: int, incarnation: Any = "mine") -> Changes:
+        if incarnation == "mine":
+            incarnation = index.incarnation
+        return self.successResultOf(index.changesSince(incarnation, since))
+
+    def entry(self, index: LocalIndex, name: str) -> FileEntry:
+        return index.entries[name]
+
+    def test_incarnation(self) -> None:
+        """
+        Each index has an incarnation of 16 hex digits of its own, which its
+        scans do not change.
+        """
+        a = self.makeIndex()
+        b = self.makeIndex()
+        self.assertRegex(a.incarnation, "^[0-9a-f]{16}$")
+        self.assertNotEqual(a.incarnation, b.incarnation)
+        before = a.incarnation
+        self.successResultOf(a.start())
+        self.addCleanup(self.stopIndex, a)
+        self.write("f", b"1")
+        self.successResultOf(a.rescan())
+        self.assertEqual(a.incarnation, before)
+
+    def test_seqAfterFirstScan(self) -> None:
+        """
+        C{seq} is 0 before the first scan, and 1 after a first scan that
+        found files.
+        """
+        self.write("a", b"1")
+        index = self.makeIndex()
+        self.assertEqual(index.seq, 0)
+        self.successResultOf(index.start())
+        self.addCleanup(self.stopIndex, index)
+        self.assertEqual(index.seq, 1)
+        self.assertEqual(index.floor, 0)
+
+    def test_emptyShareSeqZero(self) -> None:
+        """
+        A first scan that finds no file leaves C{seq} at 0; the first file
+        found makes it 1.
+        """
+        index = self.startIndex()
+        self.assertEqual(index.seq, 0)
+        self.successResultOf(index.rescan())
+        self.assertEqual(index.seq, 0)
+        self.write("a", b"1")
+        self.successResultOf(index.rescan())
+        self.assertEqual(index.seq, 1)
+
+    def test_seqCountsScansThatChange(self) -> None:
+        """
+        C{seq} goes up by one for each scan that changed something, however
+        many files it changed, and not for a scan that changed nothing;
+        subscribers see the seq of the change they are told about.
+        """
+        self.write("a", b"1")
+        index = self.startIndex()
+        seen: List[int] = []
+        index.subscribe(lambda changed, removed: seen.append(index.seq))
+        self.successResultOf(index.rescan())
+        self.poll(index)
+        self.assertEqual(index.seq, 1)
+        self.write("b", b"2")
+        self.write("c", b"3")
+        self.share.child("a").remove()
+        self.successResultOf(index.rescan())
+        self.assertEqual(index.seq, 2)
+        self.write("b", b"22")
+        self.poll(index)
+        self.assertEqual(index.seq, 3)
+        self.assertEqual(seen, [2, 3])
+
+    def test_deltaAddedAndChanged(self) -> None:
+        """
+        A delta holds the entries added or changed after the asked seq, in
+        name order, and nothing else.
+        """
+        self.write("b", b"1")
+        self.write("a", b"2")
+        index = self.startIndex()  # seq 1
+        self.write("c", b"3")
+        self.successResultOf(index.rescan())  # seq 2
+        self.write("a", b"22")
+        self.successResultOf(index.rescan())  # seq 3
+        a, c = self.entry(index, "a"), self.entry(index, "c")
+        self.assertEqual(self.changes(index, 1), Changes(index.incarnation, 3, False, [a, c], []))
+        self.assertEqual(self.changes(index, 2), Changes(index.incarnation, 3, False, [a], []))
+        self.assertEqual(self.changes(index, 3), Changes(index.incarnation, 3, False, [], []))
+
+    def test_deltaRemoved(self) -> None:
+        """
+        A name removed after the asked seq is in the delta's removals, in
+        name order; one removed before it is not.
+        """
+        for name in "abcd":
+            self.write(name, name.encode())
+        index = self.startIndex()  # seq 1
+        self.share.child("d").remove()
+        self.successResultOf(index.rescan())  # seq 2
+        self.share.child("c").remove()
+        self.share.child("a").remove()
+        self.successResultOf(index.rescan())  # seq 3
+        self.assertEqual(self.changes(index, 1), Changes(index.incarnation, 3, False, [], ["a", "c", "d"]))
+        self.assertEqual(self.changes(index, 2), Changes(index.incarnation, 3, False, [], ["a", "c"]))
+
+    def test_deltaReAdded(self) -> None:
+        """
+        A name removed and then shared again is a changed entry, not a
+        removal, for every asker that saw it before it came back.
+        """
+        self.write("a", b"1")
+        self.write("b", b"2")
+        index = self.startIndex()  # seq 1
+        self.share.child("a").remove()
+        self.successResultOf(index.rescan())  # seq 2
+        self.write("a", b"again")
+        self.successResultOf(index.rescan())  # seq 3
+        a = self.entry(index, "a")
+        self.assertEqual(a.sha256, sha(b"again"))
+        self.assertEqual(self.changes(index, 1), Changes(index.incarnation, 3, False, [a], []))
+        self.assertEqual(self.changes(index, 2), Changes(index.incarnation, 3, False, [a], []))
+        self.assertEqual(self.changes(index, 3).removed, [])
+
+    def test_deltaChangedTwice(self) -> None:
+        """
+        An entry changed twice after the asked seq is in the delta once, as
+        it is now.
+        """
+        self.write("a", b"1")
+        self.write("b", b"2")
+        index = self.startIndex()  # seq 1
+        self.write("a", b"11")
+        self.successResultOf(index.rescan())  # seq 2
+        self.write("a", b"111")
+        self.successResultOf(index.rescan())  # seq 3
+        a = self.entry(index, "a")
+        self.assertEqual(a.sha256, sha(b"111"))
+        self.assertEqual(self.changes(index, 1), Changes(index.incarnation, 3, False, [a], []))
+        self.assertEqual(self.changes(index, 2), Changes(index.incarnation, 3, False, [a], []))
+
+    def test_fullAnswers(self) -> None:
+        """
+        The whole share, in name order and without removals, is the answer
+        to an asker of another incarnation (or none), one asking from 0, and
+        one asking from past the current seq.
+        """
+        for name in ["b", "Z", "\u00e9t\u00e9", "a", "z"]:
+            self.write(name, name.encode("utf-8"))
+        index = self.startIndex()
+        self.share.child("z").remove()
+        self.successResultOf(index.rescan())  # seq 2, a removal
+        everything = [index.entries[name] for name in sorted(index.entries)]
+        self.assertEqual([e.name for e in everything], ["Z", "a", "b", "\u00e9t\u00e9"])
+        full = Changes(index.incarnation, 2, True, everything, [])
+        for incarnation, since in [
+            ("0123456789abcdef", 1), (None, 1), (index.incarnation, 0), (index.incarnation, 3),
+        ]:
+            self.assertEqual(self.changes(index, since, incarnation), full, (incarnation, since))
+        self.assertFalse(self.changes(index, 1).full)
+
+    def test_beforeStart(self) -> None:
+        """
+        Before its first scan the index answers with an empty full list at
+        seq 0.
+        """
+        index = self.makeIndex()
+        self.assertEqual(self.changes(index, 0), Changes(index.incarnation, 0, True, [], []))
+
+    def test_tombstonesCapped(self) -> None:
+        """
+        At most C{maxTombstones} removals are remembered, the oldest dropped
+        first; C{floor} becomes the seq of the newest dropped, and an asker
+        from before it gets the full list.
+        """
+        for name in "abcdef":
+            self.write(name, name.encode())
+        index = self.startIndex(maxTombstones=2)  # seq 1
+        for name in "abc":
+            self.share.child(name).remove()
+            self.successResultOf(index.rescan())
+        # seq 4; "a" (removed at seq 2) was dropped.
+        self.assertEqual((index.seq, index.floor), (4, 2))
+        self.assertTrue(self.changes(index, 1).full)
+        self.assertEqual(self.changes(index, 2), Changes(index.incarnation, 4, False, [], ["b", "c"]))
+        self.assertEqual(self.changes(index, 3).removed, ["c"])
+        self.share.child("d").remove()
+        self.share.child("e").remove()
+        self.successResultOf(index.rescan())
+        # seq 5; "b" (seq 3) and "c" (seq 4) were dropped.
+        self.assertEqual((index.seq, index.floor), (5, 4))
+        self.assertTrue(self.changes(index, 3).full)
+        self.assertEqual(self.changes(index, 4), Changes(index.incarnation, 5, False, [], ["d", "e"]))
+
+    def test_tombstonesCappedWithinOneScan(self) -> None:
+        """
+        When one scan removes more names than can be remembered, asking from
+        before that scan gets the full list, and asking from it the delta.
+        """
+        for name in "abcd":
+            self.write(name, name.encode())
+        index = self.startIndex(maxTombstones=2)
+        for name in "abc":
+            self.share.child(name).remove()
+        self.successResultOf(index.rescan())  # seq 2
+        self.assertEqual(index.floor, 2)
+        self.assertTrue(self.changes(index, 1).full)
+        self.assertEqual(self.changes(index, 2), Changes(index.incarnation, 2, False, [], []))
+
+    def test_defaultTombstoneCap(self) -> None:
+        """
+        By default the index remembers L{MAX_TOMBSTONES} removals, as many as
+        the files a node is expected to share.
+        """
+        self.assertEqual(MAX_TOMBSTONES, 100_000)
+        index = self.makeIndex()
+        self.assertEqual(index._scanner.maxTombstones, MAX_TOMBSTONES)
+
+    def test_answerInThread(self) -> None:
+        """
+        The answer is computed by thread work, from the state at the time of
+        the question: a scan applied meanwhile does not change it.
+        """
+        threads = ManualThreads()
+        self.write("a", b"1")
+        index = self.makeIndex(runInThread=threads)
+        started = index.start()
+        threads.runAll()
+        self.successResultOf(started)
+        a = index.entries["a"]
+        asked = index.changesSince(index.incarnation, 0)
+        self.assertNoResult(asked)
+        self.assertEqual(threads.names(), ["changes"])
+        self.write("b", b"2")
+        self.share.child("a").remove()
+        scanned = index.rescan()
+        threads.run("scan")
+        self.successResultOf(scanned)
+        self.assertEqual(index.seq, 2)
+        threads.run("changes")
+        self.assertEqual(self.successResultOf(asked), Changes(index.incarnation, 1, True, [a], []))
+        stopped = index.stop()
+        threads.runAll()
+        self.successResultOf(stopped)
+
+    def test_snapshotsNotMutated(self) -> None:
+        """
+        The maps a scan hands out (C{entries}, and the state a question is
+        answered from) are never changed by later scans: those build new ones.
+        """
+        for name in "abc":
+            self.write(name, name.encode())
+        index = self.startIndex(maxTombstones=1)
+        self.share.child("c").remove()
+        self.successResultOf(index.rescan())
+        held = index.entries
+        state = index._state
+        copies = [dict(m) for m in (state.entries, state.seqs, state.tombstones, state.cache)]
+        answer = self.changes(index, 0)
+        answerCopy = list(answer.entries)
+        self.write("a", b"changed")
+        self.share.child("b").remove()
+        self.write("c", b"back")
+        self.write("d", b"new")
+        self.successResultOf(index.rescan())
+        self.share.child("d").remove()
+        self.successResultOf(index.rescan())
+        self.assertIsNot(index.entries, held)
+        self.assertEqual(
+            [dict(m) for m in (state.entries, state.seqs, state.tombstones, state.cache)], copies
+        )
+        self.assertIs(held, state.entries)
+        self.assertEqual(answer.entries, answerCopy)
+
+    def test_applyScanWalksNoMap(self) -> None:
+        """
+        Applying a scan on the reactor walks none of the maps of the old or
+        the new state (entries, seqs, tombstones, hash cache, problems): the
+        scan thread worked out what changed, and subscribers get its lists.
+        """
+        threads = ManualThreads()
+        for k in range(20):
+            self.write(f"f{k:02d}", b"%d" % (k,))
+        self.write("back\\slash", b"refused")
+        index = self.makeIndex(runInThread=threads)
+        started = index.start()
+        threads.runAll()
+        self.successResultOf(started)
+        seen: List[Any] = []
+        index.subscribe(lambda changed, removed: seen.append((changed, removed)))
+        self.write("f00", b"changed")
+        self.share.child("f01").remove()
+        self.write("new", b"new")
+        self.write("tab\there", b"fine")
+        scanned = index.rescan()
+
+        def guard(state: Any) -> Any:
+            return state._replace(**{
+                field: CountingMapping(getattr(state, field))
+                for field in ("entries", "seqs", "tombstones", "cache", "reported")
+            })
+
+        f, args, d = threads.calls.pop(0)
+        self.assertEqual(f.__name__, "scan")
+        result = f(*args)
+        index._state = old = guard(index._state)
+        new = guard(result.state)
+        d.callback(result._replace(state=new))
+        self.successResultOf(scanned)
+        maps = [getattr(s, field) for s in (old, new) for field in ("entries", "seqs", "tombstones", "cache", "reported")]
+        self.assertEqual([m.walks for m in maps], [0] * len(maps))
+        [(changed, removed)] = seen
+        self.assertIs(changed, result.changed)
+        self.assertIs(removed, result.removed)
+        self.assertEqual([e.name for e in changed], ["f00", "new", "tab\there"])
+        self.assertEqual(removed, ["f01"])
+        self.assertEqual(index.seq, 2)
+        stopped = index.stop()
+        threads.runAll()
+        self.successResultOf(stopped)
 
 
 class RealReactorTests(TestCase):

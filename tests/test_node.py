@@ -31,7 +31,7 @@ from p2pfiles.membership import Membership, PeerLink
 from p2pfiles.session import RequestSession
 from p2pfiles.status import StatusBoard
 from p2pfiles.protocol import IConnectionHandler, LocalIdentity, P2PFactory, P2PProtocol
-from p2pfiles.wire import SCHEMAS, Message
+from p2pfiles.wire import SCHEMAS, FileEntry, Message
 from p2pfiles.tls import TLS
 from tests.channels import PLAIN, PLAIN_FINGERPRINT, certificate, plainIdentity
 from tests.frames import frame, hello, parseFrames, proofFor, rawFrame
@@ -75,9 +75,11 @@ class RecordingHandler:
         self.messages: List[Message] = []
         self.ready = 0
         self.closed = 0
+        self.connection: Optional[P2PProtocol] = None
 
     def connectionReady(self, connection: P2PProtocol) -> None:
         self.ready += 1
+        self.connection = connection
 
     def messageReceived(self, connection: P2PProtocol, message: Message) -> None:
         self.messages.append(message)
@@ -319,7 +321,8 @@ class StatusTests(SynchronousTestCase):
     def test_beforeStart(self) -> None:
         """
         Before it starts a node is a candidate in epoch 0 with no leader,
-        and lists itself, alive.
+        and lists itself, alive; it names its coordinator (the built-in
+        election) and no timer has run late yet.
         """
         harness = Harness(self, node=1)
         self.assertEqual(
@@ -334,6 +337,8 @@ class StatusTests(SynchronousTestCase):
                 "members": [{"id": 1, "address": "127.0.0.1:9001", "alive": True}],
                 "version": __version__,
                 "fingerprint": PLAIN_FINGERPRINT,
+                "coordinator": "builtin",
+                "max_timer_delay": 0.0,
                 "refused": [],
             },
         )
@@ -480,22 +485,67 @@ class MembershipTests(SynchronousTestCase):
         self.assertIn("member 2 link down (127.0.0.1:9002)", harness.lines())
         self.assertFalse(harness.node.coordinator.election.isLive(2))
 
-    def test_leaderRegathersAfterLosingOneLink(self) -> None:
+    def test_keeperAsksAgainAfterLosingOneLink(self) -> None:
         """
-        When one of a member's two links closes, the leader asks it for its
-        whole index again: an unacknowledged update may have been lost with
-        that link.
+        When one of a member's links closes, the leader asks that member
+        what changed since the change it holds, on a request connection of
+        its own: a C{index-changed} notice may have been lost with the link.
+        The first question asks for everything (no incarnation held); the
+        one after the loss names the incarnation and change number of the
+        answer the leader holds.  The member stays live and its files stay
+        in the index meanwhile.
         """
         harness = Harness(self, node=1).start()
+        far: List[RecordingHandler] = []
+        harness.reactor.listenTCP(
+            9002,
+            P2PFactory(
+                nodeIdentity(2), lambda: far.append(RecordingHandler()) or far[-1], harness.reactor, True, perConnection=True
+            ),
+        )
+
+        def completeAll() -> None:
+            for _ in range(10):
+                if not harness.reactor.tcpClients:
+                    return
+                harness.complete()
+            self.fail("connections kept being opened")
+
+        def asked() -> List[Tuple[RecordingHandler, Message]]:
+            return [(h, m) for h in far for m in h.of("index-since")]
+
         first, second = harness.peer(2), harness.peer(2)
         first.send(heartbeat(2, 1, 1))
         harness.advance(HEARTBEAT)
-        requests = len(first.handler.of("index-request")) + len(second.handler.of("index-request"))
-        self.assertEqual(requests, 1)
+        completeAll()
+        [(upstream, question)] = asked()
+        self.assertEqual((question.incarnation, question.since), (None, 0))
+        self.assertNotIn(upstream, [h for h in far if h.of("heartbeat")])
+        entry = FileEntry("a.txt", 3, 1.5, "ab" * 32)
+        upstream.connection.sendMessage(
+            Message("index-delta", incarnation="00ff00ff00ff00ff", seq=5, full=True, entries=[entry], removed=[], last=True)
+        )
+        harness.flush()
+        self.assertFalse(harness.node.keeper.isGathering(2))
+        self.assertEqual(harness.node.keeper.index.listing()[0]["name"], "a.txt")
+        self.assertEqual(upstream.closed, 1)
+
         first.close()
         harness.flush()
-        self.assertEqual(len(second.handler.of("index-request")) + len(first.handler.of("index-request")), 2)
         self.assertTrue(harness.node.keeper.isGathering(2))
+        completeAll()
+        [_, (upstream, question)] = asked()
+        self.assertEqual((question.incarnation, question.since), ("00ff00ff00ff00ff", 5))
+        self.assertTrue(harness.node.coordinator.isLive(2))
+        self.assertEqual(harness.node.keeper.index.listing()[0]["name"], "a.txt")
+        upstream.connection.sendMessage(
+            Message("index-delta", incarnation="00ff00ff00ff00ff", seq=5, full=False, entries=[], removed=[], last=True)
+        )
+        harness.flush()
+        self.assertFalse(harness.node.keeper.isGathering(2))
+        self.assertEqual([row["name"] for row in harness.node.keeper.index.listing()], ["a.txt"])
+        harness.advance(HEARTBEAT)
+        self.assertEqual(len(asked()), 2, "nothing changed: no further question")
 
     def test_silenceTakesMemberDown(self) -> None:
         """
@@ -661,22 +711,30 @@ class HeartbeatTests(SynchronousTestCase):
         status = harness.node.status()
         self.assertEqual((status["role"], status["leader"], status["epoch"]), ("leader", 1, 6))
 
-    def test_staleIndexUpdateTold(self) -> None:
+    def test_staleIndexNoticeTold(self) -> None:
         """
-        An index update tagged with an older epoch is not applied; its sender
-        is told the current epoch and leader, and the line is logged.
+        An C{index-changed} notice tagged with an older epoch is not acted
+        on (the keeper does not take it as news); its sender is told the
+        current epoch and leader, and the line is logged.  The same notice
+        in the current epoch is taken.
         """
         harness = Harness(self, node=1)
         harness.config.state.makedirs()
         harness.config.state.child("epoch").setContent(b"5\n")
         harness.start()
+        noticed: List[Tuple[int, str, int]] = []
+        self.patch(harness.node.keeper, "noticed", lambda *args: noticed.append(args))
         peer = harness.peer(2)
         peer.send(heartbeat(2, 6, 1))
         harness.advance(HEARTBEAT)
-        peer.send(Message("index-update", epoch=4, entries=[], removed=["x"]))
+        peer.send(Message("index-changed", epoch=4, incarnation="00ff00ff00ff00ff", seq=9))
         (stale,) = peer.handler.of("stale")
         self.assertEqual((stale.epoch, stale.leader), (6, 1))
         self.assertIn("rejected message from 2: stale epoch 4 < 6", harness.lines())
+        self.assertEqual(noticed, [])
+        peer.send(Message("index-changed", epoch=6, incarnation="00ff00ff00ff00ff", seq=9))
+        self.assertEqual(noticed, [(2, "00ff00ff00ff00ff", 9)])
+        self.assertEqual(len(peer.handler.of("stale")), 1)
 
     def test_staleFollowerNotTold(self) -> None:
         """
@@ -1233,6 +1291,11 @@ def garbage(rng: random.Random) -> bytes:
                     Message("get", name=rng.choice(["", ".", "..", "a/b", "x" * 300, "missing"]), offset=rng.choice([0, 5, 2**40]), sha256=rng.choice([None, "0" * 64, "zz"])),
                     Message("lookup", name=rng.choice(["", "a\0b", "missing"])),
                     Message("ls"),
+                    Message("index-since", incarnation=rng.choice([None, "", "x" * 300]), since=rng.choice([0, 7, 2**70])),
+                    Message(
+                        "index-delta", incarnation="x", seq=rng.randrange(0, 3), full=rng.random() < 0.5,
+                        entries=[], removed=["a"], last=rng.random() < 0.5,
+                    ),
                 ]
             )
         )
@@ -1244,9 +1307,14 @@ def garbage(rng: random.Random) -> bytes:
                           rng.choice([[], [(2, address(2))], [(3, "[::1]:9003"), (4, "bad address"), (1, address(7))]])),
                 heartbeat(rng.choice([0, 3]), 1, 1),
                 Message("stale", epoch=rng.randrange(0, 10), leader=rng.choice([None, 0, 2])),
-                Message("index-request", epoch=rng.randrange(0, 10), request=rng.randrange(0, 3)),
-                Message("index-chunk", epoch=rng.randrange(0, 10), request=rng.randrange(0, 3), entries=[], last=rng.random() < 0.5),
-                Message("index-update", epoch=rng.randrange(0, 10), entries=[], removed=["a"]),
+                Message(
+                    "index-changed", epoch=rng.randrange(0, 10), incarnation=rng.choice(["", "x", "0" * 16]),
+                    seq=rng.choice([0, 1, 2**70]),
+                ),
+                Message("index-since", incarnation=None, since=rng.randrange(0, 3)),
+                Message(
+                    "index-delta", incarnation="x", seq=rng.randrange(0, 3), full=True, entries=[], removed=[], last=True
+                ),
             ]
         )
     )

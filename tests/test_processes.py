@@ -85,9 +85,11 @@ class CommandTests(SynchronousTestCase):
 
     def test_statusAndErrors(self):
         """
-        status --json prints the contract fields; a wrong secret, an
-        unreachable node, an unknown file and a traversal name are each one
-        line on stderr with their documented exit codes, and create nothing.
+        status --json prints the contract fields (and the node's own:
+        address, fingerprint, refused links, which coordinator it runs and
+        how late its timers ran); a wrong secret, an unreachable node, an
+        unknown file and a traversal name are each one line on stderr with
+        their documented exit codes, and create nothing.
         """
         secret = FilePath(self.mktemp())
         secret.setContent(b"s3cret\n")
@@ -102,9 +104,16 @@ class CommandTests(SynchronousTestCase):
         got = poll(lambda: (s := status()) and s["leader"] == 1 and s, "leader 1")
         self.assertEqual(
             set(got),
-            {"id", "address", "role", "coordinator", "leader", "epoch", "members", "version", "fingerprint", "refused"},
+            {
+                "id", "address", "role", "leader", "epoch", "members", "version", "fingerprint", "refused",
+                "coordinator", "max_timer_delay",
+            },
         )
         self.assertEqual((got["id"], got["role"], got["coordinator"]), (2, "follower", "builtin"))
+        # How late the node's timers ran in the last minute, in seconds.
+        delay = got["max_timer_delay"]
+        self.assertTrue(isinstance(delay, (int, float)) and not isinstance(delay, bool), delay)
+        self.assertGreaterEqual(delay, 0)
         # The node's own fingerprint is the one `p2pfiles id` reads from its
         # state, and its peer's is the one it saw on their link.
         own = cli("id", "--state", nodes[2].dir.child("state").path)

@@ -22,22 +22,27 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from p2pfiles import auth
 from p2pfiles.errors import P2PError
+from p2pfiles.indexstream import IndexSender
+from p2pfiles.localindex import Changes
 from p2pfiles.protocol import IConnectionHandler, LocalIdentity, P2PProtocol
 from p2pfiles.session import (
     CLOSED,
     FETCHING,
     IDLE,
     RELAYING,
+    SENDING_INDEX,
     SERVING,
     WATCHING,
     IRequestContext,
     RequestSession,
 )
-from p2pfiles.wire import FileEntry, Message, decode
+from p2pfiles.wire import ENTRIES_PER_FRAME, FileEntry, Message, decode
 from tests.channels import PlainSecurity, plainIdentity
 from tests.frames import frame, hello, proofFor
 
 ME = 2
+# This node's incarnation, as its local index would make it.
+INCARNATION = "89abcdef01234567"
 MY_ADDRESS = "127.0.0.1:9002"
 LEADER_ADDRESS = "127.0.0.1:9001"
 # A client presents no certificate.
@@ -149,6 +154,8 @@ class FakeContext:
         self.upstreams: List[Tuple[str, Deferred]] = []
         self.fetches: List[Tuple[str, bool, Deferred]] = []
         self.fetchCancels = 0
+        self.indexAsks: List[Tuple[Optional[str], int, Deferred]] = []
+        self.indexCancels = 0
         self.progressValue = (0, 0)
         self.ended: List[Ended] = []
 
@@ -211,6 +218,14 @@ class FakeContext:
 
         d: Deferred = Deferred(cancelled)
         self.fetches.append((name, overwrite, d))
+        return d
+
+    def indexSince(self, incarnation: Optional[str], since: int) -> Deferred:
+        def cancelled(d: Deferred) -> None:
+            self.indexCancels += 1
+
+        d: Deferred = Deferred(cancelled)
+        self.indexAsks.append((incarnation, since, d))
         return d
 
     def fetchProgress(self, name: str) -> Tuple[int, int]:
@@ -1116,6 +1131,213 @@ class FetchTests(Case):
         self.assertNoTimers()
         self.assertEqual(connection.transport.value(), b"")
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class IndexSinceTests(Case):
+    """
+    C{index-since}: idle -> sending-index -> idle, the answer written as
+    C{index-delta} frames by a pull producer, one frame each time the
+    transport asks for more.
+    """
+
+    # Enough changes for three frames of ENTRIES_PER_FRAME items.
+    CHANGED = [FileEntry(f"f{i:04d}", i, 1.5, "ab" * 32) for i in range(ENTRIES_PER_FRAME + 200)]
+    REMOVED = [f"gone{i:04d}" for i in range(ENTRIES_PER_FRAME)]
+
+    def changes(self) -> Changes:
+        return Changes(INCARNATION, 42, False, list(self.CHANGED), list(self.REMOVED))
+
+    def ask(self, connection: Connection, incarnation: Optional[str] = "0011223344556677", since: int = 7) -> Deferred:
+        """
+        Send C{index-since} and return the Deferred the context was asked
+        for.
+        """
+        connection.send(Message("index-since", incarnation=incarnation, since=since))
+        asked, since_, d = self.context.indexAsks[-1]
+        self.assertEqual((asked, since_), (incarnation, since))
+        return d
+
+    def test_framesOnePerPull(self) -> None:
+        """
+        C{index-since} asks the context for the changes since the given
+        change of the given incarnation, and is I{sending-index}
+        meanwhile.  The answer goes as C{index-delta} frames through a pull
+        producer registered on the transport: nothing is written until the
+        transport pulls, each pull writes exactly one frame, only the last
+        is marked, every frame carries the answer's incarnation, change
+        number and fullness, and together they hold every change, then
+        every removal, in order.  Then the producer is unregistered and the
+        session is idle and answers the next request.
+        """
+        connection = self.connect()
+        d = self.ask(connection)
+        self.assertEqual(connection.session.state, SENDING_INDEX)
+        self.assertEqual(connection.received(), [])
+        d.callback(self.changes())
+        producer = connection.transport.producer
+        self.assertIsInstance(producer, IndexSender)
+        self.assertFalse(connection.transport.streaming)
+        self.assertEqual(connection.received(), [])
+        frames: List[Message] = []
+        for pull in range(10):
+            producer.resumeProducing()
+            new = connection.received()
+            self.assertEqual([m.type for m in new], ["index-delta"], pull)
+            frames.extend(new)
+            if connection.transport.producer is None:
+                break
+        self.assertEqual([f.last for f in frames], [False, False, True])
+        self.assertEqual({(f.incarnation, f.seq, f.full) for f in frames}, {(INCARNATION, 42, False)})
+        self.assertEqual([e for f in frames for e in f.entries], self.CHANGED)
+        self.assertEqual([r for f in frames for r in f.removed], self.REMOVED)
+        self.assertEqual(connection.session.state, IDLE)
+        producer.resumeProducing()
+        self.assertEqual(connection.received(), [])
+        connection.send(Message("status", watch=False))
+        self.assertEqual([m.type for m in connection.received()], ["state"])
+        self.assertFalse(connection.dropped)
+
+    def test_emptyAnswer(self) -> None:
+        """
+        Nothing changed is still one frame, empty and marked last, so the
+        asker learns the change number it is at.
+        """
+        connection = self.connect()
+        self.ask(connection, None, 0).callback(Changes(INCARNATION, 3, True, [], []))
+        connection.pumpFile()
+        (frame_,) = connection.received()
+        self.assertEqual(
+            (frame_.type, frame_.incarnation, frame_.seq, frame_.full, frame_.entries, frame_.removed, frame_.last),
+            ("index-delta", INCARNATION, 3, True, [], [], True),
+        )
+        self.assertEqual(connection.session.state, IDLE)
+
+    def test_requestsWhileSendingDropWithoutAFrame(self) -> None:
+        """
+        Any request while the answer is being prepared or sent closes the
+        connection without a frame of its own (not even the refusal): the
+        asker reads nothing but C{index-delta} frames, ending with the last
+        one, and the context is not asked anything else.
+        """
+        requests = (
+            Message("status", watch=False),
+            Message("ls"),
+            Message("lookup", name="a.txt"),
+            Message("get", name="a.txt", offset=0, sha256=None),
+            Message("fetch", name="a.txt", overwrite=False),
+            Message("index-since", incarnation=None, since=0),
+        )
+        for sending in (False, True):
+            for request in requests:
+                self.context.share("a.txt", b"abc")
+                connection = self.connect()
+                d = self.ask(connection)
+                if sending:
+                    d.callback(self.changes())
+                    connection.transport.producer.resumeProducing()
+                connection.send(request)
+                self.assertTrue(connection.dropped, (sending, request.type))
+                self.assertEqual(connection.session.state, SENDING_INDEX)
+                if not sending:
+                    d.callback(self.changes())
+                connection.pumpFile()
+                frames = connection.received()
+                self.assertEqual({m.type for m in frames}, {"index-delta"}, (sending, request.type))
+                self.assertTrue(frames[-1].last)
+                self.assertEqual(len(self.context.indexAsks), 1)
+                self.assertEqual((self.context.fetches, self.context.ended), ([], []))
+                connection.close()
+                self.context.indexAsks.clear()
+
+    def test_errorWhileSendingAllowed(self) -> None:
+        """
+        An C{error} from the asker while the answer is on the way is only
+        logged: the frames keep coming.
+        """
+        connection = self.connect()
+        self.ask(connection).callback(self.changes())
+        connection.send(Message("error", code="io", reason="disk full"))
+        self.assertFalse(connection.dropped)
+        connection.pumpFile()
+        self.assertTrue(connection.received()[-1].last)
+
+    def assertStoppedByClose(self, tcpLike: bool) -> None:
+        connection = self.connect()
+        self.ask(connection).callback(self.changes())
+        producer = connection.transport.producer
+        producer.resumeProducing()
+        connection.received()
+        connection.close(tcpLike=tcpLike)
+        self.assertEqual(connection.session.state, CLOSED)
+        self.assertTrue(producer.done.called)
+        self.assertEqual(connection.transport.value(), b"")
+        producer.resumeProducing()
+        self.assertEqual(connection.transport.value(), b"")
+        self.assertEqual(producer.frames, 1)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual([e for e in self.events if "log_failure" in e], [])
+
+    def test_closeWhileSendingStopsTheProducer(self) -> None:
+        """
+        Losing the connection mid-answer stops the producer even where the
+        transport does not (L{StringTransport}, like L{twisted.test.iosim}):
+        the session's own close does.  No frame is written after the close,
+        a later pull writes nothing, and the session is closed with nothing
+        logged.
+        """
+        self.assertStoppedByClose(tcpLike=False)
+
+    def test_transportStopsTheProducer(self) -> None:
+        """
+        The same when the transport stops the producer first, as TCP does
+        when the connection is lost: the C{gone} failure that ends the
+        answer is not turned into a refusal written to the dying
+        connection.
+        """
+        self.assertStoppedByClose(tcpLike=True)
+
+    def test_closeWhileAskingCancels(self) -> None:
+        """
+        Losing the connection before the context has answered cancels the
+        context's Deferred, and nothing is sent.
+        """
+        connection = self.connect()
+        self.ask(connection)
+        connection.close()
+        self.assertEqual(self.context.indexCancels, 1)
+        self.assertEqual(connection.session.state, CLOSED)
+        self.assertEqual(connection.transport.value(), b"")
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_failureRefusedWithItsCode(self) -> None:
+        """
+        An C{indexSince} that fails with a L{P2PError} (now or later) is
+        refused with its code and reason; the session is idle again and
+        usable, with no producer left on the transport.
+        """
+        connection = self.connect()
+        self.ask(connection).errback(P2PError("the node stopped", "unavailable"))
+        (error,) = connection.received()
+        self.assertEqual((error.type, error.code, error.reason), ("error", "unavailable", "the node stopped"))
+        self.assertEqual(connection.session.state, IDLE)
+        self.assertIsNone(connection.transport.producer)
+        self.patch(self.context, "indexSince", lambda incarnation, since: fail(P2PError("cannot scan", "io")))
+        connection.send(Message("index-since", incarnation=None, since=0))
+        self.assertEqual(self.errors(connection.received()), ["io"])
+        self.assertEqual(connection.session.state, IDLE)
+        self.assertFalse(connection.dropped)
+
+    def test_bugIsInternal(self) -> None:
+        """
+        An C{indexSince} that fails with something unexpected is logged and
+        refused as C{internal}.
+        """
+        connection = self.connect()
+        self.ask(connection).errback(ZeroDivisionError("boom"))
+        self.assertEqual(self.errors(connection.received()), ["internal"])
+        (logged,) = [e for e in self.events if "log_failure" in e]
+        self.assertTrue(logged["log_failure"].check(ZeroDivisionError))
+        self.assertEqual(connection.session.state, IDLE)
 
 
 class RequestContextTests(SynchronousTestCase):

@@ -33,6 +33,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from p2pfiles import transfer
 from p2pfiles.client import ClientConnection
 from p2pfiles.errors import P2PError
+from p2pfiles.localindex import Changes
 from p2pfiles.names import partName
 from p2pfiles.node import Node, NodeConfig
 from p2pfiles.partfile import PartialFile, StreamSink, openShared
@@ -1643,6 +1644,11 @@ class FakeRequestContext:
 
     def fetch(self, name: str, overwrite: bool) -> defer.Deferred:
         return defer.Deferred()
+
+    def indexSince(self, incarnation: Optional[str], since: int) -> defer.Deferred:
+        # Always the whole list: these tests move files, not indexes.
+        entries = [self.entries[name] for name in sorted(self.entries)]
+        return defer.succeed(Changes("0123456789abcdef", len(entries), True, entries, []))
 
     def fetchProgress(self, name: str) -> Tuple[int, int]:
         return (0, 0)

@@ -76,6 +76,12 @@ class ClusterWebTests(SynchronousTestCase):
             printed = json.loads(result.stdout)
             served = cluster.getJSON(node, "/api/status")
             self.assertEqual(sorted(served), sorted(printed))
+            # How late the node's timers ran is measured as it runs: two
+            # answers moments apart may differ there, and only there.
+            for status in (served, printed):
+                delay = status.pop("max_timer_delay")
+                self.assertTrue(isinstance(delay, (int, float)) and not isinstance(delay, bool), delay)
+                self.assertGreaterEqual(delay, 0)
             self.assertEqual(served, printed)
             self.assertEqual((served["id"], served["leader"]), (node, 1))
             self.assertEqual(cluster.getJSON(node, "/api/transfers"), [])

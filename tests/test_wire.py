@@ -5,6 +5,9 @@ and the splitting of long lists into frames that fit it.
 
 import json
 import math
+import re
+
+from typing import Iterator, List
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -26,12 +29,15 @@ from p2pfiles.wire import (
     chunked,
     decode,
     encode,
+    iterUpdate,
     splitEntries,
     splitListing,
     splitUpdate,
 )
 
 SHA = "0123456789abcdef" * 4
+# An incarnation as a node's local index makes them: 16 hex digits.
+INCARNATION = "5eed0123456789ab"
 
 # Property tests: enough examples to find edge cases, no deadline (a loaded CI
 # machine must not turn a slow example into a failure), no example database
@@ -57,9 +63,21 @@ def entryDict(**overrides: object) -> dict:
     return value
 
 
-def indexUpdate(*entries: object) -> bytes:
+def indexDelta(*entries: object) -> bytes:
+    """
+    An C{index-delta} frame holding C{entries} (JSON objects, possibly
+    broken) and no removed names.
+    """
     return frame(
-        {"type": "index-update", "epoch": 1, "entries": list(entries), "removed": []}
+        {
+            "type": "index-delta",
+            "incarnation": INCARNATION,
+            "seq": 1,
+            "full": False,
+            "entries": list(entries),
+            "removed": [],
+            "last": True,
+        }
     )
 
 
@@ -73,9 +91,11 @@ EXAMPLES = {
     "error": dict(code="auth", reason="wrong secret"),
     "heartbeat": dict(node=1, epoch=2, leader=1, members=[(1, "h:1"), (2, "h:2")]),
     "stale": dict(epoch=3, leader=None),
-    "index-request": dict(epoch=3, request=9),
-    "index-chunk": dict(epoch=3, request=9, entries=[FileEntry("a", 1, 2.5, SHA)], last=True),
-    "index-update": dict(epoch=3, entries=[FileEntry("b", 0, 0.0, SHA)], removed=["c"]),
+    "index-changed": dict(epoch=3, incarnation=INCARNATION, seq=7),
+    "index-since": dict(incarnation=INCARNATION, since=5),
+    "index-delta": dict(
+        incarnation=INCARNATION, seq=7, full=False, entries=[FileEntry("b", 0, 0.0, SHA)], removed=["c"], last=True
+    ),
     "status": dict(watch=False),
     "state": dict(status={"leader": 1, "members": [1, 2], "epoch": 3}),
     "ls": dict(),
@@ -138,12 +158,15 @@ FIELDS = {
     "error": {"code": texts, "reason": texts},
     "heartbeat": {"node": ids, "epoch": ids, "leader": optionalIds, "members": members},
     "stale": {"epoch": ids, "leader": optionalIds},
-    "index-request": {"epoch": ids, "request": ids},
-    "index-chunk": {"epoch": ids, "request": ids, "entries": entryLists, "last": bools},
-    "index-update": {
-        "epoch": ids,
+    "index-changed": {"epoch": ids, "incarnation": texts, "seq": ids},
+    "index-since": {"incarnation": optionalTexts, "since": ids},
+    "index-delta": {
+        "incarnation": texts,
+        "seq": ids,
+        "full": bools,
         "entries": entryLists,
         "removed": st.lists(texts, max_size=5),
+        "last": bools,
     },
     "status": {"watch": bools},
     "state": {"status": jsonObjects},
@@ -324,7 +347,7 @@ class RoundTripTests(SynchronousTestCase):
         A file entry whose mtime is a JSON integer decodes to a float, so
         entries compare and hash the same whatever form the sender used.
         """
-        (entry,) = decode(indexUpdate(entryDict(mtime=7))).entries
+        (entry,) = decode(indexDelta(entryDict(mtime=7))).entries
         self.assertIsInstance(entry.mtime, float)
         self.assertEqual(entry, FileEntry("a.txt", 3, 7.0, SHA))
 
@@ -378,11 +401,11 @@ class DecodeRobustnessTests(SynchronousTestCase):
     @given(nastyEntries())
     def test_arbitraryFileEntries(self, entries: list) -> None:
         """
-        An index update whose file entries are broken in any way (missing,
+        An index delta whose file entries are broken in any way (missing,
         mistyped, negative, non-finite or huge fields) decodes or raises
         L{WireError}.
         """
-        self.assertMessageOrWireError(indexUpdate(*entries))
+        self.assertMessageOrWireError(indexDelta(*entries))
 
     @PROPERTY
     @given(nastyBodies())
@@ -403,7 +426,7 @@ class DecodeRobustnessTests(SynchronousTestCase):
         """
         A name holding a lone surrogate (a legal C{\\udXXX} JSON escape) is
         either refused by C{decode} or survives re-encoding: a node that
-        accepted it must be able to relay it (index chunks, listings) without
+        accepted it must be able to relay it (index deltas, listings) without
         C{encode} raising C{UnicodeEncodeError}.
         """
         data = b'C{"type":"fetch","name":"a\\ud800b","overwrite":false}'
@@ -528,8 +551,8 @@ class DecodeRejectsTests(SynchronousTestCase):
         """
         self.assertRejected(frame({"type": "stale", "epoch": True, "leader": None}), "'epoch'")
         self.assertRejected(frame({"type": "stale", "epoch": 1, "leader": False}), "'leader'")
-        self.assertRejected(indexUpdate(entryDict(size=True)), "'size'")
-        self.assertRejected(indexUpdate(entryDict(mtime=True)), "'mtime'")
+        self.assertRejected(indexDelta(entryDict(size=True)), "'size'")
+        self.assertRejected(indexDelta(entryDict(mtime=True)), "'mtime'")
 
     def test_wrongFieldTypes(self) -> None:
         """
@@ -545,8 +568,14 @@ class DecodeRejectsTests(SynchronousTestCase):
             {"type": "fetch", "name": None, "overwrite": False},
             {"type": "state", "status": []},
             {"type": "listing", "files": {}, "last": True},
-            {"type": "index-update", "epoch": 1, "entries": {}, "removed": []},
-            {"type": "index-update", "epoch": 1, "entries": [], "removed": [1]},
+            dict(json.loads(indexDelta()[1:]), entries={}),
+            dict(json.loads(indexDelta()[1:]), removed=[1]),
+            dict(json.loads(indexDelta()[1:]), full=0),
+            dict(json.loads(indexDelta()[1:]), incarnation=None),
+            {"type": "index-since", "incarnation": 5, "since": 0},
+            {"type": "index-since", "incarnation": None, "since": "0"},
+            {"type": "index-changed", "epoch": 1, "incarnation": None, "seq": 1},
+            {"type": "index-changed", "epoch": 1, "incarnation": INCARNATION, "seq": 1.5},
             {"type": "heartbeat", "node": 1, "epoch": 1, "leader": None, "members": [[1, "h"]]},
             {"type": "heartbeat", "node": 1, "epoch": 1, "leader": None, "members": [{"id": 1}]},
             {"type": "hello", "version": 1, "role": "node", "node": 1, "nonce": "n",
@@ -567,6 +596,9 @@ class DecodeRejectsTests(SynchronousTestCase):
             {"type": "heartbeat", "node": 1, "epoch": 1, "leader": None,
              "members": [{"id": -2, "address": "h"}]},
             {"type": "ready", "node": -5},
+            {"type": "index-changed", "epoch": 1, "incarnation": INCARNATION, "seq": -1},
+            {"type": "index-since", "incarnation": None, "since": -1},
+            dict(json.loads(indexDelta()[1:]), seq=-1),
         ):
             self.assertRejected(frame(body), "negative")
 
@@ -577,7 +609,7 @@ class DecodeRejectsTests(SynchronousTestCase):
         refused.
         """
         for literal in (b"NaN", b"Infinity", b"-Infinity", b"1e400"):
-            data = indexUpdate(entryDict(mtime=0)).replace(b'"mtime": 0', b'"mtime": ' + literal)
+            data = indexDelta(entryDict(mtime=0)).replace(b'"mtime": 0', b'"mtime": ' + literal)
             self.assertIn(literal, data)
             self.assertRejected(data)
 
@@ -587,7 +619,7 @@ class DecodeRejectsTests(SynchronousTestCase):
         refused with L{WireError} (not an C{OverflowError} escaping
         C{decode}).
         """
-        self.assertRejected(indexUpdate(entryDict(mtime=10**400)))
+        self.assertRejected(indexDelta(entryDict(mtime=10**400)))
 
     def test_nonFiniteNumbersAnywhere(self) -> None:
         """
@@ -669,7 +701,7 @@ class EncodeTests(SynchronousTestCase):
         self.assertRaises(
             WireError,
             encode,
-            Message("index-chunk", epoch=1, request=1, entries=[FileEntry("a", 1, math.nan, SHA)], last=True),
+            deltaMessage([FileEntry("a", 1, math.nan, SHA)], []),
         )
 
     def test_asciiOnly(self) -> None:
@@ -693,12 +725,13 @@ class EncodeTests(SynchronousTestCase):
 
 class ChunkedTests(SynchronousTestCase):
     """
-    Tests for L{chunked} and the size of index chunks.
+    Tests for L{chunked} and the size of a full C{index-delta} frame.
     """
 
     def test_empty(self) -> None:
         """
-        No entries is one empty chunk, so an empty index is still sent.
+        No entries is one empty piece, so an empty index is still sent (as
+        one empty, last frame).
         """
         self.assertEqual(chunked([]), [[]])
 
@@ -726,12 +759,11 @@ class ChunkedTests(SynchronousTestCase):
         entries = [
             FileEntry(name, 2**63 - 1, -1.2345678901234567e-300, SHA) for _ in range(ENTRIES_PER_FRAME)
         ]
-        message = Message("index-chunk", epoch=2**63, request=2**63, entries=entries, last=True)
-        self.assertLess(len(encode(message)), MAX_FRAME)
+        self.assertLess(len(encode(chunkMessage(entries))), MAX_FRAME)
 
     def test_fullChunkFits(self) -> None:
         """
-        An index chunk of L{ENTRIES_PER_FRAME} entries with 255-byte names
+        A full C{index-delta} frame of L{ENTRIES_PER_FRAME} entries with 255-byte names
         (ASCII, or 2- and 3-byte UTF-8 characters), huge sizes and long mtimes
         is smaller than L{MAX_FRAME}.
         """
@@ -743,7 +775,7 @@ class ChunkedTests(SynchronousTestCase):
         """
         The same holds for legal 255-byte names made of characters JSON must
         escape: C{"} doubles in size, control characters grow sixfold as
-        C{\\u00XX}.  Such a chunk must not exceed L{MAX_FRAME}, or the
+        C{\\u00XX}.  Such a frame must not exceed L{MAX_FRAME}, or the
         receiver drops the connection and the index never transfers.
         """
         self.assertChunkFits('"' * 255)
@@ -792,15 +824,15 @@ class FrameLimitTests(SynchronousTestCase):
 
     def test_oldOverlongUpdate(self) -> None:
         """
-        The index update a node used to build for 500 changed entries and
-        500 removed names, all 255 bytes of characters JSON escapes as
-        C{\\\\uXXXX}, is about 1.6 MB: C{encode} now refuses it at the
-        sender instead of the receiver dropping the link.
+        One C{index-delta} frame holding 500 changed entries and 500 removed
+        names, all 255 bytes of characters JSON escapes as C{\\\\uXXXX} (the
+        update a node once sent whole), is about 1.6 MB: C{encode} refuses
+        it at the sender instead of the receiver dropping the link.
         """
-        changed, removed = escapedUpdate()
-        message = Message("index-update", epoch=2**63, entries=changed, removed=removed)
-        error = self.assertRaises(WireError, encode, message)
+        error = self.assertRaises(WireError, encode, updateMessage(escapedUpdate()))
         self.assertIn("frame limit", str(error))
+        size = int(re.search(r"index-delta message is (\d+) bytes", str(error)).group(1))
+        self.assertGreater(size, 1_500_000)
 
 
 def escapedName(i: int) -> str:
@@ -858,13 +890,30 @@ counts = st.integers(min_value=1, max_value=12)
 BIG = 2**64
 
 
+def deltaMessage(entries: list, removed: list, full: bool = False) -> Message:
+    """
+    An C{index-delta} frame of C{entries} and C{removed} names, its
+    envelope as long as a node's gets.
+    """
+    return Message(
+        "index-delta", incarnation=INCARNATION, seq=BIG, full=full, entries=entries, removed=removed, last=False
+    )
+
+
 def chunkMessage(entries: list) -> Message:
-    return Message("index-chunk", epoch=BIG, request=BIG, entries=entries, last=False)
+    """
+    A frame of a whole file list: a full C{index-delta}.
+    """
+    return deltaMessage(entries, [], full=True)
 
 
 def updateMessage(piece: tuple) -> Message:
+    """
+    A frame of changes: an C{index-delta} with changed entries and removed
+    names.
+    """
     entries, removed = piece
-    return Message("index-update", epoch=BIG, entries=entries, removed=removed)
+    return deltaMessage(entries, removed)
 
 
 def listingMessage(files: list) -> Message:
@@ -960,6 +1009,51 @@ class SplitTests(SynchronousTestCase):
         self.assertPacked(pieces, updateMessage, updateMessage(([], [])), budget, count, grow)
 
     @PROPERTY
+    @given(st.lists(wireEntries, max_size=20), st.lists(wireNames, max_size=20), budgets, counts)
+    def test_iterUpdateIsSplitUpdate(self, changed: list, removed: list, budget: int, count: int) -> None:
+        """
+        L{iterUpdate}, given the changes and removals as one-pass iterators,
+        yields exactly the pieces of L{splitUpdate} for the same budget and
+        count, one at a time: when a piece is yielded it has read at most
+        one item past it (the one that did not fit), so a sender that takes
+        one piece per frame spends one frame's work at a time.
+        """
+        taken: List[object] = []
+
+        def reading(items: list) -> Iterator[object]:
+            for item in items:
+                taken.append(item)
+                yield item
+
+        pieces = []
+        for piece in iterUpdate(reading(changed), reading(removed), budget=budget, count=count):
+            pieces.append(piece)
+            inPieces = sum(len(es) + len(rs) for es, rs in pieces)
+            self.assertLessEqual(len(taken), inPieces + 1)
+        self.assertEqual(pieces, splitUpdate(changed, removed, budget=budget, count=count))
+        self.assertEqual(len(taken), len(changed) + len(removed))
+
+    def test_iterUpdateIsLazy(self) -> None:
+        """
+        L{iterUpdate} over 100,000 changes yields its first two pieces of
+        three having read seven of them: it never measures the whole before
+        the first frame.  Nothing at all is still one empty piece.
+        """
+        read = []
+
+        def changes() -> Iterator[FileEntry]:
+            for i in range(100_000):
+                read.append(i)
+                yield FileEntry(f"f{i}", i, 1.5, SHA)
+
+        pieces = iterUpdate(changes(), [], count=3)
+        first, second = next(pieces), next(pieces)
+        self.assertEqual(first, ([FileEntry(f"f{i}", i, 1.5, SHA) for i in range(3)], []))
+        self.assertEqual(second, ([FileEntry(f"f{i}", i, 1.5, SHA) for i in range(3, 6)], []))
+        self.assertEqual(len(read), 7)
+        self.assertEqual(list(iterUpdate([], [])), [([], [])])
+
+    @PROPERTY
     @given(st.lists(wireEntries, max_size=30), st.lists(wireNames, max_size=30), st.lists(listingRows, max_size=30))
     def test_defaultsFit(self, entries: list, removed: list, files: list) -> None:
         """
@@ -984,7 +1078,7 @@ class SplitTests(SynchronousTestCase):
     def test_empty(self) -> None:
         """
         Nothing to send is still one empty piece, so an empty index goes as
-        one (empty, last) chunk and an empty listing as one reply.
+        one (empty, last) frame and an empty listing as one reply.
         """
         self.assertEqual(splitEntries([]), [[]])
         self.assertEqual(splitListing([]), [[]])
@@ -993,7 +1087,8 @@ class SplitTests(SynchronousTestCase):
     def test_envelopeRoom(self) -> None:
         """
         L{ENVELOPE_ROOM} holds the envelope of every split message type with
-        64-bit ids, and with L{ITEM_BUDGET} makes exactly L{MAX_FRAME}.
+        64-bit numbers (an C{index-delta}'s change number, with its
+        incarnation), and with L{ITEM_BUDGET} makes exactly L{MAX_FRAME}.
         """
         for empty in (chunkMessage([]), updateMessage(([], [])), listingMessage([])):
             self.assertLessEqual(len(encode(empty)), ENVELOPE_ROOM, empty.type)
@@ -1016,13 +1111,15 @@ class SplitTests(SynchronousTestCase):
     def test_oldOverlongUpdateSplits(self) -> None:
         """
         The old 1.6 MB update (500 changed entries and 500 removed names of
-        255 escaped bytes each) splits into pieces that all encode within
-        L{MAX_FRAME}, with nothing lost or reordered; by bytes alone, with
-        no count cap, it still needs two.
+        255 escaped bytes each) splits, with L{splitUpdate} and with
+        L{iterUpdate} alike, into pieces that all encode as C{index-delta}
+        frames within L{MAX_FRAME}, with nothing lost or reordered; by
+        bytes alone, with no count cap, it still needs two.
         """
         changed, removed = escapedUpdate()
         for count in (ENTRIES_PER_FRAME, 10**6):
             pieces = splitUpdate(changed, removed, count=count)
+            self.assertEqual(list(iterUpdate(iter(changed), iter(removed), count=count)), pieces)
             self.assertEqual(len(pieces), 2)
             for piece in pieces:
                 self.assertLessEqual(len(encode(updateMessage(piece))), MAX_FRAME)
@@ -1080,6 +1177,7 @@ class SplitTests(SynchronousTestCase):
         """
         self.assertRaises(WireError, splitEntries, [FileEntry("a", 1, math.nan, SHA)])
         self.assertRaises(WireError, splitUpdate, [FileEntry("a", 1, math.nan, SHA)], [])
+        self.assertRaises(WireError, next, iterUpdate([FileEntry("a", 1, math.nan, SHA)], []))
 
     def test_countAtLeastOne(self) -> None:
         """

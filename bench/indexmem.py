@@ -1,0 +1,300 @@
+"""
+What the leader's cluster index costs: memory per entry, and the speed of
+writing peer_files.log from it.
+
+Each measurement runs in a fresh child process (so that one run's freed
+memory does not hide the next one's):
+
+  - memory: N synthetic entries over K nodes (camera names like
+    C{IMG_20240101_123456_0001.jpg}, sizes of a few MB, sub-second mtimes,
+    random SHA-256s) go into a ClusterIndex with replaceNode, one node at a
+    time, from a generator (so the FileEntry objects are what the index
+    keeps, nothing more).  Printed: tracemalloc's retained bytes per entry
+    (Python heap the index holds, measured in a run of its own since
+    tracing costs memory too), and in a separate run without tracing the
+    process's VmRSS growth per entry, its whole VmRSS and VmHWM (peak), and
+    the build time.  Names are distinct per node unless --shared (every
+    node holds the same names, as a fully replicated cluster would).
+  - render: the lines per second of renderLog (the whole log in memory) and,
+    for the current code, of writeLog (streamed to a temporary directory,
+    fsync included), checked byte for byte against renderLog; the time of
+    snapshot(), of a one-entry applyChanges right after it (copy-on-write),
+    of listingOf(snapshot); and the longest pause of a second thread (the
+    stand-in for the reactor: it sleeps 1 ms in a loop) while the log is
+    written in a thread.
+
+--baseline REV measures p2pfiles/index.py as of REV too (loaded with
+C{git show}), e.g. the commit before the compact index, for a before/after
+table.
+
+Usage: .venv/bin/python bench/indexmem.py [--entries 100000,300000,1000000]
+           [--nodes 1,3,10] [--render 100000,1000000] [--baseline REV]
+           [--shared] [--quick]
+"""
+
+import argparse
+import gc
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tracemalloc
+import types
+from typing import Any, Dict, Iterator, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+# This checkout's package, not the copy installed in the virtualenv.
+sys.path.insert(0, ROOT)
+sys.path.insert(1, HERE)
+
+import common  # noqa: E402
+
+from p2pfiles.wire import FileEntry  # noqa: E402
+
+LEADER, EPOCH, NOW = 1, 7, 1764096934.123
+
+
+def loadIndex(rev: Optional[str]) -> types.ModuleType:
+    """
+    p2pfiles.index of this checkout, or as of C{rev}.
+    """
+    if rev is None:
+        import p2pfiles.index
+
+        return p2pfiles.index
+    source = subprocess.check_output(["git", "-C", ROOT, "show", f"{rev}:p2pfiles/index.py"])
+    module = types.ModuleType("index_at_" + rev.replace("-", "_"))
+    exec(compile(source, f"{rev}:p2pfiles/index.py", "exec"), module.__dict__)
+    return module
+
+
+def entries(node: int, count: int, shared: bool) -> Iterator[FileEntry]:
+    """
+    C{count} synthetic entries of C{node}: distinct names within a node;
+    across nodes too unless C{shared}.
+    """
+    rng = random.Random(node)
+    names = random.Random(0 if shared else node)
+    year = 2024 if shared else 2000 + node
+    for i in range(count):
+        block, seq = divmod(i, 10000)
+        name = f"IMG_{year:04d}{block // 28 % 12 + 1:02d}{block % 28 + 1:02d}_{names.randrange(240000):06d}_{seq:04d}.jpg"
+        mtime = 1704067200 + i * 13.37 + rng.random()
+        yield FileEntry(name, rng.randrange(500_000, 12_000_000), mtime, f"{rng.getrandbits(256):064x}")
+
+
+def build(module: types.ModuleType, total: int, nodes: int, shared: bool) -> Any:
+    index = module.ClusterIndex()
+    for k in range(nodes):
+        count = total // nodes + (1 if k < total % nodes else 0)
+        index.replaceNode(k + 1, f"127.0.0.1:{9001 + k}", entries(k + 1, count, shared))
+    assert index.fileCount() == total, (index.fileCount(), total)
+    return index
+
+
+def rss() -> Dict[str, int]:
+    return common.procStatus(os.getpid())
+
+
+def childMemory(args: argparse.Namespace) -> Dict[str, Any]:
+    module = loadIndex(args.rev)
+    gc.collect()
+    before = rss()
+    if args.trace:
+        tracemalloc.start()
+    started = time.perf_counter()
+    index = build(module, args.total, args.k, args.shared)
+    seconds = time.perf_counter() - started
+    gc.collect()
+    result: Dict[str, Any] = {"seconds": seconds}
+    if args.trace:
+        result["traced"] = tracemalloc.get_traced_memory()[0]
+    else:
+        after = rss()
+        result.update(rssDelta=after["VmRSS"] - before["VmRSS"], rss=after["VmRSS"], hwm=after["VmHWM"])
+    del index
+    return result
+
+
+def longestPause(work: Any) -> float:
+    """
+    Run C{work} in a thread; the longest gap between the wake-ups of this
+    thread, which sleeps 1 ms at a time meanwhile.
+    """
+    done = threading.Event()
+    failure: List[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as e:
+            failure.append(e)
+        done.set()
+
+    thread = threading.Thread(target=run)
+    last = time.perf_counter()
+    worst = 0.0
+    thread.start()
+    while not done.is_set():
+        time.sleep(0.001)
+        now = time.perf_counter()
+        worst = max(worst, now - last)
+        last = now
+    thread.join()
+    if failure:
+        raise failure[0]
+    return worst
+
+
+def childRender(args: argparse.Namespace) -> Dict[str, Any]:
+    module = loadIndex(args.rev)
+    index = build(module, args.total, args.k, args.shared)
+    gc.collect()
+    result: Dict[str, Any] = {}
+    started = time.perf_counter()
+    expected = module.renderLog(index, LEADER, EPOCH, NOW)
+    result["render"] = time.perf_counter() - started
+    result["bytes"] = len(expected)
+    started = time.perf_counter()
+    snapshot = index.snapshot()
+    result["snapshot"] = time.perf_counter() - started
+    started = time.perf_counter()
+    index.applyChanges(1, "127.0.0.1:9001", [FileEntry("IMG_new.jpg", 1, 1.5, "ab" * 32)], [])
+    result["applyAfterSnapshot"] = time.perf_counter() - started
+    directory = tempfile.mkdtemp(prefix="indexmem-")
+    try:
+        path = os.path.join(directory, "peer_files.log")
+        if hasattr(module, "writeLog"):
+            from twisted.python.filepath import FilePath
+
+            target = FilePath(path)
+            started = time.perf_counter()
+            module.writeLog(target, snapshot, LEADER, EPOCH, NOW)
+            result["write"] = time.perf_counter() - started
+            with open(path, "rb") as f:
+                result["identical"] = f.read() == expected
+            result["pause"] = longestPause(lambda: module.writeLog(target, snapshot, LEADER, EPOCH, NOW))
+            started = time.perf_counter()
+            module.listingOf(snapshot)
+            result["listing"] = time.perf_counter() - started
+        else:
+            from p2pfiles.atomic import atomicWrite
+            from twisted.python.filepath import FilePath
+
+            result["pause"] = longestPause(lambda: atomicWrite(FilePath(path), module.renderLog(snapshot, LEADER, EPOCH, NOW)))
+            started = time.perf_counter()
+            index.listing()
+            result["listing"] = time.perf_counter() - started
+    finally:
+        shutil.rmtree(directory)
+    return result
+
+
+def runChild(kind: str, rev: Optional[str], total: int, nodes: int, shared: bool, trace: bool = False) -> Dict[str, Any]:
+    argv = [sys.executable, os.path.abspath(__file__), "--child", kind, "--total", str(total), "--k", str(nodes)]
+    if rev is not None:
+        argv += ["--rev", rev]
+    if shared:
+        argv.append("--shared")
+    if trace:
+        argv.append("--trace")
+    output = subprocess.run(argv, check=True, stdout=subprocess.PIPE, cwd=ROOT).stdout
+    return json.loads(output.decode("utf-8").strip().splitlines()[-1])
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="Memory per entry of the cluster index, and log writing speed.")
+    parser.add_argument("--entries", default="100000,300000,1000000", help="comma-separated entry counts (memory)")
+    parser.add_argument("--nodes", default="1,3,10", help="comma-separated node counts")
+    parser.add_argument("--render", default="100000,1000000", help="comma-separated entry counts (render speed, over 3 nodes)")
+    parser.add_argument("--baseline", default=None, help="also measure p2pfiles/index.py as of this git revision")
+    parser.add_argument("--shared", action="store_true", help="every node holds the same names")
+    parser.add_argument("--quick", action="store_true", help="100,000 entries over 1 and 3 nodes only")
+    parser.add_argument("--child", choices=("memory", "render"), help=argparse.SUPPRESS)
+    parser.add_argument("--rev", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--total", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--k", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        result = (childMemory if args.child == "memory" else childRender)(args)
+        print(json.dumps(result))
+        return 0
+    if args.quick:
+        args.entries, args.nodes, args.render = "100000", "1,3", "100000"
+    sizes = [int(n) for n in args.entries.split(",") if n]
+    nodeCounts = [int(n) for n in args.nodes.split(",") if n]
+    renders = [int(n) for n in args.render.split(",") if n]
+    revisions: List[Optional[str]] = ([args.baseline] if args.baseline else []) + [None]
+
+    rows = []
+    for rev in revisions:
+        for total in sizes:
+            for nodes in nodeCounts:
+                traced = runChild("memory", rev, total, nodes, args.shared, trace=True)
+                measured = runChild("memory", rev, total, nodes, args.shared)
+                rows.append(
+                    [
+                        (rev or "current"),
+                        total,
+                        nodes,
+                        round(traced["traced"] / total),
+                        round(measured["rssDelta"] / total),
+                        round(measured["rss"] / common.MiB),
+                        round(measured["hwm"] / common.MiB),
+                        measured["seconds"],
+                    ]
+                )
+                print("memory", rows[-1], file=sys.stderr, flush=True)
+    print(f"Memory of the cluster index ({'shared' if args.shared else 'distinct'} names per node)")
+    common.printTable(
+        ["code", "entries", "nodes", "traced B/entry", "RSS B/entry", "RSS MiB", "peak MiB", "build s"], rows
+    )
+    print()
+
+    rows = []
+    for rev in revisions:
+        for total in renders:
+            r = runChild("render", rev, total, 3, args.shared)
+            rows.append(
+                [
+                    (rev or "current"),
+                    total,
+                    round(total / r["render"]),
+                    round(total / r["write"]) if "write" in r else None,
+                    r.get("identical"),
+                    r["snapshot"] * 1000,
+                    r["applyAfterSnapshot"] * 1000,
+                    r["listing"],
+                    r["pause"] * 1000,
+                    round(r["bytes"] / total),
+                ]
+            )
+            print("render", rows[-1], file=sys.stderr, flush=True)
+    print("Writing peer_files.log (3 nodes)")
+    common.printTable(
+        [
+            "code",
+            "entries",
+            "renderLog lines/s",
+            "writeLog lines/s",
+            "same bytes",
+            "snapshot ms",
+            "apply after snapshot ms",
+            "listing s",
+            "longest pause ms",
+            "B/line",
+        ],
+        rows,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,481 @@
+"""
+The blocking half of a node's own index (L{p2pfiles.localindex}): listing
+and hashing the share, numbering what changed, answering "everything since
+N", and the hash cache file.  Everything here runs in a thread; it touches
+only its arguments and settings fixed at construction.
+
+A scan is handed the previous L{ShareState} and returns the next one, built
+from new maps: a state is never changed once made, so that any thread may
+read one while the reactor goes on, and scans, which never overlap, need no
+lock.  Changes are numbered as Syncthing numbers them: C{seq} goes up by one
+with every scan that changed something, each entry remembers the seq of its
+last change and each removal leaves a tombstone, at most C{maxTombstones}
+(L{MAX_TOMBSTONES}); once older ones are dropped, C{floor} says that asking
+from before it gets the full list.
+
+Hashes are remembered in C{hashcache.json} in the state directory, so that a
+restart does not read every shared file again: a file whose name, size,
+C{st_mtime_ns} and inode are unchanged keeps its hash.  The file looks like
+C{{"files": {name: {"inode", "mtime_ns", "sha256", "size"}}, "version": 1}},
+written L{STEP} names to a line so that it can be written and read in small
+steps (a reader of plain JSON sees no difference).
+
+The reactor thread shares the GIL with this work.  It gives the GIL up at
+every system call and waits to get it back, so no single C call here may
+run long (sorting and JSON go in pieces of L{STEP}); and the objects a scan
+keeps per file are only those it shares, the previous scan's where nothing
+changed, because a full pass of the garbage collector holds the GIL too.
+"""
+
+import errno
+import hashlib
+import heapq
+import json
+import os
+import re
+import stat
+from itertools import islice
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, TypeVar, Union
+
+from twisted.logger import LogLevel
+from twisted.python.filepath import FilePath
+
+from p2pfiles.atomic import atomicWrite
+from p2pfiles.names import nameProblem
+from p2pfiles.wire import FileEntry
+
+__all__ = [
+    "Changes", "EMPTY", "MAX_TOMBSTONES", "Problem", "ScanResult", "ShareScanner", "ShareState",
+    "changes", "hashFile", "hashOpened",
+]
+
+CACHE_VERSION = 1
+
+# A file that keeps changing while we hash it is given up on after this many
+# tries; the next scan tries again.
+HASH_TRIES = 3
+
+# Removals remembered for deltas.  A tombstone costs about 100 bytes (a name
+# and an int in a dict), so 100,000 of them about 10 MB: as many as the
+# files we expect a node to share.  An asker older than the dropped ones gets
+# the full list, which is always correct, only bigger.
+MAX_TOMBSTONES = 100_000
+
+# The size of the pieces long C calls (sorting, JSON) are cut into, so that
+# each holds the GIL for under a millisecond: a 100,000-name sort or JSON
+# dump in one call (50-300 ms here) stalls the reactor for as long.
+STEP = 512
+
+# Files up to this size are read with one read() call.
+CHUNK = 1 << 20
+
+# name -> {"size", "mtime_ns", "inode", "sha256"}: the hash cache.
+Cache = Dict[str, Dict[str, Any]]
+
+_T = TypeVar("_T")
+
+
+class Changes(NamedTuple):
+    """
+    The answer to "everything since N".
+
+    @ivar incarnation: the index's incarnation; an asker keeps it with C{seq}
+        for its next question.
+    @ivar seq: the index's seq this answer brings the asker up to.
+    @ivar full: C{entries} is the whole share (sorted by name) and replaces
+        whatever the asker held; C{removed} is empty.
+    @ivar entries: when not C{full}, the entries changed (added or modified)
+        after the asked seq, sorted by name.
+    @ivar removed: the names removed after the asked seq (and not shared
+        again since), sorted.
+    """
+
+    incarnation: str
+    seq: int
+    full: bool
+    entries: List[FileEntry]
+    removed: List[str]
+
+
+def hashFile(path: str, chunk: int = CHUNK) -> Tuple[str, int]:
+    """
+    Return the SHA-256 (hex) of the file at C{path} and the number of bytes
+    hashed.  Reads C{chunk} bytes at a time so that a large file never sits
+    in memory.  Blocks: call it in a thread.
+    """
+    digest = hashlib.sha256()
+    length = 0
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(chunk)
+            if not data:
+                break
+            digest.update(data)
+            length += len(data)
+    return digest.hexdigest(), length
+
+
+def hashOpened(path: str, size: int) -> Tuple[str, int, os.stat_result]:
+    """
+    Hash the file at C{path}, expected to hold C{size} bytes, and return its
+    SHA-256 (hex), the bytes read, and the C{fstat} of the file read, taken
+    after reading: what the hash describes.  A final symlink is not followed
+    (C{O_NOFOLLOW}).  A file of the expected size is read with a single
+    C{read()}; a larger one C{CHUNK} bytes at a time.  Blocks: call it in a
+    thread.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if size < CHUNK:
+            data = os.read(fd, size + 1)
+            digest = hashlib.sha256(data)
+            length = len(data)
+            # A regular file reads short only at its end, so no more than
+            # size bytes means we are at the end: one read() does.  (Had the
+            # file changed, the caller sees it in the length or the fstat.)
+            more = length > size
+        else:
+            digest, length, more = hashlib.sha256(), 0, True
+        if more:
+            buffer = bytearray(CHUNK)
+            view = memoryview(buffer)
+            while True:
+                n = os.readv(fd, [buffer])
+                if not n:
+                    break
+                digest.update(view[:n])
+                length += n
+        return digest.hexdigest(), length, os.fstat(fd)
+    finally:
+        os.close(fd)
+
+
+def _signature(st: os.stat_result) -> Tuple[int, int, int]:
+    # What must be unchanged for a cached hash (or a fresh one) to hold.
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _sortedInSteps(items: List[_T]) -> List[_T]:
+    """
+    C{sorted(items)}, sorted in pieces of L{STEP} then merged in Python, so
+    that the GIL is never held for the whole sort.
+    """
+    if len(items) <= STEP:
+        return sorted(items)
+    runs = [sorted(items[i:i + STEP]) for i in range(0, len(items), STEP)]
+    return list(heapq.merge(*runs))
+
+
+class Problem(NamedTuple):
+    """
+    A name we do not share, and why.  C{signature} lets us warn once per name
+    and again only when the file (or the reason) changes.
+    """
+
+    key: Any  # the name: str, or bytes when it is not UTF-8
+    signature: Tuple[Any, ...]
+    reason: str
+    level: LogLevel
+
+
+class ShareState(NamedTuple):
+    """
+    What the index knows after a scan.  Built by a scan thread, never
+    changed afterwards: the next scan builds a new one.
+    """
+
+    entries: Dict[str, FileEntry]  # name -> entry, in name order
+    seqs: Dict[str, int]  # name -> seq of its last change, in name order
+    tombstones: Dict[str, int]  # removed name -> seq of removal, oldest first
+    seq: int
+    floor: int  # deltas from a seq below this cannot be given
+    cache: Optional[Cache]  # None: not loaded yet
+    reported: Dict[Any, Tuple[Any, ...]]  # problems logged: key -> signature
+
+
+EMPTY = ShareState({}, {}, {}, 0, 0, None, {})
+
+
+class ScanResult(NamedTuple):
+    """
+    A scan thread's answer: the new state, what changed from the state it was
+    handed, and what the reactor has to log or save.
+    """
+
+    state: ShareState
+    changed: List[FileEntry]
+    removed: List[str]
+    newProblems: List[Problem]
+    cacheProblem: Optional[str]
+    cacheChanged: bool
+
+
+class ShareScanner:
+    """
+    Lists and hashes one share, works out what changed and reads and writes
+    its hash cache.  Every method runs in a thread and touches only its
+    arguments and the attributes set here, which never change; a scan is
+    handed the previous L{ShareState} and returns the next, so that scans
+    need no lock (they never overlap).
+    """
+
+    def __init__(
+        self,
+        share: FilePath,
+        cacheFile: FilePath,
+        hasher: Callable[[str, int], Tuple[str, int, os.stat_result]] = hashOpened,
+        maxTombstones: int = MAX_TOMBSTONES,
+    ) -> None:
+        self.sharePath = os.fsencode(share.path)
+        self.cacheFile = cacheFile
+        self.hasher = hasher
+        self.maxTombstones = maxTombstones
+
+    # Scanning
+
+    def scan(self, old: ShareState) -> ScanResult:
+        """
+        Scan the share and return the state that follows C{old}.
+        """
+        # Every scan (re)creates the share: one that was removed is then an
+        # empty share, not a failed scan logged at every poll.
+        os.makedirs(self.sharePath, exist_ok=True)
+        cacheProblem = None
+        cache = old.cache
+        rewrite = False
+        if cache is None:
+            cache, cacheProblem, current = self.loadCache()
+            rewrite = not current
+        shareReal = os.path.realpath(self.sharePath)
+        entries: Dict[str, FileEntry] = {}
+        newCache: Cache = {}
+        problems: List[Problem] = []
+        hashed = False
+        # Only the objects shared are kept per file (the entry, its cache
+        # item), and those that did not change are the previous scan's: a
+        # scan makes little work for the garbage collector, whose full passes
+        # hold the GIL.
+        for raw in _sortedInSteps(os.listdir(self.sharePath)):
+            found = self._scanOne(raw, shareReal, cache, old.entries)
+            if isinstance(found, Problem):
+                problems.append(found)
+            elif found is not None:
+                entry, item, read = found
+                entries[entry.name] = entry
+                newCache[entry.name] = item
+                hashed = hashed or read
+        # A name keeps its cached item unless it was hashed, so the cache is
+        # unchanged when nothing was hashed and no name left it.
+        cacheChanged = hashed or len(newCache) != len(cache) or rewrite
+        if not cacheChanged:
+            newCache = cache
+        reported = {p.key: p.signature for p in problems}
+        newProblems = [p for p in problems if old.reported.get(p.key) != p.signature]
+        state, changed, removed = self._diff(old, entries, newCache, reported)
+        return ScanResult(state, changed, removed, newProblems, cacheProblem, cacheChanged)
+
+    def _diff(
+        self, old: ShareState, entries: Dict[str, FileEntry], cache: Cache, reported: Dict[Any, Tuple[Any, ...]]
+    ) -> Tuple[ShareState, List[FileEntry], List[str]]:
+        """
+        The state after a scan found C{entries}: what changed since C{old} is
+        numbered with the next seq, and removals leave tombstones.  Returns it
+        with the entries changed and the names removed, in name order.
+        """
+        seq = old.seq + 1
+        oldEntries, oldSeqs = old.entries, old.seqs
+        seqs: Dict[str, int] = {}
+        changed = []
+        for name, entry in entries.items():
+            previous = oldEntries.get(name)
+            if previous is entry or previous == entry:
+                seqs[name] = oldSeqs[name]
+            else:
+                seqs[name] = seq
+                changed.append(entry)
+        removed = [name for name in oldEntries if name not in entries]
+        if not changed and not removed:
+            return ShareState(old.entries, old.seqs, old.tombstones, old.seq, old.floor, cache, reported), [], []
+        tombstones = old.tombstones
+        floor = old.floor
+        if removed or any(entry.name in tombstones for entry in changed):
+            tombstones = dict(tombstones)
+            for entry in changed:
+                tombstones.pop(entry.name, None)  # shared again
+            for name in removed:
+                tombstones[name] = seq
+            excess = len(tombstones) - self.maxTombstones
+            if excess > 0:
+                dropped = list(islice(tombstones, excess))
+                floor = max(floor, tombstones[dropped[-1]])
+                for name in dropped:
+                    del tombstones[name]
+        return ShareState(entries, seqs, tombstones, seq, floor, cache, reported), changed, removed
+
+    def _scanOne(
+        self, raw: bytes, shareReal: bytes, cache: Cache, oldEntries: Dict[str, FileEntry]
+    ) -> Union[Tuple[FileEntry, Dict[str, Any], bool], Problem, None]:
+        """
+        What one name in the share is: see L{_hashOne}.
+        """
+        path = os.path.join(self.sharePath, raw)
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return self._problem(raw, path, "name is not valid UTF-8")
+        if name.startswith("."):
+            return None  # hidden, like partial downloads: not shared, not a problem
+        problem = nameProblem(name)
+        if problem is not None:
+            return self._problem(name, path, problem)
+        try:
+            return self._hashOne(name, path, shareReal, cache, oldEntries)
+        except FileNotFoundError:
+            return None  # removed while we looked at it: the next scan agrees
+        except OSError as e:
+            return self._problem(raw, path, e.strerror or str(e))
+
+    def _hashOne(
+        self, name: str, path: bytes, shareReal: bytes, cache: Cache, oldEntries: Dict[str, FileEntry]
+    ) -> Union[Tuple[FileEntry, Dict[str, Any], bool], Problem, None]:
+        """
+        The entry, cache item and whether it was read now, for one file; or
+        why it is not shared; or L{None} when it is silently not shared.
+        """
+        st = os.lstat(path)
+        target = path
+        if stat.S_ISLNK(st.st_mode):
+            # Only a link to a visible file directly in the share is followed:
+            # a link must not publish anything the share would not.
+            target = os.path.realpath(path)
+            if os.path.dirname(target) != shareReal or os.path.basename(target).startswith(b"."):
+                return self._problem(name, path, "symlink does not lead to a visible file in the share")
+            st = os.lstat(target)
+        for attempt in range(HASH_TRIES):
+            if attempt:
+                st = os.lstat(target)
+            if not stat.S_ISREG(st.st_mode):
+                return None  # directories, devices, fifos: silently not shared
+            signature = _signature(st)
+            size, mtimeNs, inode = signature
+            cached = cache.get(name)
+            if cached is not None and (cached["size"], cached["mtime_ns"], cached["inode"]) == signature:
+                digest = cached["sha256"]
+                previous = oldEntries.get(name)
+                if (
+                    previous is not None and previous.size == size
+                    and previous.mtime == st.st_mtime and previous.sha256 == digest
+                ):
+                    return previous, cached, False  # the same object in both states
+                return FileEntry(name, size, st.st_mtime, digest), cached, False
+            try:
+                digest, length, after = self.hasher(os.fsdecode(target), size)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    continue  # it became a symlink while we looked: look again
+                raise
+            if _signature(after) != signature or length != size:
+                continue  # changed while we read it
+            item = {"size": size, "mtime_ns": mtimeNs, "inode": inode, "sha256": digest}
+            return FileEntry(name, size, st.st_mtime, digest), item, True
+        return Problem(name, ("unstable",), "it kept changing while being hashed; will retry", LogLevel.info)
+
+    def _problem(self, key: Any, path: bytes, reason: str) -> Problem:
+        try:
+            signature: Tuple[Any, ...] = (reason,) + _signature(os.lstat(path))
+        except OSError:
+            signature = (reason,)
+        return Problem(key, signature, reason, LogLevel.warn)
+
+    # The hash cache file
+
+    def writeCache(self, cache: Cache) -> None:
+        """
+        Write C{cache} (never mutated once handed over: each scan builds a new
+        one) in pieces of L{STEP} names, one piece to a line, in name order.
+        """
+        self.cacheFile.parent().makedirs(ignoreExistingDirectory=True)
+        pieces = []
+        items = iter(cache.items())
+        while True:
+            piece = dict(islice(items, STEP))
+            if not piece:
+                break
+            pieces.append(json.dumps(piece, sort_keys=True)[1:-1].encode("utf-8"))
+        data = b'{"files": {\n' + b",\n".join(pieces) + b'\n}, "version": %d}\n' % (CACHE_VERSION,)
+        atomicWrite(self.cacheFile, data)
+
+    def loadCache(self) -> Tuple[Cache, Optional[str], bool]:
+        """
+        Read the cache file.  Anything wrong with it makes it count as empty
+        (we only lose time rehashing), with the reason to log.  The flag says
+        whether the file is there, valid and laid out as L{writeCache} writes
+        it; if not, it is written again.
+        """
+        try:
+            data = self.cacheFile.getContent()
+        except FileNotFoundError:
+            return {}, None, False
+        except OSError as e:
+            return {}, f"cannot read it: {e}", False
+        files = parseCacheLines(data)
+        current = files is not None
+        if files is None:
+            # Not laid out as we write it (an older or edited file): parse it
+            # whole, in one step.
+            try:
+                parsed = json.loads(data)
+            except (ValueError, RecursionError):
+                return {}, "not valid JSON", False
+            if not isinstance(parsed, dict) or parsed.get("version") != CACHE_VERSION:
+                return {}, "not a version 1 hash cache", False
+            files = parsed.get("files")
+            if not isinstance(files, dict):
+                return {}, "not a version 1 hash cache", False
+        for item in files.values():
+            if not (
+                isinstance(item, dict)
+                and all(type(item.get(k)) is int for k in ("size", "mtime_ns", "inode"))
+                and re.fullmatch("[0-9a-f]{64}", str(item.get("sha256")))
+            ):
+                return {}, "malformed entry", False
+        return files, None, current
+
+
+def parseCacheLines(data: bytes) -> Optional[Cache]:
+    """
+    Read a hash cache laid out as L{ShareScanner.writeCache} writes it, a line
+    at a time; L{None} if it is laid out otherwise.
+    """
+    lines = data.split(b"\n")
+    if lines[0] != b'{"files": {' or lines[-2:] != [b'}, "version": %d}' % (CACHE_VERSION,), b""]:
+        return None
+    files: Cache = {}
+    for line in lines[1:-2]:
+        if not line:
+            continue
+        if line.endswith(b","):
+            line = line[:-1]
+        try:
+            piece = json.loads(b"{" + line + b"}")
+        except (ValueError, RecursionError):
+            return None
+        files.update(piece)
+    return files
+
+
+def changes(state: ShareState, incarnation: str, asked: Optional[str], since: int) -> Changes:
+    """
+    In a thread: L{LocalIndex.changesSince} from C{state}.
+    """
+    if asked != incarnation or since <= 0 or since < state.floor or since > state.seq:
+        return Changes(incarnation, state.seq, True, list(state.entries.values()), [])
+    entries = state.entries
+    changed = [entries[name] for name, seq in state.seqs.items() if seq > since]
+    removed = []
+    for name, seq in reversed(state.tombstones.items()):
+        if seq <= since:
+            break  # tombstones are oldest first
+        removed.append(name)
+    removed.sort()
+    return Changes(incarnation, state.seq, False, changed, removed)

@@ -1,0 +1,86 @@
+"""
+Tests for L{p2pfiles.sharescan}'s helpers: reading and hashing one file, and
+sorting in short steps.  Scans themselves are tested through the index that
+runs them, in L{tests.test_localindex}.
+"""
+
+import errno
+import hashlib
+import os
+import random
+
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SynchronousTestCase
+
+from p2pfiles import sharescan
+from p2pfiles.sharescan import hashFile, hashOpened
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class HashingTests(SynchronousTestCase):
+    """
+    Reading and hashing one file.
+    """
+
+    def test_hashFileInChunks(self) -> None:
+        """
+        L{hashFile} returns the SHA-256 and length of a file longer than its
+        chunk size.
+        """
+        path = FilePath(self.mktemp())
+        data = bytes(range(256)) * 5
+        path.setContent(data)
+        self.assertEqual(hashFile(path.path, chunk=7), (sha(data), len(data)))
+        self.assertEqual(hashFile(path.path), (sha(data), len(data)))
+
+    def test_hashOpened(self) -> None:
+        """
+        L{hashOpened} returns the SHA-256 and length of what it read, and the
+        fstat of the file it read; a file bigger than expected, or than one
+        read, is read to its end.
+        """
+        path = FilePath(self.mktemp())
+        data = bytes(range(256)) * 5
+        path.setContent(data)
+        st = os.stat(path.path)
+        for expected in [len(data), 3, 0]:
+            digest, length, after = hashOpened(path.path, expected)
+            self.assertEqual((digest, length), (sha(data), len(data)))
+            self.assertEqual((after.st_ino, after.st_size, after.st_mtime_ns), (st.st_ino, st.st_size, st.st_mtime_ns))
+        self.patch(sharescan, "CHUNK", 7)
+        self.assertEqual(hashOpened(path.path, len(data))[:2], (sha(data), len(data)))
+        empty = FilePath(self.mktemp())
+        empty.setContent(b"")
+        self.assertEqual(hashOpened(empty.path, 0)[:2], (sha(b""), 0))
+
+    def test_hashOpenedRefusesSymlink(self) -> None:
+        """
+        L{hashOpened} does not follow a symlink: the scan resolves links
+        itself and hands it the target.
+        """
+        target = FilePath(self.mktemp())
+        target.setContent(b"secret")
+        link = FilePath(self.mktemp())
+        os.symlink(target.path, link.path)
+        e = self.assertRaises(OSError, hashOpened, link.path, 6)
+        self.assertEqual(e.errno, errno.ELOOP)
+
+
+class SortingTests(SynchronousTestCase):
+    """
+    Sorting a long listing without holding the GIL for the whole sort.
+    """
+
+    def test_sortedInSteps(self) -> None:
+        """
+        Sorting in pieces gives the same order as one sort, whatever the
+        piece size.
+        """
+        rng = random.Random(4)
+        items = [bytes(rng.randrange(256) for _ in range(rng.randrange(6))) for _ in range(200)]
+        for step in [1, 3, 64, 1000]:
+            self.patch(sharescan, "STEP", step)
+            self.assertEqual(sharescan._sortedInSteps(list(items)), sorted(items))
