@@ -402,6 +402,8 @@ class Node(MultiService):
     def _leadershipChanged(self) -> None:
         coordinator = self.coordinator
         if coordinator.stopping:
+            # On the way out: lead nothing, keep nothing current.
+            self.keeper.idle()
             return
         if self.keeper.epoch is not None and (not coordinator.isLeader() or self.keeper.epoch != coordinator.epoch()):
             self.keeper.resign()

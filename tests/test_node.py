@@ -405,9 +405,11 @@ class StatusTests(SynchronousTestCase):
         peer's address.
         """
         harness = Harness(self, node=2, peers={1: address(1), 3: address(3)}).start()
+        # Control links to both (and, as the standby, request connections
+        # to ask for their files).
         self.assertEqual(
-            sorted((host, port) for host, port, *_ in harness.reactor.tcpClients),
-            [("127.0.0.1", 9001), ("127.0.0.1", 9003)],
+            {(host, port) for host, port, *_ in harness.reactor.tcpClients},
+            {("127.0.0.1", 9001), ("127.0.0.1", 9003)},
         )
 
 
@@ -884,9 +886,11 @@ class ExternalCoordinatorTests(SynchronousTestCase):
         harness, fake = self.harness()
         harness.start()
         fake.set(1, 5, 1, 3)
+        # Control links to both (and, as the standby, request connections
+        # to ask for their files).
         self.assertEqual(
-            sorted((host, port) for host, port, *_ in harness.reactor.tcpClients),
-            [("127.0.0.1", 9001), ("127.0.0.1", 9003)],
+            {(host, port) for host, port, *_ in harness.reactor.tcpClients},
+            {("127.0.0.1", 9001), ("127.0.0.1", 9003)},
         )
         status = harness.node.status()
         self.assertEqual((status["role"], status["leader"], status["epoch"]), ("follower", 1, 5))
@@ -897,38 +901,41 @@ class ExternalCoordinatorTests(SynchronousTestCase):
 
     def test_leaderGathers(self) -> None:
         """
-        When the coordinator says this node leads, it gathers every live
-        member's index over the control links, tagged with the
-        coordinator's epoch.
+        When the coordinator says this node leads, it keeps the index of
+        every live member in the coordinator's epoch, asking each on a
+        request connection of its own.
         """
         harness, fake = self.harness()
         harness.start()
-        peer = harness.peer(3)
+        harness.peer(3)
+        before = len(harness.reactor.tcpClients)
         fake.set(2, 7, 3)
         harness.advance(HEARTBEAT)
-        (request,) = peer.handler.of("index-request")
-        self.assertEqual(request.epoch, 7)
+        self.assertEqual(harness.node.keeper.epoch, 7)
+        self.assertTrue(harness.node.keeper.isGathering(3))
+        self.assertIn(("127.0.0.1", 9003), [(h, p) for h, p, *_ in harness.reactor.tcpClients[before:]])
         self.assertEqual(harness.node.status()["role"], "leader")
         self.assertTrue(harness.node.isLeader())
 
-    def test_followerAnswersCurrentEpochOnly(self) -> None:
+    def test_noticeOfAnOlderEpochIsRefused(self) -> None:
         """
-        A follower sends its index to the leader's request of the current
-        epoch; a request of an older epoch is refused with one log line and
-        no stale notice.
+        An C{index-changed} notice of an older epoch than the coordinator's
+        is refused with one log line (however often it comes) and no stale
+        notice; one of the current epoch is taken.
         """
         harness, fake = self.harness()
         harness.start()
         harness.advance(0)
         fake.set(1, 5, 1)
         leader = harness.peer(1)
-        leader.send(Message("index-request", epoch=4, request=1), Message("index-request", epoch=4, request=2))
-        self.assertEqual(leader.handler.of("index-chunk"), [])
+        old = Message("index-changed", epoch=4, incarnation="0123456789abcdef", seq=3)
+        leader.send(old, old)
         self.assertEqual(leader.handler.of("stale"), [])
         self.assertEqual(harness.lines().count("rejected message from 1: stale epoch 4 < 5"), 1)
-        leader.send(Message("index-request", epoch=5, request=3))
-        harness.flush()
-        self.assertEqual([(m.epoch, m.request, m.last) for m in leader.handler.of("index-chunk")], [(5, 3, True)])
+        noticed = []
+        self.patch(harness.node.keeper, "noticed", lambda *args: noticed.append(args))
+        leader.send(Message("index-changed", epoch=5, incarnation="0123456789abcdef", seq=4))
+        self.assertEqual(noticed, [(1, "0123456789abcdef", 4)])
 
     def test_stopLeavesThenCloses(self) -> None:
         """

@@ -37,10 +37,8 @@ MAX_MODULE_LINES = 700
 # waits for.  The limit is not raised for them: each has a test of its own
 # marked todo (see SizeTests), which turns into an unexpected success once
 # the split lands, and then its entry goes.
-AWAITING_SPLIT = {
-    "etcd.py": "split etcd.py: the v3 gateway client (EtcdClient, watches, reply parsing) "
-    "into a module of its own, apart from the coordinator built on it",
-}
+# Modules over the limit, each waiting to be split (none today).
+AWAITING_SPLIT: dict = {}
 MAX_METHODS = 30
 # Classes already at or past MAX_METHODS: they may not grow further than
 # MAX_METHODS_KNOWN while they wait to be split.
@@ -361,14 +359,6 @@ class SizeTests(SynchronousTestCase):
     def assertUnderLimit(self, module: str) -> None:
         lines, _ = sizes()
         self.assertLess(lines[module], MAX_MODULE_LINES, module)
-
-    def test_etcdLines(self) -> None:
-        """
-        C{etcd.py} is under L{MAX_MODULE_LINES} lines.
-        """
-        self.assertUnderLimit("etcd.py")
-
-    test_etcdLines.todo = AWAITING_SPLIT["etcd.py"]  # type: ignore[attr-defined]
 
     def test_awaitingSplitTested(self) -> None:
         """
