@@ -244,7 +244,12 @@ class IndexKeeper:
             if view.pulling is d:
                 view.pulling = None
             if isinstance(result, Failure):
-                if not result.check(CancelledError):
+                # A pull cancelled while connecting can fail with whatever
+                # the endpoint makes of it (a "DNS lookup failed" from a
+                # cancelled HostnameEndpoint): only a pull still wanted is
+                # worth a line.
+                wanted = self.gathering and self.views.get(member) is view
+                if wanted and not result.check(CancelledError):
                     self.log.warn(
                         "could not get node {member}'s files: {reason}",
                         member=member,
