@@ -174,6 +174,10 @@ class P2PProtocol(Int32StringReceiver):
     # frame is a broken or hostile peer.
     MAX_LENGTH = MAX_FRAME
 
+    # Before authentication only hello, auth, ready and error are legal, each
+    # well under 1 KiB: a stranger gets 8 KiB per frame, not a megabyte.
+    PREAUTH_MAX_LENGTH = 8 * 1024
+
     peer: Optional[PeerInfo] = None
     channel: Optional[IChannelBinding] = None
     refusal = None
@@ -420,7 +424,7 @@ class P2PProtocol(Int32StringReceiver):
             if end - offset < 4:
                 break
             (length,) = unpack("!I", data[offset : offset + 4])
-            if length > self.MAX_LENGTH:
+            if length > self.frameLimit():
                 self.lengthLimitExceeded(length)
                 return
             frameEnd = offset + 4 + length
@@ -432,9 +436,17 @@ class P2PProtocol(Int32StringReceiver):
         if offset < end and self._dropReason is None:
             self._buffer = data[offset:]
 
+    def frameLimit(self) -> int:
+        """
+        The longest frame accepted now: L{PREAUTH_MAX_LENGTH} until the
+        handshake has finished, L{MAX_LENGTH} after.
+        """
+        return self.MAX_LENGTH if self._expecting == "open" else self.PREAUTH_MAX_LENGTH
+
     def lengthLimitExceeded(self, length: int) -> None:
+        when = "" if self._expecting == "open" else " before authentication"
         self.drop(
-            f"frame of {length} bytes exceeds the limit of {self.MAX_LENGTH}",
+            f"frame of {length} bytes exceeds the limit of {self.frameLimit()}{when}",
             code="protocol",
         )
 

@@ -623,6 +623,43 @@ class BadInputTests(SynchronousTestCase):
         self.assertDropped(listener, events, "exceeds the limit")
         self.assertEqual([m.code for m in listener.sent()], ["protocol"])
 
+    def test_preauthLimit(self) -> None:
+        """
+        Before authentication a frame longer than C{PREAUTH_MAX_LENGTH}
+        (8 KiB) is refused as soon as its length prefix arrives, so half-sent
+        1 MiB frames buffer nothing: one log line, a C{protocol} error,
+        the connection dropped.  A frame of exactly the limit is read (and
+        refused for what it is, not its length).
+        """
+        limit = P2PProtocol.PREAUTH_MAX_LENGTH
+        self.assertEqual(limit, 8 * 1024)
+        events = captureLogs(self)
+        listener = Listener()
+        listener.protocol.dataReceived(pack("!I", limit + 1) + b"C{")
+        self.assertDropped(listener, events, f"exceeds the limit of {limit} before authentication")
+        self.assertEqual([m.code for m in listener.sent()], ["protocol"])
+
+        events = captureLogs(self)
+        listener = Listener()
+        listener.protocol.dataReceived(pack("!I", 1024 * 1024) + b"C" + b" " * 60000)
+        self.assertDropped(listener, events, "before authentication")
+
+        events = captureLogs(self)
+        listener = Listener()
+        listener.protocol.dataReceived(pack("!I", limit) + b"C" + b" " * (limit - 1))
+        self.assertDropped(listener, events, "malformed frame")
+
+    def test_preauthLimitAfterHello(self) -> None:
+        """
+        The limit holds through the whole handshake: after a valid hello, an
+        over-long C{auth} frame is dropped the same way.
+        """
+        events = captureLogs(self)
+        listener = Listener()
+        listener.sendHello()
+        listener.protocol.dataReceived(pack("!I", P2PProtocol.PREAUTH_MAX_LENGTH + 1))
+        self.assertDropped(listener, events, "before authentication")
+
     def test_overLengthAfterAuth(self) -> None:
         """
         An authenticated peer is dropped too for a frame one byte longer than
