@@ -76,6 +76,8 @@ class NodeConfig:
         etcd: Sequence[str] = (),
         coordinatorPrefix: str = DEFAULT_PREFIX,
         leaseTTL: float = DEFAULT_TTL,
+        maxConnections: Optional[int] = 512,
+        maxConnectionsPerAddress: Optional[int] = 64,
     ) -> None:
         # certificate: the node's TLS identity; None to keep it in the state
         # directory (made there on the first start).  etcd: the endpoints
@@ -95,6 +97,9 @@ class NodeConfig:
         self.etcd = tuple(etcd)
         self.coordinatorPrefix = coordinatorPrefix
         self.leaseTTL = leaseTTL
+        # Caps on incoming connections: in all, and from one host.
+        self.maxConnections = maxConnections
+        self.maxConnectionsPerAddress = maxConnectionsPerAddress
 
 
 def _stateIdentity(state: FilePath) -> NodeCertificate:
@@ -269,6 +274,7 @@ class Node(MultiService):
         factory.handler = lambda: Incoming(self._route)
         factory.perConnection = True
         factory.onRejected = self.board.rejected
+        factory.limitConnections(self.config.maxConnections, self.config.maxConnectionsPerAddress)
         self.factories.append(factory)
         return factory
 

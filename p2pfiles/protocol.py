@@ -660,11 +660,17 @@ class P2PFactory(Factory):
     handlers, never on the protocol.
     """
 
+    log = Logger()
     protocol = P2PProtocol
     # Connections are logged by the protocol, with who is at the other end.
     noisy = False
     # Called with (reason, code, peer) when a connection is dropped.
     onRejected: Optional[Callable[[str, str, str], None]] = None
+    # Caps on incoming connections (see L{limitConnections}); None: no cap.
+    maxConnections: Optional[int] = None
+    maxPerAddress: Optional[int] = None
+    # At most one "refused a connection" line per this many seconds.
+    REFUSAL_LOG_INTERVAL = 10.0
 
     def __init__(
         self,
@@ -682,6 +688,48 @@ class P2PFactory(Factory):
         self.expectedNode = expectedNode
         self.perConnection = perConnection
         self.protocols: Set[P2PProtocol] = set()
+        self._refusedSince = 0
+        self._lastRefusalLog: Optional[float] = None
+
+    def limitConnections(self, total: Optional[int], perAddress: Optional[int]) -> None:
+        """
+        Refuse, at connect time, a new connection that would make more
+        than C{total} open at once, or more than C{perAddress} from one
+        host, so that no one peer (member or stranger) can use up this
+        end's memory or file descriptors.  None lifts a cap.
+        """
+        self.maxConnections = total
+        self.maxPerAddress = perAddress
+
+    def _overLimit(self, addr: Any) -> Optional[str]:
+        if self.maxConnections is not None and len(self.protocols) >= self.maxConnections:
+            return f"{len(self.protocols)} connections are open, the most allowed"
+        host = getattr(addr, "host", None)
+        if self.maxPerAddress is not None and host is not None:
+            count = 0
+            for protocol in self.protocols:
+                peer = protocol.transport.getPeer() if protocol.transport else None
+                if getattr(peer, "host", None) == host:
+                    count += 1
+            if count >= self.maxPerAddress:
+                return f"{count} connections from {host} are open, the most allowed from one address"
+        return None
+
+    def _logRefusal(self, addr: Any, why: str) -> None:
+        # Rate-limited: a flood of connections makes one line per interval.
+        self._refusedSince += 1
+        now = self.clock.seconds()
+        if self._lastRefusalLog is not None and now - self._lastRefusalLog < self.REFUSAL_LOG_INTERVAL:
+            return
+        where = f"{addr.host}:{addr.port}" if hasattr(addr, "host") else str(addr)
+        self.log.warn(
+            "refused a connection from {where}: {why} ({count} refused since the last such line)",
+            where=where,
+            why=why,
+            count=self._refusedSince,
+        )
+        self._lastRefusalLog = now
+        self._refusedSince = 0
 
     def closeAll(self) -> Deferred:
         """
@@ -693,7 +741,13 @@ class P2PFactory(Factory):
             protocol.abort()
         return DeferredList(waiting)
 
-    def buildProtocol(self, addr: Any) -> P2PProtocol:
+    def buildProtocol(self, addr: Any) -> Optional[P2PProtocol]:  # type: ignore[override]
+        if self.listening:
+            why = self._overLimit(addr)
+            if why is not None:
+                self._logRefusal(addr, why)
+                # No protocol: the reactor closes the new socket at once.
+                return None
         handler = self.handler() if self.perConnection else self.handler
         p = self.protocol(self.identity, handler, self.clock, self.listening, self.expectedNode)
         p.factory = self

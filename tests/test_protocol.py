@@ -1090,3 +1090,81 @@ class FactoryTests(SynchronousTestCase):
         self.assertTrue(protocol.listening)
         self.assertIs(protocol.factory, factory)
         self.assertFalse(factory.noisy)
+
+
+class ConnectionLimitTests(SynchronousTestCase):
+    """
+    L{P2PFactory.limitConnections}: a listening factory refuses, at connect
+    time, connections over its total and per-address caps, and says so in a
+    rate-limited log line.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.events: List[dict] = []
+        self.patch(P2PFactory, "log", Logger(observer=self.events.append))
+        self.factory = P2PFactory(LISTENER, lambda: RecordingHandler(), self.clock, listening=True, perConnection=True)
+
+    def connect(self, host: str, port: int) -> Optional[P2PProtocol]:
+        address = IPv4Address("TCP", host, port)
+        protocol = self.factory.buildProtocol(address)
+        if protocol is not None:
+            protocol.makeConnection(StringTransport(hostAddress=LISTENER_ADDRESS, peerAddress=address))
+        return protocol
+
+    def lines(self) -> List[str]:
+        return [formatEvent(e) for e in self.events if e["log_level"] >= LogLevel.warn]
+
+    def test_perAddress(self) -> None:
+        """
+        With a cap of 2 per address, a third connection from one host is
+        refused while another host still connects; once one closes, the
+        first host may connect again.
+        """
+        self.factory.limitConnections(None, 2)
+        first = self.connect("10.0.0.1", 1)
+        self.assertIsNotNone(self.connect("10.0.0.1", 2))
+        self.assertIsNone(self.connect("10.0.0.1", 3))
+        self.assertIsNotNone(self.connect("10.0.0.2", 1))
+        (line,) = self.lines()
+        self.assertIn("10.0.0.1:3", line)
+        self.assertIn("from one address", line)
+        assert first is not None
+        first.connectionLost(Failure(Exception("gone")))
+        self.assertIsNotNone(self.connect("10.0.0.1", 4))
+
+    def test_total(self) -> None:
+        """
+        With a total cap of 3, the fourth connection is refused whatever its
+        host.
+        """
+        self.factory.limitConnections(3, None)
+        for i in range(3):
+            self.assertIsNotNone(self.connect(f"10.0.0.{i}", 1))
+        self.assertIsNone(self.connect("10.0.0.9", 1))
+        (line,) = self.lines()
+        self.assertIn("3 connections are open", line)
+
+    def test_logRateLimited(self) -> None:
+        """
+        A flood of refused connections logs one line per
+        C{REFUSAL_LOG_INTERVAL}, counting those refused in between.
+        """
+        self.factory.limitConnections(1, None)
+        self.connect("10.0.0.1", 1)
+        for i in range(100):
+            self.assertIsNone(self.connect("10.0.0.2", i))
+        self.assertEqual(len(self.lines()), 1)
+        self.clock.advance(P2PFactory.REFUSAL_LOG_INTERVAL)
+        self.assertIsNone(self.connect("10.0.0.2", 999))
+        lines = self.lines()
+        self.assertEqual(len(lines), 2)
+        self.assertIn("100 refused", lines[1])
+
+    def test_outgoingNotLimited(self) -> None:
+        """
+        A connecting (not listening) factory is never capped.
+        """
+        factory = P2PFactory(CONNECTOR, RecordingHandler(), self.clock, listening=False)
+        factory.limitConnections(0, 0)
+        self.assertIsNotNone(factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 1)))

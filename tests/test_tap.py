@@ -407,6 +407,20 @@ class DirectoryAndTimingTests(OptionsTestCase):
         options = parse("--id", "0")
         self.assertEqual((options["share"], options["state"]), ("node0/files", "node0/state"))
 
+    def test_connectionLimits(self) -> None:
+        """
+        C{--max-connections} (default 512) and
+        C{--max-connections-per-address} (default 64) reach the node's
+        config; zero or negative values are refused.
+        """
+        config = parse("--id", "4").nodeConfig()
+        self.assertEqual((config.maxConnections, config.maxConnectionsPerAddress), (512, 64))
+        config = parse("--id", "4", "--max-connections", "10", "--max-connections-per-address", "3").nodeConfig()
+        self.assertEqual((config.maxConnections, config.maxConnectionsPerAddress), (10, 3))
+        for option in ("--max-connections", "--max-connections-per-address"):
+            for bad in ("0", "-1", "x"):
+                self.assertUsageError("--id", "4", option, bad)
+
     def test_directoriesGiven(self) -> None:
         """
         Given directories are kept as they are.
