@@ -40,6 +40,7 @@ from p2pfiles.heartbeat import EpochStore, HeartbeatCoordinator
 from p2pfiles.identity import NodeCertificate, Pins, stateIdentity
 from p2pfiles.localindex import LocalIndex
 from p2pfiles.membership import Membership
+from p2pfiles.admission import ConnectionLimits
 from p2pfiles.protocol import IConnectionHandler, LocalIdentity, P2PFactory, P2PProtocol
 from p2pfiles.session import IRequestContext, RequestSession
 from p2pfiles.status import StatusBoard
@@ -78,6 +79,7 @@ class NodeConfig:
         leaseTTL: float = DEFAULT_TTL,
         maxConnections: Optional[int] = 512,
         maxConnectionsPerAddress: Optional[int] = 64,
+        idleTimeout: Optional[float] = 60.0,
     ) -> None:
         # certificate: the node's TLS identity; None to keep it in the state
         # directory (made there on the first start).  etcd: the endpoints
@@ -100,6 +102,8 @@ class NodeConfig:
         # Caps on incoming connections: in all, and from one host.
         self.maxConnections = maxConnections
         self.maxConnectionsPerAddress = maxConnectionsPerAddress
+        # Seconds a request connection may stay open with no request.
+        self.idleTimeout = idleTimeout
 
 
 def _stateIdentity(state: FilePath) -> NodeCertificate:
@@ -274,7 +278,7 @@ class Node(MultiService):
         factory.handler = lambda: Incoming(self._route)
         factory.perConnection = True
         factory.onRejected = self.board.rejected
-        factory.limitConnections(self.config.maxConnections, self.config.maxConnectionsPerAddress)
+        factory.limits = ConnectionLimits(self.reactor, self.config.maxConnections, self.config.maxConnectionsPerAddress)
         self.factories.append(factory)
         return factory
 
@@ -283,7 +287,7 @@ class Node(MultiService):
         assert peer is not None
         if peer.role == "node" and peer.purpose == "control":
             return self._controlSession()
-        return RequestSession(self.context)
+        return RequestSession(self.context, self.config.idleTimeout)
 
     def _controlSession(self) -> ControlSession:
         return ControlSession(self.controlHandlers, self._controlReady, self._controlClosed)

@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from p2pfiles import auth
+from p2pfiles.admission import ConnectionLimits
 from p2pfiles.channel import ChannelError, IChannelBinding, IConnectionSecurity
 from p2pfiles.waiting import Once
 from p2pfiles.wire import MAX_FRAME, PROTOCOL_VERSION, Message, WireError, decode, encode
@@ -174,8 +175,7 @@ class P2PProtocol(Int32StringReceiver):
     # frame is a broken or hostile peer.
     MAX_LENGTH = MAX_FRAME
 
-    # Before authentication only hello, auth, ready and error are legal, each
-    # well under 1 KiB: a stranger gets 8 KiB per frame, not a megabyte.
+    # Before authentication only hello/auth/ready/error are legal, each < 1 KiB.
     PREAUTH_MAX_LENGTH = 8 * 1024
 
     peer: Optional[PeerInfo] = None
@@ -424,7 +424,7 @@ class P2PProtocol(Int32StringReceiver):
             if end - offset < 4:
                 break
             (length,) = unpack("!I", data[offset : offset + 4])
-            if length > self.frameLimit():
+            if length > (self.MAX_LENGTH if self._expecting == "open" else self.PREAUTH_MAX_LENGTH):
                 self.lengthLimitExceeded(length)
                 return
             frameEnd = offset + 4 + length
@@ -436,19 +436,12 @@ class P2PProtocol(Int32StringReceiver):
         if offset < end and self._dropReason is None:
             self._buffer = data[offset:]
 
-    def frameLimit(self) -> int:
-        """
-        The longest frame accepted now: L{PREAUTH_MAX_LENGTH} until the
-        handshake has finished, L{MAX_LENGTH} after.
-        """
-        return self.MAX_LENGTH if self._expecting == "open" else self.PREAUTH_MAX_LENGTH
-
     def lengthLimitExceeded(self, length: int) -> None:
-        when = "" if self._expecting == "open" else " before authentication"
-        self.drop(
-            f"frame of {length} bytes exceeds the limit of {self.frameLimit()}{when}",
-            code="protocol",
-        )
+        if self._expecting == "open":
+            limit, when = self.MAX_LENGTH, ""
+        else:
+            limit, when = self.PREAUTH_MAX_LENGTH, " before authentication"
+        self.drop(f"frame of {length} bytes exceeds the limit of {limit}{when}", code="protocol")
 
     def sendString(self, string: bytes) -> None:
         self.transport.write(pack("!I", len(string)) + string)
@@ -660,17 +653,13 @@ class P2PFactory(Factory):
     handlers, never on the protocol.
     """
 
-    log = Logger()
     protocol = P2PProtocol
     # Connections are logged by the protocol, with who is at the other end.
     noisy = False
     # Called with (reason, code, peer) when a connection is dropped.
     onRejected: Optional[Callable[[str, str, str], None]] = None
-    # Caps on incoming connections (see L{limitConnections}); None: no cap.
-    maxConnections: Optional[int] = None
-    maxPerAddress: Optional[int] = None
-    # At most one "refused a connection" line per this many seconds.
-    REFUSAL_LOG_INTERVAL = 10.0
+    # Caps on incoming connections (a L{ConnectionLimits}); None: no cap.
+    limits: Optional[ConnectionLimits] = None
 
     def __init__(
         self,
@@ -688,48 +677,6 @@ class P2PFactory(Factory):
         self.expectedNode = expectedNode
         self.perConnection = perConnection
         self.protocols: Set[P2PProtocol] = set()
-        self._refusedSince = 0
-        self._lastRefusalLog: Optional[float] = None
-
-    def limitConnections(self, total: Optional[int], perAddress: Optional[int]) -> None:
-        """
-        Refuse, at connect time, a new connection that would make more
-        than C{total} open at once, or more than C{perAddress} from one
-        host, so that no one peer (member or stranger) can use up this
-        end's memory or file descriptors.  None lifts a cap.
-        """
-        self.maxConnections = total
-        self.maxPerAddress = perAddress
-
-    def _overLimit(self, addr: Any) -> Optional[str]:
-        if self.maxConnections is not None and len(self.protocols) >= self.maxConnections:
-            return f"{len(self.protocols)} connections are open, the most allowed"
-        host = getattr(addr, "host", None)
-        if self.maxPerAddress is not None and host is not None:
-            count = 0
-            for protocol in self.protocols:
-                peer = protocol.transport.getPeer() if protocol.transport else None
-                if getattr(peer, "host", None) == host:
-                    count += 1
-            if count >= self.maxPerAddress:
-                return f"{count} connections from {host} are open, the most allowed from one address"
-        return None
-
-    def _logRefusal(self, addr: Any, why: str) -> None:
-        # Rate-limited: a flood of connections makes one line per interval.
-        self._refusedSince += 1
-        now = self.clock.seconds()
-        if self._lastRefusalLog is not None and now - self._lastRefusalLog < self.REFUSAL_LOG_INTERVAL:
-            return
-        where = f"{addr.host}:{addr.port}" if hasattr(addr, "host") else str(addr)
-        self.log.warn(
-            "refused a connection from {where}: {why} ({count} refused since the last such line)",
-            where=where,
-            why=why,
-            count=self._refusedSince,
-        )
-        self._lastRefusalLog = now
-        self._refusedSince = 0
 
     def closeAll(self) -> Deferred:
         """
@@ -742,12 +689,10 @@ class P2PFactory(Factory):
         return DeferredList(waiting)
 
     def buildProtocol(self, addr: Any) -> Optional[P2PProtocol]:  # type: ignore[override]
-        if self.listening:
-            why = self._overLimit(addr)
-            if why is not None:
-                self._logRefusal(addr, why)
-                # No protocol: the reactor closes the new socket at once.
-                return None
+        if self.listening and self.limits is not None:
+            hosts = (getattr(p.transport.getPeer(), "host", None) for p in self.protocols if p.transport)
+            if not self.limits.admit(addr, hosts):
+                return None  # the reactor closes the new socket at once
         handler = self.handler() if self.perConnection else self.handler
         p = self.protocol(self.identity, handler, self.clock, self.listening, self.expectedNode)
         p.factory = self

@@ -147,8 +147,16 @@ class RequestSession:
 
     log = Logger()
 
-    def __init__(self, context: IRequestContext) -> None:
+    def __init__(self, context: IRequestContext, idleTimeout: Optional[float] = None) -> None:
+        """
+        @param idleTimeout: seconds an authenticated connection may stay
+            with no request in flight (idle, not watching, nothing sent or
+            fetched) before it is closed; None to keep it open for good.
+        """
         self.context = context
+        self.idleTimeout = idleTimeout
+        self._idleTimer: Any = None
+        self._lastActive = 0.0
         self.state = IDLE
         self.connection: Optional[P2PProtocol] = None
         self._stopWatching: Optional[Callable[[], None]] = None
@@ -169,8 +177,37 @@ class RequestSession:
 
     def connectionReady(self, connection: P2PProtocol) -> None:
         self.connection = connection
+        if self.idleTimeout is not None:
+            self._lastActive = self.context.clock.seconds()
+            self._idleTimer = self.context.clock.callLater(self.idleTimeout, self._idleCheck)
+
+    def _busy(self) -> bool:
+        """
+        True while a request is in flight: a watch, a transfer, an index
+        or a listing being sent, a fetch.
+        """
+        return self.state != IDLE or self._transfer is not None or self._pending is not None
+
+    def _idleCheck(self) -> None:
+        self._idleTimer = None
+        if self.state == CLOSED or self.connection is None or self.idleTimeout is None:
+            return
+        now = self.context.clock.seconds()
+        if self._busy():
+            self._lastActive = now
+        idle = now - self._lastActive
+        if idle >= self.idleTimeout:
+            self.log.info(
+                "closing {peer}: no request for {seconds:g} seconds",
+                peer=self.connection.describePeer(),
+                seconds=idle,
+            )
+            self.connection.close()
+            return
+        self._idleTimer = self.context.clock.callLater(self.idleTimeout - idle, self._idleCheck)
 
     def messageReceived(self, connection: P2PProtocol, message: Message) -> None:
+        self._lastActive = self.context.clock.seconds()
         handler = self.handlers.get(message.type)
         if handler is None:
             raise ProtocolViolation(f"{message.type} is not accepted on a request connection")
@@ -197,6 +234,9 @@ class RequestSession:
         state.
         """
         self.state = CLOSED
+        timer, self._idleTimer = self._idleTimer, None
+        if timer is not None and timer.active():
+            timer.cancel()
         if self._stopWatching is not None:
             stop, self._stopWatching = self._stopWatching, None
             stop()
@@ -434,8 +474,9 @@ class RequestSession:
     def _restingState(self) -> str:
         """
         Where a session returns when a request is done: still watching if
-        it watches.
+        it watches.  The idle timeout counts from here.
         """
+        self._lastActive = self.context.clock.seconds()
         return WATCHING if self._stopWatching is not None else IDLE
 
     def progress(self) -> int:

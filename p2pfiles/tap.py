@@ -182,6 +182,13 @@ class Options(usage.Options):
             _atLeastOne,
         ],
         [
+            "idle-timeout",
+            None,
+            60.0,
+            "Seconds an authenticated request connection may stay open with no request in flight.",
+            _positive,
+        ],
+        [
             "coordinator",
             None,
             "builtin",
@@ -388,6 +395,7 @@ class Options(usage.Options):
             leaseTTL=self["lease-ttl"] or DEFAULT_TTL,
             maxConnections=self["max-connections"],
             maxConnectionsPerAddress=self["max-connections-per-address"],
+            idleTimeout=self["idle-timeout"],
         )
 
 

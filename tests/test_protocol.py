@@ -21,6 +21,7 @@ from twisted.test.iosim import FakeTransport, IOPump, connect
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2pfiles import auth
+from p2pfiles.admission import ConnectionLimits
 from p2pfiles.protocol import (
     HANDSHAKE_TIMEOUT,
     IConnectionHandler,
@@ -1094,7 +1095,7 @@ class FactoryTests(SynchronousTestCase):
 
 class ConnectionLimitTests(SynchronousTestCase):
     """
-    L{P2PFactory.limitConnections}: a listening factory refuses, at connect
+    A listening L{P2PFactory} with L{ConnectionLimits} refuses, at connect
     time, connections over its total and per-address caps, and says so in a
     rate-limited log line.
     """
@@ -1102,7 +1103,7 @@ class ConnectionLimitTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.events: List[dict] = []
-        self.patch(P2PFactory, "log", Logger(observer=self.events.append))
+        self.patch(ConnectionLimits, "log", Logger(observer=self.events.append))
         self.factory = P2PFactory(LISTENER, lambda: RecordingHandler(), self.clock, listening=True, perConnection=True)
 
     def connect(self, host: str, port: int) -> Optional[P2PProtocol]:
@@ -1121,7 +1122,7 @@ class ConnectionLimitTests(SynchronousTestCase):
         refused while another host still connects; once one closes, the
         first host may connect again.
         """
-        self.factory.limitConnections(None, 2)
+        self.factory.limits = ConnectionLimits(self.clock, None, 2)
         first = self.connect("10.0.0.1", 1)
         self.assertIsNotNone(self.connect("10.0.0.1", 2))
         self.assertIsNone(self.connect("10.0.0.1", 3))
@@ -1138,7 +1139,7 @@ class ConnectionLimitTests(SynchronousTestCase):
         With a total cap of 3, the fourth connection is refused whatever its
         host.
         """
-        self.factory.limitConnections(3, None)
+        self.factory.limits = ConnectionLimits(self.clock, 3, None)
         for i in range(3):
             self.assertIsNotNone(self.connect(f"10.0.0.{i}", 1))
         self.assertIsNone(self.connect("10.0.0.9", 1))
@@ -1147,24 +1148,25 @@ class ConnectionLimitTests(SynchronousTestCase):
 
     def test_logRateLimited(self) -> None:
         """
-        A flood of refused connections logs one line per
-        C{REFUSAL_LOG_INTERVAL}, counting those refused in between.
+        A flood of refused connections logs one line per C{LOG_INTERVAL},
+        counting those refused in between.
         """
-        self.factory.limitConnections(1, None)
+        self.factory.limits = limits = ConnectionLimits(self.clock, 1, None)
         self.connect("10.0.0.1", 1)
         for i in range(100):
             self.assertIsNone(self.connect("10.0.0.2", i))
         self.assertEqual(len(self.lines()), 1)
-        self.clock.advance(P2PFactory.REFUSAL_LOG_INTERVAL)
+        self.clock.advance(ConnectionLimits.LOG_INTERVAL)
         self.assertIsNone(self.connect("10.0.0.2", 999))
         lines = self.lines()
         self.assertEqual(len(lines), 2)
         self.assertIn("100 refused", lines[1])
+        self.assertEqual(limits.refused, 101)
 
     def test_outgoingNotLimited(self) -> None:
         """
         A connecting (not listening) factory is never capped.
         """
         factory = P2PFactory(CONNECTOR, RecordingHandler(), self.clock, listening=False)
-        factory.limitConnections(0, 0)
+        factory.limits = ConnectionLimits(self.clock, 0, 0)
         self.assertIsNotNone(factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 1)))

@@ -253,9 +253,15 @@ class Connection:
     handshake by hand as C{identity}.
     """
 
-    def __init__(self, case: SynchronousTestCase, context: FakeContext, identity: LocalIdentity = CLIENT) -> None:
+    def __init__(
+        self,
+        case: SynchronousTestCase,
+        context: FakeContext,
+        identity: LocalIdentity = CLIENT,
+        idleTimeout: Optional[float] = None,
+    ) -> None:
         self.case = case
-        self.session = RequestSession(context)
+        self.session = RequestSession(context, idleTimeout)
         listener = plainIdentity(
             "node", context.me, MY_ADDRESS, b"", "request", PlainSecurity(peer=identity.fingerprint)
         )
@@ -1338,6 +1344,75 @@ class IndexSinceTests(Case):
         (logged,) = [e for e in self.events if "log_failure" in e]
         self.assertTrue(logged["log_failure"].check(ZeroDivisionError))
         self.assertEqual(connection.session.state, IDLE)
+
+
+class IdleTimeoutTests(Case):
+    """
+    A request connection with no request in flight is closed after its
+    idle timeout; a watch or a fetch in flight keeps it open.
+    """
+
+    def connectIdle(self) -> Connection:
+        return Connection(self, self.context, CLIENT, idleTimeout=60.0)
+
+    def test_idleCloses(self) -> None:
+        """
+        A connection that asks nothing is closed 60 seconds after it
+        authenticated, not before; no timer is left.
+        """
+        connection = self.connectIdle()
+        self.context.clock.advance(59.9)
+        self.assertFalse(connection.transport.disconnecting)
+        self.context.clock.advance(0.1)
+        self.assertTrue(connection.transport.disconnecting)
+        connection.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertNoTimers()
+
+    def test_requestRestarts(self) -> None:
+        """
+        Each request starts the idle time again.
+        """
+        connection = self.connectIdle()
+        self.context.clock.advance(50)
+        connection.send(Message("status", watch=False))
+        self.context.clock.advance(50)
+        self.assertFalse(connection.transport.disconnecting)
+        self.context.clock.advance(10)
+        self.assertTrue(connection.transport.disconnecting)
+
+    def test_watchStaysOpen(self) -> None:
+        """
+        A connection watching status has a request in flight: it stays
+        open however long no change comes.
+        """
+        connection = self.connectIdle()
+        connection.send(Message("status", watch=True))
+        self.context.clock.advance(3600)
+        self.assertFalse(connection.transport.disconnecting)
+
+    def test_fetchStaysOpen(self) -> None:
+        """
+        A fetch in flight keeps the connection open; once it is answered
+        the idle time counts from the answer.
+        """
+        connection = self.connectIdle()
+        connection.send(Message("fetch", name="a.txt", overwrite=False))
+        self.context.clock.advance(600)
+        self.assertFalse(connection.transport.disconnecting)
+        ((name, overwrite, d),) = self.context.fetches
+        d.callback(Message("fetched", name="a.txt", size=3, sha256="a" * 64, already=False))
+        self.context.clock.advance(59)
+        self.assertFalse(connection.transport.disconnecting)
+        self.context.clock.advance(1)
+        self.assertTrue(connection.transport.disconnecting)
+
+    def test_noTimeoutByDefault(self) -> None:
+        """
+        Without an idle timeout a session sets no timer.
+        """
+        self.connect()
+        self.context.clock.advance(3600)
+        self.assertNoTimers()
 
 
 class RequestContextTests(SynchronousTestCase):
