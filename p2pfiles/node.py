@@ -80,6 +80,7 @@ class NodeConfig:
         maxConnections: Optional[int] = 512,
         maxConnectionsPerAddress: Optional[int] = 64,
         idleTimeout: Optional[float] = 60.0,
+        maxMembers: Optional[int] = 64,
     ) -> None:
         # certificate: the node's TLS identity; None to keep it in the state
         # directory (made there on the first start).  etcd: the endpoints
@@ -104,6 +105,8 @@ class NodeConfig:
         self.maxConnectionsPerAddress = maxConnectionsPerAddress
         # Seconds a request connection may stay open with no request.
         self.idleTimeout = idleTimeout
+        # Most members this node links to besides the configured ones.
+        self.maxMembers = maxMembers
 
 
 def _stateIdentity(state: FilePath) -> NodeCertificate:
@@ -190,6 +193,7 @@ class Node(MultiService):
         self.localIndex.subscribe(self._localChanges)
         self._localReady = Once()
         self.membership = Membership(config.id, config.address, self.identity, reactor, self._controlSession)
+        self.membership.maxMembers = config.maxMembers
         self.membership.setServiceParent(self)
         self.coordinator: INodeCoordinator
         if config.etcd:

@@ -181,6 +181,7 @@ class Options(usage.Options):
             "Most incoming connections open at once from one host; more are refused.",
             _atLeastOne,
         ],
+        ["max-members", None, 64, "Most members this node knows and links to; more are not learned.", _atLeastOne],
         [
             "idle-timeout",
             None,
@@ -396,6 +397,7 @@ class Options(usage.Options):
             maxConnections=self["max-connections"],
             maxConnectionsPerAddress=self["max-connections-per-address"],
             idleTimeout=self["idle-timeout"],
+            maxMembers=self["max-members"],
         )
 
 

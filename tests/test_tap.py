@@ -419,6 +419,8 @@ class DirectoryAndTimingTests(OptionsTestCase):
         config = parse("--id", "4", "--max-connections", "10", "--max-connections-per-address", "3").nodeConfig()
         self.assertEqual((config.maxConnections, config.maxConnectionsPerAddress), (10, 3))
         self.assertEqual(parse("--id", "4").nodeConfig().idleTimeout, 60.0)
+        self.assertEqual(parse("--id", "4").nodeConfig().maxMembers, 64)
+        self.assertEqual(parse("--id", "4", "--max-members", "5").nodeConfig().maxMembers, 5)
         self.assertEqual(parse("--id", "4", "--idle-timeout", "2.5").nodeConfig().idleTimeout, 2.5)
         for option in ("--max-connections", "--max-connections-per-address", "--idle-timeout"):
             for bad in ("0", "-1", "x"):
