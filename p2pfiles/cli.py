@@ -46,7 +46,7 @@ from p2pfiles.names import BadName, checkName
 from p2pfiles.partfile import PartialFile, StreamSink
 from p2pfiles.progress import Progress, humanSize
 from p2pfiles.transfer import download
-from p2pfiles.wire import Message
+from p2pfiles.wire import FileEntry, Message, WireError
 
 DEFAULT_NODE = "127.0.0.1:9001"
 
@@ -223,7 +223,7 @@ def formatStatus(status: Dict[str, Any]) -> str:
         else:
             role = "-"
         lines.append(
-            f"  {member['id']:>4}  {member['address']:<24} {'yes' if member['alive'] else 'no':<6} {role}"
+            f"  {member['id']:>4}  {shownText(str(member['address'])):<24} {'yes' if member['alive'] else 'no':<6} {role}"
         )
     for refusal in status.get("refused", []):
         lines.append(f"  warning: node {refusal['id']} refuses this node's link: {refusal['reason']}")
@@ -301,14 +301,51 @@ async def _follow(
     raise P2PError(f"node {gone} went away, and no other member it knew answered", "unreachable")
 
 
+def shownText(text: str) -> str:
+    """
+    C{text} safe to print in a table: every character that is not
+    printable (ESC, newline, NUL, bidi controls...) written as its Python
+    escape (C{\\x1b}, C{\\n}), so that a name cannot colour the
+    terminal or add a row.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def checkListing(files: Any) -> List[Dict[str, Any]]:
+    """
+    C{files} if every row is a well-formed listing row (a name, a size from
+    0 to 2**63 - 1, a 64-digit sha256, holders that are ids); a
+    L{P2PError} ("protocol") naming the first bad row otherwise, so that
+    whatever a node sends, C{ls} prints a table or one line.
+    """
+    if not isinstance(files, list):
+        raise P2PError("the leader sent a listing that is not a list", "protocol")
+    for i, row in enumerate(files):
+        if not isinstance(row, dict):
+            raise P2PError(f"the leader sent a bad listing: row {i} is not an object", "protocol")
+        try:
+            FileEntry.fromDict({**row, "mtime": 0})
+        except WireError as e:
+            raise P2PError(f"the leader sent a bad listing: row {i}: {e}", "protocol") from None
+        holders = row.get("holders")
+        if not isinstance(holders, list) or not all(
+            isinstance(h, int) and not isinstance(h, bool) and h >= 0 for h in holders
+        ):
+            raise P2PError(f"the leader sent a bad listing: row {i}: holders are not ids", "protocol")
+    return files
+
+
 def formatListing(files: List[Dict[str, Any]]) -> str:
     if not files:
         return "no files shared"
-    width = min(max(len(f["name"]) for f in files), 60)
+    names = [shownText(f["name"]) for f in files]
+    width = min(max(len(name) for name in names), 60)
     lines = [f"{'NAME':<{width}}  {'SIZE':>10}  {'HOLDERS':<12} SHA256"]
-    for f in files:
+    for name, f in zip(names, files):
         holders = ",".join(str(h) for h in f["holders"])
-        lines.append(f"{f['name']:<{width}}  {humanSize(f['size']):>10}  {holders:<12} {f['sha256'][:12]}")
+        lines.append(f"{name:<{width}}  {humanSize(f['size']):>10}  {holders:<12} {f['sha256'][:12]}")
     return "\n".join(lines)
 
 
@@ -317,7 +354,7 @@ async def lsCommand(reactor: Any, args: argparse.Namespace, out: TextIO, err: Te
         reactor, args.node, b"", Message("ls"), args.timeout, _identity(args)
     )
     try:
-        files = await receiveListing(reactor, connection, reply, args.timeout, args.node)
+        files = checkListing(await receiveListing(reactor, connection, reply, args.timeout, args.node))
     finally:
         connection.close()
     if args.json:

@@ -11,8 +11,17 @@ The rules:
   - A member is live while its control link is up and it has been heard from
     within C{leaderTimeout}; this node is always live to itself.
   - Every heartbeat carries the sender's epoch and the leader it follows.  A
-    higher epoch is adopted at once, with its leader; a leadership claim with
-    a lower epoch is answered with a L{Stale} notice naming the current one.
+    node follows a leader only on that leader's own word (the sender is the
+    leader it names), and only when the claim agrees with the rule as this
+    node sees it: no live id smaller than the claimant is known here that
+    itself claims to lead (this node counts when it leads and is ready).  Such a claim
+    with a higher epoch is adopted at once; a leadership claim with a lower
+    epoch is answered with a L{Stale} notice naming the current one.  Any
+    other claim (a member naming another leader, or a larger id while a
+    smaller live one leads) is answered with a L{Stale} notice, logged once
+    per sender and epoch, and not adopted; a leader that sees one with a
+    higher epoch moves above it and claims again, so epochs only go up and
+    a bad member cannot move the leadership.
   - A node claims leadership, with an epoch one above the highest it has
     seen, when it is the smallest live id and it is I{ready}: it has heard a
     heartbeat from every peer it knows of, or C{leaderTimeout} has passed
@@ -23,7 +32,7 @@ The rules:
     C{leaderTimeout}, forgets it; the smallest live id then claims.
 """
 
-from typing import Dict, Iterable, List, Optional, Set
+from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -98,6 +107,10 @@ class ElectionState:
         self._links: Dict[int, Optional[float]] = {}
         self._known: Set[int] = set(knownPeers) - {me}
         self._heard: Set[int] = set()
+        # Each member's leader, as its latest heartbeat named it.
+        self._says: Dict[int, Optional[int]] = {}
+        # (sender, epoch) of claims refused, so each is logged once.
+        self._refused: Set[Tuple[int, int]] = set()
 
     # What the node asks.
 
@@ -141,6 +154,7 @@ class ElectionState:
         The last control link to C{member} closed.
         """
         self._links.pop(member, None)
+        self._says.pop(member, None)
         if member == self.leader:
             self._loseLeader(f"link to leader {member} closed")
         return self._evaluate()
@@ -153,9 +167,19 @@ class ElectionState:
         self._links[sender] = now
         self._known.add(sender)
         self._heard.add(sender)
+        self._says[sender] = leader
         actions: List[object] = []
+        if leader is not None and (epoch > self.epoch or (epoch == self.epoch and leader != self.leader)):
+            if sender != leader and self.isLive(leader):
+                # A member reporting whom it follows: wait for that
+                # leader's own heartbeat.
+                return self._evaluate()
+            refusal = self._refusal(sender, epoch, leader)
+            if refusal is not None:
+                return [refusal] + self._evaluate()
         if epoch > self.epoch:
-            self._adopt(epoch, leader, f"heartbeat from {sender}")
+            if leader is not None:
+                self._adopt(epoch, leader, f"heartbeat from {sender}")
         elif epoch == self.epoch and leader is not None and leader != self.leader:
             if self.leader == self.me:
                 # Two leaders in one epoch (a healed split).  The smaller id
@@ -171,6 +195,46 @@ class ElectionState:
             if stale is not None:
                 actions.append(stale)
         return actions + self._evaluate()
+
+    def _refusal(self, sender: int, epoch: int, leader: int) -> Optional[Stale]:
+        """
+        If C{sender}'s claim that C{leader} leads C{epoch} is not one to
+        follow (see the module's rules), log it once and return the
+        L{Stale} answer; a leader seeing it with a higher epoch moves its
+        own epoch above it and claims again.  None if the claim is sound.
+        """
+        why = None
+        if sender != leader:
+            why = f"node {sender} names {leader} as leader, not on {leader}'s own word"
+        else:
+            for member in self.liveMembers():
+                if member >= leader:
+                    break
+                # This node defers unless it leads, is ready and holds an
+                # epoch no older than the claim: otherwise it learns the
+                # newer epoch, and claims above it at once if it should.
+                if member == self.me:
+                    leads = self.role == LEADER and self.isReady() and epoch <= self.epoch
+                else:
+                    leads = self._says.get(member) == member
+                if leads:
+                    why = f"node {member} is live and leads, and is smaller than {leader}"
+                    break
+        if why is None:
+            return None
+        if (sender, epoch) not in self._refused:
+            self._refused.add((sender, epoch))
+            self.log.warn(
+                "refused the claim of {sender} that {leader} leads epoch {epoch}: {why}",
+                sender=sender,
+                leader=leader,
+                epoch=epoch,
+                why=why,
+            )
+        if self.role == LEADER and epoch > self.epoch:
+            self.epoch = epoch
+            self._loseLeader(f"a claim of epoch {epoch} to move above")
+        return Stale(sender, self.epoch, self.leader)
 
     def staleFrom(self, sender: int, epoch: int) -> Optional[Stale]:
         """
@@ -192,7 +256,13 @@ class ElectionState:
         C{sender} told us our epoch is old.
         """
         if epoch > self.epoch:
-            self._adopt(epoch, leader, f"stale notice from {sender}")
+            # Pointed at a newer epoch: its leader is followed on its own
+            # word only; a leader moves above any other.
+            if sender == leader and self._refusal(sender, epoch, leader) is None:
+                self._adopt(epoch, leader, f"stale notice from {sender}")
+            elif self.role == LEADER:
+                self.epoch = epoch
+                self._loseLeader(f"stale notice from {sender}: epoch {epoch}")
         return self._evaluate()
 
     def tick(self) -> List[object]:

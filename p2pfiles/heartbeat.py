@@ -168,15 +168,19 @@ class HeartbeatCoordinator:
 
     def heartbeatReceived(self, sender: int, message: Message) -> None:
         """
-        Learn the members C{message} lists (the sender and those it sees as
-        live, so that knowledge spreads), then let the election hear it.
+        Let the election hear it; then, if C{sender} is the leader this
+        node follows (or this node follows none yet, so that a node
+        configured with one peer finds the rest), learn the members it
+        lists.  While a leader is followed no other member's list is taken:
+        a bad member cannot make this node link to made-up ids.
         """
         if self.stopping:
             return
-        for member, address in message.members:
-            if self.learn(member, address):
-                self.election.peerKnown(member)
         self._apply(self.election.heartbeatReceived(sender, message.epoch, message.leader))
+        if self.election.leader in (sender, None):
+            for member, address in message.members:
+                if self.learn(member, address):
+                    self.election.peerKnown(member)
         self._notify()
 
     def staleReceived(self, sender: int, message: Message) -> None:

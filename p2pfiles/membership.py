@@ -213,6 +213,9 @@ class Membership(MultiService):
         self.handlerFor = handlerFor
         self.members: Dict[int, Member] = {}
         self.refused: Dict[int, str] = {}
+        # Most members learned (configured ones always count and are kept).
+        self.maxMembers: Optional[int] = None
+        self._capWarned = False
         self.onLinkUp: Callable[[int], None] = lambda member: None
         self.onLinkDown: Callable[[int], None] = lambda member: None
         self.onLinkLost: Callable[[int], None] = lambda member: None
@@ -247,6 +250,16 @@ class Membership(MultiService):
         Return True if it was new.
         """
         if member == self.me or member in self.members:
+            return False
+        if not configured and self.maxMembers is not None and len(self.members) >= self.maxMembers:
+            if not self._capWarned:
+                self._capWarned = True
+                self.log.warn(
+                    "not linking to node {id} at {address}: {most} members known, the most allowed (--max-members)",
+                    id=member,
+                    address=address,
+                    most=self.maxMembers,
+                )
             return False
         self.members[member] = record = Member(member, address, configured)
         factory = P2PFactory(

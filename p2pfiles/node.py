@@ -40,6 +40,7 @@ from p2pfiles.heartbeat import EpochStore, HeartbeatCoordinator
 from p2pfiles.identity import NodeCertificate, Pins, stateIdentity
 from p2pfiles.localindex import LocalIndex
 from p2pfiles.membership import Membership
+from p2pfiles.admission import ConnectionLimits
 from p2pfiles.protocol import IConnectionHandler, LocalIdentity, P2PFactory, P2PProtocol
 from p2pfiles.session import IRequestContext, RequestSession
 from p2pfiles.status import StatusBoard
@@ -76,6 +77,10 @@ class NodeConfig:
         etcd: Sequence[str] = (),
         coordinatorPrefix: str = DEFAULT_PREFIX,
         leaseTTL: float = DEFAULT_TTL,
+        maxConnections: Optional[int] = 512,
+        maxConnectionsPerAddress: Optional[int] = 64,
+        idleTimeout: Optional[float] = 60.0,
+        maxMembers: Optional[int] = 64,
     ) -> None:
         # certificate: the node's TLS identity; None to keep it in the state
         # directory (made there on the first start).  etcd: the endpoints
@@ -95,6 +100,13 @@ class NodeConfig:
         self.etcd = tuple(etcd)
         self.coordinatorPrefix = coordinatorPrefix
         self.leaseTTL = leaseTTL
+        # Caps on incoming connections: in all, and from one host.
+        self.maxConnections = maxConnections
+        self.maxConnectionsPerAddress = maxConnectionsPerAddress
+        # Seconds a request connection may stay open with no request.
+        self.idleTimeout = idleTimeout
+        # Most members this node links to besides the configured ones.
+        self.maxMembers = maxMembers
 
 
 def _stateIdentity(state: FilePath) -> NodeCertificate:
@@ -181,6 +193,7 @@ class Node(MultiService):
         self.localIndex.subscribe(self._localChanges)
         self._localReady = Once()
         self.membership = Membership(config.id, config.address, self.identity, reactor, self._controlSession)
+        self.membership.maxMembers = config.maxMembers
         self.membership.setServiceParent(self)
         self.coordinator: INodeCoordinator
         if config.etcd:
@@ -269,6 +282,7 @@ class Node(MultiService):
         factory.handler = lambda: Incoming(self._route)
         factory.perConnection = True
         factory.onRejected = self.board.rejected
+        factory.limits = ConnectionLimits(self.reactor, self.config.maxConnections, self.config.maxConnectionsPerAddress)
         self.factories.append(factory)
         return factory
 
@@ -277,7 +291,7 @@ class Node(MultiService):
         assert peer is not None
         if peer.role == "node" and peer.purpose == "control":
             return self._controlSession()
-        return RequestSession(self.context)
+        return RequestSession(self.context, self.config.idleTimeout)
 
     def _controlSession(self) -> ControlSession:
         return ControlSession(self.controlHandlers, self._controlReady, self._controlClosed)

@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from p2pfiles import auth
+from p2pfiles.admission import ConnectionLimits
 from p2pfiles.channel import ChannelError, IChannelBinding, IConnectionSecurity
 from p2pfiles.waiting import Once
 from p2pfiles.wire import MAX_FRAME, PROTOCOL_VERSION, Message, WireError, decode, encode
@@ -173,6 +174,9 @@ class P2PProtocol(Int32StringReceiver):
     # larger than MAX_FRAME (1 MiB); file bytes use raw mode.  A longer
     # frame is a broken or hostile peer.
     MAX_LENGTH = MAX_FRAME
+
+    # Before authentication only hello/auth/ready/error are legal, each < 1 KiB.
+    PREAUTH_MAX_LENGTH = 8 * 1024
 
     peer: Optional[PeerInfo] = None
     channel: Optional[IChannelBinding] = None
@@ -420,7 +424,7 @@ class P2PProtocol(Int32StringReceiver):
             if end - offset < 4:
                 break
             (length,) = unpack("!I", data[offset : offset + 4])
-            if length > self.MAX_LENGTH:
+            if length > (self.MAX_LENGTH if self._expecting == "open" else self.PREAUTH_MAX_LENGTH):
                 self.lengthLimitExceeded(length)
                 return
             frameEnd = offset + 4 + length
@@ -433,10 +437,11 @@ class P2PProtocol(Int32StringReceiver):
             self._buffer = data[offset:]
 
     def lengthLimitExceeded(self, length: int) -> None:
-        self.drop(
-            f"frame of {length} bytes exceeds the limit of {self.MAX_LENGTH}",
-            code="protocol",
-        )
+        if self._expecting == "open":
+            limit, when = self.MAX_LENGTH, ""
+        else:
+            limit, when = self.PREAUTH_MAX_LENGTH, " before authentication"
+        self.drop(f"frame of {length} bytes exceeds the limit of {limit}{when}", code="protocol")
 
     def sendString(self, string: bytes) -> None:
         self.transport.write(pack("!I", len(string)) + string)
@@ -653,6 +658,8 @@ class P2PFactory(Factory):
     noisy = False
     # Called with (reason, code, peer) when a connection is dropped.
     onRejected: Optional[Callable[[str, str, str], None]] = None
+    # Caps on incoming connections (a L{ConnectionLimits}); None: no cap.
+    limits: Optional[ConnectionLimits] = None
 
     def __init__(
         self,
@@ -681,7 +688,11 @@ class P2PFactory(Factory):
             protocol.abort()
         return DeferredList(waiting)
 
-    def buildProtocol(self, addr: Any) -> P2PProtocol:
+    def buildProtocol(self, addr: Any) -> Optional[P2PProtocol]:  # type: ignore[override]
+        if self.listening and self.limits is not None:
+            hosts = (getattr(p.transport.getPeer(), "host", None) for p in self.protocols if p.transport)
+            if not self.limits.admit(addr, hosts):
+                return None  # the reactor closes the new socket at once
         handler = self.handler() if self.perConnection else self.handler
         p = self.protocol(self.identity, handler, self.clock, self.listening, self.expectedNode)
         p.factory = self

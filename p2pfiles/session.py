@@ -12,6 +12,7 @@ explicit state machine::
     idle --get (relayed)--> relaying --done---> idle
     idle --fetch----------> fetching --done---> idle
     idle --index-since----> sending-index --done---> idle
+    idle --ls-------------> sending-listing --done-> idle
 
 It owns its producer or relay and its watch, and L{connectionClosed} (an
 input in every state) cleans them up in one place.  It reaches the node only
@@ -21,6 +22,7 @@ through L{IRequestContext}: it never sees the node object.
 from typing import Any, Callable, Dict, List, Optional
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -42,6 +44,7 @@ SERVING = "serving"
 RELAYING = "relaying"
 FETCHING = "fetching"
 SENDING_INDEX = "sending-index"
+SENDING_LISTING = "sending-listing"
 CLOSED = "closed"
 
 
@@ -139,6 +142,102 @@ class IRequestContext(Interface):
         """
 
 
+@implementer(IPushProducer)
+class ListingSender:
+    """
+    Send a listing as C{listing} frames on C{connection}, registered as a
+    streaming producer: frames are written until the transport pauses it
+    (its buffer is full), and resume when it asks, so that a reader that
+    does not read stops the listing instead of growing this node's memory.
+
+    @ivar done: fires with the number of frames sent, or fails if the
+        connection went away first.
+    """
+
+    def __init__(self, connection: Any, files: List[Dict[str, Any]]) -> None:
+        self.connection = connection
+        self.frames = 0
+        self.paused = False
+        self.done: Deferred = Deferred()
+        self._parts = splitListing(files)
+
+    def start(self) -> Deferred:
+        self.connection.transport.registerProducer(self, True)
+        self.resumeProducing()
+        return self.done
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        while not self.paused and not self.done.called:
+            last = self.frames == len(self._parts) - 1
+            self.connection.sendMessage(Message("listing", files=self._parts[self.frames], last=last))
+            self.frames += 1
+            if last:
+                self.connection.transport.unregisterProducer()
+                self.done.callback(self.frames)
+
+    def stopProducing(self) -> None:
+        if not self.done.called:
+            self.done.errback(P2PError(f"connection lost after {self.frames} listing frames", "gone"))
+
+
+@implementer(IPushProducer)
+class StatusWatch:
+    """
+    A status watch as its transport sees it: a streaming producer, paused
+    while the reader does not read.  Only the latest status is kept back
+    then (and while the watch has given the transport to another answer),
+    so a reader that never reads costs one status, not a queue of them.
+    """
+
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection
+        self.paused = False
+        self.attached = False
+        self.held: Optional[Dict[str, Any]] = None
+
+    def changed(self, status: Dict[str, Any]) -> None:
+        self.held = status
+        self.flush()
+
+    def flush(self) -> None:
+        if self.held is not None and self.attached and not self.paused:
+            status, self.held = self.held, None
+            self.connection.sendMessage(Message("state", status=status))
+
+    def attach(self) -> None:
+        """
+        Take the transport (register as its producer) and send what is held.
+        """
+        if not self.attached:
+            self.attached = True
+            self.connection.transport.registerProducer(self, True)
+            self.flush()
+
+    def detach(self) -> None:
+        """
+        Give the transport up to another producer; changes are held.
+        """
+        if self.attached:
+            self.attached = False
+            if self.connection.transport is not None:
+                self.connection.transport.unregisterProducer()
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.flush()
+
+    def stopProducing(self) -> None:
+        self.paused = True
+        self.attached = False
+
+
 @implementer(IConnectionHandler)
 class RequestSession:
     """
@@ -147,14 +246,23 @@ class RequestSession:
 
     log = Logger()
 
-    def __init__(self, context: IRequestContext) -> None:
+    def __init__(self, context: IRequestContext, idleTimeout: Optional[float] = None) -> None:
+        """
+        @param idleTimeout: seconds an authenticated connection may stay
+            with no request in flight (idle, not watching, nothing sent or
+            fetched) before it is closed; None to keep it open for good.
+        """
         self.context = context
+        self.idleTimeout = idleTimeout
+        self._idleTimer: Any = None
+        self._lastActive = 0.0
         self.state = IDLE
         self.connection: Optional[P2PProtocol] = None
         self._stopWatching: Optional[Callable[[], None]] = None
         self._transfer: Any = None
         self._pending: Optional[Deferred] = None
         self._relayCount = 0
+        self._watch: Optional[StatusWatch] = None
         self.handlers: Dict[str, Callable[[Message], None]] = {
             "status": self.status,
             "ls": self.ls,
@@ -169,11 +277,42 @@ class RequestSession:
 
     def connectionReady(self, connection: P2PProtocol) -> None:
         self.connection = connection
+        if self.idleTimeout is not None:
+            self._lastActive = self.context.clock.seconds()
+            self._idleTimer = self.context.clock.callLater(self.idleTimeout, self._idleCheck)
+
+    def _busy(self) -> bool:
+        """
+        True while a request is in flight: a watch, a transfer, an index
+        or a listing being sent, a fetch.
+        """
+        return self.state != IDLE or self._transfer is not None or self._pending is not None
+
+    def _idleCheck(self) -> None:
+        self._idleTimer = None
+        if self.state == CLOSED or self.connection is None or self.idleTimeout is None:
+            return
+        now = self.context.clock.seconds()
+        if self._busy():
+            self._lastActive = now
+        idle = now - self._lastActive
+        if idle >= self.idleTimeout:
+            self.log.info(
+                "closing {peer}: no request for {seconds:g} seconds",
+                peer=self.connection.describePeer(),
+                seconds=idle,
+            )
+            self.connection.close()
+            return
+        self._idleTimer = self.context.clock.callLater(self.idleTimeout - idle, self._idleCheck)
 
     def messageReceived(self, connection: P2PProtocol, message: Message) -> None:
+        self._lastActive = self.context.clock.seconds()
         handler = self.handlers.get(message.type)
         if handler is None:
             raise ProtocolViolation(f"{message.type} is not accepted on a request connection")
+        if message.type != "error" and self.state == SENDING_LISTING:
+            raise ProtocolViolation(f"{message.type} sent while a listing is being sent")
         if message.type != "error" and self.state in (SERVING, RELAYING, SENDING_INDEX):
             # File bytes are on the way: no frame, not even the refusal,
             # may land in them.
@@ -197,13 +336,17 @@ class RequestSession:
         state.
         """
         self.state = CLOSED
+        self._watch = None
+        timer, self._idleTimer = self._idleTimer, None
+        if timer is not None and timer.active():
+            timer.cancel()
         if self._stopWatching is not None:
             stop, self._stopWatching = self._stopWatching, None
             stop()
         transfer, self._transfer = self._transfer, None
         if isinstance(transfer, Relay):
             transfer.downstreamLost()
-        elif isinstance(transfer, (FileProducer, IndexSender)):
+        elif isinstance(transfer, (FileProducer, IndexSender, ListingSender)):
             transfer.stopProducing()
         pending, self._pending = self._pending, None
         if pending is not None:
@@ -224,17 +367,30 @@ class RequestSession:
         self._send(Message("state", status=self.context.status()))
         if message.watch and self._stopWatching is None:
             self.state = WATCHING
-            self._stopWatching = self.context.watchStatus(
-                lambda status: self._send(Message("state", status=status))
-            )
+            self._watch = StatusWatch(self.connection)
+            self._stopWatching = self.context.watchStatus(self._watch.changed)
+            self._watch.attach()
 
     def ls(self, message: Message) -> None:
         if not self.context.isLeader():
             self._redirect()
             return
-        parts = splitListing(self.context.listing())
-        for i, part in enumerate(parts):
-            self._send(Message("listing", files=part, last=i == len(parts) - 1))
+        assert self.connection is not None
+        self._detachWatch()
+        self.state = SENDING_LISTING
+        sender = ListingSender(self.connection, self.context.listing())
+        self._transfer = sender
+
+        def sent(result: Any) -> None:
+            self._transfer = None
+            if self.state == CLOSED:
+                return
+            self.state = self._restingState()
+            self._attachWatch()
+            if isinstance(result, Failure) and not result.check(P2PError):
+                self.log.failure("cannot send the listing", result)
+
+        sender.start().addBoth(sent)
 
     def lookup(self, message: Message) -> None:
         name = message.name
@@ -339,6 +495,7 @@ class RequestSession:
 
         def send(changes: Any) -> Deferred:
             self._pending = None
+            self._detachWatch()
             sender = IndexSender(connection, changes)
             self._transfer = sender
             return sender.start()
@@ -349,6 +506,7 @@ class RequestSession:
             if self.state == CLOSED:
                 return
             self.state = self._restingState()
+            self._attachWatch()
             if isinstance(result, Failure) and not result.check(CancelledError):
                 if result.check(P2PError) and result.value.code == "gone":
                     # The reader went away: nothing to tell it.
@@ -431,11 +589,21 @@ class RequestSession:
 
         done.addBoth(ended)
 
+    def _detachWatch(self) -> None:
+        # The transport takes one producer: a watch gives way to a sender.
+        if self._watch is not None:
+            self._watch.detach()
+
+    def _attachWatch(self) -> None:
+        if self._watch is not None and self.state != CLOSED:
+            self._watch.attach()
+
     def _restingState(self) -> str:
         """
         Where a session returns when a request is done: still watching if
-        it watches.
+        it watches.  The idle timeout counts from here.
         """
+        self._lastActive = self.context.clock.seconds()
         return WATCHING if self._stopWatching is not None else IDLE
 
     def progress(self) -> int:

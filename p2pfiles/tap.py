@@ -33,6 +33,13 @@ def _positive(text: str) -> float:
     return value
 
 
+def _atLeastOne(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be a whole number, at least 1")
+    return value
+
+
 def _leaseTTL(text: str) -> float:
     value = float(text)
     if not (math.isfinite(value) and value >= 1):
@@ -166,6 +173,22 @@ class Options(usage.Options):
         ["tls-key", None, None, "PEM private key of --tls-cert (default: STATE/node.key, made on first start)."],
         ["heartbeat", None, 0.25, "Seconds between heartbeats.", _positive],
         ["leader-timeout", None, 1.0, "Seconds of silence after which a member counts as down.", _positive],
+        ["max-connections", None, 512, "Most incoming connections open at once; more are refused.", _atLeastOne],
+        [
+            "max-connections-per-address",
+            None,
+            64,
+            "Most incoming connections open at once from one host; more are refused.",
+            _atLeastOne,
+        ],
+        ["max-members", None, 64, "Most members this node knows and links to; more are not learned.", _atLeastOne],
+        [
+            "idle-timeout",
+            None,
+            60.0,
+            "Seconds an authenticated request connection may stay open with no request in flight.",
+            _positive,
+        ],
         [
             "coordinator",
             None,
@@ -371,6 +394,10 @@ class Options(usage.Options):
             etcd=self["etcd"],
             coordinatorPrefix=self["coordinator-prefix"] or DEFAULT_PREFIX,
             leaseTTL=self["lease-ttl"] or DEFAULT_TTL,
+            maxConnections=self["max-connections"],
+            maxConnectionsPerAddress=self["max-connections-per-address"],
+            idleTimeout=self["idle-timeout"],
+            maxMembers=self["max-members"],
         )
 
 

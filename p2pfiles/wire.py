@@ -47,6 +47,11 @@ ITEM_BUDGET = MAX_FRAME - ENVELOPE_ROOM
 # does not wait behind a megabyte of index.
 ENTRIES_PER_FRAME = 500
 
+# Largest file size an entry may carry: a signed 64-bit count, what every
+# file system and every reader (a C off_t, a float's integral range aside)
+# can hold.  A bigger number is a hostile or broken peer, not a file.
+MAX_FILE_SIZE = (1 << 63) - 1
+
 
 class WireError(ValueError):
     """
@@ -91,6 +96,8 @@ class FileEntry:
         sha256 = _check("sha256", value.get("sha256"), (str,))
         if size < 0:
             raise WireError("file entry has a negative size")
+        if size > MAX_FILE_SIZE:
+            raise WireError("file entry size is 2**63 or more")
         try:
             mtime = float(mtime)
         except OverflowError:

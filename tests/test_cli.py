@@ -22,6 +22,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from p2pfiles import __version__, cli
 from p2pfiles.cli import (
+    EXIT_ERROR,
+    shownText,
     EXIT_AUTH,
     EXIT_CODES,
     EXIT_LOCAL,
@@ -701,6 +703,14 @@ class FormatTests(SynchronousTestCase):
         self.assertEqual(lines[2].split()[-4:], ["17", "B", "1", "012345678901"])
         self.assertEqual(len(lines), 3)
 
+    def test_shownText(self) -> None:
+        """
+        Printable text is shown as it is; every non-printable character
+        (control characters, line separators) as its Python escape.
+        """
+        self.assertEqual(shownText("notes with spaces é.txt"), "notes with spaces é.txt")
+        self.assertEqual(shownText("a\x1b[31mb\nc\x00\u2028\t"), "a\\x1b[31mb\\nc\\x00\\u2028\\t")
+
     def test_humanSize(self) -> None:
         """
         Bytes below 1 KiB are whole; above, one decimal in the largest unit
@@ -993,6 +1003,67 @@ class LiveNodeTests(CommandTestCase):
         self.assertEqual(self.successResultOf(d), EXIT_OK)
         files = json.loads(self.out.getvalue())
         self.assertEqual([(f["name"], f["size"], f["holders"]) for f in files], [("a.txt", 5, [1]), ("big.bin", 3000, [1])])
+
+    def test_lsHostileRows(self) -> None:
+        """
+        Whatever listing rows a leader sends (a size of 10**400 or of the
+        wrong type, a missing field, holders that are not ids, a row that
+        is not an object), C{ls} and C{ls --json} exit 1 with one line
+        and no traceback.
+        """
+        good = {"name": "a", "size": 1, "sha256": "ab" * 32, "holders": [1]}
+        bad = [
+            {**good, "size": 10**400},
+            {**good, "size": 2**63},
+            {**good, "size": "1"},
+            {**good, "size": True},
+            {**good, "size": 1.5},
+            {k: v for k, v in good.items() if k != "sha256"},
+            {k: v for k, v in good.items() if k != "name"},
+            {**good, "holders": ["x"]},
+            {**good, "holders": None},
+            "a row",
+        ]
+        harness = self.startNode(files={"a.txt": b"hello"})
+        for row in bad:
+            for extra in ([], ["--json"]):
+
+                async def listing(*args: Any) -> list:
+                    return [good, row]
+
+                self.patch(cli, "receiveListing", listing)
+                self.reset()
+                d = self.run_(harness.reactor, "ls", "--node", NODE, *extra)
+                self.connectCLI(harness)
+                self.assertEqual(self.successResultOf(d), EXIT_ERROR, row)
+                self.assertIn("bad listing", self.assertOneErrorLine("ls"))
+                self.assertEqual(self.out.getvalue(), "")
+
+    def test_lsEscapesNames(self) -> None:
+        """
+        A name holding ESC and a newline is printed escaped in the table
+        (one row, no escape byte), and unchanged in C{ls --json}.
+        """
+        name = "x\x1b[31mred\nfake 1 B 9 " + "00" * 6
+        row = {"name": name, "size": 1, "sha256": "ab" * 32, "holders": [1]}
+
+        async def listing(*args: Any) -> list:
+            return [row]
+
+        self.patch(cli, "receiveListing", listing)
+        harness = self.startNode(files={"a.txt": b"hello"})
+        d = self.run_(harness.reactor, "ls", "--node", NODE)
+        self.connectCLI(harness)
+        self.assertEqual(self.successResultOf(d), EXIT_OK)
+        lines = self.out.getvalue().splitlines()
+        self.assertEqual(len(lines), 2)
+        self.assertNotIn("\x1b", self.out.getvalue())
+        self.assertTrue(lines[1].startswith("x\\x1b[31mred\\nfake 1 B 9 "), lines[1])
+        self.reset()
+        d = self.run_(harness.reactor, "ls", "--node", NODE, "--json")
+        self.connectCLI(harness)
+        self.assertEqual(self.successResultOf(d), EXIT_OK)
+        self.assertEqual(json.loads(self.out.getvalue()), [row])
 
     def test_wrongSecret(self) -> None:
         """

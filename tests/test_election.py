@@ -589,3 +589,97 @@ class ConvergenceTests(ElectionTestsMixin, SynchronousTestCase):
         for n, changes in cluster.changes.items():
             epochs = [c[3] for c in changes]
             self.assertEqual(epochs, sorted(epochs), (n, changes))
+
+
+class HostileClaimTests(SynchronousTestCase):
+    """
+    A member that holds the secret cannot move the leadership: a node
+    follows a leader only on its own word and only when the claim agrees
+    with the smallest-live-id rule as this node sees it.
+    """
+
+    def follower(self) -> ElectionState:
+        """
+        Node 2 of 1, 2, 3, following 1 in epoch 1, with 3 live too.
+        """
+        self.clock = Clock()
+        state = ElectionState(2, self.clock, 1.0, knownPeers=[1, 3])
+        state.memberUp(1)
+        state.memberUp(3)
+        state.heartbeatReceived(3, 1, 1)
+        state.heartbeatReceived(1, 1, 1)
+        self.assertEqual((state.role, state.leader, state.epoch), (FOLLOWER, 1, 1))
+        return state
+
+    def test_namedStranger(self) -> None:
+        """
+        A heartbeat from 3 with an epoch 100 higher naming leader 999 is
+        not adopted: answered with a stale notice, logged once per sender
+        and epoch.
+        """
+        state = self.follower()
+        with capturedLogs() as events:
+            actions = state.heartbeatReceived(3, 101, 999)
+            again = state.heartbeatReceived(3, 101, 999)
+        self.assertEqual((state.role, state.leader, state.epoch), (FOLLOWER, 1, 1))
+        self.assertEqual(actions, [Stale(3, 1, 1)])
+        self.assertEqual(again, [Stale(3, 1, 1)])
+        lines = [formatEvent(e) for e in events if "refused" in formatEvent(e)]
+        self.assertEqual(len(lines), 1)
+        self.assertIn("not on 999's own word", lines[0])
+
+    def test_largerIdClaimsItself(self) -> None:
+        """
+        Node 3 claiming a higher epoch for itself while the smaller live 1
+        leads is refused: node 2 keeps following 1 in its epoch.
+        """
+        state = self.follower()
+        actions = state.heartbeatReceived(3, 50, 3)
+        self.assertEqual(actions, [Stale(3, 1, 1)])
+        self.assertEqual((state.role, state.leader, state.epoch), (FOLLOWER, 1, 1))
+        # The true leader's next heartbeat keeps it so.
+        state.heartbeatReceived(1, 1, 1)
+        self.assertEqual((state.role, state.leader, state.epoch), (FOLLOWER, 1, 1))
+
+    def test_relayedClaimWaitsForLeader(self) -> None:
+        """
+        A member naming another live member as leader of a newer epoch is
+        not followed until that leader says so itself.
+        """
+        state = self.follower()
+        self.assertEqual(state.heartbeatReceived(3, 2, 1), [])
+        self.assertEqual(state.epoch, 1)
+        state.heartbeatReceived(1, 2, 1)
+        self.assertEqual((state.role, state.leader, state.epoch), (FOLLOWER, 1, 2))
+
+    def test_leaderMovesAbove(self) -> None:
+        """
+        A leader told by a larger id that it leads epoch 101 keeps leading:
+        it claims epoch 102, so epochs only go up.
+        """
+        clock = Clock()
+        state = ElectionState(1, clock, 1.0, knownPeers=[3])
+        state.memberUp(3)
+        state.heartbeatReceived(3, 0, None)
+        self.assertEqual((state.role, state.epoch), (LEADER, 1))
+        actions = state.heartbeatReceived(3, 101, 3)
+        self.assertEqual((state.role, state.leader, state.epoch), (LEADER, 1, 102))
+        self.assertIn(Claimed(102), actions)
+
+    def test_staleNoticeNamingAnother(self) -> None:
+        """
+        A stale notice from 3 naming 999 as leader of a newer epoch does not
+        make a follower follow 999.
+        """
+        state = self.follower()
+        state.staleReceived(3, 200, 999)
+        self.assertEqual((state.role, state.leader, state.epoch), (FOLLOWER, 1, 1))
+
+    def test_smallerClaimFollowed(self) -> None:
+        """
+        A sound claim (node 1 itself, smallest live) of a newer epoch is
+        adopted at once.
+        """
+        state = self.follower()
+        state.heartbeatReceived(1, 5, 1)
+        self.assertEqual((state.role, state.leader, state.epoch), (FOLLOWER, 1, 5))

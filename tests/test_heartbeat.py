@@ -459,20 +459,31 @@ class MembersTests(CoordinatorCase):
 
     def test_heartbeatTeachesMembers(self) -> None:
         """
-        Every member a heartbeat lists is passed to C{learn}; one that is
-        new counts as known to the election, which then waits to hear from
-        it (or for the leader timeout) before it claims.
+        Every member the leader's heartbeat lists is passed to C{learn}.
         """
-        coordinator = self.coordinator(1, knownPeers=[2])
+        coordinator = self.coordinator(3, knownPeers=[2])
         coordinator.start()
         coordinator.linkUp(2)
-        listed = [(2, address(2)), (3, address(3))]
-        coordinator.heartbeatReceived(2, Message("heartbeat", node=2, epoch=0, leader=None, members=listed))
+        listed = [(2, address(2)), (4, address(4))]
+        coordinator.heartbeatReceived(2, Message("heartbeat", node=2, epoch=1, leader=2, members=listed))
+        self.assertEqual(coordinator.leader(), 2)
         self.assertEqual(self.learned, listed)
-        self.clock.advance(HEARTBEAT)
-        self.assertEqual(coordinator.role(), "candidate", "node 3 was learned: wait for it")
-        self.clock.advance(LEADER_TIMEOUT)
-        self.assertEqual(coordinator.role(), "leader")
+
+    def test_onlyLeaderTeachesMembers(self) -> None:
+        """
+        While this node follows a leader, a member that is not that leader
+        teaches nothing: twenty made-up ids in its list are not learned.
+        """
+        coordinator = self.coordinator(3, knownPeers=[1, 2])
+        coordinator.start()
+        coordinator.linkUp(1)
+        coordinator.linkUp(2)
+        coordinator.heartbeatReceived(1, Message("heartbeat", node=1, epoch=1, leader=1, members=[]))
+        self.assertEqual(coordinator.leader(), 1)
+        listed = [(100 + i, address(100 + i)) for i in range(20)]
+        coordinator.heartbeatReceived(2, Message("heartbeat", node=2, epoch=1, leader=1, members=listed))
+        coordinator.heartbeatReceived(2, Message("heartbeat", node=2, epoch=5, leader=2, members=listed))
+        self.assertEqual(self.learned, [])
 
     def test_heartbeatOfKnownMembersClaims(self) -> None:
         """

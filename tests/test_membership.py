@@ -497,6 +497,21 @@ class MembershipTests(SynchronousTestCase):
         self.assertEqual(self.members.addressOf(ME), "127.0.0.1:9001")
         self.assertIsNone(self.members.addressOf(5))
 
+    def test_maxMembers(self) -> None:
+        """
+        With C{maxMembers} reached, a learned id is not added (one warning,
+        however many come); a configured peer still is.
+        """
+        events: List[dict] = []
+        self.patch(Membership, "log", Logger(observer=events.append))
+        self.members.maxMembers = 3
+        for i in range(20):
+            self.members.learn(10 + i, f"127.0.0.1:{9010 + i}")
+        self.assertEqual(self.members.ids(), [10, 11, 12])
+        self.assertEqual(len([e for e in events if "most allowed" in formatEvent(e)]), 1)
+        self.assertTrue(self.members.learn(2, "127.0.0.1:9002", configured=True))
+        self.assertEqual(self.members.ids(), [2, 10, 11, 12])
+
     def test_linkUpOnce(self) -> None:
         """
         A member's first accepted link reports it up (and makes it a member

@@ -566,16 +566,16 @@ class MembershipTests(SynchronousTestCase):
 
     def test_learnsMembersFromHeartbeats(self) -> None:
         """
-        A member listed in a heartbeat is learned, and the node tries to
-        link to it.
+        A member listed in the leader's heartbeat is learned, and the node
+        tries to link to it.
         """
-        harness = Harness(self, node=1).start()
+        harness = Harness(self, node=5).start()
         peer = harness.peer(2)
-        peer.send(heartbeat(2, 1, 1, [(2, address(2)), (3, address(3)), (1, "127.9.9.9:1")]))
+        peer.send(heartbeat(2, 1, 2, [(2, address(2)), (3, address(3)), (5, "127.9.9.9:1")]))
         self.assertEqual(sorted(harness.node.membership.members), [2, 3])
         self.assertEqual(harness.node.membership.members[3].address, "127.0.0.1:9003")
         self.assertIn(("127.0.0.1", 9003), [(host, port) for host, port, *_ in harness.reactor.tcpClients])
-        self.assertEqual(harness.node.config.address, "127.0.0.1:9001")
+        self.assertEqual(harness.node.config.address, "127.0.0.1:9005")
 
     def test_ownIdRefused(self) -> None:
         """

@@ -21,6 +21,7 @@ from twisted.test.iosim import FakeTransport, IOPump, connect
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2pfiles import auth
+from p2pfiles.admission import ConnectionLimits
 from p2pfiles.protocol import (
     HANDSHAKE_TIMEOUT,
     IConnectionHandler,
@@ -623,6 +624,43 @@ class BadInputTests(SynchronousTestCase):
         self.assertDropped(listener, events, "exceeds the limit")
         self.assertEqual([m.code for m in listener.sent()], ["protocol"])
 
+    def test_preauthLimit(self) -> None:
+        """
+        Before authentication a frame longer than C{PREAUTH_MAX_LENGTH}
+        (8 KiB) is refused as soon as its length prefix arrives, so half-sent
+        1 MiB frames buffer nothing: one log line, a C{protocol} error,
+        the connection dropped.  A frame of exactly the limit is read (and
+        refused for what it is, not its length).
+        """
+        limit = P2PProtocol.PREAUTH_MAX_LENGTH
+        self.assertEqual(limit, 8 * 1024)
+        events = captureLogs(self)
+        listener = Listener()
+        listener.protocol.dataReceived(pack("!I", limit + 1) + b"C{")
+        self.assertDropped(listener, events, f"exceeds the limit of {limit} before authentication")
+        self.assertEqual([m.code for m in listener.sent()], ["protocol"])
+
+        events = captureLogs(self)
+        listener = Listener()
+        listener.protocol.dataReceived(pack("!I", 1024 * 1024) + b"C" + b" " * 60000)
+        self.assertDropped(listener, events, "before authentication")
+
+        events = captureLogs(self)
+        listener = Listener()
+        listener.protocol.dataReceived(pack("!I", limit) + b"C" + b" " * (limit - 1))
+        self.assertDropped(listener, events, "malformed frame")
+
+    def test_preauthLimitAfterHello(self) -> None:
+        """
+        The limit holds through the whole handshake: after a valid hello, an
+        over-long C{auth} frame is dropped the same way.
+        """
+        events = captureLogs(self)
+        listener = Listener()
+        listener.sendHello()
+        listener.protocol.dataReceived(pack("!I", P2PProtocol.PREAUTH_MAX_LENGTH + 1))
+        self.assertDropped(listener, events, "before authentication")
+
     def test_overLengthAfterAuth(self) -> None:
         """
         An authenticated peer is dropped too for a frame one byte longer than
@@ -1053,3 +1091,82 @@ class FactoryTests(SynchronousTestCase):
         self.assertTrue(protocol.listening)
         self.assertIs(protocol.factory, factory)
         self.assertFalse(factory.noisy)
+
+
+class ConnectionLimitTests(SynchronousTestCase):
+    """
+    A listening L{P2PFactory} with L{ConnectionLimits} refuses, at connect
+    time, connections over its total and per-address caps, and says so in a
+    rate-limited log line.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.events: List[dict] = []
+        self.patch(ConnectionLimits, "log", Logger(observer=self.events.append))
+        self.factory = P2PFactory(LISTENER, lambda: RecordingHandler(), self.clock, listening=True, perConnection=True)
+
+    def connect(self, host: str, port: int) -> Optional[P2PProtocol]:
+        address = IPv4Address("TCP", host, port)
+        protocol = self.factory.buildProtocol(address)
+        if protocol is not None:
+            protocol.makeConnection(StringTransport(hostAddress=LISTENER_ADDRESS, peerAddress=address))
+        return protocol
+
+    def lines(self) -> List[str]:
+        return [formatEvent(e) for e in self.events if e["log_level"] >= LogLevel.warn]
+
+    def test_perAddress(self) -> None:
+        """
+        With a cap of 2 per address, a third connection from one host is
+        refused while another host still connects; once one closes, the
+        first host may connect again.
+        """
+        self.factory.limits = ConnectionLimits(self.clock, None, 2)
+        first = self.connect("10.0.0.1", 1)
+        self.assertIsNotNone(self.connect("10.0.0.1", 2))
+        self.assertIsNone(self.connect("10.0.0.1", 3))
+        self.assertIsNotNone(self.connect("10.0.0.2", 1))
+        (line,) = self.lines()
+        self.assertIn("10.0.0.1:3", line)
+        self.assertIn("from one address", line)
+        assert first is not None
+        first.connectionLost(Failure(Exception("gone")))
+        self.assertIsNotNone(self.connect("10.0.0.1", 4))
+
+    def test_total(self) -> None:
+        """
+        With a total cap of 3, the fourth connection is refused whatever its
+        host.
+        """
+        self.factory.limits = ConnectionLimits(self.clock, 3, None)
+        for i in range(3):
+            self.assertIsNotNone(self.connect(f"10.0.0.{i}", 1))
+        self.assertIsNone(self.connect("10.0.0.9", 1))
+        (line,) = self.lines()
+        self.assertIn("3 connections are open", line)
+
+    def test_logRateLimited(self) -> None:
+        """
+        A flood of refused connections logs one line per C{LOG_INTERVAL},
+        counting those refused in between.
+        """
+        self.factory.limits = limits = ConnectionLimits(self.clock, 1, None)
+        self.connect("10.0.0.1", 1)
+        for i in range(100):
+            self.assertIsNone(self.connect("10.0.0.2", i))
+        self.assertEqual(len(self.lines()), 1)
+        self.clock.advance(ConnectionLimits.LOG_INTERVAL)
+        self.assertIsNone(self.connect("10.0.0.2", 999))
+        lines = self.lines()
+        self.assertEqual(len(lines), 2)
+        self.assertIn("100 refused", lines[1])
+        self.assertEqual(limits.refused, 101)
+
+    def test_outgoingNotLimited(self) -> None:
+        """
+        A connecting (not listening) factory is never capped.
+        """
+        factory = P2PFactory(CONNECTOR, RecordingHandler(), self.clock, listening=False)
+        factory.limits = ConnectionLimits(self.clock, 0, 0)
+        self.assertIsNotNone(factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 1)))

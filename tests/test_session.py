@@ -31,10 +31,12 @@ from p2pfiles.session import (
     IDLE,
     RELAYING,
     SENDING_INDEX,
+    SENDING_LISTING,
     SERVING,
     WATCHING,
     IRequestContext,
     RequestSession,
+    StatusWatch,
 )
 from p2pfiles.wire import ENTRIES_PER_FRAME, FileEntry, Message, decode
 from tests.channels import PlainSecurity, plainIdentity
@@ -253,9 +255,15 @@ class Connection:
     handshake by hand as C{identity}.
     """
 
-    def __init__(self, case: SynchronousTestCase, context: FakeContext, identity: LocalIdentity = CLIENT) -> None:
+    def __init__(
+        self,
+        case: SynchronousTestCase,
+        context: FakeContext,
+        identity: LocalIdentity = CLIENT,
+        idleTimeout: Optional[float] = None,
+    ) -> None:
         self.case = case
-        self.session = RequestSession(context)
+        self.session = RequestSession(context, idleTimeout)
         listener = plainIdentity(
             "node", context.me, MY_ADDRESS, b"", "request", PlainSecurity(peer=identity.fingerprint)
         )
@@ -293,7 +301,7 @@ class Connection:
         (as a TCP transport does when its buffer drains).
         """
         for _ in range(100):
-            if self.transport.producer is None:
+            if self.transport.producer is None or self.transport.streaming:
                 return
             self.transport.producer.resumeProducing()
         raise AssertionError("the producer never finished")
@@ -1338,6 +1346,193 @@ class IndexSinceTests(Case):
         (logged,) = [e for e in self.events if "log_failure" in e]
         self.assertTrue(logged["log_failure"].check(ZeroDivisionError))
         self.assertEqual(connection.session.state, IDLE)
+
+
+class BackPressureTests(Case):
+    """
+    Multi-frame answers wait for the reader: a listing stops while the
+    transport has paused it, and a watch keeps only the latest status while
+    the reader does not read.
+    """
+
+    def bigListing(self) -> None:
+        self.context.files = [
+            {"name": f"file{i:05d}" + "x" * 100, "size": i, "sha256": "0" * 64, "holders": [1]} for i in range(3000)
+        ]
+
+    def slowReader(self) -> Connection:
+        """
+        A connection whose transport pauses its producer after every write,
+        as a TCP transport does when a reader does not read.
+        """
+        connection = self.connect()
+        transport = connection.transport
+        write = transport.write
+
+        def writeAndPause(data: bytes) -> None:
+            write(data)
+            if transport.producer is not None and transport.streaming:
+                transport.producer.pauseProducing()
+
+        transport.write = writeAndPause  # type: ignore[method-assign]
+        return connection
+
+    def test_listingWaitsForReader(self) -> None:
+        """
+        C{ls} to a reader that does not read writes one frame and stops
+        until the transport resumes it; a request sent meanwhile is a
+        violation, so an unread reader cannot make the node queue answers.
+        """
+        self.bigListing()
+        connection = self.slowReader()
+        connection.send(Message("ls"))
+        self.assertEqual(connection.session.state, SENDING_LISTING)
+        (first,) = connection.received()
+        self.assertFalse(first.last)
+        connection.transport.producer.resumeProducing()
+        (second,) = connection.received()
+        self.assertFalse(second.last)
+        connection.send(Message("ls"))
+        self.assertViolation(connection)
+
+    def test_listingStoppedOnClose(self) -> None:
+        """
+        A reader that leaves mid-listing stops the producer; the session is
+        closed and logs no failure.
+        """
+        self.bigListing()
+        connection = self.slowReader()
+        connection.send(Message("ls"))
+        connection.close()
+        self.assertEqual(connection.session.state, CLOSED)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_listingThenIdle(self) -> None:
+        """
+        Once the last frame is written the producer is unregistered and
+        the session is idle again.
+        """
+        self.bigListing()
+        connection = self.connect()
+        connection.send(Message("ls"))
+        self.assertIsNone(connection.transport.producer)
+        self.assertEqual(connection.session.state, IDLE)
+        parts = connection.received()
+        self.assertGreater(len(parts), 1)
+        self.assertTrue(parts[-1].last)
+
+    def test_watchKeepsLatest(self) -> None:
+        """
+        While the transport has paused the watch (the reader does not read),
+        status changes are not written; when it resumes only the latest is.
+        """
+        connection = self.connect()
+        connection.send(Message("status", watch=True))
+        connection.received()
+        watch = connection.transport.producer
+        self.assertTrue(connection.transport.streaming)
+        watch.pauseProducing()
+        (watcher,) = self.context.watchers
+        for i in range(1000):
+            watcher({"id": ME, "change": i})
+        self.assertEqual(connection.received(), [])
+        watch.resumeProducing()
+        (state,) = connection.received()
+        self.assertEqual(state.status, {"id": ME, "change": 999})
+
+    def test_lsWhileWatching(self) -> None:
+        """
+        C{ls} on a watching connection takes the transport from the watch;
+        a change while the listing waits for the reader is sent after its
+        last frame, and the watch has the transport again.
+        """
+        self.bigListing()
+        connection = self.slowReader()
+        connection.send(Message("status", watch=True))
+        (watcher,) = self.context.watchers
+        connection.transport.producer.resumeProducing()
+        connection.received()
+        connection.send(Message("ls"))
+        watcher({"id": ME, "change": 1})
+        for _ in range(100):
+            if connection.session.state != SENDING_LISTING:
+                break
+            connection.transport.producer.resumeProducing()
+        received = connection.received()
+        self.assertEqual({m.type for m in received[:-1]}, {"listing"})
+        self.assertTrue(received[-2].last)
+        self.assertEqual((received[-1].type, received[-1].status), ("state", {"id": ME, "change": 1}))
+        self.assertEqual(connection.session.state, WATCHING)
+        self.assertIsInstance(connection.transport.producer, StatusWatch)
+
+
+class IdleTimeoutTests(Case):
+    """
+    A request connection with no request in flight is closed after its
+    idle timeout; a watch or a fetch in flight keeps it open.
+    """
+
+    def connectIdle(self) -> Connection:
+        return Connection(self, self.context, CLIENT, idleTimeout=60.0)
+
+    def test_idleCloses(self) -> None:
+        """
+        A connection that asks nothing is closed 60 seconds after it
+        authenticated, not before; no timer is left.
+        """
+        connection = self.connectIdle()
+        self.context.clock.advance(59.9)
+        self.assertFalse(connection.transport.disconnecting)
+        self.context.clock.advance(0.1)
+        self.assertTrue(connection.transport.disconnecting)
+        connection.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertNoTimers()
+
+    def test_requestRestarts(self) -> None:
+        """
+        Each request starts the idle time again.
+        """
+        connection = self.connectIdle()
+        self.context.clock.advance(50)
+        connection.send(Message("status", watch=False))
+        self.context.clock.advance(50)
+        self.assertFalse(connection.transport.disconnecting)
+        self.context.clock.advance(10)
+        self.assertTrue(connection.transport.disconnecting)
+
+    def test_watchStaysOpen(self) -> None:
+        """
+        A connection watching status has a request in flight: it stays
+        open however long no change comes.
+        """
+        connection = self.connectIdle()
+        connection.send(Message("status", watch=True))
+        self.context.clock.advance(3600)
+        self.assertFalse(connection.transport.disconnecting)
+
+    def test_fetchStaysOpen(self) -> None:
+        """
+        A fetch in flight keeps the connection open; once it is answered
+        the idle time counts from the answer.
+        """
+        connection = self.connectIdle()
+        connection.send(Message("fetch", name="a.txt", overwrite=False))
+        self.context.clock.advance(600)
+        self.assertFalse(connection.transport.disconnecting)
+        ((name, overwrite, d),) = self.context.fetches
+        d.callback(Message("fetched", name="a.txt", size=3, sha256="a" * 64, already=False))
+        self.context.clock.advance(59)
+        self.assertFalse(connection.transport.disconnecting)
+        self.context.clock.advance(1)
+        self.assertTrue(connection.transport.disconnecting)
+
+    def test_noTimeoutByDefault(self) -> None:
+        """
+        Without an idle timeout a session sets no timer.
+        """
+        self.connect()
+        self.context.clock.advance(3600)
+        self.assertNoTimers()
 
 
 class RequestContextTests(SynchronousTestCase):

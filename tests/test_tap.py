@@ -407,6 +407,25 @@ class DirectoryAndTimingTests(OptionsTestCase):
         options = parse("--id", "0")
         self.assertEqual((options["share"], options["state"]), ("node0/files", "node0/state"))
 
+    def test_connectionLimits(self) -> None:
+        """
+        C{--max-connections} (default 512) and
+        C{--max-connections-per-address} (default 64) and C{--idle-timeout}
+        (default 60 s) reach the node's config; zero or negative values are
+        refused.
+        """
+        config = parse("--id", "4").nodeConfig()
+        self.assertEqual((config.maxConnections, config.maxConnectionsPerAddress), (512, 64))
+        config = parse("--id", "4", "--max-connections", "10", "--max-connections-per-address", "3").nodeConfig()
+        self.assertEqual((config.maxConnections, config.maxConnectionsPerAddress), (10, 3))
+        self.assertEqual(parse("--id", "4").nodeConfig().idleTimeout, 60.0)
+        self.assertEqual(parse("--id", "4").nodeConfig().maxMembers, 64)
+        self.assertEqual(parse("--id", "4", "--max-members", "5").nodeConfig().maxMembers, 5)
+        self.assertEqual(parse("--id", "4", "--idle-timeout", "2.5").nodeConfig().idleTimeout, 2.5)
+        for option in ("--max-connections", "--max-connections-per-address", "--idle-timeout"):
+            for bad in ("0", "-1", "x"):
+                self.assertUsageError("--id", "4", option, bad)
+
     def test_directoriesGiven(self) -> None:
         """
         Given directories are kept as they are.

@@ -21,6 +21,7 @@ from p2pfiles.wire import (
     ENVELOPE_ROOM,
     ITEM_BUDGET,
     MAX_FRAME,
+    MAX_FILE_SIZE,
     PROTOCOL_VERSION,
     SCHEMAS,
     FileEntry,
@@ -120,10 +121,11 @@ texts = st.text()
 optionalTexts = st.none() | texts
 bools = st.booleans()
 sha256s = st.text(alphabet="0123456789abcdef", min_size=64, max_size=64)
+fileSizes = st.integers(min_value=0, max_value=MAX_FILE_SIZE)
 fileEntries = st.builds(
     FileEntry,
     name=texts,
-    size=ids,
+    size=fileSizes,
     mtime=st.floats(allow_nan=False, allow_infinity=False),
     sha256=sha256s,
 )
@@ -661,6 +663,24 @@ class FileEntryTests(SynchronousTestCase):
         error = self.assertRaises(WireError, FileEntry.fromDict, entryDict(size=-1))
         self.assertIn("negative", str(error))
 
+    def test_hugeSize(self) -> None:
+        """
+        A size of 2**63 or more is refused (10**400 included); 2**63 - 1 is
+        the largest accepted.
+        """
+        for bad in (MAX_FILE_SIZE + 1, 2**64, 10**400):
+            error = self.assertRaises(WireError, FileEntry.fromDict, entryDict(size=bad))
+            self.assertIn("2**63", str(error))
+        self.assertEqual(FileEntry.fromDict(entryDict(size=MAX_FILE_SIZE)).size, MAX_FILE_SIZE)
+
+    def test_nonFiniteMtime(self) -> None:
+        """
+        An mtime that is not a finite number (infinite, or an integer too
+        large for a float) is refused.
+        """
+        for bad in (float("inf"), float("-inf"), float("nan"), 10**400):
+            self.assertRaises(WireError, FileEntry.fromDict, entryDict(mtime=bad))
+
     def test_missingAndWrongFields(self) -> None:
         """
         Missing fields, wrong types and non-objects are refused.
@@ -874,7 +894,7 @@ wireNames = st.text(nameCharacters, max_size=255).map(cutToBytes) | nameCharacte
 wireEntries = st.builds(
     FileEntry,
     name=wireNames,
-    size=ids,
+    size=fileSizes,
     mtime=st.floats(allow_nan=False, allow_infinity=False),
     sha256=sha256s,
 )
