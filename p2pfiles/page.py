@@ -16,6 +16,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 from p2pfiles.events import MAX_TEXT, boundText
+from p2pfiles.units import humanSize
 
 _INVISIBLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
@@ -41,17 +42,6 @@ def _h(value: object) -> str:
     return html.escape(visible(boundText(str(value), MAX_TEXT * 5)), quote=True)
 
 
-def humanSize(size: object) -> str:
-    if not isinstance(size, (int, float)) or isinstance(size, bool):
-        return "?"
-    if size < 1024:
-        return f"{size:g} B"
-    value = float(size)
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        value /= 1024
-        if round(value, 1) < 1024 or unit == "TiB":
-            return f"{value:.1f} {unit}"
-    raise AssertionError("unreachable")
 
 
 def _clockTime(seconds: object) -> str:

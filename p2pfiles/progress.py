@@ -2,13 +2,14 @@
 What C{p2pfiles get} shows while it downloads: L{Progress}, a one-line
 progress bar on a terminal, and L{humanSize}.
 
-This module imports nothing else of the package.
+This module imports nothing else of the package but L{p2pfiles.units}.
 """
 
 from typing import Any, Dict, Optional, TextIO
 
 from tqdm import tqdm
 from twisted.internet.task import LoopingCall
+from p2pfiles.units import humanSize
 
 
 class Bar(tqdm):
@@ -20,19 +21,6 @@ class Bar(tqdm):
     monitor_interval = 0
 
 
-def humanSize(size: int) -> str:
-    """
-    C{size} bytes in binary units, one decimal: C{"4.6 MiB"}.
-    """
-    if size < 1024:
-        return f"{size} B"
-    value = float(size)
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        value /= 1024
-        # Judge by the rounded figure, so 1048575 is "1.0 MiB", not "1024.0 KiB".
-        if round(value, 1) < 1024 or unit == "TiB":
-            return f"{value:.1f} {unit}"
-    raise AssertionError("unreachable")
 
 
 class Progress:
