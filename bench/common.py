@@ -21,6 +21,7 @@ turned into an exception so that the C{finally} runs for them too.
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -592,6 +593,31 @@ def writeRandomFile(path: str, size: int, block: int = MiB, distinct: int = 16) 
 
 
 # Numbers and tables.
+
+
+def logHeader(path: str) -> Dict[str, int]:
+    """
+    The integer header fields of peer_files.log ({} if there is none yet).
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1024).decode("utf-8", "replace")
+    except FileNotFoundError:
+        return {}
+    header = {}
+    for line in head.split("\n"):
+        match = re.match(r"# (epoch|files|nodes|leader): (\d+)$", line)
+        if match:
+            header[match.group(1)] = int(match.group(2))
+    return header
+
+
+def dataLines(path: str) -> int:
+    """
+    How many entries (non-header lines) peer_files.log holds.
+    """
+    with open(path, "rb") as f:
+        return sum(1 for line in f if not line.startswith(b"#"))
 
 
 def median(values: Iterable[float]) -> float:

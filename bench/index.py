@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Optional, Tuple
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
-from common import MiB, Cluster, Figure, median  # noqa: E402
+from common import MiB, Cluster, Figure, dataLines, logHeader, median  # noqa: E402
 
 # Targets.
 FULL_INDEX = 1.0
@@ -58,23 +58,6 @@ def makeShares(cluster: Cluster, files: int, bigMiB: int) -> int:
                 f.write(os.urandom(100))
     common.writeRandomFile(os.path.join(cluster.nodes[2].share, f"big-{bigMiB}MiB.bin"), bigMiB * MiB)
     return files * len(cluster.nodes) + 1
-
-
-def logHeader(path: str) -> Dict[str, int]:
-    """
-    The integer header fields of peer_files.log ({} if there is none yet).
-    """
-    try:
-        with open(path, "rb") as f:
-            head = f.read(1024).decode("utf-8", "replace")
-    except FileNotFoundError:
-        return {}
-    header = {}
-    for line in head.split("\n"):
-        match = re.match(r"# (epoch|files|nodes|leader): (\d+)$", line)
-        if match:
-            header[match.group(1)] = int(match.group(2))
-    return header
 
 
 def waitForFiles(
@@ -191,11 +174,6 @@ def timeAddedFile(cluster: Cluster, follower: int, name: str, timeout: float = 1
     return None
 
 
-def countDataLines(path: str) -> int:
-    with open(path, "rb") as f:
-        return sum(1 for line in f if not line.startswith(b"#"))
-
-
 def main(argv: Optional[List[str]] = None) -> List[Figure]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", type=int, default=10000, help="small files per node (default 10000)")
@@ -241,7 +219,7 @@ def main(argv: Optional[List[str]] = None) -> List[Figure]:
             print(f"    peer_files.log versions seen (s after election, files): {warm['writes']}")
             for line in warm["gathered"]:
                 print(f"    leader log: {line}")
-        lines = countDataLines(leader.peerFilesLog)
+        lines = dataLines(leader.peerFilesLog)
         if lines != total:
             print(f"  WARNING: peer_files.log has {lines} data lines, expected {total}")
 

@@ -92,7 +92,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
-from common import MiB, Cluster, Figure, median  # noqa: E402
+from common import MiB, Cluster, Figure, dataLines, logHeader, median  # noqa: E402
 
 # Targets.
 WARM_FULL_LOG = 1.5
@@ -282,23 +282,6 @@ class LogWatcher:
                 entry[1].close()
 
 
-def logHeader(path: str) -> Dict[str, int]:
-    """
-    The integer header fields of peer_files.log ({} if there is none yet).
-    """
-    try:
-        with open(path, "rb") as f:
-            head = f.read(1024).decode("utf-8", "replace")
-    except FileNotFoundError:
-        return {}
-    header = {}
-    for line in head.split("\n"):
-        match = re.match(r"# (epoch|files|nodes|leader): (\d+)$", line)
-        if match:
-            header[match.group(1)] = int(match.group(2))
-    return header
-
-
 def waitForLog(path: str, files: int, deadline: float, epoch: Optional[int] = None) -> Optional[Tuple[float, int]]:
     """
     Poll peer_files.log every L{POLL} seconds until its header lists
@@ -325,11 +308,6 @@ def sinceClaim(seen: Optional[Tuple[float, int]], elected: float, epoch: int) ->
     if seen[1] == epoch:
         return seen[0] - elected, None
     return None, (seen[1], seen[0] - elected)
-
-
-def dataLines(path: str) -> int:
-    with open(path, "rb") as f:
-        return sum(1 for line in f if not line.startswith(b"#"))
 
 
 # Status.
