@@ -29,10 +29,12 @@ MAX_FRAME = 1 << 20
 
 # Bytes of each frame kept for everything around the listed items: the type
 # byte, the braces, the type name, the field names, the list brackets and the
-# numbers and flags.  The largest such envelope, an index-chunk's
-#     C{"type":"index-chunk","epoch":E,"request":R,"entries":[],"last":false}
-# is 69 bytes plus the digits of E and R (109 in all for 64-bit ids); 1 KiB
-# leaves room for ids of hundreds of digits and a few more fields.
+# numbers and flags.  The largest such envelope, an index-delta's
+#     C{"type":"index-delta","incarnation":"<16 hex>","seq":S,"full":false,
+#       "entries":[],"removed":[],"last":false}
+# is 116 bytes with the type byte plus the digits of S (135 in all for a
+# 64-bit seq); 1 KiB leaves room for a longer incarnation and a few more
+# fields.
 ENVELOPE_ROOM = 1024
 
 # Bytes of each frame left for the listed items.  The splitters charge an
@@ -444,7 +446,7 @@ def splitEntries(
 ) -> List[List[FileEntry]]:
     """
     Split C{entries}, in order, into the C{entries} lists of consecutive
-    C{index-chunk} messages, each small enough that its frame fits
+    C{index-delta} messages, each small enough that its frame fits
     L{MAX_FRAME}: at most C{budget} bytes of entries and at most C{count}
     entries per list.  Always at least one list, possibly empty.
     """
@@ -471,7 +473,7 @@ def splitUpdate(
 ) -> List[Tuple[List[FileEntry], List[str]]]:
     """
     Split one index change into the C{(entries, removed)} pairs of
-    consecutive C{index-update} messages, each small enough that its frame
+    consecutive C{index-delta} messages, each small enough that its frame
     fits L{MAX_FRAME}: changed entries and removed names share each piece's
     C{budget} bytes and C{count} items.
 
