@@ -833,9 +833,8 @@ def extraLeads(run: ScaleRun, phases: Sequence[Phase]) -> Tuple[int, int]:
 
 
 def report(run: ScaleRun) -> List[Figure]:
-    args, results, F = run.args, run.results, run.files
+    results, F = run.results, run.files
     figures: List[Figure] = []
-    out = sys.stdout
 
     # Hashing, cold.
     cold, base = results.get("cold", {}), results.get("baseline", {})
