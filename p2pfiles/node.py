@@ -81,6 +81,7 @@ class NodeConfig:
         maxConnectionsPerAddress: Optional[int] = 64,
         idleTimeout: Optional[float] = 60.0,
         maxMembers: Optional[int] = 64,
+        forgetAfter: Optional[float] = 600.0,
     ) -> None:
         # certificate: the node's TLS identity; None to keep it in the state
         # directory (made there on the first start).  etcd: the endpoints
@@ -107,6 +108,8 @@ class NodeConfig:
         self.idleTimeout = idleTimeout
         # Most members this node links to besides the configured ones.
         self.maxMembers = maxMembers
+        # Seconds after which a learned member not alive is forgotten.
+        self.forgetAfter = forgetAfter
 
 
 def _stateIdentity(state: FilePath) -> NodeCertificate:
@@ -194,6 +197,7 @@ class Node(MultiService):
         self._localReady = Once()
         self.membership = Membership(config.id, config.address, self.identity, reactor, self._controlSession)
         self.membership.maxMembers = config.maxMembers
+        self.membership.forgetAfter = config.forgetAfter
         self.membership.setServiceParent(self)
         self.coordinator: INodeCoordinator
         if config.etcd:
@@ -437,6 +441,10 @@ class Node(MultiService):
     def _housekeep(self) -> None:
         # Only this loop's ticks measure how late timers run.
         self.board.ticked(self.config.heartbeat)
+        try:
+            self.membership.sweep(self.coordinator.isLive)
+        except Exception:
+            self.log.failure("error forgetting silent members")
         self._tick()
 
     def _tick(self) -> None:
@@ -474,6 +482,8 @@ class Node(MultiService):
     # Control messages.
 
     def _controlError(self, sender: int, message: Message) -> None:
+        if self.membership.refusedBy(sender, message.code, message.reason):
+            return  # our link to it backs off and reports the refusal
         self.log.warn(
             "node {sender} reports an error: {reason} ({code})", sender=sender, reason=message.reason, code=message.code
         )
@@ -533,6 +543,8 @@ class Node(MultiService):
             "refused": [
                 {"id": member, "reason": reason} for member, reason in sorted(self.membership.refused.items())
             ],
+            # Nodes refused here for claiming an id another node holds.
+            "conflicts": self.membership.conflictList(),
         }
 
     def _protocols(self) -> List[P2PProtocol]:
