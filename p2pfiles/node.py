@@ -42,7 +42,7 @@ from p2pfiles.localindex import LocalIndex
 from p2pfiles.membership import Membership
 from p2pfiles.admission import ConnectionLimits
 from p2pfiles.protocol import IConnectionHandler, LocalIdentity, P2PFactory, P2PProtocol
-from p2pfiles.session import IRequestContext, RequestSession
+from p2pfiles.session import IRequestContext, RequestSession, encodeListing
 from p2pfiles.status import StatusBoard
 from p2pfiles.tls import TLS
 from p2pfiles.partfile import openShared
@@ -610,6 +610,8 @@ class RequestContext:
         self.me = node.id
         self.clock = node.reactor
         self._relayCount = 0
+        # (index, version, frames): the ls answer, encoded once per version.
+        self._listing: Optional[Tuple[Any, int, List[bytes]]] = None
 
     def isLeader(self) -> bool:
         return self._node.coordinator.isLeader()
@@ -628,6 +630,13 @@ class RequestContext:
 
     def listing(self) -> List[dict]:
         return self._node.keeper.index.listing()
+
+    def listingFrames(self) -> List[bytes]:
+        index = self._node.keeper.index
+        cached = self._listing
+        if cached is None or cached[0] is not index or cached[1] != index.version:
+            self._listing = cached = (index, index.version, encodeListing(index.listing()))
+        return cached[2]
 
     def content(self, name: str, sha256: Optional[str], everyone: bool = False) -> Any:
         node = self._node

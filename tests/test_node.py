@@ -31,7 +31,7 @@ from p2pfiles.membership import Membership, PeerLink
 from p2pfiles.session import RequestSession
 from p2pfiles.status import StatusBoard
 from p2pfiles.protocol import IConnectionHandler, LocalIdentity, P2PFactory, P2PProtocol
-from p2pfiles.wire import SCHEMAS, FileEntry, Message
+from p2pfiles.wire import SCHEMAS, FileEntry, Message, decode
 from p2pfiles.tls import TLS
 from tests.channels import PLAIN, PLAIN_FINGERPRINT, certificate, plainIdentity
 from tests.frames import frame, hello, parseFrames, proofFor, rawFrame
@@ -695,6 +695,33 @@ class MembershipTests(SynchronousTestCase):
         harness.reactor.advance(HEARTBEAT)
         pump.flush()
         self.assertEqual(len(peer.of("heartbeat")), 2)
+
+
+class ListingFramesTests(SynchronousTestCase):
+    """
+    The node's C{ls} answer is encoded once per state of the index and
+    shared by every reader.
+    """
+
+    def test_sharedUntilTheIndexChanges(self) -> None:
+        """
+        Two C{ls} readers get the very same frames while the index is
+        unchanged (a reader that does not read holds a place in them, not a
+        copy); they decode to the listing, the last one marked; a change
+        to the index gives new frames.
+        """
+        harness = Harness(self, node=1, files={"a.txt": b"x"}).start()
+        context = harness.node.context
+        first = context.listingFrames()
+        self.assertIs(context.listingFrames(), first)
+        messages = [decode(frame) for frame in first]
+        self.assertEqual([m.last for m in messages], [False] * (len(messages) - 1) + [True])
+        self.assertEqual([row for m in messages for row in m.files], harness.node.keeper.index.listing())
+        self.assertEqual([row["name"] for row in messages[0].files], ["a.txt"])
+        harness.node.keeper.ownChanges([FileEntry("b.txt", 1, 1.0, "ab" * 32)], [])
+        second = context.listingFrames()
+        self.assertIsNot(second, first)
+        self.assertEqual([row["name"] for m in map(decode, second) for row in m.files], ["a.txt", "b.txt"])
 
 
 class HeartbeatTests(SynchronousTestCase):

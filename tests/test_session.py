@@ -37,6 +37,7 @@ from p2pfiles.session import (
     IRequestContext,
     RequestSession,
     StatusWatch,
+    encodeListing,
 )
 from p2pfiles.wire import ENTRIES_PER_FRAME, FileEntry, Message, decode
 from tests.channels import PlainSecurity, plainIdentity
@@ -184,6 +185,9 @@ class FakeContext:
 
     def listing(self) -> List[Dict[str, Any]]:
         return self.files
+
+    def listingFrames(self) -> List[bytes]:
+        return encodeListing(self.files)
 
     def content(self, name: str, sha256: Optional[str], everyone: bool = False) -> Any:
         self.contentCalls.append((name, sha256, everyone))
