@@ -149,12 +149,18 @@ class IRequestContext(Interface):
         """
 
 
+# Rows per listing frame: small frames (some 15 KB) keep what a reader
+# that does not read leaves in this node's buffers small (the transport
+# pauses the listing once it holds 64 KiB, plus the frame being written).
+LISTING_ROWS_PER_FRAME = 100
+
+
 def encodeListing(files: List[Dict[str, Any]]) -> List[bytes]:
     """
     The C{ls} answer for C{files}: the encoded C{listing} frames, the last
     one marked, ready to be sent to any number of readers.
     """
-    parts = splitListing(files)
+    parts = splitListing(files, count=LISTING_ROWS_PER_FRAME)
     return [encode(Message("listing", files=part, last=i == len(parts) - 1)) for i, part in enumerate(parts)]
 
 
