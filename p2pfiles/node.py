@@ -15,6 +15,7 @@ session for its purpose, gives the sessions the small views they need, and
 carries the coordinator's decisions to the index keeper.
 """
 
+from itertools import chain
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from twisted.application.service import MultiService
@@ -38,6 +39,7 @@ from p2pfiles.gather import IndexKeeper
 from p2pfiles.channel import IConnectionSecurity
 from p2pfiles.heartbeat import EpochStore, HeartbeatCoordinator
 from p2pfiles.identity import NodeCertificate, Pins, stateIdentity
+from p2pfiles.index import listingChunks
 from p2pfiles.localindex import LocalIndex
 from p2pfiles.membership import Membership
 from p2pfiles.admission import ConnectionLimits
@@ -635,7 +637,8 @@ class RequestContext:
         index = self._node.keeper.index
         cached = self._listing
         if cached is None or cached[0] is not index or cached[1] != index.version:
-            self._listing = cached = (index, index.version, encodeListing(index.listing()))
+            rows = chain.from_iterable(listingChunks(index.snapshot()))
+            self._listing = cached = (index, index.version, encodeListing(rows))
         return cached[2]
 
     def content(self, name: str, sha256: Optional[str], everyone: bool = False) -> Any:

@@ -19,7 +19,8 @@ input in every state) cleans them up in one place.  It reaches the node only
 through L{IRequestContext}: it never sees the node object.
 """
 
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from itertools import islice
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer
@@ -155,13 +156,26 @@ class IRequestContext(Interface):
 LISTING_ROWS_PER_FRAME = 100
 
 
-def encodeListing(files: List[Dict[str, Any]]) -> List[bytes]:
+def encodeListing(files: Iterable[Dict[str, Any]]) -> List[bytes]:
     """
     The C{ls} answer for C{files}: the encoded C{listing} frames, the last
-    one marked, ready to be sent to any number of readers.
+    one marked, ready to be sent to any number of readers.  C{files} is
+    read as it goes (a generator of rows costs one frame's rows at a time).
     """
-    parts = splitListing(files, count=LISTING_ROWS_PER_FRAME)
-    return [encode(Message("listing", files=part, last=i == len(parts) - 1)) for i, part in enumerate(parts)]
+    rows = iter(files)
+    frames: List[bytes] = []
+    held: List[Dict[str, Any]] = []
+    while True:
+        chunk = list(islice(rows, LISTING_ROWS_PER_FRAME))
+        parts = splitListing(chunk, count=LISTING_ROWS_PER_FRAME) if chunk else []
+        if held and parts:
+            frames.append(encode(Message("listing", files=held, last=False)))
+        if not parts:
+            frames.append(encode(Message("listing", files=held, last=True)))
+            return frames
+        for part in parts[:-1]:
+            frames.append(encode(Message("listing", files=part, last=False)))
+        held = parts[-1]
 
 
 @implementer(IPushProducer)
