@@ -106,9 +106,10 @@ class CommandTests(SynchronousTestCase):
             set(got),
             {
                 "id", "address", "role", "leader", "epoch", "members", "version", "fingerprint", "refused",
-                "coordinator", "max_timer_delay",
+                "conflicts", "coordinator", "max_timer_delay",
             },
         )
+        self.assertEqual(got["conflicts"], [])
         self.assertEqual((got["id"], got["role"], got["coordinator"]), (2, "follower", "builtin"))
         # How late the node's timers ran in the last minute, in seconds.
         delay = got["max_timer_delay"]
