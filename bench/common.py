@@ -191,14 +191,18 @@ def _receiveMessage(sock: socket.socket) -> Any:
     return message
 
 
-def directStatus(address: str, timeout: float = 2.0, secret: bytes = b"") -> Dict[str, Any]:
+def directConnect(
+    address: str, timeout: float = 2.0, secret: bytes = b"", source: Optional[str] = None, receiveBuffer: Optional[int] = None
+) -> Any:
     """
-    What C{p2pfiles status --json} would print for the node at C{address},
-    asked over a blocking TLS socket from this process (starting a CLI
-    process per poll would cost more CPU than what is measured): the
-    client's side of the handshake (see L{p2pfiles.protocol}), then one
-    C{status} request.  Raises C{OSError} (or C{ValueError}) when the node
-    cannot answer.
+    A client connection to the node at C{address}, secured and
+    authenticated as C{p2pfiles} does it, over a blocking socket from this
+    process: the client's side of the handshake (see
+    L{p2pfiles.protocol}).  Returns the C{OpenSSL.SSL.Connection}, ready
+    for a request.  C{source}: the local address to bind (any of
+    127.0.0.0/8 on Linux); C{receiveBuffer}: C{SO_RCVBUF}, set before
+    connecting.  Raises C{OSError} (or C{ValueError}) when the node cannot
+    answer.
     """
     from OpenSSL import SSL
 
@@ -208,7 +212,14 @@ def directStatus(address: str, timeout: float = 2.0, secret: bytes = b"") -> Dic
     from p2pfiles.wire import PROTOCOL_VERSION, Message, encode
 
     host, port = address.rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=timeout) as raw:
+    raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        if receiveBuffer is not None:
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receiveBuffer)
+        if source is not None:
+            raw.bind((source, 0))
+        raw.settimeout(timeout)
+        raw.connect((host, int(port)))
         # OpenSSL wants a blocking socket: bound its waits in the kernel.
         raw.settimeout(None)
         limit = struct.pack("ll", int(timeout), int((timeout % 1) * 1e6))
@@ -243,8 +254,50 @@ def directStatus(address: str, timeout: float = 2.0, secret: bytes = b"") -> Dic
             raise ConnectionError(f"bad proof from {address}")
         _sendMessage(sock, Message("auth", proof=auth.proof(secret, auth.CONNECTOR, *transcript)))
         _receiveMessage(sock)  # ready
+        return sock
+    except BaseException:
+        raw.close()
+        raise
+
+
+def directStatus(address: str, timeout: float = 2.0, secret: bytes = b"") -> Dict[str, Any]:
+    """
+    What C{p2pfiles status --json} would print for the node at C{address},
+    asked over a blocking TLS socket from this process (starting a CLI
+    process per poll would cost more CPU than what is measured): the
+    handshake of L{directConnect}, then one C{status} request.  Raises
+    C{OSError} (or C{ValueError}) when the node cannot answer.
+    """
+    from p2pfiles.wire import Message
+
+    sock = directConnect(address, timeout, secret)
+    try:
         _sendMessage(sock, Message("status", watch=False))
         return _receiveMessage(sock).status
+    finally:
+        sock.close()
+
+
+def directListingCount(address: str, timeout: float = 10.0, secret: bytes = b"") -> int:
+    """
+    How many rows C{p2pfiles ls --json} would print for the node at
+    C{address} (asked as L{directStatus} asks for the status).
+    """
+    from p2pfiles.wire import Message
+
+    sock = directConnect(address, timeout, secret)
+    try:
+        _sendMessage(sock, Message("ls"))
+        count = 0
+        while True:
+            message = _receiveMessage(sock)
+            if message.type != "listing":
+                raise ConnectionError(f"{address} answered ls with {message.type}")
+            count += len(message.files)
+            if message.last:
+                return count
+    finally:
+        sock.close()
 
 
 def cliStatus(address: str, timeout: float = 5.0) -> Dict[str, Any]:

@@ -226,7 +226,16 @@ def formatStatus(status: Dict[str, Any]) -> str:
             f"  {member['id']:>4}  {shownText(str(member['address'])):<24} {'yes' if member['alive'] else 'no':<6} {role}"
         )
     for refusal in status.get("refused", []):
-        lines.append(f"  warning: node {refusal['id']} refuses this node's link: {refusal['reason']}")
+        lines.append(f"  warning: node {refusal['id']} refuses this node's link: {shownText(str(refusal['reason']))}")
+    for conflict in status.get("conflicts", []):
+        lines.append(
+            "  conflict: refused a second node {id} at {address} ({fingerprint}), {count} times".format(
+                id=conflict.get("id"),
+                address=shownText(str(conflict.get("address"))),
+                fingerprint=shownText(str(conflict.get("fingerprint") or "no certificate")),
+                count=conflict.get("count", 1),
+            )
+        )
     return "\n".join(lines)
 
 

@@ -169,15 +169,16 @@ class HeartbeatCoordinator:
     def heartbeatReceived(self, sender: int, message: Message) -> None:
         """
         Let the election hear it; then, if C{sender} is the leader this
-        node follows (or this node follows none yet, so that a node
-        configured with one peer finds the rest), learn the members it
-        lists.  While a leader is followed no other member's list is taken:
-        a bad member cannot make this node link to made-up ids.
+        node follows, learn the members it lists.  No other member's list
+        is taken, not even while this node follows no leader yet: a bad
+        member cannot make this node link to made-up ids.  Until it
+        follows, a node knows its configured peers and the nodes that link
+        to it, each on its own word.
         """
         if self.stopping:
             return
         self._apply(self.election.heartbeatReceived(sender, message.epoch, message.leader))
-        if self.election.leader in (sender, None):
+        if self.election.leader == sender:
             for member, address in message.members:
                 if self.learn(member, address):
                     self.election.peerKnown(member)

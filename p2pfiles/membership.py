@@ -6,6 +6,12 @@ and those learned since), keeps one reconnecting L{PeerLink} to each, and
 tracks the open control connections in both directions.  It decides nothing
 about leadership: it tells its owner when a member's first link comes up and
 its last link goes down, and sends what it is given.
+
+It also guards the ids: a node that claims the id of a member held by
+another live node (another address, or another certificate), or of a
+configured member at another address, or this node's own id, is refused
+with code C{conflict} and listed in L{Membership.conflicts}; and it forgets
+learned members that have not been alive for C{forgetAfter} seconds.
 """
 
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
@@ -63,6 +69,9 @@ class PeerLink(Service):
         self._attempt: Optional[Deferred] = None
         self._retry: Any = None
         self._reported: Dict[str, Tuple[float, int]] = {}
+        # (code, reason) if the link that is up was refused after its
+        # handshake (an id conflict): its close counts as that refusal.
+        self._lateRefusal: Optional[Tuple[str, str]] = None
 
     def startService(self) -> None:
         super().startService()
@@ -94,8 +103,18 @@ class PeerLink(Service):
         self._attempt = endpoint.connect(self.factory)
         self._attempt.addCallbacks(self._connected, self._connectFailed)
 
+    def refusedAfterHandshake(self, code: str, reason: str) -> None:
+        """
+        The link that is up was refused by one end after its handshake (the
+        id it claims is held by another node): treat its close as a refusal
+        with C{code}, backed off and logged as one.
+        """
+        if self.protocol is not None:
+            self._lateRefusal = (code, reason)
+
     def _connected(self, protocol: P2PProtocol) -> None:
         self._attempt = None
+        self._lateRefusal = None
         self.protocol = protocol
         protocol.whenClosed().addCallback(lambda _: self._closed(protocol))
 
@@ -108,19 +127,21 @@ class PeerLink(Service):
         self._schedule(RETRY_MAX)
 
     def _closed(self, protocol: P2PProtocol) -> None:
+        refusal = protocol.refusal
         if self.protocol is protocol:
             self.protocol = None
+            refusal, self._lateRefusal = refusal or self._lateRefusal, None
         if not self.running:
             return
-        if protocol.peer is not None:
+        if protocol.peer is not None and refusal is None:
             # It was up: try again at once, as after any first failure.
             self.failures = 0
             self._setRefusal(None)
             self._schedule(RETRY_MAX)
             return
         self.failures += 1
-        if protocol.refusal is not None:
-            code, reason = protocol.refusal
+        if refusal is not None:
+            code, reason = refusal
             self._setRefusal(reason if code in ("auth", "conflict", "version") else None)
             self._report(code, f"node {self.member} at {self.address} refused the link: {reason}")
             self._schedule(AUTH_RETRY_MAX if code in ("auth", "conflict", "version") else RETRY_MAX)
@@ -161,7 +182,7 @@ class Member:
     connections (ours to it, and its to us).
     """
 
-    def __init__(self, id: int, address: str, configured: bool) -> None:
+    def __init__(self, id: int, address: str, configured: bool, lastAlive: float = 0.0) -> None:
         self.id = id
         self.address = address
         self.configured = configured
@@ -169,6 +190,14 @@ class Member:
         self.service: Optional[PeerLink] = None
         # Its certificate's fingerprint, once a link has authenticated it.
         self.fingerprint: Optional[str] = None
+        # When it was last seen alive (or learned, if never).
+        self.lastAlive = lastAlive
+
+    def describe(self) -> str:
+        """
+        The holder of this id, for log lines: its address and certificate.
+        """
+        return f"the node at {self.address}" + (f" ({self.fingerprint})" if self.fingerprint else "")
 
     def link(self) -> Optional[P2PProtocol]:
         """
@@ -184,6 +213,37 @@ class Member:
         return best
 
 
+class Conflict:
+    """
+    A node refused because the id it claims is held by another: who it
+    said it was, why it was refused, and when (reactor seconds: POSIX time
+    on a real reactor) it was first and last refused.
+    """
+
+    def __init__(self, id: int, address: str, fingerprint: Optional[str], reason: str, now: float) -> None:
+        self.id = id
+        self.address = address
+        self.fingerprint = fingerprint
+        self.reason = reason
+        self.since = now
+        self.seen = now
+        self.count = 1
+
+    def describe(self) -> Dict[str, Any]:
+        """
+        The conflict as C{status --json} lists it.
+        """
+        return {
+            "id": self.id,
+            "address": self.address,
+            "fingerprint": self.fingerprint,
+            "reason": self.reason,
+            "since": round(self.since, 3),
+            "seen": round(self.seen, 3),
+            "count": self.count,
+        }
+
+
 class Membership(MultiService):
     """
     The members of the cluster as this node knows them, and their control
@@ -193,6 +253,11 @@ class Membership(MultiService):
     @ivar onLinkDown: called with a member's id when its last link closes.
     @ivar onLinkLost: called with a member's id when one of several links
         closes (messages on it may have been lost).
+    @ivar forgetAfter: seconds after which a learned member that has not
+        been alive is forgotten (see L{sweep}); None: never.
+    @ivar conflicts: the nodes refused for claiming a held id, by
+        C{(id, address, fingerprint)}; each is kept until it has not been
+        seen for C{forgetAfter} seconds.
     """
 
     log = Logger()
@@ -216,6 +281,8 @@ class Membership(MultiService):
         # Most members learned (configured ones always count and are kept).
         self.maxMembers: Optional[int] = None
         self._capWarned = False
+        self.forgetAfter: Optional[float] = None
+        self.conflicts: Dict[Tuple[int, str, Optional[str]], Conflict] = {}
         self.onLinkUp: Callable[[int], None] = lambda member: None
         self.onLinkDown: Callable[[int], None] = lambda member: None
         self.onLinkLost: Callable[[int], None] = lambda member: None
@@ -261,7 +328,7 @@ class Membership(MultiService):
                     most=self.maxMembers,
                 )
             return False
-        self.members[member] = record = Member(member, address, configured)
+        self.members[member] = record = Member(member, address, configured, self.reactor.seconds())
         factory = P2PFactory(
             self.identity, self.handlerFor, self.reactor, listening=False, expectedNode=member, perConnection=True
         )
@@ -285,11 +352,16 @@ class Membership(MultiService):
         """
         peer = connection.peer
         assert peer is not None and peer.node is not None and peer.address is not None
-        if peer.node == self.me:
-            connection.refuse("conflict", f"node id {self.me} is already in use by the node at {self.address}")
+        why = self._conflictWith(peer.node, peer.address, peer.fingerprint)
+        if why is not None:
+            self._refuseClaim(connection, why)
             return False
         self.learn(peer.node, peer.address)
-        member = self.members[peer.node]
+        member = self.members.get(peer.node)
+        if member is None:
+            # Not learned: the most members are known.
+            connection.close()
+            return False
         if member.address != peer.address:
             # It proved who it is on this very link: its address now is the
             # one it gives, and our link to it follows.
@@ -314,6 +386,116 @@ class Membership(MultiService):
             self.log.info("member {id} link up ({address})", id=peer.node, address=member.address)
             self.onLinkUp(peer.node)
         return True
+
+    def _conflictWith(self, node: int, address: str, fingerprint: Optional[str]) -> Optional[str]:
+        """
+        Why a node that proved it holds the secret may not have C{node} as
+        its id, or None if it may.  Who has the id first keeps it: this
+        node its own; a member with a link up, against a claimant at
+        another address or with another certificate; a configured member,
+        against a claimant at another address.
+        """
+        if node == self.me:
+            return f"node id {node} is already in use by the node at {self.address}"
+        member = self.members.get(node)
+        if member is None:
+            return None
+        if member.links and (
+            address != member.address or (member.fingerprint is not None and fingerprint != member.fingerprint)
+        ):
+            return f"node id {node} is already held by {member.describe()}, which is live"
+        if member.configured and address != member.address:
+            return f"node id {node} is configured at {member.address}"
+        return None
+
+    def _refuseClaim(self, connection: P2PProtocol, why: str) -> None:
+        """
+        Refuse C{connection}, whose node claims an id it may not have: tell
+        it why (code C{conflict}), log it once per claimant, and list it in
+        L{conflicts}.
+        """
+        peer = connection.peer
+        assert peer is not None and peer.node is not None and peer.address is not None
+        now = self.reactor.seconds()
+        key = (peer.node, peer.address, peer.fingerprint)
+        conflict = self.conflicts.get(key)
+        if conflict is None:
+            self.conflicts[key] = Conflict(peer.node, peer.address, peer.fingerprint, why, now)
+            self.log.warn(
+                "refused node {id} at {address} ({fingerprint}): {why}",
+                id=peer.node,
+                address=peer.address,
+                fingerprint=peer.fingerprint,
+                why=why,
+            )
+        else:
+            conflict.seen = now
+            conflict.count += 1
+            conflict.reason = why
+        member = self.members.get(peer.node)
+        if not connection.incoming and member is not None and member.service is not None:
+            # Our own link found the claimant: back off as from a refusal.
+            member.service.refusedAfterHandshake("conflict", why)
+        connection.refuse("conflict", why)
+        self.onChange()
+
+    def refusedBy(self, member: int, code: str, reason: str) -> bool:
+        """
+        C{member} refused this node's link after the handshake (the id this
+        node claims is held by another node there): its link backs off and
+        reports it as a refusal.  Return True if a link of ours takes it.
+        """
+        record = self.members.get(member)
+        if code != "conflict" or record is None or record.service is None or record.service.protocol is None:
+            return False
+        record.service.refusedAfterHandshake(code, reason)
+        return True
+
+    def conflictList(self) -> List[Dict[str, Any]]:
+        """
+        The refused claimants, as C{status --json} lists them (C{"conflicts"}).
+        """
+        return [self.conflicts[key].describe() for key in sorted(self.conflicts, key=repr)]
+
+    def sweep(self, isLive: Callable[[int], bool]) -> List[int]:
+        """
+        Note which members are alive now; forget every learned member that
+        has not been alive for L{forgetAfter} seconds (its links closed, its
+        link service stopped: no more reconnects), and every conflict not
+        seen for as long.  Configured members are never forgotten.  Return
+        the ids forgotten.
+        """
+        now = self.reactor.seconds()
+        forgotten = []
+        for member in list(self.members.values()):
+            if isLive(member.id):
+                member.lastAlive = now
+            elif not member.configured and self.forgetAfter is not None and now - member.lastAlive >= self.forgetAfter:
+                self._forget(member)
+                forgotten.append(member.id)
+        if self.forgetAfter is not None:
+            for key, conflict in list(self.conflicts.items()):
+                if now - conflict.seen >= self.forgetAfter:
+                    del self.conflicts[key]
+        return forgotten
+
+    def _forget(self, member: Member) -> None:
+        self.log.info(
+            "forgot node {id} at {address}: not alive for {s:.0f}s (--forget-after)",
+            id=member.id,
+            address=member.address,
+            s=self.reactor.seconds() - member.lastAlive,
+        )
+        del self.members[member.id]
+        self.refused.pop(member.id, None)
+        if member.service is not None:
+            member.service.disownServiceParent()
+        links, member.links = list(member.links), set()
+        for link in links:
+            link.abort()
+        if links:
+            self.onLinkDown(member.id)
+        self.onChange()
 
     def controlClosed(self, connection: P2PProtocol) -> None:
         peer = connection.peer

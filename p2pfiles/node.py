@@ -15,6 +15,7 @@ session for its purpose, gives the sessions the small views they need, and
 carries the coordinator's decisions to the index keeper.
 """
 
+from itertools import chain
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from twisted.application.service import MultiService
@@ -38,11 +39,12 @@ from p2pfiles.gather import IndexKeeper
 from p2pfiles.channel import IConnectionSecurity
 from p2pfiles.heartbeat import EpochStore, HeartbeatCoordinator
 from p2pfiles.identity import NodeCertificate, Pins, stateIdentity
+from p2pfiles.index import listingChunks
 from p2pfiles.localindex import LocalIndex
 from p2pfiles.membership import Membership
 from p2pfiles.admission import ConnectionLimits
 from p2pfiles.protocol import IConnectionHandler, LocalIdentity, P2PFactory, P2PProtocol
-from p2pfiles.session import IRequestContext, RequestSession
+from p2pfiles.session import IRequestContext, RequestSession, encodeListing
 from p2pfiles.status import StatusBoard
 from p2pfiles.tls import TLS
 from p2pfiles.partfile import openShared
@@ -81,6 +83,7 @@ class NodeConfig:
         maxConnectionsPerAddress: Optional[int] = 64,
         idleTimeout: Optional[float] = 60.0,
         maxMembers: Optional[int] = 64,
+        forgetAfter: Optional[float] = 600.0,
     ) -> None:
         # certificate: the node's TLS identity; None to keep it in the state
         # directory (made there on the first start).  etcd: the endpoints
@@ -107,6 +110,8 @@ class NodeConfig:
         self.idleTimeout = idleTimeout
         # Most members this node links to besides the configured ones.
         self.maxMembers = maxMembers
+        # Seconds after which a learned member not alive is forgotten.
+        self.forgetAfter = forgetAfter
 
 
 def _stateIdentity(state: FilePath) -> NodeCertificate:
@@ -194,6 +199,7 @@ class Node(MultiService):
         self._localReady = Once()
         self.membership = Membership(config.id, config.address, self.identity, reactor, self._controlSession)
         self.membership.maxMembers = config.maxMembers
+        self.membership.forgetAfter = config.forgetAfter
         self.membership.setServiceParent(self)
         self.coordinator: INodeCoordinator
         if config.etcd:
@@ -437,6 +443,10 @@ class Node(MultiService):
     def _housekeep(self) -> None:
         # Only this loop's ticks measure how late timers run.
         self.board.ticked(self.config.heartbeat)
+        try:
+            self.membership.sweep(self.coordinator.isLive)
+        except Exception:
+            self.log.failure("error forgetting silent members")
         self._tick()
 
     def _tick(self) -> None:
@@ -474,6 +484,8 @@ class Node(MultiService):
     # Control messages.
 
     def _controlError(self, sender: int, message: Message) -> None:
+        if self.membership.refusedBy(sender, message.code, message.reason):
+            return  # our link to it backs off and reports the refusal
         self.log.warn(
             "node {sender} reports an error: {reason} ({code})", sender=sender, reason=message.reason, code=message.code
         )
@@ -533,6 +545,8 @@ class Node(MultiService):
             "refused": [
                 {"id": member, "reason": reason} for member, reason in sorted(self.membership.refused.items())
             ],
+            # Nodes refused here for claiming an id another node holds.
+            "conflicts": self.membership.conflictList(),
         }
 
     def _protocols(self) -> List[P2PProtocol]:
@@ -598,6 +612,8 @@ class RequestContext:
         self.me = node.id
         self.clock = node.reactor
         self._relayCount = 0
+        # (index, version, frames): the ls answer, encoded once per version.
+        self._listing: Optional[Tuple[Any, int, List[bytes]]] = None
 
     def isLeader(self) -> bool:
         return self._node.coordinator.isLeader()
@@ -616,6 +632,14 @@ class RequestContext:
 
     def listing(self) -> List[dict]:
         return self._node.keeper.index.listing()
+
+    def listingFrames(self) -> List[bytes]:
+        index = self._node.keeper.index
+        cached = self._listing
+        if cached is None or cached[0] is not index or cached[1] != index.version:
+            rows = chain.from_iterable(listingChunks(index.snapshot()))
+            self._listing = cached = (index, index.version, encodeListing(rows))
+        return cached[2]
 
     def content(self, name: str, sha256: Optional[str], everyone: bool = False) -> Any:
         node = self._node

@@ -19,7 +19,8 @@ input in every state) cleans them up in one place.  It reaches the node only
 through L{IRequestContext}: it never sees the node object.
 """
 
-from typing import Any, Callable, Dict, List, Optional
+from itertools import islice
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer
@@ -33,7 +34,7 @@ from p2pfiles.indexstream import IndexSender
 from p2pfiles.names import nameProblem
 from p2pfiles.protocol import IConnectionHandler, P2PProtocol, ProtocolViolation
 from p2pfiles.transfer import FileProducer, Relay
-from p2pfiles.wire import FileEntry, Message, splitListing
+from p2pfiles.wire import FileEntry, Message, encode, splitListing
 
 # How often a client waiting for a fetch hears that the node is at work.
 PROGRESS_INTERVAL = 1.0
@@ -85,6 +86,13 @@ class IRequestContext(Interface):
     def listing():
         """
         The cluster's files as C{ls --json} prints them (leader only).
+        """
+
+    def listingFrames():
+        """
+        The same listing as the encoded C{listing} frames of an C{ls}
+        answer (see L{encodeListing}), one sequence shared by every reader
+        while the index does not change (leader only).
         """
 
     def content(name, sha256, everyone=False):
@@ -142,24 +150,54 @@ class IRequestContext(Interface):
         """
 
 
+# Rows per listing frame: small frames (some 15 KB) keep what a reader
+# that does not read leaves in this node's buffers small (the transport
+# pauses the listing once it holds 64 KiB, plus the frame being written).
+LISTING_ROWS_PER_FRAME = 100
+
+
+def encodeListing(files: Iterable[Dict[str, Any]]) -> List[bytes]:
+    """
+    The C{ls} answer for C{files}: the encoded C{listing} frames, the last
+    one marked, ready to be sent to any number of readers.  C{files} is
+    read as it goes (a generator of rows costs one frame's rows at a time).
+    """
+    rows = iter(files)
+    frames: List[bytes] = []
+    held: List[Dict[str, Any]] = []
+    while True:
+        chunk = list(islice(rows, LISTING_ROWS_PER_FRAME))
+        parts = splitListing(chunk, count=LISTING_ROWS_PER_FRAME) if chunk else []
+        if held and parts:
+            frames.append(encode(Message("listing", files=held, last=False)))
+        if not parts:
+            frames.append(encode(Message("listing", files=held, last=True)))
+            return frames
+        for part in parts[:-1]:
+            frames.append(encode(Message("listing", files=part, last=False)))
+        held = parts[-1]
+
+
 @implementer(IPushProducer)
 class ListingSender:
     """
-    Send a listing as C{listing} frames on C{connection}, registered as a
-    streaming producer: frames are written until the transport pauses it
-    (its buffer is full), and resume when it asks, so that a reader that
-    does not read stops the listing instead of growing this node's memory.
+    Send a listing, as frames already encoded (L{encodeListing}), on
+    C{connection}, registered as a streaming producer: frames are written
+    until the transport pauses it (its buffer is full), and resume when it
+    asks, so that a reader that does not read stops the listing instead of
+    growing this node's memory.  The frames are shared: a paused sender
+    holds its place in them, not a copy.
 
     @ivar done: fires with the number of frames sent, or fails if the
         connection went away first.
     """
 
-    def __init__(self, connection: Any, files: List[Dict[str, Any]]) -> None:
+    def __init__(self, connection: Any, frames: Sequence[bytes]) -> None:
         self.connection = connection
         self.frames = 0
         self.paused = False
         self.done: Deferred = Deferred()
-        self._parts = splitListing(files)
+        self._parts = frames
 
     def start(self) -> Deferred:
         self.connection.transport.registerProducer(self, True)
@@ -173,7 +211,7 @@ class ListingSender:
         self.paused = False
         while not self.paused and not self.done.called:
             last = self.frames == len(self._parts) - 1
-            self.connection.sendMessage(Message("listing", files=self._parts[self.frames], last=last))
+            self.connection.sendEncoded(self._parts[self.frames])
             self.frames += 1
             if last:
                 self.connection.transport.unregisterProducer()
@@ -378,7 +416,7 @@ class RequestSession:
         assert self.connection is not None
         self._detachWatch()
         self.state = SENDING_LISTING
-        sender = ListingSender(self.connection, self.context.listing())
+        sender = ListingSender(self.connection, self.context.listingFrames())
         self._transfer = sender
 
         def sent(result: Any) -> None:

@@ -183,6 +183,14 @@ class Options(usage.Options):
         ],
         ["max-members", None, 64, "Most members this node knows and links to; more are not learned.", _atLeastOne],
         [
+            "forget-after",
+            None,
+            600.0,
+            "Seconds after which a learned member (not one given with --peer or --cluster) that has not been "
+            "alive is forgotten and no longer linked to.",
+            _positive,
+        ],
+        [
             "idle-timeout",
             None,
             60.0,
@@ -398,6 +406,7 @@ class Options(usage.Options):
             maxConnectionsPerAddress=self["max-connections-per-address"],
             idleTimeout=self["idle-timeout"],
             maxMembers=self["max-members"],
+            forgetAfter=self["forget-after"],
         )
 
 

@@ -673,6 +673,30 @@ class FormatTests(SynchronousTestCase):
         self.assertIn("leader 0,", text.splitlines()[0])
         self.assertEqual(self.rows(text)[0], ["0", "127.0.0.1:9000", "yes", "leader"])
 
+    def test_statusConflicts(self) -> None:
+        """
+        Each node refused for claiming a held id is one line under the
+        table: its id, address, certificate and how often it tried, with
+        control characters escaped.
+        """
+        conflict = {
+            "id": 1,
+            "address": "127.0.0.1:9101",
+            "fingerprint": "sha256:" + "ab" * 32,
+            "reason": "node id 1 is configured at 127.0.0.1:9001",
+            "since": 1.0,
+            "seen": 2.0,
+            "count": 3,
+        }
+        text = formatStatus(dict(self.STATUS, conflicts=[conflict, dict(conflict, address="\x1b[31mx", fingerprint=None)]))
+        self.assertEqual(
+            text.splitlines()[-2:],
+            [
+                f"  conflict: refused a second node 1 at 127.0.0.1:9101 (sha256:{'ab' * 32}), 3 times",
+                "  conflict: refused a second node 1 at \\x1b[31mx (no certificate), 3 times",
+            ],
+        )
+
     def test_statusWithoutAddress(self) -> None:
         """
         A status without its own address (an older node) still renders.
@@ -816,8 +840,10 @@ class LiveNodeTests(CommandTestCase):
         # certificate's fingerprint, the links refused to it, the
         # coordinator it runs and how late its timers ran.
         self.assertEqual(
-            set(status) - STATUS_KEYS, {"address", "fingerprint", "refused", "coordinator", "max_timer_delay"}
+            set(status) - STATUS_KEYS,
+            {"address", "fingerprint", "refused", "conflicts", "coordinator", "max_timer_delay"},
         )
+        self.assertEqual(status["conflicts"], [])
         self.assertEqual(status["coordinator"], "builtin")
         self.assertEqual(status["refused"], [])
         self.assertEqual(status["fingerprint"], harness.node.security.fingerprint)

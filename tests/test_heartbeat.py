@@ -485,6 +485,25 @@ class MembersTests(CoordinatorCase):
         coordinator.heartbeatReceived(2, Message("heartbeat", node=2, epoch=5, leader=2, members=listed))
         self.assertEqual(self.learned, [])
 
+    def test_leaderlessLearnsFromNoList(self) -> None:
+        """
+        A node that follows no leader yet learns nothing from a member's
+        list: not from a member that follows none either, nor from one
+        naming a leader other than itself; only once it follows a leader,
+        from that leader's own heartbeat.
+        """
+        coordinator = self.coordinator(5, knownPeers=[3])
+        coordinator.start()
+        coordinator.linkUp(3)
+        listed = [(100 + i, address(100 + i)) for i in range(20)]
+        coordinator.heartbeatReceived(3, Message("heartbeat", node=3, epoch=0, leader=None, members=listed))
+        coordinator.heartbeatReceived(3, Message("heartbeat", node=3, epoch=4, leader=1, members=listed))
+        self.assertIsNone(coordinator.leader())
+        self.assertEqual(self.learned, [])
+        coordinator.heartbeatReceived(3, Message("heartbeat", node=3, epoch=4, leader=3, members=[(7, address(7))]))
+        self.assertEqual(coordinator.leader(), 3)
+        self.assertEqual(self.learned, [(7, address(7))])
+
     def test_heartbeatOfKnownMembersClaims(self) -> None:
         """
         The counterpart of L{test_heartbeatTeachesMembers}: when the members

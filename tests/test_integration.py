@@ -65,18 +65,20 @@ class ClusterTests(TestCase):
 
     async def test_transitiveMembership(self):
         """
-        A node that knows only one member learns of, links to and agrees with
-        all of them.
+        A node that knows only the leader learns the other members from the
+        leader's heartbeats, links to them and agrees with all of them (and
+        they, linked to by it, know it).
         """
 
         def peersOf(node, addresses):
             if node == 4:
-                return {3: addresses[3]}
+                return {1: addresses[1]}
             return {p: a for p, a in addresses.items() if p not in (node, 4)}
 
         cluster = startCluster(self, [1, 2, 3, 4], peersOf=peersOf)
         await waitFor(lambda: agreed(cluster, 1, 4), "four nodes to agree on leader 1")
-        self.assertIn(1, cluster[4].node.membership.members)
+        self.assertEqual(sorted(cluster[4].node.membership.members), [1, 2, 3])
+        self.assertIn(4, cluster[3].node.membership.members)
 
     async def test_wrongSecretIsKeptOut(self):
         """

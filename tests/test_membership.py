@@ -658,3 +658,261 @@ class MembershipTests(SynchronousTestCase):
         service.onRefused(2, None)
         self.assertEqual(self.members.refused, {})
         self.assertEqual(len(changes), 2)
+
+
+class ForgetTests(SynchronousTestCase):
+    """
+    L{Membership.sweep}: learned members that stay down are forgotten after
+    C{forgetAfter}; configured ones never are.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.patch(
+            membership, "clientEndpoint", lambda reactor, address, timeout, security: FakeEndpoint([], address, security)
+        )
+        self.events: List[dict] = []
+        self.patch(Membership, "log", Logger(observer=self.events.append))
+        self.members = Membership(ME, "127.0.0.1:9001", identity(ME), self.reactor, Handler)
+        self.members.forgetAfter = 600.0
+        self.members.startService()
+        self.addCleanup(self.members.stopService)
+        self.downs: List[int] = []
+        self.members.onLinkDown = self.downs.append
+        self.live: set = set()
+
+    def sweep(self) -> List[int]:
+        return self.members.sweep(lambda member: member in self.live)
+
+    def test_learnedForgottenAfterSilence(self) -> None:
+        """
+        A learned member never alive is forgotten C{forgetAfter} seconds
+        after it was learned, not a moment before: it leaves the members,
+        its link service stops (no reconnect timer left), and one line says
+        so.
+        """
+        self.members.learn(5, "127.0.0.1:9005")
+        service = self.members.members[5].service
+        self.assertTrue(service.running)
+        self.reactor.advance(599)
+        self.assertEqual(self.sweep(), [])
+        self.assertIn(5, self.members)
+        self.reactor.advance(1)
+        self.assertEqual(self.sweep(), [5])
+        self.assertNotIn(5, self.members)
+        self.assertFalse(service.running)
+        self.assertIsNone(service.parent)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        lines = [formatEvent(e) for e in self.events if "forgot" in formatEvent(e)]
+        self.assertEqual(lines, ["forgot node 5 at 127.0.0.1:9005: not alive for 600s (--forget-after)"])
+        self.assertEqual(self.sweep(), [])
+
+    def test_aliveResetsTheClock(self) -> None:
+        """
+        The time counts from when the member was last seen alive.
+        """
+        self.members.learn(5, "127.0.0.1:9005")
+        self.reactor.advance(500)
+        self.live.add(5)
+        self.sweep()
+        self.live.discard(5)
+        self.reactor.advance(599)
+        self.assertEqual(self.sweep(), [])
+        self.reactor.advance(1)
+        self.assertEqual(self.sweep(), [5])
+
+    def test_configuredNeverForgotten(self) -> None:
+        """
+        A member given with --peer or --cluster stays, however long down.
+        """
+        self.members.learn(2, "127.0.0.1:9002", configured=True)
+        self.reactor.advance(10 * 600)
+        self.assertEqual(self.sweep(), [])
+        self.assertIn(2, self.members)
+
+    def test_openLinksClosed(self) -> None:
+        """
+        A forgotten member's links (up but silent) are closed and it is
+        reported down once; their closing later changes nothing.
+        """
+        link = FakeLink(5, incoming=True)
+        self.members.controlReady(link)
+        self.reactor.advance(600)
+        self.assertEqual(self.sweep(), [5])
+        self.assertEqual((link.aborted, self.downs), (1, [5]))
+        self.members.controlClosed(link)
+        self.assertEqual(self.downs, [5])
+
+    def test_neverWithoutSetting(self) -> None:
+        """
+        With C{forgetAfter} None nothing is forgotten.
+        """
+        self.members.forgetAfter = None
+        self.members.learn(5, "127.0.0.1:9005")
+        self.reactor.advance(10**6)
+        self.assertEqual(self.sweep(), [])
+
+
+class ConflictTests(SynchronousTestCase):
+    """
+    A second node claiming an id that another node holds is refused with
+    C{conflict}, logged once and listed in C{conflicts}.
+    """
+
+    HOLDER = "sha256:" + "11" * 32
+    IMPOSTOR = "sha256:" + "99" * 32
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.patch(
+            membership, "clientEndpoint", lambda reactor, address, timeout, security: FakeEndpoint([], address, security)
+        )
+        self.events: List[dict] = []
+        self.patch(Membership, "log", Logger(observer=self.events.append))
+        self.members = Membership(ME, "127.0.0.1:9001", identity(ME), self.reactor, Handler)
+        self.members.forgetAfter = 600.0
+        self.ups: List[int] = []
+        self.members.onLinkUp = self.ups.append
+
+    def link(self, node: int, address: str, fingerprint: Optional[str], incoming: bool = True) -> FakeLink:
+        link = FakeLink(node, incoming=incoming, address=address)
+        link.peer.fingerprint = fingerprint
+        return link
+
+    def warnings(self) -> List[str]:
+        return [formatEvent(e) for e in self.events if e["log_level"].name == "warn"]
+
+    def test_liveHolderKeepsId(self) -> None:
+        """
+        While node 2 is linked from its address with its certificate, a
+        node claiming id 2 from another address, or from the same address
+        with another certificate, is refused with C{conflict}, is not a
+        member and is listed; the holder keeps its address and certificate.
+        """
+        holder = self.link(2, "127.0.0.1:9002", self.HOLDER)
+        self.assertTrue(self.members.controlReady(holder))
+        for address, fingerprint in (("127.0.0.1:9102", self.IMPOSTOR), ("127.0.0.1:9002", self.IMPOSTOR)):
+            impostor = self.link(2, address, fingerprint)
+            self.assertFalse(self.members.controlReady(impostor))
+            ((code, reason),) = impostor.refused
+            self.assertEqual(code, "conflict")
+            self.assertIn(f"node id 2 is already held by the node at 127.0.0.1:9002 ({self.HOLDER})", reason)
+        self.assertEqual(self.members.members[2].links, {holder})
+        self.assertEqual((self.members.addressOf(2), self.members.fingerprintOf(2)), ("127.0.0.1:9002", self.HOLDER))
+        self.assertEqual(self.ups, [2])
+        self.assertEqual(
+            [(c["id"], c["address"], c["fingerprint"]) for c in self.members.conflictList()],
+            [(2, "127.0.0.1:9002", self.IMPOSTOR), (2, "127.0.0.1:9102", self.IMPOSTOR)],
+        )
+
+    def test_sameNodeAgainAccepted(self) -> None:
+        """
+        The holder's own second link (same address, same certificate) is
+        no conflict.
+        """
+        self.assertTrue(self.members.controlReady(self.link(2, "127.0.0.1:9002", self.HOLDER)))
+        self.assertTrue(self.members.controlReady(self.link(2, "127.0.0.1:9002", self.HOLDER, incoming=False)))
+        self.assertEqual(self.members.conflictList(), [])
+
+    def test_loggedOncePerClaimant(self) -> None:
+        """
+        A claimant that keeps trying is logged once; its entry counts the
+        attempts and says when it was first and last seen.
+        """
+        self.members.controlReady(self.link(2, "127.0.0.1:9002", self.HOLDER))
+        self.reactor.advance(10)
+        for _ in range(3):
+            self.members.controlReady(self.link(2, "127.0.0.1:9102", self.IMPOSTOR))
+            self.reactor.advance(5)
+        self.assertEqual(len(self.warnings()), 1)
+        self.assertIn("refused node 2 at 127.0.0.1:9102", self.warnings()[0])
+        ((entry),) = self.members.conflictList()
+        self.assertEqual(
+            {k: entry[k] for k in ("count", "since", "seen")}, {"count": 3, "since": 10.0, "seen": 20.0}
+        )
+
+    def test_configuredAddressWins(self) -> None:
+        """
+        A configured member is not linked yet: a node claiming its id from
+        another address is refused all the same; from the configured
+        address it is accepted.
+        """
+        self.members.learn(2, "127.0.0.1:9002", configured=True)
+        self.assertFalse(self.members.controlReady(self.link(2, "127.0.0.1:9102", self.IMPOSTOR)))
+        self.assertEqual(self.members.addressOf(2), "127.0.0.1:9002")
+        self.assertEqual(self.members.members[2].service.address, "127.0.0.1:9002")
+        self.assertTrue(self.members.controlReady(self.link(2, "127.0.0.1:9002", self.HOLDER)))
+
+    def test_ownIdListed(self) -> None:
+        """
+        A node claiming this node's own id is refused and listed too.
+        """
+        self.assertFalse(self.members.controlReady(self.link(ME, "127.0.0.1:9101", self.IMPOSTOR)))
+        self.assertEqual([c["address"] for c in self.members.conflictList()], ["127.0.0.1:9101"])
+
+    def test_conflictsExpire(self) -> None:
+        """
+        A conflict not seen for C{forgetAfter} seconds leaves the list.
+        """
+        self.members.controlReady(self.link(ME, "127.0.0.1:9101", self.IMPOSTOR))
+        self.reactor.advance(599)
+        self.members.sweep(lambda member: False)
+        self.assertEqual(len(self.members.conflictList()), 1)
+        self.reactor.advance(1)
+        self.members.sweep(lambda member: False)
+        self.assertEqual(self.members.conflictList(), [])
+
+    def test_holderDownLearnedMoves(self) -> None:
+        """
+        A learned member with no link up may come back from a new address
+        (it proved the secret): that is a move, not a conflict.
+        """
+        self.members.learn(2, "127.0.0.1:9002")
+        self.assertTrue(self.members.controlReady(self.link(2, "127.0.0.1:9102", self.IMPOSTOR)))
+        self.assertEqual(self.members.addressOf(2), "127.0.0.1:9102")
+        self.assertEqual(self.members.conflictList(), [])
+
+
+class LateRefusalTests(LinkCase):
+    """
+    A link refused after its handshake (an id conflict) backs off and is
+    reported like one refused in it.
+    """
+
+    def test_lateConflictBacksOff(self) -> None:
+        """
+        The peer refuses the link that is up with C{conflict}: the link
+        reports the refusal, logs it once and waits longer each time, up to
+        L{AUTH_RETRY_MAX}, instead of reconnecting at once.
+        """
+        self.link.startService()
+        delays = []
+        for attempt in range(12):
+            client = self.succeed()
+            self.assertTrue(client.isReady())
+            self.link.refusedAfterHandshake("conflict", "node id 1 is already held by the node at 127.0.0.1:9001")
+            client.transport.loseConnection()
+            self.flush()
+            delays.append(self.retryDelay())
+            if attempt < 11:
+                self.retry()
+        self.assertEqual(delays[:3], [RETRY_INITIAL, RETRY_INITIAL * 2, RETRY_INITIAL * 4])
+        self.assertEqual(delays[-1], AUTH_RETRY_MAX)
+        self.assertEqual(self.refusals, [(PEER, "node id 1 is already held by the node at 127.0.0.1:9001")])
+        # Twelve refusals over some 160 s: logged at once, then at most
+        # once a minute.
+        lines = [line for line in self.lines() if "refused the link" in line]
+        self.assertLessEqual(len(lines), 1 + sum(delays) // REPEAT_LOG_INTERVAL)
+        self.assertNotIn("times in the last", lines[0])
+
+    def test_upWithoutRefusalRetriesAtOnce(self) -> None:
+        """
+        The counterpart: a link that was up and closed with no refusal is
+        tried again after the shortest delay.
+        """
+        self.link.startService()
+        client = self.succeed()
+        client.transport.loseConnection()
+        self.flush()
+        self.assertEqual(self.retryDelay(), RETRY_INITIAL)
+        self.assertEqual(self.refusals, [])

@@ -31,7 +31,7 @@ from p2pfiles.membership import Membership, PeerLink
 from p2pfiles.session import RequestSession
 from p2pfiles.status import StatusBoard
 from p2pfiles.protocol import IConnectionHandler, LocalIdentity, P2PFactory, P2PProtocol
-from p2pfiles.wire import SCHEMAS, FileEntry, Message
+from p2pfiles.wire import SCHEMAS, FileEntry, Message, decode
 from p2pfiles.tls import TLS
 from tests.channels import PLAIN, PLAIN_FINGERPRINT, certificate, plainIdentity
 from tests.frames import frame, hello, parseFrames, proofFor, rawFrame
@@ -174,8 +174,10 @@ class Harness:
         files: Optional[Dict[str, bytes]] = None,
         tls: bool = False,
         etcd: Optional[FakeCoordinator] = None,
+        at: Optional[str] = None,
     ) -> None:
         """
+        @param at: the node's address (by default 127.0.0.1:9000+node).
         @param tls: secure the node's connections with real TLS (in memory)
             rather than the plain test channel.
         @param etcd: the coordinator the node gets when configured for etcd
@@ -191,7 +193,7 @@ class Harness:
             share.child(name).setContent(data)
         self.config = NodeConfig(
             id=node,
-            address=address(node),
+            address=at or address(node),
             peers=peers or {},
             share=share,
             state=state if state is not None else base.child("state"),
@@ -340,6 +342,7 @@ class StatusTests(SynchronousTestCase):
                 "coordinator": "builtin",
                 "max_timer_delay": 0.0,
                 "refused": [],
+                "conflicts": [],
             },
         )
 
@@ -577,6 +580,30 @@ class MembershipTests(SynchronousTestCase):
         self.assertIn(("127.0.0.1", 9003), [(host, port) for host, port, *_ in harness.reactor.tcpClients])
         self.assertEqual(harness.node.config.address, "127.0.0.1:9005")
 
+    def test_silentLearnedMemberForgotten(self) -> None:
+        """
+        A member learned from the leader's heartbeat that never comes up is
+        forgotten by the node's housekeeping after C{forgetAfter} (600 s by
+        default), its link service stopped; the leader, alive, is kept.
+        """
+        harness = Harness(self, node=5).start()
+        self.assertEqual(harness.node.membership.forgetAfter, 600.0)
+        harness.node.membership.forgetAfter = 3.0
+        leader = harness.peer(2)
+        leader.send(heartbeat(2, 1, 2, [(2, address(2)), (3, address(3))]))
+        service = harness.node.membership.members[3].service
+        for _ in range(int(2.5 / HEARTBEAT)):
+            harness.advance(HEARTBEAT)
+            leader.send(heartbeat(2, 1, 2))
+        self.assertIn(3, harness.node.membership.members)
+        for _ in range(int(1 / HEARTBEAT)):
+            harness.advance(HEARTBEAT)
+            leader.send(heartbeat(2, 1, 2))
+        self.assertEqual(harness.node.membership.ids(), [2])
+        self.assertFalse(service.running)
+        self.assertEqual([m["id"] for m in harness.node.status()["members"]], [2, 5])
+        self.assertEqual(len([line for line in harness.lines() if line.startswith("forgot node 3")]), 1)
+
     def test_ownIdRefused(self) -> None:
         """
         A control link claiming this node's own id is refused with code
@@ -611,6 +638,45 @@ class MembershipTests(SynchronousTestCase):
         self.assertEqual(harness.node.membership.members[2].links, set())
         self.assertNotIn(3, harness.node.membership.members)
 
+    def test_duplicateIdRefusedBothSides(self) -> None:
+        """
+        Node 2 follows node 1; a second node started as node 1 at another
+        address links to node 2.  Node 2 refuses it with C{conflict}, logs
+        it once and lists it under C{conflicts}; it keeps following the
+        real node 1 at its address, in the same epoch.  The refusal reaches
+        the claimant: it logs it, shows it under C{refused}, and its link
+        backs off instead of reconnecting at once.
+        """
+        refuser = Harness(self, node=2, peers={1: address(1)}).start()
+        holder = refuser.peer(1)
+        holder.send(heartbeat(1, 3, 1))
+        self.assertEqual((refuser.node.coordinator.leader(), refuser.node.coordinator.epoch()), (1, 3))
+        claimant = Harness(self, node=1, peers={2: address(2)}, at="127.0.0.1:9101")
+        claimant.reactor.listenTCP(9002, refuser.factory)
+        claimant.start()
+        claimant.complete()
+        refuser.flush()
+        status = refuser.node.status()
+        self.assertEqual((status["leader"], status["epoch"]), (1, 3))
+        self.assertEqual([(m["id"], m["address"]) for m in status["members"]], [(1, address(1)), (2, address(2))])
+        ((conflict),) = status["conflicts"]
+        self.assertEqual(
+            (conflict["id"], conflict["address"], conflict["fingerprint"]), (1, "127.0.0.1:9101", PLAIN_FINGERPRINT)
+        )
+        self.assertIn("node id 1 is already held by the node at 127.0.0.1:9001", conflict["reason"])
+        # Both nodes' parts log to the harness made last (the log is patched
+        # on the classes): the lines say which side wrote them.
+        lines = refuser.lines() + claimant.lines()
+        self.assertEqual(len([line for line in lines if "refused node 1 at 127.0.0.1:9101" in line]), 1)
+        self.assertEqual(claimant.node.status()["refused"], [{"id": 2, "reason": conflict["reason"]}])
+        self.assertEqual(len([line for line in lines if "node 2 at 127.0.0.1:9002 refused the link" in line]), 1)
+        self.assertEqual(claimant.node.membership.members[2].service.failures, 1)
+        self.assertEqual(claimant.node.membership.members[2].links, set())
+        # Its claims reach nobody: node 2 still follows the real node 1.
+        claimant.advance(LEADER_TIMEOUT + HEARTBEAT)
+        refuser.flush()
+        self.assertEqual((refuser.node.coordinator.leader(), refuser.node.coordinator.epoch()), (1, 3))
+
     def test_outboundLink(self) -> None:
         """
         The node's own link to a configured peer, once up, makes it a
@@ -629,6 +695,33 @@ class MembershipTests(SynchronousTestCase):
         harness.reactor.advance(HEARTBEAT)
         pump.flush()
         self.assertEqual(len(peer.of("heartbeat")), 2)
+
+
+class ListingFramesTests(SynchronousTestCase):
+    """
+    The node's C{ls} answer is encoded once per state of the index and
+    shared by every reader.
+    """
+
+    def test_sharedUntilTheIndexChanges(self) -> None:
+        """
+        Two C{ls} readers get the very same frames while the index is
+        unchanged (a reader that does not read holds a place in them, not a
+        copy); they decode to the listing, the last one marked; a change
+        to the index gives new frames.
+        """
+        harness = Harness(self, node=1, files={"a.txt": b"x"}).start()
+        context = harness.node.context
+        first = context.listingFrames()
+        self.assertIs(context.listingFrames(), first)
+        messages = [decode(frame) for frame in first]
+        self.assertEqual([m.last for m in messages], [False] * (len(messages) - 1) + [True])
+        self.assertEqual([row for m in messages for row in m.files], harness.node.keeper.index.listing())
+        self.assertEqual([row["name"] for row in messages[0].files], ["a.txt"])
+        harness.node.keeper.ownChanges([FileEntry("b.txt", 1, 1.0, "ab" * 32)], [])
+        second = context.listingFrames()
+        self.assertIsNot(second, first)
+        self.assertEqual([row["name"] for m in map(decode, second) for row in m.files], ["a.txt", "b.txt"])
 
 
 class HeartbeatTests(SynchronousTestCase):

@@ -13,7 +13,7 @@ import sys
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support import DEADLINE, childEnvironment, cli, freePorts, poll, startProcesses, statusOf
+from tests.support import DEADLINE, NodeProcess, childEnvironment, cli, freePorts, poll, startProcesses, statusOf
 from p2pfiles.demo import twistdCommand
 
 
@@ -106,9 +106,10 @@ class CommandTests(SynchronousTestCase):
             set(got),
             {
                 "id", "address", "role", "leader", "epoch", "members", "version", "fingerprint", "refused",
-                "coordinator", "max_timer_delay",
+                "conflicts", "coordinator", "max_timer_delay",
             },
         )
+        self.assertEqual(got["conflicts"], [])
         self.assertEqual((got["id"], got["role"], got["coordinator"]), (2, "follower", "builtin"))
         # How late the node's timers ran in the last minute, in seconds.
         delay = got["max_timer_delay"]
@@ -595,3 +596,58 @@ class TLSProcessTests(SynchronousTestCase):
         self.assertIn("refused before authentication", lines[0])
         status = poll(lambda: statusOf(nodes[2].address), "node 2's status")
         self.assertFalse({m["id"]: m["alive"] for m in status["members"]}[1])
+
+
+class DuplicateIdProcessTests(SynchronousTestCase):
+    """
+    Two processes started with the same id, across real TLS connections.
+    """
+
+    def test_secondNodeOneRefused(self):
+        """
+        Nodes 1 and 2 agree that 1 leads; a second process started as node
+        1 on another port, knowing node 2, is refused by node 2: node 2
+        lists it under C{conflicts} (its address and certificate), keeps
+        node 1 at its own address and certificate, and both nodes keep the
+        same leader and epoch; the second node 1 shows node 2's refusal.
+        """
+        base = FilePath(self.mktemp())
+        base.makedirs()
+        elsewhere = FilePath(self.mktemp())
+        elsewhere.makedirs()
+        first, second, third = freePorts(3)
+        holder = NodeProcess(base, 1, first, {2: second})
+        node2 = NodeProcess(base, 2, second, {1: first})
+        impostor = NodeProcess(elsewhere, 1, third, {2: second})
+        for node in (holder, node2):
+            self.addCleanup(node.stop)
+            node.start()
+        epoch = poll(lambda: agreement([holder, node2], 1), "leader 1")
+        holderPrint = statusOf(holder.address)["fingerprint"]
+        self.addCleanup(impostor.stop)
+        impostor.start()
+
+        def conflicts():
+            status = statusOf(node2.address)
+            return status if status is not None and status["conflicts"] else None
+
+        status = poll(conflicts, "node 2 to refuse the second node 1")
+        impostorStatus = poll(lambda: statusOf(impostor.address), "the second node 1 to answer")
+        (conflict,) = status["conflicts"]
+        self.assertEqual(
+            (conflict["id"], conflict["address"], conflict["fingerprint"]),
+            (1, impostor.address, impostorStatus["fingerprint"]),
+        )
+        self.assertNotEqual(impostorStatus["fingerprint"], holderPrint)
+        self.assertLessEqual(conflict["since"], conflict["seen"])
+        members = {m["id"]: m for m in status["members"]}
+        self.assertEqual((members[1]["address"], members[1]["fingerprint"]), (holder.address, holderPrint))
+
+        def refusedBy2():
+            status = statusOf(impostor.address)
+            return status if status is not None and [r for r in status["refused"] if r["id"] == 2] else None
+
+        refused = poll(refusedBy2, "the second node 1 to show node 2's refusal")
+        self.assertFalse([m for m in refused["members"] if m["id"] == 2 and m["alive"]])
+        for _ in range(3):
+            self.assertEqual(agreement([holder, node2], 1), epoch)

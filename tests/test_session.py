@@ -20,7 +20,7 @@ from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2pfiles import auth
+from p2pfiles import auth, session
 from p2pfiles.errors import P2PError
 from p2pfiles.indexstream import IndexSender
 from p2pfiles.localindex import Changes
@@ -36,7 +36,9 @@ from p2pfiles.session import (
     WATCHING,
     IRequestContext,
     RequestSession,
+    LISTING_ROWS_PER_FRAME,
     StatusWatch,
+    encodeListing,
 )
 from p2pfiles.wire import ENTRIES_PER_FRAME, FileEntry, Message, decode
 from tests.channels import PlainSecurity, plainIdentity
@@ -184,6 +186,9 @@ class FakeContext:
 
     def listing(self) -> List[Dict[str, Any]]:
         return self.files
+
+    def listingFrames(self) -> List[bytes]:
+        return encodeListing(self.files)
 
     def content(self, name: str, sha256: Optional[str], everyone: bool = False) -> Any:
         self.contentCalls.append((name, sha256, everyone))
@@ -1562,3 +1567,49 @@ class RequestContextTests(SynchronousTestCase):
         self.assertEqual(harness.node.watching, 1)
         stop()
         self.assertEqual(harness.node.watching, 0)
+
+
+class EncodeListingTests(SynchronousTestCase):
+    """
+    L{encodeListing}: the C{ls} answer, encoded once for every reader.
+    """
+
+    def rows(self, count: int) -> List[Dict[str, Any]]:
+        return [{"name": f"f{i:05d}", "size": i, "sha256": "ab" * 32, "holders": [1]} for i in range(count)]
+
+    def test_framesInOrderLastMarked(self) -> None:
+        """
+        The frames decode, in order, to every row, at most
+        C{LISTING_ROWS_PER_FRAME} rows each, and only the last says it is
+        last; no rows is one empty last frame.
+        """
+        for count in (0, 1, LISTING_ROWS_PER_FRAME, LISTING_ROWS_PER_FRAME + 1, 3 * LISTING_ROWS_PER_FRAME + 7):
+            messages = [decode(frame) for frame in encodeListing(self.rows(count))]
+            self.assertEqual([row for m in messages for row in m.files], self.rows(count), count)
+            self.assertEqual([m.last for m in messages], [False] * (len(messages) - 1) + [True], count)
+            self.assertTrue(all(len(m.files) <= LISTING_ROWS_PER_FRAME for m in messages), count)
+            self.assertEqual(len(messages), max(1, -(-count // LISTING_ROWS_PER_FRAME)), count)
+
+    def test_readsAsItGoes(self) -> None:
+        """
+        Rows given as a generator are read one frame's worth ahead at most:
+        by the time the first frame is made, no more than two frames' rows
+        have been taken.
+        """
+        taken: List[int] = []
+
+        def generate() -> Any:
+            for row in self.rows(10 * LISTING_ROWS_PER_FRAME):
+                taken.append(row["size"])
+                yield row
+
+        seen = []
+        original = session.encode
+
+        def spying(message: Message) -> bytes:
+            seen.append(len(taken))
+            return original(message)
+
+        self.patch(session, "encode", spying)
+        encodeListing(generate())
+        self.assertLessEqual(seen[0], 2 * LISTING_ROWS_PER_FRAME)

@@ -426,6 +426,19 @@ class DirectoryAndTimingTests(OptionsTestCase):
             for bad in ("0", "-1", "x"):
                 self.assertUsageError("--id", "4", option, bad)
 
+    def test_forgetAfter(self) -> None:
+        """
+        C{--forget-after} (default 600 s) reaches the node's config and its
+        membership; zero, negative and non-numbers are refused, and
+        C{--help} names it.
+        """
+        self.assertEqual(parse("--id", "4").nodeConfig().forgetAfter, 600.0)
+        config = parse("--id", "4", "--forget-after", "30").nodeConfig()
+        self.assertEqual(config.forgetAfter, 30.0)
+        for bad in ("0", "-1", "x", "nan"):
+            self.assertUsageError("--id", "4", "--forget-after", bad)
+        self.assertIn("--forget-after", str(parse("--id", "4")))
+
     def test_directoriesGiven(self) -> None:
         """
         Given directories are kept as they are.

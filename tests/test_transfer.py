@@ -1622,6 +1622,9 @@ class FakeRequestContext:
     def listing(self) -> List[dict]:
         return []
 
+    def listingFrames(self) -> List[bytes]:
+        return []
+
     def content(self, name: str, sha256: Optional[str], everyone: bool = False) -> Any:
         found = self.holders.get(name)
         if found is None or sha256 not in (None, found[0].sha256):

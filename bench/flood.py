@@ -1,0 +1,407 @@
+"""
+A flood against the leader of a real 3-node cluster: how much memory it
+costs the node, whether C{status} still answers, and whether the cluster
+keeps its leader.
+
+What is done, and how:
+
+  - Three C{twistd -n p2pfiles} nodes (ids 1-3, a C{--cluster} file listing
+    all); node 1 leads and shares C{--files} small files (20,000), so that
+    an C{ls} answer is large (some 3 MB of frames).
+  - Against node 1, all at once and held for C{--seconds} (30):
+      - C{--idle} (500) TCP connections that never start TLS;
+      - C{--trickle} (100) connections that send the first bytes of a TLS
+        record announcing 16 KiB and then one random byte a second;
+      - C{--ls} (300) authenticated connections (the real handshake, with
+        the cluster secret: none here) that each send one C{ls} request
+        and never read the answer.  Their receive buffer is set to 4 KiB
+        (C{SO_RCVBUF}) before connecting, as a hostile reader would, so
+        that the answers stay in the node rather than in the kernel.
+    A connection the node closes (the idle and trickling ones are closed
+    after the 5 s handshake timeout) is opened again at once, so the
+    pressure holds throughout.  The idle and trickling connections run on
+    an asyncio loop in a thread; the C{ls} connections are set up by a few
+    threads with the blocking client of L{common.directConnect}.
+  - Every client socket is bound to its own source address in
+    127.0.0.0/8 (all loopback on Linux), at most 50 per address, so the
+    per-address cap (C{--max-connections-per-address}, 64 by default) does
+    not apply: the flood is what many hosts would send.  The total cap
+    (C{--max-connections}, 512 by default) would refuse about 400 of the
+    900 connections at connect time, and while it is full a legitimate
+    C{status} is refused too; the nodes therefore run with
+    C{--max-connections 1024} (C{--node-max-connections}) so that the
+    whole flood reaches node 1, the harder case for its memory.  Give
+    C{--node-max-connections 512} to see what the default cap does (the
+    connections it refused are counted).
+  - Meanwhile, every C{--interval} (0.5 s): C{status} of node 1, timed (the
+    in-process client: the same TLS, handshake and request as C{p2pfiles
+    status --json}, without the ~0.5 s of a Python start-up), and the
+    status of nodes 2 and 3, whose leader and epoch (and node 1's) must
+    never change.  Every 5 s one real C{p2pfiles status --json} is timed
+    as well (informative).  VmRSS and VmHWM of node 1 are sampled all the
+    while.  Before the flood the same status timings are taken as the
+    baseline.
+
+Figures: peak RSS of node 1 (VmHWM, target <= 96 MiB), the median status
+time during the flood (target <= 1 s) and its maximum, and how many
+changes of leader or epoch any node reported (target 0).
+
+Usage: .venv/bin/python bench/flood.py [--files 20000] [--idle 500] [--trickle 100] [--ls 300]
+       [--seconds 30] [--node-max-connections 1024] [--keep]
+"""
+
+import argparse
+import asyncio
+import os
+import random
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, List, Optional, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+from common import MiB, Cluster, Figure, median  # noqa: E402
+
+# Targets.
+PEAK_RSS = 96 * MiB
+STATUS_MEDIAN = 1.0
+
+# Most client connections bound to one source address (the node's
+# per-address cap is 64 by default).
+PER_SOURCE = 50
+
+# The first bytes of a TLS record (handshake, TLS 1.0 header) announcing
+# 16 KiB: a TLS layer waits for the rest.
+RECORD_START = bytes([0x16, 0x03, 0x01, 0x40, 0x00])
+
+
+def source(kind: int, index: int) -> str:
+    """
+    The source address of client C{index} of flood C{kind}: 127.KIND.A.B,
+    L{PER_SOURCE} clients to one address.
+    """
+    group = index // PER_SOURCE
+    return f"127.{kind}.{group // 250}.{group % 250 + 1}"
+
+
+class Counts:
+    """
+    What the flood did, counted across threads.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.opened: Dict[str, int] = {"idle": 0, "trickle": 0, "ls": 0}
+        self.closedByNode: Dict[str, int] = {"idle": 0, "trickle": 0, "ls": 0}
+        self.failed: Dict[str, int] = {"idle": 0, "trickle": 0, "ls": 0}
+        self.lsOpen = 0
+
+    def add(self, table: Dict[str, int], kind: str) -> None:
+        with self.lock:
+            table[kind] += 1
+
+
+async def holdRaw(host: str, port: int, src: str, kind: str, counts: Counts, stop: asyncio.Event, trickle: bool) -> None:
+    """
+    Keep one raw connection open (idle, or trickling garbage) until C{stop};
+    open it again whenever the node closes it.
+    """
+    rng = random.Random()
+    while not stop.is_set():
+        try:
+            reader, writer = await asyncio.open_connection(host, port, local_addr=(src, 0))
+        except OSError:
+            counts.add(counts.failed, kind)
+            await asyncio.sleep(0.5)
+            continue
+        counts.add(counts.opened, kind)
+        try:
+            if trickle:
+                writer.write(RECORD_START)
+            while not stop.is_set():
+                if trickle:
+                    writer.write(bytes([rng.randrange(256)]))
+                    await writer.drain()
+                try:
+                    data = await asyncio.wait_for(reader.read(4096), timeout=1.0)
+                except asyncio.TimeoutError:
+                    continue
+                if not data:
+                    counts.add(counts.closedByNode, kind)
+                    break
+        except (OSError, ConnectionError):
+            counts.add(counts.closedByNode, kind)
+        finally:
+            writer.close()
+        await asyncio.sleep(0.05)
+
+
+class RawFlood:
+    """
+    The idle and trickling connections, on an asyncio loop in a thread.
+    """
+
+    def __init__(self, address: str, idle: int, trickle: int, counts: Counts) -> None:
+        self.host, port = address.rsplit(":", 1)
+        self.port = int(port)
+        self.idle = idle
+        self.trickle = trickle
+        self.counts = counts
+        self.loop = asyncio.new_event_loop()
+        self.stopEvent: Optional[asyncio.Event] = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._main())
+
+    async def _main(self) -> None:
+        self.stopEvent = asyncio.Event()
+        tasks = [
+            holdRaw(self.host, self.port, source(1, i), "idle", self.counts, self.stopEvent, False) for i in range(self.idle)
+        ]
+        tasks += [
+            holdRaw(self.host, self.port, source(2, i), "trickle", self.counts, self.stopEvent, True)
+            for i in range(self.trickle)
+        ]
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def stop(self) -> None:
+        if self.stopEvent is not None:
+            self.loop.call_soon_threadsafe(self.stopEvent.set)
+        self.thread.join(10)
+
+
+class ListingFlood:
+    """
+    C{ls} requests whose answers are never read, each on a connection of
+    its own, set up by a few threads and held until C{stop}.
+    """
+
+    def __init__(self, address: str, count: int, counts: Counts, receiveBuffer: int = 4096) -> None:
+        self.address = address
+        self.count = count
+        self.counts = counts
+        self.receiveBuffer = receiveBuffer
+        self.sockets: List[Any] = []
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.pool = ThreadPoolExecutor(max_workers=8)
+
+    def start(self) -> None:
+        for i in range(self.count):
+            self.pool.submit(self._open, i)
+
+    def _open(self, index: int) -> None:
+        from p2pfiles.wire import Message
+
+        while not self.stopping.is_set():
+            try:
+                sock = common.directConnect(
+                    self.address, timeout=10.0, source=source(3, index), receiveBuffer=self.receiveBuffer
+                )
+                common._sendMessage(sock, Message("ls"))
+            except (OSError, ValueError, Exception):
+                self.counts.add(self.counts.failed, "ls")
+                time.sleep(0.5)
+                continue
+            self.counts.add(self.counts.opened, "ls")
+            with self.lock:
+                self.sockets.append(sock)
+                self.counts.lsOpen = len(self.sockets)
+            return
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.pool.shutdown(wait=True)
+        with self.lock:
+            for sock in self.sockets:
+                try:
+                    sock.close()
+                except Exception:
+                    pass
+            self.sockets.clear()
+
+
+def writeShare(path: str, count: int) -> None:
+    """
+    C{count} small distinct files, with names long enough to make a
+    listing row of about 150 bytes.
+    """
+    for i in range(count):
+        with open(os.path.join(path, f"flood-file-{i:06d}-of-a-large-listing.dat"), "wb") as f:
+            f.write(b"%d\n" % i)
+
+
+def timedStatus(address: str) -> Tuple[Optional[float], Optional[Dict[str, Any]]]:
+    started = time.monotonic()
+    try:
+        status = common.directStatus(address, timeout=10.0)
+    except (OSError, ValueError, Exception):
+        return None, None
+    return time.monotonic() - started, status
+
+
+def timedCli(address: str) -> Optional[float]:
+    started = time.monotonic()
+    try:
+        common.cliStatus(address, timeout=10.0)
+    except (OSError, ValueError, Exception):
+        return None
+    return time.monotonic() - started
+
+
+def waitIndexed(address: str, files: int, timeout: float) -> float:
+    started = time.monotonic()
+    deadline = started + timeout
+    count = -1
+    while time.monotonic() < deadline:
+        try:
+            count = common.directListingCount(address)
+        except (OSError, ValueError, Exception):
+            count = -1
+        if count >= files:
+            return time.monotonic() - started
+        time.sleep(0.5)
+    raise TimeoutError(f"node 1 lists {count} of {files} files after {timeout:g}s")
+
+
+def run(args: argparse.Namespace) -> int:
+    common.installSignalHandlers()
+    root = common.makeTempDir("flood")
+    cluster = Cluster(3, root, extraArgs=["--max-connections", str(args.node_max_connections)])
+    raw: Optional[RawFlood] = None
+    listings: Optional[ListingFlood] = None
+    try:
+        print(f"writing {args.files} files into node 1's share ...", flush=True)
+        writeShare(cluster.nodes[1].share, args.files)
+        cluster.startAll()
+        cluster.waitListening()
+        leader, epoch, _ = cluster.waitConverged(expectLeader=1, useCli=False, timeout=60)
+        indexed = waitIndexed(cluster.nodes[1].address, args.files, timeout=300)
+        print(f"cluster agreed on leader {leader} in epoch {epoch}; {args.files} files listed after {indexed:.1f}s", flush=True)
+        pid = cluster.nodes[1].pid
+        before = common.procStatus(pid)
+        addresses = cluster.addresses()
+        baseline = [timedStatus(addresses[0])[0] for _ in range(10)]
+        baselineCli = [timedCli(addresses[0]) for _ in range(3)]
+        sampler = common.RssSampler(pid, interval=0.05)
+        counts = Counts()
+        raw = RawFlood(addresses[0], args.idle, args.trickle, counts)
+        listings = ListingFlood(addresses[0], args.ls, counts)
+        print(f"flooding node 1 for {args.seconds:g}s: {args.idle} idle, {args.trickle} trickling, {args.ls} unread ls", flush=True)
+        started = time.monotonic()
+        raw.start()
+        listings.start()
+        latencies: List[Optional[float]] = []
+        cliLatencies: List[Optional[float]] = []
+        views: Dict[int, set] = {1: set(), 2: set(), 3: set()}
+        unanswered = {1: 0, 2: 0, 3: 0}
+        nextCli = started + 5
+        while time.monotonic() - started < args.seconds:
+            tick = time.monotonic()
+            if sampler.maxRss > args.rss_abort * MiB:
+                print(f"node 1 passed {args.rss_abort} MiB: flood stopped early, after {tick - started:.1f}s", flush=True)
+                break
+            latency, status = timedStatus(addresses[0])
+            latencies.append(latency)
+            for node, address in zip((1, 2, 3), addresses):
+                if node != 1:
+                    _, status = timedStatus(address)
+                if status is None:
+                    unanswered[node] += 1
+                else:
+                    views[node].add((status["leader"], status["epoch"]))
+            if tick >= nextCli:
+                cliLatencies.append(timedCli(addresses[0]))
+                nextCli = tick + 5
+            time.sleep(max(0.0, args.interval - (time.monotonic() - tick)))
+        lsOpen = counts.lsOpen
+        sampler.stop()
+        raw.stop()
+        listings.stop()
+        raw = listings = None
+        after = common.procStatus(pid)
+        finalViews = common.statuses(addresses, useCli=True, timeout=10)
+        answered = [l for l in latencies if l is not None]
+        # An unanswered poll counts as its 10 s timeout.
+        timed = [10.0 if l is None else l for l in latencies]
+        changes = sum(len(v - {(leader, epoch)}) for v in views.values())
+        alive = cluster.nodes[1].process is not None and cluster.nodes[1].process.poll() is None
+
+        print()
+        common.printTable(
+            ["flood", "opened", "closed by node", "failed to open"],
+            [[k, counts.opened[k], counts.closedByNode[k], counts.failed[k]] for k in ("idle", "trickle", "ls")],
+        )
+        print(f"ls connections open at the end of the flood: {lsOpen} of {args.ls}")
+        print(
+            f"node 1 RSS: {before.get('VmRSS', 0) / MiB:.1f} MiB before the flood, peak VmHWM "
+            f"{after.get('VmHWM', sampler.maxHwm) / MiB:.1f} MiB, VmRSS at the end {after.get('VmRSS', 0) / MiB:.1f} MiB"
+        )
+        print(
+            f"status of node 1: {len(answered)} of {len(latencies)} answered during the flood; "
+            f"baseline median {median([b for b in baseline if b is not None]):.3f}s, "
+            f"CLI baseline median {median([b for b in baselineCli if b is not None]):.3f}s"
+        )
+        print(f"leader/epoch seen: " + "; ".join(f"node {n}: {sorted(v)}" for n, v in views.items()))
+        print(f"unanswered status polls per node: {unanswered}")
+        print(
+            "after the flood: "
+            + "; ".join("-" if s is None else f"node {s['id']}: leader {s['leader']} epoch {s['epoch']}" for s in finalViews)
+        )
+        print()
+        peak = max(after.get("VmHWM", 0), sampler.maxHwm)
+        figures = [
+            Figure("node 1 peak RSS (VmHWM)", peak / MiB, "MiB", PEAK_RSS / MiB, note="during the flood"),
+            Figure("node 1 RSS before the flood", before.get("VmRSS", 0) / MiB, "MiB", None),
+            Figure("status median during the flood", median(timed) if timed else None, "s", STATUS_MEDIAN),
+            Figure("status max during the flood", max(timed) if timed else None, "s", None),
+            Figure("status median before the flood", median([b for b in baseline if b is not None]), "s", None),
+            Figure(
+                "p2pfiles status --json median (CLI)",
+                median([c for c in cliLatencies if c is not None]) if any(c is not None for c in cliLatencies) else None,
+                "s",
+                None,
+            ),
+            Figure("status polls unanswered (10 s timeout)", float(len(latencies) - len(answered)), "", None),
+            Figure("leader/epoch changes on any node", float(changes), "", 0),
+            Figure("node 1 still running", 1.0 if alive else 0.0, "", 1, kind="min"),
+        ]
+        common.printFigures(figures)
+        return 0 if all(f.passed is not False for f in figures) else 1
+    finally:
+        if raw is not None:
+            raw.stop()
+        if listings is not None:
+            listings.stop()
+        cluster.stopAll()
+        common.stopAll()
+        if not args.keep:
+            common.removeTree(root)
+        else:
+            print(f"kept {root}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--files", type=int, default=20000)
+    parser.add_argument("--idle", type=int, default=500)
+    parser.add_argument("--trickle", type=int, default=100)
+    parser.add_argument("--ls", type=int, default=300)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--interval", type=float, default=0.5)
+    parser.add_argument("--node-max-connections", type=int, default=1024)
+    parser.add_argument("--rss-abort", type=int, default=1536, help="stop the flood early past this RSS of node 1 (MiB)")
+    parser.add_argument("--keep", action="store_true", help="keep the nodes' directories and logs")
+    return run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
