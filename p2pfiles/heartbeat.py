@@ -95,6 +95,7 @@ class HeartbeatCoordinator:
         self.heartbeat = heartbeat
         self.leaderTimeout = leaderTimeout
         self.election = ElectionState(me, reactor, leaderTimeout, epoch=0, knownPeers=knownPeers)
+        self.configured = frozenset(knownPeers)
         self.stopping = False
         self._subscribers: List[Callable[[], None]] = []
         self._loop = LoopingCall(self._tick)
@@ -170,18 +171,25 @@ class HeartbeatCoordinator:
         """
         Let the election hear it; then, if C{sender} is the leader this
         node follows, learn the members it lists.  No other member's list
-        is taken, not even while this node follows no leader yet: a bad
-        member cannot make this node link to made-up ids.  Until it
-        follows, a node knows its configured peers and the nodes that link
-        to it, each on its own word.
+        is taken: a bad member cannot make this node link to made-up ids.
+        Until it follows, a node knows its configured peers and the nodes
+        that link to it, each on its own word, plus one id per configured
+        peer: the leader that peer names, so that a node given any one
+        member of a cluster finds its leader (and then follows it only on
+        the leader's own heartbeat).
         """
         if self.stopping:
             return
         self._apply(self.election.heartbeatReceived(sender, message.epoch, message.leader))
         if self.election.leader == sender:
-            for member, address in message.members:
-                if self.learn(member, address):
-                    self.election.peerKnown(member)
+            learnable = message.members
+        elif self.election.leader is None and sender in self.configured:
+            learnable = [(member, address) for member, address in message.members if member == message.leader]
+        else:
+            learnable = []
+        for member, address in learnable:
+            if self.learn(member, address):
+                self.election.peerKnown(member)
         self._notify()
 
     def staleReceived(self, sender: int, message: Message) -> None:

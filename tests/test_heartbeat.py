@@ -504,6 +504,24 @@ class MembersTests(CoordinatorCase):
         self.assertEqual(coordinator.leader(), 3)
         self.assertEqual(self.learned, [(7, address(7))])
 
+    def test_leaderlessLearnsTheLeaderAConfiguredPeerNames(self) -> None:
+        """
+        A node that follows no leader yet learns, from a configured peer's
+        heartbeat, the one leader that peer names (so that a node given any
+        one member finds the leader) and none of the other ids listed; a
+        member that is not configured teaches nothing, not even its leader.
+        """
+        coordinator = self.coordinator(5, knownPeers=[3])
+        coordinator.start()
+        coordinator.linkUp(3)
+        coordinator.linkUp(8)
+        madeUp = [(100 + i, address(100 + i)) for i in range(20)]
+        coordinator.heartbeatReceived(8, Message("heartbeat", node=8, epoch=4, leader=9, members=[(9, address(9))] + madeUp))
+        self.assertEqual(self.learned, [])
+        coordinator.heartbeatReceived(3, Message("heartbeat", node=3, epoch=4, leader=1, members=[(1, address(1))] + madeUp))
+        self.assertIsNone(coordinator.leader())
+        self.assertEqual(self.learned, [(1, address(1))])
+
     def test_heartbeatOfKnownMembersClaims(self) -> None:
         """
         The counterpart of L{test_heartbeatTeachesMembers}: when the members

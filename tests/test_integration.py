@@ -65,14 +65,15 @@ class ClusterTests(TestCase):
 
     async def test_transitiveMembership(self):
         """
-        A node that knows only the leader learns the other members from the
-        leader's heartbeats, links to them and agrees with all of them (and
-        they, linked to by it, know it).
+        A node that knows only one follower learns the leader that follower
+        names, then the other members from the leader's own heartbeats,
+        links to them and agrees with all of them (and they, linked to by
+        it, know it).
         """
 
         def peersOf(node, addresses):
             if node == 4:
-                return {1: addresses[1]}
+                return {3: addresses[3]}
             return {p: a for p, a in addresses.items() if p not in (node, 4)}
 
         cluster = startCluster(self, [1, 2, 3, 4], peersOf=peersOf)
