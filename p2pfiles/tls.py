@@ -50,15 +50,22 @@ TLS13_SUITES = b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY
 # Plaintext asked of OpenSSL per call: more than one record (16 KiB) holds.
 RECORD_READ = 32 * 1024
 
-# TCP's read size and pause threshold under a TLS connection.
-TCP_BUFFER = 512 * 1024
+# TCP under a TLS connection: its read size, how much one send may take,
+# and above how much waiting to be sent its producer is paused: a file
+# chunk's records (256 KiB and their overhead) pass without a pause.
+TCP_BUFFER = 272 * 1024
 
 # Received plaintext handed up in one piece at most (a TCP read gives less).
-RECEIVE_BATCH = 1024 * 1024
+RECEIVE_BATCH = 256 * 1024
 
-# Ciphertext taken out of the memory BIO per call: all the records a large
-# write makes, in one piece.
-SEND_READ = 512 * 1024
+# Ciphertext taken out of the memory BIO per call when nothing says how
+# much there is (handshake, alerts): a record and a half.
+SEND_READ = 24 * 1024
+
+# What TLS 1.3 adds to each record of at most 16 KiB of plaintext (header,
+# content type, tag), and to a write: records made by a write of N bytes fit
+# in N + N // 16384 * RECORD_OVERHEAD + RECORD_OVERHEAD.
+RECORD_OVERHEAD = 32
 
 
 class BulkTLSProtocol(BufferingTLSTransport):
@@ -88,6 +95,8 @@ class BulkTLSProtocol(BufferingTLSTransport):
         # this much is waiting to be sent.
         if getattr(transport, "bufferSize", TCP_BUFFER) < TCP_BUFFER:
             transport.bufferSize = TCP_BUFFER
+        if getattr(transport, "SEND_LIMIT", TCP_BUFFER) < TCP_BUFFER:
+            transport.SEND_LIMIT = TCP_BUFFER
         super().makeConnection(transport)
 
     def _flushReceiveBIO(self) -> None:
@@ -128,6 +137,7 @@ class BulkTLSProtocol(BufferingTLSTransport):
             return
         view = memoryview(data)
         sent = 0
+        expected = len(view) + (len(view) // 16384 + 1) * RECORD_OVERHEAD
         while sent < len(view):
             try:
                 # With a memory BIO OpenSSL takes a record (16 KiB) a call.
@@ -140,17 +150,18 @@ class BulkTLSProtocol(BufferingTLSTransport):
             except SSL.Error:
                 self._tlsShutdownFinished(Failure())
                 return
-        self._flushSendBIO()
+        # All the records in one read, so in one piece.
+        self._flushSendBIO(expected)
 
-    def _flushSendBIO(self) -> None:
+    def _flushSendBIO(self, expected: int = SEND_READ) -> None:
         pending = []
         while True:
             try:
-                data = self._tlsConnection.bio_read(SEND_READ)
+                data = self._tlsConnection.bio_read(expected)
             except SSL.WantReadError:
                 break
             pending.append(data)
-            if len(data) < SEND_READ:
+            if len(data) < expected:
                 break
         if pending:
             self.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))

@@ -31,7 +31,7 @@ from p2pfiles.identity import (
 )
 from p2pfiles.protocol import HANDSHAKE_TIMEOUT, LocalIdentity, P2PFactory, P2PProtocol
 from p2pfiles.tap import Options, parsePeer, readCluster
-from p2pfiles.tls import TLS, TLSBinding
+from p2pfiles.tls import RECEIVE_BATCH, TLS, TLSBinding
 from p2pfiles.wire import Message
 from tests.channels import PLAIN_FINGERPRINT, PlainSecurity, certificate, plainIdentity, tlsConnect
 from tests.test_protocol import RecordingHandler, linesFrom
@@ -225,7 +225,8 @@ class BulkTLSTests(SynchronousTestCase):
     def test_largeWrite(self) -> None:
         """
         A 1 MiB write becomes one write to TCP (its 64 records together),
-        and the receiver gets the 1 MiB in one piece, intact.
+        and the receiver gets the 1 MiB intact, in pieces of
+        L{RECEIVE_BATCH} (not one per 16 KiB record).
         """
         server, client, clientTransport, pump, clock = self.pair()
         data = os.urandom(1024 * 1024)
@@ -233,7 +234,9 @@ class BulkTLSTests(SynchronousTestCase):
         self.assertEqual(len(clientTransport.stream), 1)
         self.assertGreater(len(clientTransport.stream[0]), len(data))
         pump.flush()
-        self.assertEqual(server.wrappedProtocol.deliveries, [data])
+        deliveries = server.wrappedProtocol.deliveries
+        self.assertEqual([len(piece) for piece in deliveries], [RECEIVE_BATCH] * (len(data) // RECEIVE_BATCH))
+        self.assertEqual(b"".join(deliveries), data)
 
     def test_smallWritesGathered(self) -> None:
         """
