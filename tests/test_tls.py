@@ -13,7 +13,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import Logger, formatEvent
 from twisted.python import usage
 from twisted.python.filepath import FilePath
@@ -31,7 +31,7 @@ from p2pfiles.identity import (
 )
 from p2pfiles.protocol import HANDSHAKE_TIMEOUT, LocalIdentity, P2PFactory, P2PProtocol
 from p2pfiles.tap import Options, parsePeer, readCluster
-from p2pfiles.tls import RECEIVE_BATCH, TLS, TLSBinding
+from p2pfiles.tls import RECEIVE_BATCH, RECORD_OVERHEAD, TCP_BUFFER, TLS, TLSBinding
 from p2pfiles.wire import Message
 from tests.channels import PLAIN_FINGERPRINT, PlainSecurity, certificate, plainIdentity, tlsConnect
 from tests.test_protocol import RecordingHandler, linesFrom
@@ -251,6 +251,27 @@ class BulkTLSTests(SynchronousTestCase):
         self.assertEqual(len(clientTransport.stream), 1)
         pump.flush()
         self.assertEqual(server.wrappedProtocol.deliveries, [b"onetwo"])
+
+    def test_tcpSizes(self) -> None:
+        """
+        Under TLS, TCP reads, sends and buffers a whole file chunk's
+        records: its Twisted defaults (64 KiB reads and pause threshold,
+        128 KiB per send) are raised to L{TCP_BUFFER}, never lowered.
+        """
+
+        class TCP(StringTransport):
+            bufferSize = 64 * 1024
+            SEND_LIMIT = 128 * 1024
+
+        factory = TLS(certificate(1)).serverFactory(Factory.forProtocol(Collector), Clock())
+        small = TCP()
+        factory.buildProtocol(None).makeConnection(small)
+        self.assertEqual((small.bufferSize, small.SEND_LIMIT), (TCP_BUFFER, TCP_BUFFER))
+        self.assertGreater(TCP_BUFFER, 256 * 1024 + 16 * RECORD_OVERHEAD)
+        large = TCP()
+        large.bufferSize = large.SEND_LIMIT = 4 * TCP_BUFFER
+        factory.buildProtocol(None).makeConnection(large)
+        self.assertEqual((large.bufferSize, large.SEND_LIMIT), (4 * TCP_BUFFER, 4 * TCP_BUFFER))
 
     def test_bytesBeforeClose(self) -> None:
         """
