@@ -47,6 +47,10 @@ TLS12_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20"
 TLS13_SUITES = b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
 
 
+# OpenSSL's SSL_MODE_ENABLE_PARTIAL_WRITE (ssl.h), which pyOpenSSL sets on
+# every context and does not name.
+MODE_ENABLE_PARTIAL_WRITE = 0x1
+
 # Plaintext asked of OpenSSL per call: more than one record (16 KiB) holds.
 RECORD_READ = 32 * 1024
 
@@ -140,7 +144,8 @@ class BulkTLSProtocol(BufferingTLSTransport):
         expected = len(view) + (len(view) // 16384 + 1) * RECORD_OVERHEAD
         while sent < len(view):
             try:
-                # With a memory BIO OpenSSL takes a record (16 KiB) a call.
+                # All of it at once (see makeContext); a record at a time
+                # with a pyOpenSSL older than Context.clear_mode.
                 sent += self._tlsConnection.send(view[sent:] if sent else view)
             except SSL.WantReadError:
                 # Only during a handshake: the rest waits for it.
@@ -192,6 +197,11 @@ def makeContext(certificate: Optional[NodeCertificate], server: bool) -> SSL.Con
         SSL.OP_NO_COMPRESSION | SSL.OP_NO_TICKET | SSL.OP_NO_RENEGOTIATION | SSL.OP_CIPHER_SERVER_PREFERENCE
     )
     context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    # One SSL_write takes a whole write (all its records), not a record a
+    # call: into a memory BIO there is never anything to wait for.
+    clearMode = getattr(context, "clear_mode", None)
+    if clearMode is not None:
+        clearMode(MODE_ENABLE_PARTIAL_WRITE)
     context.set_cipher_list(TLS12_CIPHERS)
     context.set_tls13_ciphersuites(TLS13_SUITES)
     if certificate is not None:

@@ -9,6 +9,7 @@ import os
 import stat
 from typing import Any, List, Optional
 
+from OpenSSL import SSL
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
@@ -237,6 +238,23 @@ class BulkTLSTests(SynchronousTestCase):
         deliveries = server.wrappedProtocol.deliveries
         self.assertEqual([len(piece) for piece in deliveries], [RECEIVE_BATCH] * (len(data) // RECEIVE_BATCH))
         self.assertEqual(b"".join(deliveries), data)
+
+    def test_oneCallPerWrite(self) -> None:
+        """
+        A 1 MiB write is one call into OpenSSL, not one per 16 KiB record:
+        partial writes are off in p2pfiles' contexts.
+        """
+        server, client, clientTransport, pump, clock = self.pair()
+        calls = []
+        send = SSL.Connection.send
+
+        def counting(connection: Any, data: Any, *args: Any) -> int:
+            calls.append(len(data))
+            return send(connection, data, *args)
+
+        self.patch(SSL.Connection, "send", counting)
+        client.write(os.urandom(1024 * 1024))
+        self.assertEqual(calls, [1024 * 1024])
 
     def test_smallWritesGathered(self) -> None:
         """
