@@ -41,8 +41,12 @@ connection is TLS; curl and rsync are plaintext, measured in the same run.
 
 C{--profile} instead runs one local get and one relayed get with the client,
 the leader and the holder under cProfile, and prints where the time goes.
+C{--perf} runs one relayed get with C{perf record} (user mode) on each of
+the three processes and prints, per process, user and system CPU seconds
+against the wall time, and the user time by group (TLS cipher, SHA-256,
+copies, allocation, OpenSSL's record layer, the Python interpreter).
 
-Usage: .venv/bin/python bench/transfer.py [--sizes 256,1024] [--rounds 3] [--quick] [--profile]
+Usage: .venv/bin/python bench/transfer.py [--sizes 256,1024] [--rounds 3] [--quick] [--profile] [--perf]
 """
 
 import argparse
@@ -51,6 +55,7 @@ import os
 import pstats
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -377,8 +382,122 @@ def profile(sizeMiB: int, root: str) -> None:
             print("  (no profile written)")
             continue
         stats = pstats.Stats(path)
-        stats.sort_stats("tottime").print_stats(14)
+        stats.sort_stats("tottime").print_stats(25)
     common.removeTree(setup.root)
+
+
+# What a sampled symbol is for, by its name (and library): first match wins.
+PERF_GROUPS = (
+    ("TLS cipher (AES-GCM)", ("aes", "gcm", "ghash", "chacha", "poly1305")),
+    # hashlib uses the system's libcrypto; pyOpenSSL the OpenSSL inside
+    # cryptography's _rust module.
+    ("SHA-256 (hashlib's libcrypto)", ("sha256", "libcrypto")),
+    ("memory copies", ("memcpy", "memmove", "memset")),
+    ("malloc/free", ("malloc", "free", "_int_", "realloc", "calloc", "pymalloc", "obmalloc")),
+    ("TLS records, BIO (pyOpenSSL's OpenSSL)", ("_rust", "libssl")),
+    ("cffi (pyOpenSSL calls)", ("_cffi", "cffi")),
+    ("Python interpreter and objects", ("python", "libpython")),
+)
+
+
+def perfGroup(dso: str, symbol: str) -> str:
+    text = f"{symbol} {dso}".lower()
+    for group, keys in PERF_GROUPS:
+        if any(key in text for key in keys):
+            return group
+    return f"other ({os.path.basename(dso)})"
+
+
+def perfReport(path: str, top: List[str]) -> Dict[str, float]:
+    """
+    Percent of the user-mode samples in C{path} per L{PERF_GROUPS} group;
+    the first few symbols are appended to C{top}.
+    """
+    report = subprocess.run(
+        ["perf", "report", "-i", path, "--no-children", "--sort", "dso,sym", "--stdio", "-q"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    groups: Dict[str, float] = {}
+    for line in report.splitlines():
+        parts = line.split()
+        if len(parts) < 4 or not parts[0].endswith("%"):
+            continue
+        percent = float(parts[0].rstrip("%"))
+        dso, symbol = parts[1], " ".join(parts[3:])
+        group = perfGroup(dso, symbol)
+        if len(top) < 12:
+            top.append(f"{percent:5.1f}%  {os.path.basename(dso)}  {symbol}")
+        groups[group] = groups.get(group, 0.0) + percent
+    return groups
+
+
+def perfProfile(sizeMiB: int, root: str) -> None:
+    """
+    One relayed get with C{perf record} (user mode) on the client, the
+    leader and the holder; print, per process, CPU seconds (user, system)
+    against the wall time and the user-mode samples per group.
+    """
+    setup = Setup(sizeMiB, os.path.join(root, "perf"))
+    files = {who: os.path.join(root, f"{who}.perf") for who in ("client", "leader", "holder")}
+    try:
+        setup.start()
+        setup.run("relay")  # warm up: connections, page cache
+        pids = {"leader": setup.leader.pid, "holder": setup.holder.pid}
+        before = {who: _cpuSplit(pid) for who, pid in pids.items()}
+        recorders = {
+            who: common.spawn(["perf", "record", "-q", "-e", "cpu-clock:u", "-F", "2000", "-o", files[who], "-p", str(pid)])
+            for who, pid in pids.items()
+        }
+        time.sleep(0.5)
+        output = os.path.join(setup.out, "perf.out")
+        argv = setup.command("relay", output)
+        started = time.monotonic()
+        client = subprocess.run(
+            ["perf", "record", "-q", "-e", "cpu-clock:u", "-F", "2000", "-o", files["client"], "--"]
+            + ["/usr/bin/time", "-f", "%U %S", "-o", files["client"] + ".time"]
+            + argv,
+            capture_output=True,
+            cwd="/",
+        )
+        wall = time.monotonic() - started
+        after = {who: _cpuSplit(pid) for who, pid in pids.items()}
+        for recorder in recorders.values():
+            recorder.send_signal(signal.SIGINT)
+            recorder.wait(timeout=60)
+        if client.returncode != 0:
+            raise RuntimeError(f"relay get failed: {client.stderr.decode(errors='replace')}")
+        os.unlink(output)
+    finally:
+        setup.stop()
+    with open(files["client"] + ".time") as f:
+        user, system = (float(x) for x in f.read().split()[-2:])
+    cpu = {"client": (user, system)}
+    for who in pids:
+        cpu[who] = (after[who][0] - before[who][0], after[who][1] - before[who][1])
+    print(f"relayed get of {sizeMiB} MiB under perf: {wall:.2f} s wall ({sizeMiB / wall:.0f} MiB/s)")
+    for who in ("client", "leader", "holder"):
+        user, system = cpu[who]
+        idle = max(wall - user - system, 0.0)
+        print(
+            f"\n=== {who}: user {user:.2f} s ({100 * user / wall:.0f}% of wall), "
+            f"system {system:.2f} s ({100 * system / wall:.0f}%), not running {idle:.2f} s ({100 * idle / wall:.0f}%)"
+        )
+        top: List[str] = []
+        groups = perfReport(files[who], top)
+        for group, percent in sorted(groups.items(), key=lambda item: -item[1]):
+            if percent >= 0.5:
+                print(f"  {percent:5.1f}% of user time  {group}")
+        print("  top symbols:")
+        for line in top:
+            print(f"    {line}")
+
+
+def _cpuSplit(pid: int) -> tuple:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def main(argv: Optional[List[str]] = None) -> List[Figure]:
@@ -387,6 +506,7 @@ def main(argv: Optional[List[str]] = None) -> List[Figure]:
     parser.add_argument("--rounds", type=int, default=3, help="rounds per size (default 3)")
     parser.add_argument("--quick", action="store_true", help="64 MiB, 1 round")
     parser.add_argument("--profile", action="store_true", help="profile one local and one relayed get instead")
+    parser.add_argument("--perf", action="store_true", help="sample one relayed get with perf (per process, by group) instead")
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.rounds = "64", 1
@@ -396,6 +516,9 @@ def main(argv: Optional[List[str]] = None) -> List[Figure]:
     try:
         if args.profile:
             profile(sizes[-1], root)
+            return []
+        if args.perf:
+            perfProfile(sizes[-1], root)
             return []
         if not shutil.which("curl"):
             print("curl is not installed: no baseline, no ratios")

@@ -27,7 +27,9 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
     IStreamServerEndpoint,
 )
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from p2pfiles.channel import ChannelError, IChannelBinding, IConnectionSecurity
@@ -43,6 +45,139 @@ TLS12_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20"
 # TLS 1.3: AES-128-GCM first, the fastest of the three with AES-NI, and as
 # safe for this use as the others.
 TLS13_SUITES = b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+
+
+# OpenSSL's SSL_MODE_ENABLE_PARTIAL_WRITE (ssl.h), which pyOpenSSL sets on
+# every context and does not name.
+MODE_ENABLE_PARTIAL_WRITE = 0x1
+
+# Plaintext asked of OpenSSL per call: more than one record (16 KiB) holds.
+RECORD_READ = 32 * 1024
+
+# TCP under a TLS connection: its read size, how much one send may take,
+# and above how much waiting to be sent its producer is paused: a file
+# chunk's records (256 KiB and their overhead) pass without a pause.
+TCP_BUFFER = 272 * 1024
+
+# Received plaintext handed up in one piece at most (a TCP read gives less).
+RECEIVE_BATCH = 256 * 1024
+
+# Ciphertext taken out of the memory BIO per call when nothing says how
+# much there is (handshake, alerts): a record and a half.
+SEND_READ = 24 * 1024
+
+# What TLS 1.3 adds to each record of at most 16 KiB of plaintext (header,
+# content type, tag), and to a write: records made by a write of N bytes fit
+# in N + N // 16384 * RECORD_OVERHEAD + RECORD_OVERHEAD.
+RECORD_OVERHEAD = 32
+
+
+class BulkTLSProtocol(BufferingTLSTransport):
+    """
+    Twisted's TLS layer, in fewer and larger steps for file bytes.
+
+    Twisted's layer hands each received 16 KiB record up on its own, so a
+    256 KiB TCP read made sixteen trips through the protocols above (and,
+    on a relay, sixteen writes into the other connection's TLS layer); and
+    it copies every write into 16 KiB slices, sending each one's record to
+    TCP as a write of its own.  Here:
+
+      - received: every record that one TCP read completes is decrypted,
+        then the plaintext goes up in one piece (up to L{RECEIVE_BATCH});
+      - sent: a write goes to OpenSSL through a memoryview (no slices
+        copied), and the records it makes leave the memory BIO in one
+        piece, as one write to TCP.
+
+    Small writes are still gathered until the next turn of the reactor, as
+    L{BufferingTLSTransport} does.  This overrides three private methods of
+    Twisted's C{TLSMemoryBIOProtocol}, keeping their handling of errors and
+    shutdown; C{tests/test_tls.py} pins the behaviour.
+    """
+
+    def makeConnection(self, transport: Any) -> None:
+        # TCP: read up to this much at once, and pause a producer only when
+        # this much is waiting to be sent.
+        if getattr(transport, "bufferSize", TCP_BUFFER) < TCP_BUFFER:
+            transport.bufferSize = TCP_BUFFER
+        if getattr(transport, "SEND_LIMIT", TCP_BUFFER) < TCP_BUFFER:
+            transport.SEND_LIMIT = TCP_BUFFER
+        super().makeConnection(transport)
+
+    def _flushReceiveBIO(self) -> None:
+        pending: list = []
+        size = 0
+        while not self._lostTLSConnection:
+            try:
+                data = self._tlsConnection.recv(RECORD_READ)
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                # The peer shut TLS down: what came before goes up first.
+                self._deliver(pending)
+                pending, size = [], 0
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
+            except SSL.Error:
+                failure = Failure()
+                self._deliver(pending)
+                pending, size = [], 0
+                self._tlsShutdownFinished(failure)
+            else:
+                pending.append(data)
+                size += len(data)
+                if size >= RECEIVE_BATCH:
+                    self._deliver(pending)
+                    pending, size = [], 0
+        self._deliver(pending)
+        # What was received may call for an answer (the handshake does).
+        self._flushSendBIO()
+
+    def _deliver(self, pending: list) -> None:
+        if pending and not self._aborted:
+            ProtocolWrapper.dataReceived(self, pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def _write(self, data: bytes) -> None:
+        if self._lostTLSConnection:
+            return
+        view = memoryview(data)
+        sent = 0
+        expected = len(view) + (len(view) // 16384 + 1) * RECORD_OVERHEAD
+        while sent < len(view):
+            try:
+                # All of it at once (see makeContext); a record at a time
+                # with a pyOpenSSL older than Context.clear_mode.
+                sent += self._tlsConnection.send(view[sent:] if sent else view)
+            except SSL.WantReadError:
+                # Only during a handshake: the rest waits for it.
+                self._flushSendBIO()
+                self._bufferedWrite(bytes(view[sent:]))
+                return
+            except SSL.Error:
+                self._tlsShutdownFinished(Failure())
+                return
+        # All the records in one read, so in one piece.
+        self._flushSendBIO(expected)
+
+    def _flushSendBIO(self, expected: int = SEND_READ) -> None:
+        pending = []
+        while True:
+            try:
+                data = self._tlsConnection.bio_read(expected)
+            except SSL.WantReadError:
+                break
+            pending.append(data)
+            if len(data) < expected:
+                break
+        if pending:
+            self.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+
+class BulkTLSFactory(TLSMemoryBIOFactory):
+    """
+    A L{TLSMemoryBIOFactory} whose connections are L{BulkTLSProtocol}s.
+    """
+
+    protocol = BulkTLSProtocol
 
 
 def _acceptAny(connection: Any, certificate: Any, errno: int, depth: int, ok: int) -> bool:
@@ -65,6 +200,11 @@ def makeContext(certificate: Optional[NodeCertificate], server: bool) -> SSL.Con
     # Free each connection's record buffers while it is idle: hundreds of
     # idle or half-open connections then cost little memory.
     context.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    # One SSL_write takes a whole write (all its records), not a record a
+    # call: into a memory BIO there is never anything to wait for.
+    clearMode = getattr(context, "clear_mode", None)
+    if clearMode is not None:
+        clearMode(MODE_ENABLE_PARTIAL_WRITE)
     context.set_cipher_list(TLS12_CIPHERS)
     context.set_tls13_ciphersuites(TLS13_SUITES)
     if certificate is not None:
@@ -236,18 +376,18 @@ class TLS:
     def wrapServer(self, endpoint: Any, clock: IReactorTime) -> TLSServerEndpoint:
         return TLSServerEndpoint(endpoint, self, clock)
 
-    def clientFactory(self, factory: Any, clock: IReactorTime) -> TLSMemoryBIOFactory:
+    def clientFactory(self, factory: Any, clock: IReactorTime) -> BulkTLSFactory:
         """
         C{factory}'s connections as the connecting side of TLS.  The TLS
         layer gathers small writes until the next turn of C{clock}.
         """
-        return TLSMemoryBIOFactory(self._creator(server=False), True, factory, clock)
+        return BulkTLSFactory(self._creator(server=False), True, factory, clock)
 
-    def serverFactory(self, factory: Any, clock: IReactorTime) -> TLSMemoryBIOFactory:
+    def serverFactory(self, factory: Any, clock: IReactorTime) -> BulkTLSFactory:
         """
         C{factory}'s connections as the accepting side of TLS.
         """
-        wrapped = TLSMemoryBIOFactory(self._creator(server=True), False, factory, clock)
+        wrapped = BulkTLSFactory(self._creator(server=True), False, factory, clock)
         # Connections are logged by the protocol, not by the factory.
         wrapped.noisy = False
         return wrapped

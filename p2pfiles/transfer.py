@@ -31,7 +31,7 @@ from zope.interface import implementer
 
 from p2pfiles.client import askLeader
 from p2pfiles.errors import P2PError
-from p2pfiles.localindex import hashFile
+from p2pfiles.sharescan import hashFile
 from p2pfiles.partfile import PartBusy, SerialWriter, waitForPart
 from p2pfiles.wire import Message
 

@@ -9,10 +9,12 @@ import os
 import stat
 from typing import Any, List, Optional
 
+from OpenSSL import SSL
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import Logger, formatEvent
 from twisted.python import usage
 from twisted.python.filepath import FilePath
@@ -30,7 +32,7 @@ from p2pfiles.identity import (
 )
 from p2pfiles.protocol import HANDSHAKE_TIMEOUT, LocalIdentity, P2PFactory, P2PProtocol
 from p2pfiles.tap import Options, parsePeer, readCluster
-from p2pfiles.tls import TLS, TLSBinding
+from p2pfiles.tls import RECEIVE_BATCH, RECORD_OVERHEAD, TCP_BUFFER, TLS, TLSBinding
 from p2pfiles.wire import Message
 from tests.channels import PLAIN_FINGERPRINT, PlainSecurity, certificate, plainIdentity, tlsConnect
 from tests.test_protocol import RecordingHandler, linesFrom
@@ -176,6 +178,133 @@ class TLSHandshakeTests(SynchronousTestCase):
         self.assertEqual(transport.stream, [])
         (line,) = linesFrom(events, protocol)
         self.assertIn("not TLS", line)
+
+
+class Collector(Protocol):
+    """
+    Records each delivery of bytes, and the end of the connection.
+    """
+
+    def __init__(self) -> None:
+        self.deliveries: List[bytes] = []
+        self.lost: Any = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.deliveries.append(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost = reason
+
+
+class BulkTLSTests(SynchronousTestCase):
+    """
+    The TLS layer moves file bytes in large pieces: a large write leaves as
+    one TCP write, and what one TCP read completes goes up in one piece.
+    """
+
+    def pair(self):
+        clock = Clock()
+        serverFactory = TLS(certificate(1)).serverFactory(Factory.forProtocol(Collector), clock)
+        clientFactory = TLS(certificate(2)).clientFactory(Factory.forProtocol(Collector), clock)
+        server = serverFactory.buildProtocol(None)
+        client = clientFactory.buildProtocol(None)
+        serverTransport = FakeTransport(server, isServer=True)
+        clientTransport = FakeTransport(client, isServer=False)
+        pump = connect(server, serverTransport, client, clientTransport, greet=True, clock=clock)
+        return server, client, clientTransport, pump, clock
+
+    def test_cipher(self) -> None:
+        """
+        AES-128-GCM under TLS 1.3 is negotiated, between nodes and with a
+        client: the fastest of the suites where the CPU has AES instructions.
+        """
+        for connector in (nodeIdentity(2), clientIdentity()):
+            server, client, pump, clock = tlsPair(nodeIdentity(1), connector)
+            self.assertEqual(server.protocol.channel.cipher, "TLS_AES_128_GCM_SHA256")
+            self.assertEqual(client.protocol.channel.cipher, "TLS_AES_128_GCM_SHA256")
+
+    def test_largeWrite(self) -> None:
+        """
+        A 1 MiB write becomes one write to TCP (its 64 records together),
+        and the receiver gets the 1 MiB intact, in pieces of
+        L{RECEIVE_BATCH} (not one per 16 KiB record).
+        """
+        server, client, clientTransport, pump, clock = self.pair()
+        data = os.urandom(1024 * 1024)
+        client.write(data)
+        self.assertEqual(len(clientTransport.stream), 1)
+        self.assertGreater(len(clientTransport.stream[0]), len(data))
+        pump.flush()
+        deliveries = server.wrappedProtocol.deliveries
+        self.assertEqual([len(piece) for piece in deliveries], [RECEIVE_BATCH] * (len(data) // RECEIVE_BATCH))
+        self.assertEqual(b"".join(deliveries), data)
+
+    def test_oneCallPerWrite(self) -> None:
+        """
+        A 1 MiB write is one call into OpenSSL, not one per 16 KiB record:
+        partial writes are off in p2pfiles' contexts.
+        """
+        server, client, clientTransport, pump, clock = self.pair()
+        calls = []
+        send = SSL.Connection.send
+
+        def counting(connection: Any, data: Any, *args: Any) -> int:
+            calls.append(len(data))
+            return send(connection, data, *args)
+
+        self.patch(SSL.Connection, "send", counting)
+        client.write(os.urandom(1024 * 1024))
+        self.assertEqual(calls, [1024 * 1024])
+
+    def test_smallWritesGathered(self) -> None:
+        """
+        Small writes still wait for the next turn of the clock and leave as
+        one record.
+        """
+        server, client, clientTransport, pump, clock = self.pair()
+        client.write(b"one")
+        client.write(b"two")
+        self.assertEqual(clientTransport.stream, [])
+        clock.advance(0)
+        self.assertEqual(len(clientTransport.stream), 1)
+        pump.flush()
+        self.assertEqual(server.wrappedProtocol.deliveries, [b"onetwo"])
+
+    def test_tcpSizes(self) -> None:
+        """
+        Under TLS, TCP reads, sends and buffers a whole file chunk's
+        records: its Twisted defaults (64 KiB reads and pause threshold,
+        128 KiB per send) are raised to L{TCP_BUFFER}, never lowered.
+        """
+
+        class TCP(StringTransport):
+            bufferSize = 64 * 1024
+            SEND_LIMIT = 128 * 1024
+
+        factory = TLS(certificate(1)).serverFactory(Factory.forProtocol(Collector), Clock())
+        small = TCP()
+        factory.buildProtocol(None).makeConnection(small)
+        self.assertEqual((small.bufferSize, small.SEND_LIMIT), (TCP_BUFFER, TCP_BUFFER))
+        self.assertGreater(TCP_BUFFER, 256 * 1024 + 16 * RECORD_OVERHEAD)
+        large = TCP()
+        large.bufferSize = large.SEND_LIMIT = 4 * TCP_BUFFER
+        factory.buildProtocol(None).makeConnection(large)
+        self.assertEqual((large.bufferSize, large.SEND_LIMIT), (4 * TCP_BUFFER, 4 * TCP_BUFFER))
+
+    def test_bytesBeforeClose(self) -> None:
+        """
+        Bytes followed by a TLS close reach the receiver whole, before its
+        connection ends cleanly.
+        """
+        server, client, clientTransport, pump, clock = self.pair()
+        received = server.wrappedProtocol
+        data = os.urandom(300 * 1024)
+        client.write(data)
+        client.loseConnection()
+        pump.flush()
+        self.assertEqual(b"".join(received.deliveries), data)
+        self.assertIsNotNone(received.lost)
+        self.assertTrue(received.lost.check(ConnectionDone))
 
 
 class RelayTests(SynchronousTestCase):
