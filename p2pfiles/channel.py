@@ -39,10 +39,13 @@ class IChannelBinding(Interface):
         presented, or None if it presented none.
         """
 
-    def readLarger(size):
+    def carryBulk(size):
         """
-        Read the connection in blocks of up to C{size} bytes from now on
-        (for bulk transfers).
+        From now on the connection carries file bytes: read and send in
+        blocks of up to C{size} bytes, and pause a producer writing to it
+        only when C{size} bytes wait to be sent.  Never lowers a size; other
+        connections keep the small defaults, so that one that is not read
+        costs little memory.
         """
 
 

@@ -397,7 +397,7 @@ class P2PProtocol(Int32StringReceiver):
         if length > RAW_READ_SIZE and self.channel is not None:
             # Fewer, larger reads for bulk bytes: per-read overhead is a
             # good share of a receiver's CPU at Twisted's default 64 KiB.
-            self.channel.readLarger(RAW_READ_SIZE)
+            self.channel.carryBulk(RAW_READ_SIZE)
         if length == 0:
             self._toHandler(self.handler.rawDataFinished)
         else:

@@ -33,7 +33,7 @@ from p2pfiles.errors import P2PError
 from p2pfiles.indexstream import IndexSender
 from p2pfiles.names import nameProblem
 from p2pfiles.protocol import IConnectionHandler, P2PProtocol, ProtocolViolation
-from p2pfiles.transfer import FileProducer, Relay
+from p2pfiles.transfer import CHUNK_SIZE, FileProducer, Relay
 from p2pfiles.wire import FileEntry, Message, encode, splitListing
 
 # How often a client waiting for a fetch hears that the node is at work.
@@ -579,6 +579,8 @@ class RequestSession:
                 leader=leader if leader is not None else self.context.me,
             )
         )
+        if connection.channel is not None:
+            connection.channel.carryBulk(CHUNK_SIZE)
         producer = FileProducer(f, entry.size - offset, connection.transport)
         self._begin(SERVING, producer, "serve", entry.name, entry.size - offset)
         done = producer.start()

@@ -54,11 +54,6 @@ MODE_ENABLE_PARTIAL_WRITE = 0x1
 # Plaintext asked of OpenSSL per call: more than one record (16 KiB) holds.
 RECORD_READ = 32 * 1024
 
-# TCP under a TLS connection: its read size, how much one send may take,
-# and above how much waiting to be sent its producer is paused: a file
-# chunk's records (256 KiB and their overhead) pass without a pause.
-TCP_BUFFER = 272 * 1024
-
 # Received plaintext handed up in one piece at most (a TCP read gives less).
 RECEIVE_BATCH = 256 * 1024
 
@@ -93,15 +88,6 @@ class BulkTLSProtocol(BufferingTLSTransport):
     Twisted's C{TLSMemoryBIOProtocol}, keeping their handling of errors and
     shutdown; C{tests/test_tls.py} pins the behaviour.
     """
-
-    def makeConnection(self, transport: Any) -> None:
-        # TCP: read up to this much at once, and pause a producer only when
-        # this much is waiting to be sent.
-        if getattr(transport, "bufferSize", TCP_BUFFER) < TCP_BUFFER:
-            transport.bufferSize = TCP_BUFFER
-        if getattr(transport, "SEND_LIMIT", TCP_BUFFER) < TCP_BUFFER:
-            transport.SEND_LIMIT = TCP_BUFFER
-        super().makeConnection(transport)
 
     def _flushReceiveBIO(self) -> None:
         pending: list = []
@@ -308,11 +294,18 @@ class TLSBinding:
     def peerFingerprint(self) -> Optional[str]:
         return self._peer
 
-    def readLarger(self, size: int) -> None:
-        # The TLS layer reads whatever its transport (TCP) hands it.
+    def carryBulk(self, size: int) -> None:
+        # The sizes are TCP's (under the TLS layer, which reads whatever TCP
+        # hands it): its read size and pause threshold (bufferSize) and the
+        # most one send takes (SEND_LIMIT).  A file chunk's records (size
+        # plus their overhead) then pass in one send, without a pause.
         lower = getattr(self.transport, "transport", None)
-        if lower is not None and getattr(lower, "bufferSize", size) < size:
-            lower.bufferSize = size
+        if lower is None:
+            return
+        size += (size // 16384 + 1) * RECORD_OVERHEAD
+        for name in ("bufferSize", "SEND_LIMIT"):
+            if getattr(lower, name, size) < size:
+                setattr(lower, name, size)
 
 
 @implementer(IConnectionSecurity)

@@ -214,6 +214,8 @@ class Relay:
                 )
             )
         upstream = self.upstream
+        if downstream.channel is not None:
+            downstream.channel.carryBulk(CHUNK_SIZE)
         downstream.transport.registerProducer(upstream.transport, True)
         self._registered = True
         upstream.receiveRaw(self._forward, self._finished)

@@ -31,7 +31,7 @@ class PlainBinding:
     def __init__(self, exporter: bytes, peer: Optional[str]) -> None:
         self._exporter = exporter
         self._peer = peer
-        self.readSize: Optional[int] = None
+        self.bulkSize: Optional[int] = None
 
     def exporter(self) -> bytes:
         return self._exporter
@@ -39,8 +39,8 @@ class PlainBinding:
     def peerFingerprint(self) -> Optional[str]:
         return self._peer
 
-    def readLarger(self, size: int) -> None:
-        self.readSize = size
+    def carryBulk(self, size: int) -> None:
+        self.bulkSize = size
 
 
 @implementer(IConnectionSecurity)

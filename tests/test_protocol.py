@@ -29,6 +29,7 @@ from p2pfiles.protocol import (
     P2PFactory,
     P2PProtocol,
     ProtocolViolation,
+    RAW_READ_SIZE,
 )
 from p2pfiles.wire import PROTOCOL_VERSION, Message, encode
 from tests.channels import PLAIN_FINGERPRINT, PlainSecurity, plainIdentity
@@ -902,6 +903,19 @@ class RawModeTests(SynchronousTestCase):
         listener.protocol.dataReceived(self.RAW + frame(Message("status", watch=True)))
         self.assertRawThenMessage(listener)
         self.assertEqual(listener.handler.of("raw"), [("raw", self.RAW)])
+
+    def test_bulkSizesOnlyForLargeSections(self) -> None:
+        """
+        A raw section larger than L{RAW_READ_SIZE} asks the channel to carry
+        bulk bytes (larger reads); a small one leaves the connection's sizes
+        alone, so that small connections stay cheap.
+        """
+        listener = self.readyListener()
+        listener.protocol.expectRaw(10)
+        self.assertIsNone(listener.protocol.channel.bulkSize)
+        listener.protocol.dataReceived(self.RAW)
+        listener.protocol.expectRaw(RAW_READ_SIZE + 1)
+        self.assertEqual(listener.protocol.channel.bulkSize, RAW_READ_SIZE)
 
     def test_byteByByte(self) -> None:
         """

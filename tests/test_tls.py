@@ -32,7 +32,7 @@ from p2pfiles.identity import (
 )
 from p2pfiles.protocol import HANDSHAKE_TIMEOUT, LocalIdentity, P2PFactory, P2PProtocol
 from p2pfiles.tap import Options, parsePeer, readCluster
-from p2pfiles.tls import RECEIVE_BATCH, RECORD_OVERHEAD, TCP_BUFFER, TLS, TLSBinding
+from p2pfiles.tls import RECEIVE_BATCH, RECORD_OVERHEAD, TLS, TLSBinding
 from p2pfiles.wire import Message
 from tests.channels import PLAIN_FINGERPRINT, PlainSecurity, certificate, plainIdentity, tlsConnect
 from tests.test_protocol import RecordingHandler, linesFrom
@@ -270,26 +270,25 @@ class BulkTLSTests(SynchronousTestCase):
         pump.flush()
         self.assertEqual(server.wrappedProtocol.deliveries, [b"onetwo"])
 
-    def test_tcpSizes(self) -> None:
+    def test_tcpSizesForBulkOnly(self) -> None:
         """
-        Under TLS, TCP reads, sends and buffers a whole file chunk's
-        records: its Twisted defaults (64 KiB reads and pause threshold,
-        128 KiB per send) are raised to L{TCP_BUFFER}, never lowered.
+        A TLS connection keeps TCP's small defaults (64 KiB reads and pause
+        threshold, 128 KiB per send), so that one nobody reads costs little;
+        once it carries file bytes (C{carryBulk}), TCP reads, sends and
+        buffers a whole chunk's records, and a larger size is never lowered.
         """
-
-        class TCP(StringTransport):
-            bufferSize = 64 * 1024
-            SEND_LIMIT = 128 * 1024
-
-        factory = TLS(certificate(1)).serverFactory(Factory.forProtocol(Collector), Clock())
-        small = TCP()
-        factory.buildProtocol(None).makeConnection(small)
-        self.assertEqual((small.bufferSize, small.SEND_LIMIT), (TCP_BUFFER, TCP_BUFFER))
-        self.assertGreater(TCP_BUFFER, 256 * 1024 + 16 * RECORD_OVERHEAD)
-        large = TCP()
-        large.bufferSize = large.SEND_LIMIT = 4 * TCP_BUFFER
-        factory.buildProtocol(None).makeConnection(large)
-        self.assertEqual((large.bufferSize, large.SEND_LIMIT), (4 * TCP_BUFFER, 4 * TCP_BUFFER))
+        chunk = 256 * 1024 + 16 * RECORD_OVERHEAD
+        for before, after in [((64 * 1024, 128 * 1024), None), ((4 * chunk, 4 * chunk), (4 * chunk, 4 * chunk))]:
+            server, client, clientTransport, pump, clock = self.pair()
+            clientTransport.bufferSize, clientTransport.SEND_LIMIT = before
+            binding = TLSBinding(client)
+            self.assertEqual((clientTransport.bufferSize, clientTransport.SEND_LIMIT), before)
+            binding.carryBulk(256 * 1024)
+            if after is None:
+                self.assertGreaterEqual(clientTransport.bufferSize, chunk)
+                self.assertEqual(clientTransport.SEND_LIMIT, clientTransport.bufferSize)
+            else:
+                self.assertEqual((clientTransport.bufferSize, clientTransport.SEND_LIMIT), after)
 
     def test_bytesBeforeClose(self) -> None:
         """

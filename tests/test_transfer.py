@@ -41,7 +41,7 @@ from p2pfiles.protocol import IConnectionHandler, LocalIdentity, P2PProtocol, Pe
 from p2pfiles.session import IDLE, RELAYING, SERVING, IRequestContext, RequestSession
 from p2pfiles.transfer import CHUNK_SIZE, FileProducer, Relay, download
 from p2pfiles.wire import FileEntry, Message, encode
-from tests.channels import PlainSecurity, plainIdentity
+from tests.channels import PLAIN_EXPORTER, PlainBinding, PlainSecurity, plainIdentity
 
 NAME = "movie.bin"
 # Not a multiple of anything in particular, so off-by-one errors show.
@@ -446,6 +446,7 @@ class FakeDownstream:
 
     def __init__(self, peer: PeerInfo = CLIENT_PEER) -> None:
         self.transport = ConsumerTransport()
+        self.channel = PlainBinding(PLAIN_EXPORTER, None)
         self.messages: List[Message] = []
         self.errors: List[Tuple[str, str]] = []
         self.peer = peer
@@ -562,6 +563,7 @@ class RelayTests(SynchronousTestCase):
         )
         self.assertIs(self.downstream.transport.producer, upstream.protocol.transport)
         self.assertIs(self.downstream.transport.streaming, True)
+        self.assertEqual(self.downstream.channel.bulkSize, CHUNK_SIZE)
         self.assertEqual(upstream.protocol.rawExpected, [SIZE - 100])
         self.assertNoResult(done)
 
@@ -1719,6 +1721,7 @@ class RequestSessionTransferTests(SynchronousTestCase):
         self.assertEqual(self.context.started, [(self.session, "serve", NAME, "client 127.0.0.15:40000", SIZE - 10)])
         self.assertEqual(self.session.state, SERVING)
         self.assertIs(connection.transport.streaming, False)
+        self.assertEqual(connection.channel.bulkSize, CHUNK_SIZE)
 
         pullAll(connection.transport)
 
