@@ -10,10 +10,13 @@ costs time in proportion to the number of shared files: a share of 100,000
 files must not stall the node.
 
 Changes are numbered, as Syncthing numbers them: C{incarnation} is a random
-id chosen when the index is made (a restarted node has a new one), and C{seq}
-goes up by one with every scan that changed something, so that
-L{LocalIndex.changesSince} can answer "everything since N" with only what
-changed.
+id chosen when the index is made, and C{seq} goes up by one with every scan
+that changed something, so that L{LocalIndex.changesSince} can answer
+"everything since N" with only what changed.  A restarted node has a new
+incarnation, unless it stopped cleanly and its share is exactly as it left
+it: then it keeps the incarnation and seq it stopped at (see the restart
+record in L{p2pfiles.sharescan}), and whoever kept its files asks only for
+what changed since, which is nothing.
 
 Changes are noticed with inotify where available, and by polling every
 C{pollInterval} seconds where not.  With inotify a slow safety poll (every
@@ -42,6 +45,7 @@ except ImportError:  # not Linux: the share is polled
 
 from p2pfiles.sharescan import (
     EMPTY, MAX_TOMBSTONES, Changes, ScanResult, ShareScanner, changes, hashFile, hashOpened,
+    resumed, takeRecord, writeRecord,
 )
 from p2pfiles.waiting import Waiters
 from p2pfiles.wire import FileEntry
@@ -51,6 +55,9 @@ from p2pfiles.wire import FileEntry
 __all__ = ["Changes", "IndexStopped", "LocalIndex", "MAX_TOMBSTONES", "hashFile", "hashOpened"]
 
 CACHE_NAME = "hashcache.json"
+
+# The restart record a clean stop leaves in the state directory.
+RECORD_NAME = "incarnation.json"
 
 # With inotify, the safety poll runs this many times less often than polling.
 SAFETY_POLL_FACTOR = 10
@@ -74,7 +81,9 @@ class LocalIndex:
     is replaced (not mutated) after each scan that changed something, so a
     reader holding it sees a consistent view.
 
-    @ivar incarnation: 16 hex digits chosen at random for this index.
+    @ivar incarnation: 16 hex digits chosen at random for this index, or
+        after the first scan the incarnation of the last clean stop, if the
+        share is exactly as that stop left it.
     """
 
     log = Logger()
@@ -104,6 +113,7 @@ class LocalIndex:
         self._state = EMPTY
         self._share = share
         self._cacheFile = state.child(CACHE_NAME)
+        self._recordFile = state.child(RECORD_NAME)
         self._scanner = ShareScanner(share, self._cacheFile, hasher, maxTombstones)
         self._reactor = reactor
         self._runInThread = runInThread
@@ -113,6 +123,8 @@ class LocalIndex:
 
         self._running = False
         self._firstDone = False
+        # A restart record was written by the last stop.
+        self._recorded = False
         self._subscribers: List[Subscriber] = []
         self._notifier: Any = None
         self._poller: Optional[LoopingCall] = None
@@ -161,6 +173,11 @@ class LocalIndex:
         L{None} once the first scan is complete and C{entries} holds it.
         """
         self._running = True
+        if self._recorded:
+            # Started again after a stop that left a restart record: take
+            # it before serving anything, as a new index would.
+            self._recorded = False
+            self._firstDone = False
         d = self._requestScan()
         d.addCallbacks(self._startWatching, self._startFailed)
         return d
@@ -302,10 +319,43 @@ class LocalIndex:
         self._scanning = True
         # Scans never overlap, so the state handed over is the one the
         # result replaces.
-        d = self._runInThread(self._scanner.scan, self._state)
+        if self._firstDone:
+            d = self._runInThread(self._scanner.scan, self._state)
+        else:
+            d = self._runInThread(self._firstScan, self._state)
+            d.addCallback(self._resume)
         d.addCallback(self._applyScan)
         d.addErrback(self._scanFailed)
         d.addBoth(self._scanFinished, waiters)
+
+    def _firstScan(self, state: Any) -> Tuple[ScanResult, Optional[str], Optional[str]]:
+        """
+        In the scan thread: take the restart record (see
+        L{p2pfiles.sharescan.takeRecord}), scan, and renumber the scan as the
+        record's seq if the share is exactly as the record describes.
+        Returns the scan, the record's incarnation if it is kept, and why a
+        record there was not usable.
+        """
+        record, problem = takeRecord(self._recordFile)
+        result = self._scanner.scan(state)
+        if record is None:
+            return result, None, problem
+        kept = resumed(result.state, record)
+        if kept is None:
+            return result, None, None
+        return result._replace(state=kept), record["incarnation"], None
+
+    def _resume(self, found: Tuple[ScanResult, Optional[str], Optional[str]]) -> ScanResult:
+        result, incarnation, problem = found
+        if problem is not None:
+            self.log.warn("ignoring restart record {path}: {reason}", path=self._recordFile.path, reason=problem)
+        if incarnation is not None:
+            self.incarnation = incarnation
+            self.log.info(
+                "share unchanged since the last stop: keeping change {seq} of {incarnation}",
+                seq=result.state.seq, incarnation=incarnation,
+            )
+        return result
 
     def _scanFailed(self, failure: Failure) -> Failure:
         self.log.failure("scan of {share} failed", failure, share=self._share.path)
@@ -361,6 +411,13 @@ class LocalIndex:
             await self._idleWaiters.wait()
         self._waiters.fire(Failure(IndexStopped("the index stopped before scanning again")))
         await self._whenSaved()
+        if self._firstDone and not self._recorded:
+            # No scan runs after this: the state is the last one served.
+            self._recorded = True
+            try:
+                await self._runInThread(writeRecord, self._recordFile, self.incarnation, self._state)
+            except Exception:
+                self.log.failure("cannot save {path}", path=self._recordFile.path)
 
     # Saving the hash cache (at most one write runs; changes meanwhile are
     # saved by one more)
