@@ -11,6 +11,15 @@ files change (C{index-changed}, a few bytes), and a keeper that is behind
 asks again.  So a new leader, or a leader after a blip, fetches only the
 delta, and a keeper that stops gathering keeps what it knows.
 
+A keeper also keeps the copy of a member that left (it may come back with
+the same incarnation) and, when it stops, writes every copy it holds to
+C{keeper.view} in the state directory (L{p2pfiles.viewfile}); it reads the
+file back when it starts, so that a node restarted with its cluster asks
+each member only what changed since, which after clean stops is nothing.
+A copy is used only once its member has answered: a copy that turns out to
+be of an older incarnation is replaced by the full list before anything of
+it reaches the index.
+
 While leading, the keeper keeps C{peer_files.log} current.  It knows nothing
 of connections: it opens request connections through a callable and keeps
 time with an injected clock.
@@ -25,10 +34,12 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
 from p2pfiles.errors import P2PError
-from p2pfiles.index import ClusterIndex, LogContent, LogWriter
+from p2pfiles.index import ClusterIndex, Files, LogContent, LogWriter
 from p2pfiles.indexstream import pullIndex
 from p2pfiles.localindex import Changes
 from p2pfiles.names import nameProblem
+from p2pfiles.viewfile import KeptMember, ViewError, loadView, writeView
+from p2pfiles.waiting import Once
 from p2pfiles.wire import FileEntry
 
 # How long a member may take between two frames of its index.
@@ -41,6 +52,13 @@ FIRST_WRITE_HOLD = 1.0
 # The most files one member may list (a bound on what a hostile or broken
 # member can make every gatherer hold).
 MAX_MEMBER_ENTRIES = 1_000_000
+
+# The copies of members that left, kept in case they come back: at most this
+# many members' worth (the oldest departures are forgotten first).
+MAX_KEPT_DEPARTED = 16
+
+# The keeper's copies, in the state directory.
+VIEW_NAME = "keeper.view"
 
 
 class MemberView:
@@ -56,10 +74,14 @@ class MemberView:
         self.announced: Tuple[Optional[str], int] = (None, 0)
         self.pulling: Optional[Deferred] = None
         self.again = False
+        # A copy kept from before (the member left, or this node restarted)
+        # at incarnation/seq, not yet in the index: it goes there once the
+        # member has said what changed since.
+        self.kept: Optional[Files] = None
 
     def behind(self) -> bool:
         incarnation, seq = self.announced
-        if self.incarnation is None:
+        if self.incarnation is None or self.kept is not None:
             return True
         return incarnation is not None and (incarnation != self.incarnation or seq > self.seq)
 
@@ -86,7 +108,12 @@ class IndexKeeper:
         openUpstream: Callable[[str], Deferred],
         gatherTimeout: float = GATHER_TIMEOUT,
         maxEntries: int = MAX_MEMBER_ENTRIES,
+        viewPath: Optional[FilePath] = None,
     ) -> None:
+        """
+        @param viewPath: where to keep the copies across restarts (see
+            L{start}); L{None} to keep them in memory only.
+        """
         self.me = me
         self.address = address
         self.clock = clock
@@ -94,13 +121,55 @@ class IndexKeeper:
         self.gatherTimeout = gatherTimeout
         self.maxEntries = maxEntries
         self.index = ClusterIndex()
+        self.runInThread = runInThread
         self.writer = LogWriter(logPath, clock, runInThread)
+        self.viewPath = viewPath
         self.epoch: Optional[int] = None
         self.gathering = False
         self.views: Dict[int, MemberView] = {}
+        # Copies of members not live now: member -> what was kept.
+        self.departed: Dict[int, KeptMember] = {}
         self._hold: Optional[IDelayedCall] = None
         self._writtenVersion = -1
+        # Fired once the copies kept across a restart are loaded; until
+        # then nobody is asked anything (the answer would be everything).
+        self._loaded = Once()
+        if viewPath is None:
+            self._loaded.fire(None)
+        self._live: Dict[int, str] = {}
 
+    def start(self) -> Deferred:
+        """
+        Load, in a thread, the copies the last stop left in C{viewPath}.
+        Fires (never fails) once they are loaded, or found unusable, which
+        is logged.
+        """
+        if self._loaded.happened:
+            return succeed(None)
+        assert self.viewPath is not None
+        started = self.clock.seconds()
+        d = self.runInThread(loadView, self.viewPath, self.me)
+
+        def loaded(kept: Optional[List[KeptMember]]) -> None:
+            if kept:
+                for copy in kept:
+                    self.departed[copy.member] = copy
+                self.log.info(
+                    "read the copies of {count} members ({files} files) in {ms:.0f} ms",
+                    count=len(kept),
+                    files=sum(len(k.files) for k in kept),
+                    ms=(self.clock.seconds() - started) * 1000,
+                )
+
+        def unusable(failure: Failure) -> None:
+            why = failure.getErrorMessage() if failure.check(ViewError) else repr(failure.value)
+            self.log.warn("ignoring {path}: {why}", path=self.viewPath.path, why=why)
+
+        d.addCallbacks(loaded, unusable)
+        d.addCallback(lambda _: self._loaded.fire(None))
+        d.addCallback(lambda _: self.reconcile(self._live))
+        d.addCallback(lambda _: None)
+        return d.addErrback(lambda f: self.log.failure("cannot resume gathering", f))
     # What to do.
 
     def lead(self, epoch: int, ownEntries: List[FileEntry], members: Dict[int, str]) -> Deferred:
@@ -116,14 +185,17 @@ class IndexKeeper:
         self._cancelHold()
         self._hold = self.clock.callLater(FIRST_WRITE_HOLD, self._release)
         self.index.replaceNode(self.me, self.address, ownEntries)
-        ds = self.reconcile(members)
+        self._live = members
+
+        def gather(ignored: object) -> Deferred:
+            return gatherResults(self.reconcile(self._live), consumeErrors=True)
 
         def gathered(results: List[Optional[int]]) -> List[int]:
             if self.epoch == epoch:
                 self._release()
             return sorted(m for m in results if m is not None)
 
-        return gatherResults(ds, consumeErrors=True).addCallback(gathered)
+        return self._loaded.wait().addCallback(gather).addCallback(gathered)
 
     def standBy(self, ownEntries: List[FileEntry], members: Dict[int, str]) -> None:
         """
@@ -183,7 +255,8 @@ class IndexKeeper:
         Make the index cover exactly the live members: drop the ones that
         left, bring up to date the ones that are behind (or new).
         """
-        if not self.gathering:
+        self._live = live
+        if not self.gathering or not self._loaded.happened:
             return []
         for member in sorted(set(self.views) | set(self.index.nodes())):
             if member != self.me and member not in live:
@@ -196,6 +269,9 @@ class IndexKeeper:
             if view is None or view.address != address:
                 self.memberGone(member)
                 view = self.views[member] = MemberView(address)
+                copy = self.departed.pop(member, None)
+                if copy is not None and copy.address == address:
+                    view.incarnation, view.seq, view.kept = copy.incarnation, copy.seq, copy.files
             if view.behind() and view.pulling is None:
                 pulls.append(self.pull(member))
             elif view.pulling is not None:
@@ -288,9 +364,14 @@ class IndexKeeper:
 
     def _apply(self, member: int, view: MemberView, changes: Changes) -> None:
         entries = self._acceptable(member, changes.entries)
+        kept, view.kept = view.kept, None
         if changes.full:
             self.index.replaceNode(member, view.address, entries)
         else:
+            if kept is not None:
+                # The copy was of the very change the member answers from.
+                # A copy: the index changes its maps in place.
+                self.index.replaceNode(member, view.address, dict(kept))
             self.index.applyChanges(member, view.address, entries, changes.removed)
         view.incarnation = changes.incarnation
         view.seq = changes.seq
@@ -325,6 +406,13 @@ class IndexKeeper:
         view = self.views.pop(member, None)
         if view is not None and view.pulling is not None:
             view.pulling.cancel()
+        copy = self._copyOf(member, view)
+        if copy is not None:
+            # It may come back with the same incarnation: keep its files.
+            self.departed.pop(member, None)
+            self.departed[member] = copy
+            while len(self.departed) > MAX_KEPT_DEPARTED:
+                del self.departed[next(iter(self.departed))]
         if self.index.hasNode(member):
             self.index.removeNode(member)
             self.log.info("dropped node {member}'s files from the index", member=member)
@@ -345,11 +433,57 @@ class IndexKeeper:
 
         self.writer.changed(render)
 
+    def _copyOf(self, member: int, view: Optional[MemberView]) -> Optional[KeptMember]:
+        """
+        What this keeper holds of C{member}'s files, and at which change,
+        if anything: the index's map is the copy once the member answered,
+        the kept one before.  Maps in the index change in place until a
+        snapshot is taken, so callers reading the copy in a thread take one
+        (see L{saveView}).
+        """
+        if view is None or view.incarnation is None:
+            return None
+        if view.kept is not None:
+            files: Optional[Files] = view.kept
+        elif self.index.hasNode(member):
+            files = self.index.nodeFiles(member)  # type: ignore[assignment]
+        else:
+            return None
+        return KeptMember(member, view.address, view.incarnation, view.seq, files)  # type: ignore[arg-type]
+
+    def saveView(self) -> Deferred:
+        """
+        Write every copy this keeper holds (of live and departed members)
+        to C{viewPath}, in a thread.  Fires (never fails) when written;
+        a failure is logged.
+        """
+        if self.viewPath is None or not self._loaded.happened:
+            return succeed(None)
+        # After a snapshot the index copies a map before changing it, so the
+        # maps handed to the thread stay as they are.
+        snapshot = self.index.snapshot()
+        copies = dict(self.departed)
+        for member, view in sorted(self.views.items()):
+            copy = self._copyOf(member, view)
+            if copy is not None:
+                if view.kept is None:
+                    copy = copy._replace(files=snapshot.nodeFiles(member))
+                copies[member] = copy
+        kept = [copies[m] for m in sorted(copies)]
+        d = self.runInThread(writeView, self.viewPath, self.me, kept)
+        return d.addErrback(lambda f: self.log.failure("cannot save {path}", f, path=self.viewPath.path))
+
     def stop(self) -> Deferred:
+        """
+        Stop gathering and writing; write the log if a change is pending,
+        and the copies (see L{saveView}).
+        """
         self.gathering = False
         self._cancelPulls()
         self._cancelHold()
-        return self.writer.flush().addCallback(lambda _: self.writer.stop())
+        saved = self.saveView()
+        flushed = self.writer.flush().addCallback(lambda _: self.writer.stop())
+        return gatherResults([saved, flushed], consumeErrors=True).addCallback(lambda _: None)
 
     def _cancelPulls(self) -> None:
         for view in list(self.views.values()):

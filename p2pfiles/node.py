@@ -34,7 +34,7 @@ from p2pfiles.etcd import DEFAULT_PREFIX, DEFAULT_TTL
 from p2pfiles.external import etcdCoordinator
 from p2pfiles.errors import P2PError
 from p2pfiles.fetcher import Fetcher
-from p2pfiles.gather import IndexKeeper
+from p2pfiles.gather import VIEW_NAME, IndexKeeper
 from p2pfiles.channel import IConnectionSecurity
 from p2pfiles.heartbeat import EpochStore, HeartbeatCoordinator
 from p2pfiles.identity import NodeCertificate, Pins, stateIdentity
@@ -231,6 +231,7 @@ class Node(MultiService):
             reactor,
             runInThread,
             self.openRequest,
+            viewPath=config.state.child(VIEW_NAME),
         )
         self.fetcher = Fetcher(
             config.id,
@@ -333,6 +334,7 @@ class Node(MultiService):
             peers=", ".join(str(p) for p in sorted(self.config.peers)) or "none",
         )
         self.localIndex.start().addCallbacks(self._localStarted, self._localFailed)
+        self.keeper.start()
 
     def stopService(self) -> Deferred:
         """

@@ -374,3 +374,143 @@ class StopTests(KeeperCase):
         self.clock.advance(1)
         self.successResultOf(d)
         self.assertTrue(upstream.closed)
+
+
+class KeptViewTests(KeeperCase):
+    """
+    The keeper writes its copies when it stops and reads them back when it
+    starts, and keeps the copy of a member that left: a member that kept
+    its incarnation is then asked only what changed.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.viewPath = self.state.child("keeper.view")
+        self.keeper = self.makeKeeper()
+
+    def makeKeeper(self, runInThread=syncThread) -> IndexKeeper:
+        return IndexKeeper(ME, MY_ADDRESS, self.logPath, self.clock, runInThread, self.network.open, viewPath=self.viewPath)
+
+    def gatherAndStop(self) -> None:
+        """
+        Lead, gather members 2 (two files) and 3 (1000 files), stop.
+        """
+        self.successResultOf(self.keeper.start())
+        self.keeper.lead(3, [entry("mine")], members(2, 3))
+        self.network.connect(2).answer("i2", 7, True, [entry("a"), entry("b")])
+        self.network.connect(3).answer("i3", 4, True, [entry(f"f{i:04d}") for i in range(1000)])
+        d = self.keeper.stop()
+        self.clock.advance(10)
+        self.successResultOf(d)
+        self.assertTrue(self.viewPath.exists())
+        self.logPath.remove()
+
+    def test_restartAsksOnlyForTheDelta(self) -> None:
+        """
+        A keeper started over the view file of the last stop asks each
+        member what changed since the change it held; empty answers make
+        the first log complete, with every member's files.
+        """
+        self.gatherAndStop()
+        self.keeper = self.makeKeeper()
+        self.successResultOf(self.keeper.start())
+        d = self.keeper.lead(5, [entry("mine")], members(2, 3))
+        two, three = self.network.connect(2), self.network.connect(3)
+        self.assertEqual((self.request(two).incarnation, self.request(two).since), ("i2", 7))
+        self.assertEqual((self.request(three).incarnation, self.request(three).since), ("i3", 4))
+        self.assertEqual(self.keeper.index.nodes(), [ME], "a copy enters the index only once confirmed")
+        two.answer("i2", 8, False, [entry("c")], ["a"])
+        three.answer("i3", 4, False)
+        self.assertEqual(self.successResultOf(d), [2, 3])
+        self.assertEqual(self.names(2), ["b", "c"])
+        self.assertEqual(len(self.names(3)), 1000)
+        header, rows = parseLog(self.logPath.getContent())
+        self.assertEqual((header["epoch"], header["files"]), (5, 1003))
+
+    def test_copyOfAnotherIncarnationReplaced(self) -> None:
+        """
+        A member that restarted with a new incarnation answers in full; its
+        old copy never reaches the index.
+        """
+        self.gatherAndStop()
+        self.keeper = self.makeKeeper()
+        self.successResultOf(self.keeper.start())
+        self.keeper.lead(5, [], members(2))
+        self.network.connect(2).answer("j2", 1, True, [entry("z")])
+        self.assertEqual(self.names(2), ["z"])
+
+    def test_leadWaitsForTheLoad(self) -> None:
+        """
+        Leading before the copies are read asks nobody until they are, then
+        asks for the delta.
+        """
+        self.gatherAndStop()
+        calls: list = []
+
+        def runInThread(f, *args):
+            d = defer.Deferred()
+            calls.append((f, args, d))
+            return d
+
+        self.keeper = self.makeKeeper(runInThread)
+        started = self.keeper.start()
+        d = self.keeper.lead(5, [], members(2))
+        self.keeper.reconcile(members(2))
+        self.assertEqual(self.network.pending(2), 0)
+        self.assertNoResult(d)
+        f, args, loading = calls.pop(0)
+        loading.callback(f(*args))
+        self.successResultOf(started)
+        upstream = self.network.connect(2)
+        self.assertEqual(self.request(upstream).since, 7)
+        self.assertEqual(self.network.pending(2), 0, "asked once")
+        upstream.answer("i2", 7, False)
+        self.assertEqual(self.successResultOf(d), [2])
+        stopped = self.keeper.stop()
+        self.clock.advance(10)
+        while calls:
+            f, args, running = calls.pop(0)
+            running.callback(f(*args))
+        self.successResultOf(stopped)
+        self.keeper = self.makeKeeper()
+
+    def test_unusableViewIgnored(self) -> None:
+        """
+        A view file that is corrupt, cut short, of another format or of
+        another node is ignored with one warning: everything is asked for.
+        """
+        self.gatherAndStop()
+        good = self.viewPath.getContent()
+        for data in [good[:-1] + bytes([good[-1] ^ 1]), good[: len(good) // 2], b"something else\n", b""]:
+            self.viewPath.setContent(data)
+            keeper = self.makeKeeper()
+            with capturedLogs() as events:
+                self.successResultOf(keeper.start())
+            warnings = [formatEvent(e) for e in events if e["log_level"].name == "warn"]
+            self.assertEqual(len(warnings), 1, warnings)
+            self.assertIn("keeper.view", warnings[0])
+            keeper.lead(5, [], members(2))
+            self.assertIsNone(self.request(self.network.connect(2)).incarnation)
+            self.successResultOf(keeper.stop())
+        other = IndexKeeper(ME + 1, MY_ADDRESS, self.logPath, self.clock, syncThread, self.network.open, viewPath=self.viewPath)
+        self.viewPath.setContent(good)
+        with capturedLogs() as events:
+            self.successResultOf(other.start())
+        self.assertTrue(any("not by this node" in formatEvent(e) for e in events))
+        self.assertEqual(other.departed, {})
+
+    def test_departedMemberComesBackWithItsIncarnation(self) -> None:
+        """
+        The copy of a member that left is kept: when it is live again at the
+        same address, it is asked only what changed since.
+        """
+        self.successResultOf(self.keeper.start())
+        self.keeper.lead(3, [], members(2))
+        self.network.connect(2).answer("i2", 7, True, [entry("a")])
+        self.keeper.reconcile({})
+        self.assertFalse(self.keeper.index.hasNode(2))
+        self.keeper.reconcile(members(2))
+        upstream = self.network.connect(2)
+        self.assertEqual((self.request(upstream).incarnation, self.request(upstream).since), ("i2", 7))
+        upstream.answer("i2", 7, False)
+        self.assertEqual(self.names(2), ["a"])
