@@ -18,6 +18,7 @@ This is a decision/data module: it knows nothing of protocols, transports or
 the reactor.  Time and threads are handed in by the node service.
 """
 
+import bisect
 import heapq
 import os
 import re
@@ -396,31 +397,53 @@ def _nonFinite(value: float) -> str:
     return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
 
 
-def _logLines(view: IndexView) -> Iterator[str]:
+def _linePrefix(node: int, address: str) -> str:
+    # The start of every data line of node, up to the name.
+    return _UNSAFE.sub(_escapeUnsafe, '{"node": %s, "address": %s, "name": ' % (int.__repr__(node), encode_basestring(address)))
+
+
+def _line(prefix: str, name: str, record: bytes) -> str:
     """
-    The data lines of C{peer_files.log} for C{view}, each ending in a
-    newline, sorted by name then node.  Each is exactly what
+    One data line of C{peer_files.log}, ending in a newline: exactly what
     C{json.dumps(dict(zip(LOG_KEYS, values)), ensure_ascii=False,
     separators=(", ", ": "))} writes, unsafe characters escaped, built from
-    pieces: the node and address part once per node, the name through
-    json's own string encoder, the numbers as json writes them.
+    pieces: the node and address part (C{prefix}, see L{_linePrefix}), the
+    name through json's own string encoder, the numbers as json writes
+    them.
     """
+    size, mtime, digest = _RECORD.unpack(record)
+    encoded = encode_basestring(name)
+    # Every unsafe character is outside ASCII.
+    if not encoded.isascii():
+        encoded = _UNSAFE.sub(_escapeUnsafe, encoded)
+    # mtime - mtime is 0.0 exactly when mtime is finite.
+    mtimeText = float.__repr__(mtime) if mtime - mtime == 0.0 else _nonFinite(mtime)
+    return f'{prefix}{encoded}, "size": {size}, "mtime": {mtimeText}, "sha256": "{digest.hex()}"}}\n'
+
+
+def _keyedLines(view: IndexView) -> Iterator[Tuple[Tuple[str, int], str]]:
+    # Every data line of view with its (name, node), sorted by both.
     maps = {node: view.nodeFiles(node) for node in view.nodes()}
-    prefixes = {
-        node: _UNSAFE.sub(_escapeUnsafe, '{"node": %s, "address": %s, "name": ' % (int.__repr__(node), encode_basestring(view.address(node))))
-        for node in maps
-    }
-    unpack = _RECORD.unpack
-    finite = float.__repr__
-    for name, node in sortedKeys(view):
-        size, mtime, digest = unpack(maps[node][name])
-        encoded = encode_basestring(name)
-        # Every unsafe character is outside ASCII.
-        if not encoded.isascii():
-            encoded = _UNSAFE.sub(_escapeUnsafe, encoded)
-        # mtime - mtime is 0.0 exactly when mtime is finite.
-        mtimeText = finite(mtime) if mtime - mtime == 0.0 else _nonFinite(mtime)
-        yield f'{prefixes[node]}{encoded}, "size": {size}, "mtime": {mtimeText}, "sha256": "{digest.hex()}"}}\n'
+    prefixes = {node: _linePrefix(node, view.address(node)) for node in maps}
+    line = _line
+    for key in sortedKeys(view):
+        name, node = key
+        yield key, line(prefixes[node], name, maps[node][name])
+
+
+def _logLines(view: IndexView) -> Iterator[str]:
+    """
+    The data lines of C{peer_files.log} for C{view} (see L{_line}), each
+    ending in a newline, sorted by name then node.
+    """
+    return (text for key, text in _keyedLines(view))
+
+
+def _header(view: IndexView, leader: int, epoch: int, now: float) -> bytes:
+    return (
+        f"# p2pfiles peer_files.log format {LOG_FORMAT_VERSION}\n# leader: {leader}\n# epoch: {epoch}\n"
+        f"# written: {_timestamp(now)}\n# nodes: {len(view.nodes())}\n# files: {view.fileCount()}\n"
+    ).encode("utf-8")
 
 
 def _timestamp(now: float) -> str:
@@ -441,10 +464,7 @@ def logChunks(view: IndexView, leader: int, epoch: int, now: float, linesPerChun
     line, sorted by name then node).  Every name goes through JSON escaping
     (see L{_UNSAFE}), so no name can break a line or inject one.
     """
-    yield (
-        f"# p2pfiles peer_files.log format {LOG_FORMAT_VERSION}\n# leader: {leader}\n# epoch: {epoch}\n"
-        f"# written: {_timestamp(now)}\n# nodes: {len(view.nodes())}\n# files: {view.fileCount()}\n"
-    ).encode("utf-8")
+    yield _header(view, leader, epoch, now)
     lines = _logLines(view)
     while True:
         batch = "".join(islice(lines, linesPerChunk))
@@ -461,30 +481,223 @@ def renderLog(index: IndexView, leader: int, epoch: int, now: float) -> bytes:
     return b"".join(logChunks(index, leader, epoch, now))
 
 
-def writeLog(path: FilePath, snapshot: IndexView, leader: int, epoch: int, now: float) -> None:
+def writeLog(path: FilePath, snapshot: IndexView, leader: int, epoch: int, now: float, cache: Optional["LogCache"] = None) -> None:
     """
     Replace C{path} with the log of C{snapshot} (the bytes of L{renderLog}),
     atomically and durably, never holding the whole text: about 1 MiB at a
     time into a temporary file beside it, fsynced, renamed over C{path}, the
     rename fsynced (as L{atomicWrite} does).  Blocks: run it in a thread, on
     an L{IndexSnapshot}.  If writing fails the temporary file is removed.
+
+    With a C{cache} (see L{LogCache}) the pieces of the last log written
+    with it that no change touched are copied from that file, not made
+    again.
     """
     directory = path.parent()
     temporary = directory.child("." + path.basename() + ".tmp")
-    fd = os.open(temporary.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(temporary.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        for chunk in logChunks(snapshot, leader, epoch, now, LINES_PER_WRITE):
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view) :]
+        if cache is None:
+            for chunk in logChunks(snapshot, leader, epoch, now, LINES_PER_WRITE):
+                _writeAll(fd, chunk)
+        else:
+            cache.write(fd, snapshot, _header(snapshot, leader, epoch, now))
         os.fsync(fd)
     except BaseException:
+        if cache is not None:
+            cache.forget()
         os.close(fd)
         os.unlink(temporary.path)
         raise
-    os.close(fd)
+    if cache is None:
+        os.close(fd)
     os.replace(temporary.path, path.path)
     fsyncDirectory(directory)
+
+
+def _writeAll(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+Key = Tuple[str, int]
+
+
+class LogCache:
+    """
+    What the last C{peer_files.log} written holds, so that the next write
+    copies what did not change instead of making every line again: a log of
+    300,000 lines costs about half a second of the interpreter to make, and
+    a copy costs the kernel a few milliseconds.
+
+    The cache keeps the file it wrote open (so that it reads exactly that,
+    whatever happens to the path since), the maps of the snapshot it shows
+    (which the index never changes once a snapshot saw them), and where each
+    piece of about L{LINES_PER_WRITE} lines begins and ends with the key
+    (name, node) of its last line.  Each piece holds the keys after the last
+    key of the piece before it, up to its own (the last piece: all after).
+    A write works out which (name, node) lines differ, by comparing each
+    node's map with the one shown (at once when it is the same map), makes
+    again only the pieces those keys fall in, and copies the others.  When
+    much changed it writes everything afresh.  Memory: a few words per
+    piece, and the maps of the last log, shared with the index until they
+    change.
+
+    Used by one write at a time (L{LogWriter} sees to it), in its thread.
+    """
+
+    def __init__(self) -> None:
+        self._fd: Optional[int] = None
+        self._maps: Dict[int, Tuple[Mapping[str, bytes], str]] = {}
+        self._pieces: List[Tuple[Key, int, int]] = []
+        # How many lines each write made again (for tests and benchmarks).
+        self.made = 0
+
+    def forget(self) -> None:
+        """
+        Drop what is known: the next write makes every line.
+        """
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = None
+        self._maps = {}
+        self._pieces = []
+
+    def write(self, fd: int, view: IndexView, header: bytes) -> None:
+        """
+        Write C{header} and the data lines of C{view} to C{fd} (open for
+        reading and writing, empty), which then becomes the file this cache
+        copies from; the caller must not close it.
+        """
+        maps = {node: (view.nodeFiles(node), view.address(node)) for node in view.nodes()}
+        dirty = self._dirty(maps)
+        _writeAll(fd, header)
+        start = len(header)
+        if dirty is None:
+            pieces = self._writeAll(fd, view, start)
+        else:
+            pieces = self._writeChanged(fd, maps, dirty, start)
+        self.forget()
+        self._fd, self._maps, self._pieces = fd, maps, pieces
+
+    def _dirty(self, maps: Dict[int, Tuple[Mapping[str, bytes], str]]) -> Optional[Dict[Key, Optional[str]]]:
+        """
+        The lines that differ from the last log's: (name, node) -> the new
+        line, or L{None} if it goes.  L{None} when there is no last log or
+        so much changed that writing afresh is cheaper.
+        """
+        if self._fd is None or not self._pieces:
+            return None
+        total = sum(len(files) for files, address in maps.values())
+        limit = max(1000, total // 8)
+        dirty: Dict[Key, Optional[str]] = {}
+        for node in sorted(set(maps) | set(self._maps)):
+            new, address = maps.get(node, ({}, ""))
+            old, oldAddress = self._maps.get(node, ({}, ""))
+            if new is old and address == oldAddress:
+                continue
+            if address != oldAddress and old and new:
+                return None  # every line of the node changes
+            prefix = _linePrefix(node, address)
+            added = 0
+            for name, record in new.items():
+                if old.get(name) != record:
+                    dirty[(name, node)] = _line(prefix, name, record)
+                    if name not in old:
+                        added += 1
+                    if len(dirty) > limit:
+                        return None
+            if len(new) - added != len(old):
+                for name in old:
+                    if name not in new:
+                        dirty[(name, node)] = None
+                        if len(dirty) > limit:
+                            return None
+        return dirty
+
+    def _writeAll(self, fd: int, view: IndexView, start: int) -> List[Tuple[Key, int, int]]:
+        pieces = []
+        lines = _keyedLines(view)
+        position = start
+        while True:
+            batch = list(islice(lines, LINES_PER_WRITE))
+            if not batch:
+                break
+            data = "".join([text for key, text in batch]).encode("utf-8")
+            _writeAll(fd, data)
+            pieces.append((batch[-1][0], position, position + len(data)))
+            position += len(data)
+            self.made += len(batch)
+        return pieces
+
+    def _writeChanged(self, fd: int, maps: Any, dirty: Dict[Key, Optional[str]], start: int) -> List[Tuple[Key, int, int]]:
+        keys = sorted(dirty)
+        pieces: List[Tuple[Key, int, int]] = []
+        position = start
+        clean: Optional[Tuple[int, int]] = None  # a run of unchanged pieces to copy
+        first = 0
+        last = len(self._pieces) - 1
+        for i, (lastKey, begin, end) in enumerate(self._pieces):
+            upTo = len(keys) if i == last else bisect.bisect_right(keys, lastKey, first)
+            if upTo == first:
+                clean = (clean[0], end) if clean is not None else (begin, end)
+                pieces.append((lastKey, position, position + end - begin))
+                position += end - begin
+                continue
+            if clean is not None:
+                self._copy(fd, *clean)
+                clean = None
+            for piece in self._remade(fd, begin, end, dirty, keys[first:upTo]):
+                data = piece[1]
+                _writeAll(fd, data)
+                pieces.append((piece[0], position, position + len(data)))
+                position += len(data)
+            first = upTo
+        if clean is not None:
+            self._copy(fd, *clean)
+        return pieces
+
+    def _remade(self, fd: int, begin: int, end: int, dirty: Dict[Key, Optional[str]], keys: List[Key]) -> Iterator[Tuple[Key, bytes]]:
+        """
+        The piece between C{begin} and C{end} of the last log with the
+        lines of C{keys} (those of C{dirty} that fall in it) replaced,
+        added or removed: in pieces of at most L{LINES_PER_WRITE} lines,
+        each with the key of its last line.
+        """
+        assert self._fd is not None
+        data = os.pread(self._fd, end - begin, begin)
+        lines: List[Tuple[Key, str]] = []
+        for text in data.decode("utf-8").split("\n")[:-1]:
+            row = json.loads(text)
+            key = (row["name"], row["node"])
+            if key not in dirty:
+                lines.append((key, text + "\n"))
+        for key in keys:
+            text = dirty[key]
+            if text is not None:
+                lines.append((key, text))
+        lines.sort()
+        for at in range(0, len(lines), LINES_PER_WRITE):
+            batch = lines[at : at + LINES_PER_WRITE]
+            self.made += sum(1 for key, text in batch if key in dirty)
+            yield batch[-1][0], "".join([text for key, text in batch]).encode("utf-8")
+
+    def _copy(self, fd: int, begin: int, end: int) -> None:
+        # The bytes begin..end of the last log, appended to fd by the kernel.
+        assert self._fd is not None
+        while begin < end:
+            try:
+                n = os.copy_file_range(self._fd, fd, end - begin, begin)
+            except (AttributeError, OSError):
+                n = 0
+            if n <= 0:
+                data = os.pread(self._fd, min(end - begin, 1 << 20), begin)
+                if not data:
+                    raise OSError("the last log is shorter than it was")
+                _writeAll(fd, data)
+                n = len(data)
+            begin += n
 
 
 _HEADER_INTS = ("leader", "epoch", "nodes", "files")
@@ -546,48 +759,30 @@ class LogContent:
         self.entries = snapshot.fileCount()
 
 
-def _buildAndWrite(path: FilePath, data: Any) -> None:
+def _buildAndWrite(path: FilePath, data: Any, cache: Optional[LogCache] = None) -> None:
     if callable(data):
         data = data()
     if isinstance(data, LogContent):
-        writeLog(path, data.snapshot, data.leader, data.epoch, data.now)
+        writeLog(path, data.snapshot, data.leader, data.epoch, data.now, cache)
     else:
         atomicWrite(path, data)
 
 
-# See rewriteInterval.
-REWRITE_LINES_PER_SECOND = 200_000
-MAX_REWRITE_INTERVAL = 2.0
-
-
-def rewriteInterval(entries: int, minInterval: float) -> float:
-    """
-    The least time between the starts of two writes of a log of C{entries}
-    lines: C{max(minInterval, min(2.0, entries / 200_000))} seconds.  Up to
-    50,000 lines that is C{minInterval}, so a small cluster's log follows
-    changes at once; 0.5 s at 100,000 lines, 1.5 s at 300,000, at most 2 s,
-    so a change reaches even a million-line log within about 2 s plus the
-    write.  As the writer also rests as long as its last write took (up to
-    this interval), its thread is busy at most about half the time.
-    """
-    return max(minInterval, min(MAX_REWRITE_INTERVAL, entries / REWRITE_LINES_PER_SECOND))
-
-
 class LogWriter:
     """
-    Keep C{peer_files.log} current without writing it once per update.
+    Keep C{peer_files.log} current promptly, one write at a time.
 
-    A change schedules a write C{minInterval} later; further changes until
-    then ride along, and the content is rendered when the write starts, so
-    the latest state is what lands on disk.  Changes during a write schedule
-    exactly one more.  Writes run in a thread (they fsync) and replace the
-    file atomically.
-
-    The larger the log, the further apart its writes: when the last render
-    was a L{LogContent} of many entries, the next write starts no sooner
-    than L{rewriteInterval} after the last one started, nor sooner after
-    the last one ended than the shorter of that interval and the time the
-    last write took.
+    A change when the writer is quiet starts a write at once (in the next
+    turn of the reactor, so that changes made together ride together); a
+    change during a write makes exactly one more, which starts when the
+    running one ends; and the starts of two writes are at least
+    C{minInterval} apart, so that a small log changing all the time is not
+    rewritten more than a few times a second.  The content is rendered when
+    a write starts, so the latest state is what lands on disk.  Writes run
+    in a thread (they fsync) and replace the file atomically; a log written
+    from a L{LogContent} copies what did not change from the last one (see
+    L{LogCache}), so that a change to a large log costs little more than
+    copying it.
     """
 
     log = Logger()
@@ -602,10 +797,9 @@ class LogWriter:
         self._writing: Optional[Deferred] = None
         self._idleWaiters = Waiters()
         self._stopped = False
-        # The size, start and end of the last write, for its successor's delay.
-        self._entries = 0
+        # The start of the last write, for its successor's delay.
         self._started: Optional[float] = None
-        self._ended: Optional[float] = None
+        self._cache = LogCache()
         self.writes = 0
 
     def changed(self, render: Callable[[], Any]) -> None:
@@ -646,17 +840,15 @@ class LogWriter:
         self._render = None
         self._cancelTimer()
         if self._writing is not None:
-            return self._idleWaiters.wait()
+            return self._idleWaiters.wait().addCallback(lambda _: self._cache.forget())
+        self._cache.forget()
         return succeed(None)
 
     def _delay(self) -> float:
         # How long from now the next write may start.
-        if self._started is None or self._ended is None:
-            return self._minInterval
-        now = self._clock.seconds()
-        interval = rewriteInterval(self._entries, self._minInterval)
-        rest = min(interval, self._ended - self._started)
-        return max(self._minInterval, self._started + interval - now, self._ended + rest - now)
+        if self._started is None:
+            return 0.0
+        return max(0.0, self._started + self._minInterval - self._clock.seconds())
 
     def _write(self) -> Deferred:
         """
@@ -671,9 +863,8 @@ class LogWriter:
         except Exception:
             self.log.failure("could not render {path}", path=self._path.path)
             return succeed(None)
-        self._entries = data.entries if isinstance(data, LogContent) else 0
         self._started = self._clock.seconds()
-        writing = maybeDeferred(self._runInThread, _buildAndWrite, self._path, data)
+        writing = maybeDeferred(self._runInThread, _buildAndWrite, self._path, data, self._cache)
         self._writing = writing
         writing.addCallbacks(self._succeeded, self._failed)
         writing.addCallback(self._written)
@@ -687,7 +878,6 @@ class LogWriter:
 
     def _written(self, _: None) -> None:
         self._writing = None
-        self._ended = self._clock.seconds()
         if self._render is not None and not self._stopped:
             self._timer = self._clock.callLater(self._delay(), self._write)
         self._idleWaiters.fire(None)
