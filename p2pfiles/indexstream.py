@@ -21,7 +21,7 @@ from zope.interface import implementer
 from p2pfiles.client import bounded
 from p2pfiles.errors import P2PError
 from p2pfiles.localindex import Changes
-from p2pfiles.wire import FileEntry, Message, encode, iterUpdate
+from p2pfiles.wire import FileEntry, Message, deltaFrames
 
 
 @implementer(IPullProducer)
@@ -39,32 +39,22 @@ class IndexSender:
         self.changes = changes
         self.frames = 0
         self.done: Deferred = Deferred()
-        self._pieces: Iterator[Tuple[List[FileEntry], List[str]]] = iterUpdate(changes.entries, changes.removed)
-        self._next = next(self._pieces)
+        # Each entry's JSON is made once, as its frame is (see deltaFrames).
+        self._frames: Iterator[bytes] = deltaFrames(
+            changes.incarnation, changes.seq, changes.full, changes.entries, changes.removed
+        )
+        self._next: Optional[bytes] = next(self._frames)
 
     def start(self) -> Deferred:
         self.connection.transport.registerProducer(self, False)
         return self.done
 
     def resumeProducing(self) -> None:
-        if self.done.called:
+        if self.done.called or self._next is None:
             return
-        entries, removed = self._next
-        following = next(self._pieces, None)
-        changes = self.changes
-        self.connection.sendEncoded(
-            encode(
-                Message(
-                    "index-delta",
-                    incarnation=changes.incarnation,
-                    seq=changes.seq,
-                    full=changes.full,
-                    entries=entries,
-                    removed=removed,
-                    last=following is None,
-                )
-            )
-        )
+        frame = self._next
+        following = next(self._frames, None)
+        self.connection.sendEncoded(frame)
         self.frames += 1
         if following is None:
             self.connection.transport.unregisterProducer()
