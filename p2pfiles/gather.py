@@ -35,8 +35,7 @@ from twisted.python.filepath import FilePath
 
 from p2pfiles.errors import P2PError
 from p2pfiles.index import ClusterIndex, Files, LogContent, LogWriter
-from p2pfiles.indexstream import pullIndex
-from p2pfiles.localindex import Changes
+from p2pfiles.indexstream import Pulled, pullIndex
 from p2pfiles.names import nameProblem
 from p2pfiles.viewfile import KeptMember, ViewError, loadView, writeView
 from p2pfiles.waiting import Once
@@ -332,7 +331,7 @@ class IndexKeeper:
                         reason=result.getErrorMessage(),
                     )
                 return None
-            changes: Changes = result
+            changes: Pulled = result
             if self.views.get(member) is not view:
                 return None
             self._apply(member, view, changes)
@@ -340,7 +339,7 @@ class IndexKeeper:
                 "{what} from node {member}: {count} files, {gone} removed, in {ms:.0f} ms (at change {seq})",
                 what="all files" if changes.full else "changes",
                 member=member,
-                count=len(changes.entries),
+                count=len(changes.files) + changes.refused if changes.full else len(changes.entries),
                 gone=len(changes.removed),
                 ms=(self.clock.seconds() - started) * 1000,
                 seq=changes.seq,
@@ -353,7 +352,7 @@ class IndexKeeper:
 
         return d.addBoth(done)
 
-    async def _pull(self, member: int, view: MemberView) -> Changes:
+    async def _pull(self, member: int, view: MemberView) -> Pulled:
         connection = await self.openUpstream(view.address)
         try:
             return await pullIndex(
@@ -362,12 +361,19 @@ class IndexKeeper:
         finally:
             connection.close()
 
-    def _apply(self, member: int, view: MemberView, changes: Changes) -> None:
-        entries = self._acceptable(member, changes.entries)
+    def _apply(self, member: int, view: MemberView, changes: Pulled) -> None:
         kept, view.kept = view.kept, None
         if changes.full:
-            self.index.replaceNode(member, view.address, entries)
+            if changes.refused:
+                self.log.warn(
+                    "ignored {count} entries with unacceptable names or values from node {member}",
+                    count=changes.refused,
+                    member=member,
+                )
+            # Checked and packed frame by frame as it came (see pullIndex).
+            self.index.replaceNode(member, view.address, changes.files)
         else:
+            entries = self._acceptable(member, changes.entries)
             if kept is not None:
                 # The copy was of the very change the member answers from.
                 # A copy: the index changes its maps in place.
