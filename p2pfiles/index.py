@@ -618,15 +618,18 @@ class LogCache:
 
     def _writeAll(self, fd: int, view: IndexView, start: int) -> List[Tuple[Key, int, int]]:
         pieces = []
-        lines = _keyedLines(view)
+        maps = {node: view.nodeFiles(node) for node in view.nodes()}
+        prefixes = {node: _linePrefix(node, view.address(node)) for node in maps}
+        keys = sortedKeys(view)
+        line = _line
         position = start
         while True:
-            batch = list(islice(lines, LINES_PER_WRITE))
+            batch = list(islice(keys, LINES_PER_WRITE))
             if not batch:
                 break
-            data = "".join([text for key, text in batch]).encode("utf-8")
+            data = "".join([line(prefixes[node], name, maps[node][name]) for name, node in batch]).encode("utf-8")
             _writeAll(fd, data)
-            pieces.append((batch[-1][0], position, position + len(data)))
+            pieces.append((batch[-1], position, position + len(data)))
             position += len(data)
             self.made += len(batch)
         return pieces
