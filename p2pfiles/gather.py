@@ -45,7 +45,8 @@ from p2pfiles.wire import FileEntry
 GATHER_TIMEOUT = 10.0
 
 # How long a new leader holds back its first peer_files.log while the gather
-# is under way: a complete first log soon beats a partial one at once.
+# is under way, once its own files are listed: a complete first log soon
+# beats a partial one at once.
 FIRST_WRITE_HOLD = 1.0
 
 # The most files one member may list (a bound on what a hostile or broken
@@ -128,7 +129,14 @@ class IndexKeeper:
         self.views: Dict[int, MemberView] = {}
         # Copies of members not live now: member -> what was kept.
         self.departed: Dict[int, KeptMember] = {}
+        # The first log of a leadership is held until the gather is done and
+        # this node's own files are listed, or FIRST_WRITE_HOLD after they
+        # are: every write of a large log started early delays the complete
+        # one, which waits for it.
+        self._holding = False
         self._hold: Optional[IDelayedCall] = None
+        self._gathered = False
+        self._ownListed = True
         self._writtenVersion = -1
         # Fired once the copies kept across a restart are loaded; until
         # then nobody is asked anything (the answer would be everything).
@@ -182,7 +190,10 @@ class IndexKeeper:
         self.gathering = True
         self._writtenVersion = -1
         self._cancelHold()
-        self._hold = self.clock.callLater(FIRST_WRITE_HOLD, self._release)
+        self._holding = True
+        self._gathered = False
+        if self._ownListed:
+            self._hold = self.clock.callLater(FIRST_WRITE_HOLD, self._release)
         self.index.replaceNode(self.me, self.address, ownEntries)
         self._live = members
 
@@ -191,7 +202,9 @@ class IndexKeeper:
 
         def gathered(results: List[Optional[int]]) -> List[int]:
             if self.epoch == epoch:
-                self._release()
+                self._gathered = True
+                if self._ownListed:
+                    self._release()
             return sorted(m for m in results if m is not None)
 
         return self._loaded.wait().addCallback(gather).addCallback(gathered)
@@ -239,9 +252,35 @@ class IndexKeeper:
             self.writer.flush()
 
     def _cancelHold(self) -> None:
+        self._holding = False
         if self._hold is not None and self._hold.active():
             self._hold.cancel()
         self._hold = None
+
+    def awaitOwnFiles(self) -> None:
+        """
+        This node's own files are not listed yet (its first scan is under
+        way): hold a first log until L{ownListed}.
+        """
+        self._ownListed = False
+
+    def ownListed(self, entries: List[FileEntry]) -> None:
+        """
+        This node's first scan is done (C{entries}; an empty list if it
+        failed): they go in the index, and a first log held for them is
+        written once the gather is done too, or at the latest
+        C{FIRST_WRITE_HOLD} seconds from now.
+        """
+        self._ownListed = True
+        if self.gathering:
+            self.index.replaceNode(self.me, self.address, entries)
+        if self._holding:
+            if self._gathered:
+                self._release()
+            elif self._hold is None:
+                self._hold = self.clock.callLater(FIRST_WRITE_HOLD, self._release)
+        else:
+            self._changed()
 
     # Members.
 
@@ -427,7 +466,7 @@ class IndexKeeper:
     # The log.
 
     def _changed(self) -> None:
-        if self.epoch is None or self._hold is not None or self.index.version == self._writtenVersion:
+        if self.epoch is None or self._holding or self.index.version == self._writtenVersion:
             return
         self._writtenVersion = self.index.version
         epoch, index = self.epoch, self.index

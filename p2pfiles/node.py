@@ -333,6 +333,7 @@ class Node(MultiService):
             epoch=self.coordinator.epoch(),
             peers=", ".join(str(p) for p in sorted(self.config.peers)) or "none",
         )
+        self.keeper.awaitOwnFiles()
         self.localIndex.start().addCallbacks(self._localStarted, self._localFailed)
         self.keeper.start()
 
@@ -359,12 +360,13 @@ class Node(MultiService):
         self.log.info(
             "sharing {count} files from {share}", count=len(self.localIndex.entries), share=self.config.share.path
         )
-        self.keeper.ownChanges(list(self.localIndex.entries.values()), [])
+        self.keeper.ownListed(list(self.localIndex.entries.values()))
         self._localReady.fire(None)
         self._announceChanges()
 
     def _localFailed(self, reason: Failure) -> None:
         self.log.failure("cannot index the share {share}", reason, share=self.config.share.path)
+        self.keeper.ownListed([])
         # Nobody waits for a first scan that will not come.
         self._localReady.fire(Failure(P2PError(f"cannot index the share {self.config.share.path}", "io")))
 

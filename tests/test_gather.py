@@ -230,6 +230,46 @@ class LeadTests(KeeperCase):
         self.assertTrue(any("more than 2 files" in formatEvent(e) for e in events))
 
 
+class OwnFilesTests(KeeperCase):
+    """
+    A node that leads before its own first scan is done holds its first log
+    for its own files.
+    """
+
+    def test_firstLogWaitsForOwnFiles(self) -> None:
+        """
+        Until its own files are listed, a new leader writes no log, however
+        long past C{FIRST_WRITE_HOLD}; once they are, and the gather is
+        done, it writes one complete log, once.
+        """
+        self.keeper.awaitOwnFiles()
+        self.keeper.lead(3, [], members(2))
+        self.network.connect(2).answer("i2", 7, True, [entry("a"), entry("b")])
+        self.clock.advance(FIRST_WRITE_HOLD * 5)
+        self.assertFalse(self.logPath.exists())
+        self.keeper.ownListed([entry("mine")])
+        self.clock.advance(0)
+        header, rows = parseLog(self.logPath.getContent())
+        self.assertEqual((header["epoch"], header["files"], header["nodes"]), (3, 3, 2))
+        self.assertEqual(self.keeper.writer.writes, 1)
+
+    def test_holdCountsFromOwnFiles(self) -> None:
+        """
+        With a member that does not answer, the first log is written
+        C{FIRST_WRITE_HOLD} after the own files are listed.
+        """
+        self.keeper.awaitOwnFiles()
+        self.keeper.lead(3, [], members(2))
+        self.network.connect(2)
+        self.clock.advance(2)
+        self.keeper.ownListed([entry("mine")])
+        self.clock.advance(FIRST_WRITE_HOLD - 0.01)
+        self.assertFalse(self.logPath.exists())
+        self.clock.advance(0.01)
+        header, rows = parseLog(self.logPath.getContent())
+        self.assertEqual(header["files"], 1)
+
+
 class DeltaTests(KeeperCase):
     """
     Once it holds a member's files, the keeper only asks for changes.
