@@ -436,10 +436,14 @@ class ShareScanner:
             if not isinstance(files, dict):
                 return {}, "not a version 1 hash cache", False
         for item in files.values():
+            # Exact types, as json.loads makes them; str.strip leaves
+            # nothing of a string of hex digits alone.
+            if type(item) is not dict:
+                return {}, "malformed entry", False
+            size, mtimeNs, inode, digest = item.get("size"), item.get("mtime_ns"), item.get("inode"), item.get("sha256")
             if not (
-                isinstance(item, dict)
-                and all(type(item.get(k)) is int for k in ("size", "mtime_ns", "inode"))
-                and re.fullmatch("[0-9a-f]{64}", str(item.get("sha256")))
+                type(size) is int and type(mtimeNs) is int and type(inode) is int
+                and type(digest) is str and len(digest) == 64 and not digest.strip("0123456789abcdef")
             ):
                 return {}, "malformed entry", False
         return files, None, current
