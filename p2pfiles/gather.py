@@ -109,10 +109,14 @@ class IndexKeeper:
         gatherTimeout: float = GATHER_TIMEOUT,
         maxEntries: int = MAX_MEMBER_ENTRIES,
         viewPath: Optional[FilePath] = None,
+        ownNumbers: Optional[Callable[[], Tuple[str, int]]] = None,
     ) -> None:
         """
         @param viewPath: where to keep the copies across restarts (see
             L{start}); L{None} to keep them in memory only.
+        @param ownNumbers: this node's own incarnation and change number
+            now, to keep its own files in the view with them (see
+            L{ownVouched}).
         """
         self.me = me
         self.address = address
@@ -124,6 +128,7 @@ class IndexKeeper:
         self.runInThread = runInThread
         self.writer = LogWriter(logPath, clock, runInThread)
         self.viewPath = viewPath
+        self.ownNumbers = ownNumbers
         self.epoch: Optional[int] = None
         self.gathering = False
         self.views: Dict[int, MemberView] = {}
@@ -137,6 +142,10 @@ class IndexKeeper:
         self._hold: Optional[IDelayedCall] = None
         self._gathered = False
         self._ownListed = True
+        # This node's own files as the view kept them, until its first scan
+        # lists them; used meanwhile if the local index vouches for them.
+        self._ownKept: Optional[KeptMember] = None
+        self._ownProvisional: Optional[Files] = None
         self._writtenVersion = -1
         # Fired once the copies kept across a restart are loaded; until
         # then nobody is asked anything (the answer would be everything).
@@ -160,7 +169,10 @@ class IndexKeeper:
         def loaded(kept: Optional[List[KeptMember]]) -> None:
             if kept:
                 for copy in kept:
-                    self.departed[copy.member] = copy
+                    if copy.member == self.me:
+                        self._ownKept = copy
+                    else:
+                        self.departed[copy.member] = copy
                 self.log.info(
                     "read the copies of {count} members ({files} files) in {ms:.0f} ms",
                     count=len(kept),
@@ -194,7 +206,7 @@ class IndexKeeper:
         self._gathered = False
         if self._ownListed:
             self._hold = self.clock.callLater(FIRST_WRITE_HOLD, self._release)
-        self.index.replaceNode(self.me, self.address, ownEntries)
+        self._own(ownEntries)
         self._live = members
 
         def gather(ignored: object) -> Deferred:
@@ -219,7 +231,7 @@ class IndexKeeper:
         if not self.gathering:
             self.log.info("keeping the index as the standby")
         self.gathering = True
-        self.index.replaceNode(self.me, self.address, ownEntries)
+        self._own(ownEntries)
         self.reconcile(members)
 
     def resign(self) -> None:
@@ -264,6 +276,37 @@ class IndexKeeper:
         """
         self._ownListed = False
 
+    def _own(self, entries: List[FileEntry]) -> None:
+        # This node's own files into the index: those vouched for, until
+        # the first scan lists them.
+        if self._ownProvisional is not None:
+            self.index.replaceNode(self.me, self.address, dict(self._ownProvisional))
+        else:
+            self.index.replaceNode(self.me, self.address, entries)
+
+    def ownVouched(self, numbers: Optional[Tuple[str, int]]) -> Deferred:
+        """
+        This node's local index vouches for its files as of change
+        C{numbers} (its restart record; L{None}: it vouches for nothing)
+        until its first scan is done.  If the view kept this node's own
+        files at exactly that change, they stand for its files meanwhile,
+        so that a first log need not wait for the scan.  Fires once
+        decided.
+        """
+
+        def decide(ignored: object) -> None:
+            kept, self._ownKept = self._ownKept, None
+            if (
+                numbers is None or kept is None or self._ownListed
+                or (kept.incarnation, kept.seq) != tuple(numbers) or kept.address != self.address
+            ):
+                return
+            self.log.info("standing in for this node's files: {count} kept at change {seq}", count=len(kept.files), seq=kept.seq)
+            self._ownProvisional = kept.files
+            self._listed(None)
+
+        return self._loaded.wait().addCallback(decide)
+
     def ownListed(self, entries: List[FileEntry]) -> None:
         """
         This node's first scan is done (C{entries}; an empty list if it
@@ -271,9 +314,14 @@ class IndexKeeper:
         written once the gather is done too, or at the latest
         C{FIRST_WRITE_HOLD} seconds from now.
         """
+        self._ownProvisional = None
+        self._ownKept = None
+        self._listed(entries)
+
+    def _listed(self, entries: Optional[List[FileEntry]]) -> None:
         self._ownListed = True
         if self.gathering:
-            self.index.replaceNode(self.me, self.address, entries)
+            self._own(entries or [])
         if self._holding:
             if self._gathered:
                 self._release()
@@ -514,6 +562,12 @@ class IndexKeeper:
                 if view.kept is None:
                     copy = copy._replace(files=snapshot.nodeFiles(member))
                 copies[member] = copy
+        if (
+            self.ownNumbers is not None and self._ownListed and self._ownProvisional is None
+            and snapshot.hasNode(self.me)
+        ):
+            incarnation, seq = self.ownNumbers()
+            copies[self.me] = KeptMember(self.me, self.address, incarnation, seq, snapshot.nodeFiles(self.me))  # type: ignore[arg-type]
         kept = [copies[m] for m in sorted(copies)]
         d = self.runInThread(writeView, self.viewPath, self.me, kept)
         return d.addErrback(lambda f: self.log.failure("cannot save {path}", f, path=self.viewPath.path))

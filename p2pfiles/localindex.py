@@ -16,7 +16,13 @@ that changed something, so that L{LocalIndex.changesSince} can answer
 incarnation, unless it stopped cleanly and its share is exactly as it left
 it: then it keeps the incarnation and seq it stopped at (see the restart
 record in L{p2pfiles.sharescan}), and whoever kept its files asks only for
-what changed since, which is nothing.
+what changed since, which is nothing.  Until that first scan is done, such a
+node vouches for the list it stopped with, as Syncthing serves its stored
+index before rescanning: asked for exactly the recorded change of the
+recorded incarnation, it answers at once that nothing changed since (see
+L{LocalIndex.quickChanges}).  If the scan then finds the share changed, the
+node takes a new incarnation and says so, and askers fetch the new list: the
+recorded pair still names only the list it named before the stop.
 
 Changes are noticed with inotify where available, and by polling every
 C{pollInterval} seconds where not.  With inotify a slow safety poll (every
@@ -47,7 +53,7 @@ from p2pfiles.sharescan import (
     EMPTY, MAX_TOMBSTONES, Changes, ScanResult, ShareScanner, changes, hashFile, hashOpened,
     resumed, takeRecord, writeRecord,
 )
-from p2pfiles.waiting import Waiters
+from p2pfiles.waiting import Once, Waiters
 from p2pfiles.wire import FileEntry
 
 # Changes, MAX_TOMBSTONES and the hashers are L{p2pfiles.sharescan}'s, named
@@ -125,6 +131,12 @@ class LocalIndex:
         self._firstDone = False
         # A restart record was written by the last stop.
         self._recorded = False
+        # The restart record taken at start, until the first scan is done;
+        # while it is being taken no scan starts.
+        self._record: Optional[Dict[str, Any]] = None
+        self._taking = False
+        self._tookWaiters = Waiters()
+        self._vouched = Once()
         self._subscribers: List[Subscriber] = []
         self._notifier: Any = None
         self._poller: Optional[LoopingCall] = None
@@ -178,9 +190,58 @@ class LocalIndex:
             # it before serving anything, as a new index would.
             self._recorded = False
             self._firstDone = False
-        d = self._requestScan()
+            self._vouched = Once()
+        if self._firstDone:
+            d = self._requestScan()
+        else:
+            # The first scan waits for the record: it decides what the
+            # scan is numbered as.
+            self._taking = True
+            d = self._waiters.wait()
+            taken = self._runInThread(takeRecord, self._recordFile)
+            taken.addBoth(self._tookRecord)
         d.addCallbacks(self._startWatching, self._startFailed)
         return d
+
+    def _tookRecord(self, result: Any) -> None:
+        self._taking = False
+        record = None
+        if isinstance(result, Failure):
+            self.log.failure("cannot read {path}", result, path=self._recordFile.path)
+        else:
+            record, problem = result
+            if problem is not None:
+                self.log.warn("ignoring restart record {path}: {reason}", path=self._recordFile.path, reason=problem)
+        self._record = record
+        self._vouched.fire(None if record is None else (record["incarnation"], record["seq"]))
+        if self._running:
+            self._startScan()
+        else:
+            # Stopped meanwhile: as for a stop during a scan, start()
+            # fires, with nothing shared.
+            self._waiters.fire(None)
+        self._tookWaiters.fire(None)
+
+    def whenVouched(self) -> Deferred:
+        """
+        Fire, once the restart record is taken at start, with the
+        C{(incarnation, seq)} this index vouches for until its first scan
+        is done (see L{quickChanges}), or L{None} if it vouches for nothing.
+        """
+        return self._vouched.wait()
+
+    def quickChanges(self, incarnation: Optional[str], since: int) -> Optional[Changes]:
+        """
+        Before the first scan is done: the answer to "everything since
+        C{since} of C{incarnation}" when it is exactly the change the
+        restart record names (nothing changed since, as far as this index
+        vouches); L{None} otherwise, and always once the first scan is
+        done, when L{changesSince} answers.
+        """
+        record = self._record
+        if self._firstDone or record is None or (incarnation, since) != (record["incarnation"], record["seq"]):
+            return None
+        return Changes(record["incarnation"], record["seq"], False, [], [])
 
     def stop(self) -> Deferred:
         """
@@ -302,7 +363,9 @@ class LocalIndex:
 
     def _requestScan(self) -> Deferred:
         d = self._waiters.wait()
-        if self._scanning:
+        if self._taking:
+            pass  # the scan starts once the record is taken
+        elif self._scanning:
             self._again = True
         else:
             self._cancelPending()
@@ -328,27 +391,28 @@ class LocalIndex:
         d.addErrback(self._scanFailed)
         d.addBoth(self._scanFinished, waiters)
 
-    def _firstScan(self, state: Any) -> Tuple[ScanResult, Optional[str], Optional[str]]:
+    def _firstScan(self, state: Any) -> Tuple[ScanResult, Optional[str]]:
         """
-        In the scan thread: take the restart record (see
-        L{p2pfiles.sharescan.takeRecord}), scan, and renumber the scan as the
-        record's seq if the share is exactly as the record describes.
-        Returns the scan, the record's incarnation if it is kept, and why a
-        record there was not usable.
+        In the scan thread: scan, and renumber the scan as the restart
+        record's seq (taken at start, see L{p2pfiles.sharescan.takeRecord})
+        if the share is exactly as the record describes.  Returns the scan
+        and the record's incarnation if it is kept.
         """
-        record, problem = takeRecord(self._recordFile)
+        record = self._record
         result = self._scanner.scan(state)
         if record is None:
-            return result, None, problem
+            return result, None
         kept = resumed(result.state, record)
         if kept is None:
-            return result, None, None
-        return result._replace(state=kept), record["incarnation"], None
+            return result, None
+        return result._replace(state=kept), record["incarnation"]
 
-    def _resume(self, found: Tuple[ScanResult, Optional[str], Optional[str]]) -> ScanResult:
-        result, incarnation, problem = found
-        if problem is not None:
-            self.log.warn("ignoring restart record {path}: {reason}", path=self._recordFile.path, reason=problem)
+    def _resume(self, found: Tuple[ScanResult, Optional[str]]) -> ScanResult:
+        result, incarnation = found
+        if self._record is not None and incarnation is None:
+            self.log.info(
+                "share changed since the last stop: new incarnation {incarnation}", incarnation=self.incarnation
+            )
         if incarnation is not None:
             self.incarnation = incarnation
             self.log.info(
@@ -389,6 +453,7 @@ class LocalIndex:
             self._saveCache()
         if not self._firstDone:
             self._firstDone = True
+            self._record = None
             return
         if result.changed or result.removed:
             for callback in list(self._subscribers):
@@ -407,6 +472,8 @@ class LocalIndex:
             self._poller.stop()
         self._poller = None
         self._cancelPending()
+        if self._taking:
+            await self._tookWaiters.wait()
         if self._scanning:
             await self._idleWaiters.wait()
         self._waiters.fire(Failure(IndexStopped("the index stopped before scanning again")))

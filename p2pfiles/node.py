@@ -232,6 +232,7 @@ class Node(MultiService):
             runInThread,
             self.openRequest,
             viewPath=config.state.child(VIEW_NAME),
+            ownNumbers=lambda: (self.localIndex.incarnation, self.localIndex.seq),
         )
         self.fetcher = Fetcher(
             config.id,
@@ -336,6 +337,9 @@ class Node(MultiService):
         self.keeper.awaitOwnFiles()
         self.localIndex.start().addCallbacks(self._localStarted, self._localFailed)
         self.keeper.start()
+        self.localIndex.whenVouched().addCallback(self.keeper.ownVouched).addErrback(
+            lambda f: self.log.failure("cannot stand in for this node's files", f)
+        )
 
     def stopService(self) -> Deferred:
         """
@@ -404,6 +408,13 @@ class Node(MultiService):
 
     def _linkUp(self, member: int) -> None:
         self.coordinator.linkUp(member)
+        if self._localReady.happened:
+            # A notice sent before this link was up did not reach it.
+            local = self.localIndex
+            self.membership.sendTo(
+                member,
+                Message("index-changed", epoch=self.coordinator.epoch(), incarnation=local.incarnation, seq=local.seq),
+            )
         self._changed()
 
     def _linkDown(self, member: int) -> None:
@@ -655,6 +666,11 @@ class RequestContext:
 
     def indexSince(self, incarnation: Optional[str], since: int) -> Deferred:
         node = self._node
+        # Before the first scan, the one question the restart record
+        # answers is answered at once (see LocalIndex.quickChanges).
+        quick = node.localIndex.quickChanges(incarnation, since)
+        if quick is not None:
+            return succeed(quick)
         return node.whenLocalReady().addCallback(lambda _: node.localIndex.changesSince(incarnation, since))
 
     def fetch(self, name: str, overwrite: bool) -> Deferred:

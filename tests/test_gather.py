@@ -554,3 +554,84 @@ class KeptViewTests(KeeperCase):
         self.assertEqual((self.request(upstream).incarnation, self.request(upstream).since), ("i2", 7))
         upstream.answer("i2", 7, False)
         self.assertEqual(self.names(2), ["a"])
+
+
+class OwnCopyTests(KeeperCase):
+    """
+    The keeper keeps this node's own files in its view with their change
+    numbers; after a restart they stand in for the first scan when the
+    local index vouches for exactly that change.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.viewPath = self.state.child("keeper.view")
+        self.numbers = ("0123456789abcdef", 5)
+        self.keeper = self.makeKeeper()
+
+    def makeKeeper(self) -> IndexKeeper:
+        return IndexKeeper(
+            ME, MY_ADDRESS, self.logPath, self.clock, syncThread, self.network.open,
+            viewPath=self.viewPath, ownNumbers=lambda: self.numbers,
+        )
+
+    def restarted(self) -> IndexKeeper:
+        """
+        Lead with own files and member 2's, stop, and start a new keeper
+        whose own first scan is not done.
+        """
+        self.successResultOf(self.keeper.start())
+        self.keeper.lead(3, [entry("mine"), entry("mine2")], members(2))
+        self.network.connect(2).answer("i2", 7, True, [entry("a")])
+        d = self.keeper.stop()
+        self.clock.advance(10)
+        self.successResultOf(d)
+        self.logPath.remove()
+        self.keeper = self.makeKeeper()
+        self.keeper.awaitOwnFiles()
+        self.successResultOf(self.keeper.start())
+        return self.keeper
+
+    def test_vouchedOwnFilesStandIn(self) -> None:
+        """
+        When the local index vouches for the change the view kept, the kept
+        own files make the first log complete before the first scan; the
+        scan's list then replaces them.
+        """
+        keeper = self.restarted()
+        self.successResultOf(keeper.ownVouched(self.numbers))
+        keeper.lead(4, [], members(2))
+        self.network.connect(2).answer("i2", 7, False)
+        self.clock.advance(0)
+        header, rows = parseLog(self.logPath.getContent())
+        self.assertEqual((header["epoch"], header["files"]), (4, 3))
+        keeper.ownListed([entry("mine"), entry("mine3")])
+        self.clock.advance(1)
+        header, rows = parseLog(self.logPath.getContent())
+        self.assertEqual(sorted(r["name"] for r in rows), ["a", "mine", "mine3"])
+
+    def noStandIn(self, numbers) -> None:
+        keeper = self.restarted()
+        self.successResultOf(keeper.ownVouched(numbers))
+        keeper.lead(4, [], members(2))
+        self.network.connect(2).answer("i2", 7, False)
+        self.clock.advance(5)
+        self.assertFalse(self.logPath.exists())
+        keeper.ownListed([entry("mine")])
+        self.clock.advance(0)
+        header, rows = parseLog(self.logPath.getContent())
+        self.assertEqual(header["files"], 2)
+
+    def test_otherChangeDoesNotStandIn(self) -> None:
+        """
+        A local index vouching for another change leaves the first log
+        waiting for the scan.
+        """
+        self.noStandIn(("0123456789abcdef", 6))
+
+    def test_nothingVouchedDoesNotStandIn(self) -> None:
+        """
+        A local index that vouches for nothing leaves the first log waiting
+        for the scan.
+        """
+        self.noStandIn(None)

@@ -447,6 +447,7 @@ class HashCacheTests(LocalIndexTestsMixin, SynchronousTestCase):
         threads = ManualThreads()
         index = self.makeIndex(runInThread=threads)
         started = index.start()
+        threads.run("takeRecord")
         threads.runNext()  # the first scan
         self.successResultOf(started)
         self.assertEqual(threads.names(), ["writeCache"])
@@ -528,6 +529,8 @@ class HashCacheTests(LocalIndexTestsMixin, SynchronousTestCase):
         self.successResultOf(stopped)
         index = self.makeIndex(runInThread=threads)
         started = index.start()
+        self.assertEqual(threads.names(), ["takeRecord"])
+        threads.runNext()
         self.assertEqual(threads.names(), ["_firstScan"])
         threads.runNext()
         self.successResultOf(started)
@@ -1227,6 +1230,126 @@ class RestartTests(LocalIndexTestsMixin, SynchronousTestCase):
         self.failureResultOf(index.start(), OSError)
         self.failuresExpected = True
         self.successResultOf(index.stop())
+        self.assertFalse(self.state.child("incarnation.json").exists())
+
+
+class VouchingTests(LocalIndexTestsMixin, SynchronousTestCase):
+    """
+    Until its first scan is done, an index restarted over a restart record
+    answers the exact question the record names, and nothing else.
+    """
+
+    def restart(self) -> Tuple[LocalIndex, ManualThreads, Any, str, int]:
+        """
+        Leave a restart record (incarnation, seq 2), then start a new index
+        whose record is taken but whose first scan has not run.
+        """
+        self.write("a", b"1")
+        first = self.makeIndex()
+        self.successResultOf(first.start())
+        self.write("b", b"2")
+        self.successResultOf(first.rescan())
+        self.successResultOf(first.stop())
+        threads = ManualThreads()
+        index = self.makeIndex(runInThread=threads)
+        started = index.start()
+        vouched = index.whenVouched()
+        self.assertNoResult(vouched)
+        threads.run("takeRecord")
+        self.assertEqual(threads.names(), ["_firstScan"])
+        return index, threads, started, first.incarnation, first.seq
+
+    def test_quickAnswerBeforeFirstScan(self) -> None:
+        """
+        Before the first scan, "since the recorded seq of the recorded
+        incarnation" is answered at once: nothing changed.  Any other
+        question waits for the scan (no quick answer).  Once the scan
+        confirms the share, the index carries on from that pair.
+        """
+        index, threads, started, incarnation, seq = self.restart()
+        self.assertEqual(self.successResultOf(index.whenVouched()), (incarnation, seq))
+        self.assertEqual(index.quickChanges(incarnation, seq), Changes(incarnation, seq, False, [], []))
+        self.assertIsNone(index.quickChanges(incarnation, seq - 1))
+        self.assertIsNone(index.quickChanges(incarnation, seq + 1))
+        self.assertIsNone(index.quickChanges("f" * 16, seq))
+        self.assertIsNone(index.quickChanges(None, 0))
+        threads.runNext()
+        self.successResultOf(started)
+        self.assertEqual((index.incarnation, index.seq), (incarnation, seq))
+        self.assertIsNone(index.quickChanges(incarnation, seq), "the scan answers from now on")
+        stopped = index.stop()
+        threads.runAll()
+        self.successResultOf(stopped)
+
+    def test_changedShareRefutes(self) -> None:
+        """
+        A share changed while the node was down: the quick answer vouched
+        for the recorded pair, the scan then takes a new incarnation (which
+        the node announces), and the recorded pair is never given to the
+        new list.
+        """
+        index, threads, started, incarnation, seq = self.restart()
+        self.assertIsNotNone(index.quickChanges(incarnation, seq))
+        self.write("c", b"3")
+        threads.runNext()
+        self.successResultOf(started)
+        self.assertNotEqual(index.incarnation, incarnation)
+        self.assertEqual(index.seq, 1)
+        self.assertIsNone(index.quickChanges(incarnation, seq))
+        self.assertTrue(any("share changed since the last stop" in m for m in self.messages(LogLevel.info)))
+        stopped = index.stop()
+        threads.runAll()
+        self.successResultOf(stopped)
+
+    def test_nothingVouchedWithoutRecord(self) -> None:
+        """
+        Without a restart record there is no quick answer, and
+        C{whenVouched} fires with None.
+        """
+        threads = ManualThreads()
+        index = self.makeIndex(runInThread=threads)
+        started = index.start()
+        threads.run("takeRecord")
+        self.assertIsNone(self.successResultOf(index.whenVouched()))
+        self.assertIsNone(index.quickChanges(index.incarnation, 0))
+        threads.runAll()
+        self.successResultOf(started)
+        stopped = index.stop()
+        threads.runAll()
+        self.successResultOf(stopped)
+
+    def test_scanWaitsForTheRecord(self) -> None:
+        """
+        A rescan asked for while the record is being taken starts no scan
+        before it is taken: the first scan, after it, answers both.
+        """
+        threads = ManualThreads()
+        index = self.makeIndex(runInThread=threads)
+        started = index.start()
+        rescanned = index.rescan()
+        self.assertEqual(threads.names(), ["takeRecord"])
+        threads.runNext()
+        self.assertEqual(threads.names(), ["_firstScan"])
+        threads.runNext()
+        self.successResultOf(started)
+        self.successResultOf(rescanned)
+        stopped = index.stop()
+        threads.runAll()
+        self.successResultOf(stopped)
+
+    def test_stopWhileTakingTheRecord(self) -> None:
+        """
+        A stop while the record is being taken waits for it, scans nothing
+        and leaves no record; start() fires.
+        """
+        threads = ManualThreads()
+        index = self.makeIndex(runInThread=threads)
+        started = index.start()
+        stopped = index.stop()
+        self.assertNoResult(stopped)
+        threads.runAll()
+        self.successResultOf(stopped)
+        self.successResultOf(started)
         self.assertFalse(self.state.child("incarnation.json").exists())
 
 
