@@ -146,6 +146,8 @@ class IndexKeeper:
         # lists them; used meanwhile if the local index vouches for them.
         self._ownKept: Optional[KeptMember] = None
         self._ownProvisional: Optional[Files] = None
+        # The index holds this node's files as its local index has them now.
+        self._ownCurrent = False
         self._writtenVersion = -1
         # Fired once the copies kept across a restart are loaded; until
         # then nobody is asked anything (the answer would be everything).
@@ -283,6 +285,9 @@ class IndexKeeper:
             self.index.replaceNode(self.me, self.address, dict(self._ownProvisional))
         else:
             self.index.replaceNode(self.me, self.address, entries)
+        # The index follows this node's files from the scan's list on, while
+        # gathering (see ownChanges).
+        self._ownCurrent = self._ownListed and self._ownProvisional is None
 
     def ownVouched(self, numbers: Optional[Tuple[str, int]]) -> Deferred:
         """
@@ -322,6 +327,8 @@ class IndexKeeper:
         self._ownListed = True
         if self.gathering:
             self._own(entries or [])
+        else:
+            self._ownCurrent = False
         if self._holding:
             if self._gathered:
                 self._release()
@@ -491,6 +498,7 @@ class IndexKeeper:
 
     def ownChanges(self, changed: List[FileEntry], removed: List[str]) -> None:
         if not self.gathering:
+            self._ownCurrent = False  # missed: the own copy is not worth keeping
             return
         self.index.applyChanges(self.me, self.address, changed, removed)
         self._changed()
@@ -562,10 +570,7 @@ class IndexKeeper:
                 if view.kept is None:
                     copy = copy._replace(files=snapshot.nodeFiles(member))
                 copies[member] = copy
-        if (
-            self.ownNumbers is not None and self._ownListed and self._ownProvisional is None
-            and snapshot.hasNode(self.me)
-        ):
+        if self.ownNumbers is not None and self._ownCurrent and snapshot.hasNode(self.me):
             incarnation, seq = self.ownNumbers()
             copies[self.me] = KeptMember(self.me, self.address, incarnation, seq, snapshot.nodeFiles(self.me))  # type: ignore[arg-type]
         kept = [copies[m] for m in sorted(copies)]

@@ -635,3 +635,24 @@ class OwnCopyTests(KeeperCase):
         for the scan.
         """
         self.noStandIn(None)
+
+    def test_staleOwnCopyNotKept(self) -> None:
+        """
+        Own changes missed while not gathering make the own copy stale: it
+        is not written, and nothing stands in after the restart.
+        """
+        self.successResultOf(self.keeper.start())
+        self.keeper.lead(3, [entry("mine")], members(2))
+        self.network.connect(2).answer("i2", 7, True, [entry("a")])
+        self.keeper.idle()
+        self.keeper.ownChanges([entry("new")], [])
+        self.numbers = ("0123456789abcdef", 6)
+        d = self.keeper.stop()
+        self.clock.advance(10)
+        self.successResultOf(d)
+        self.keeper = self.makeKeeper()
+        self.keeper.awaitOwnFiles()
+        with capturedLogs() as events:
+            self.successResultOf(self.keeper.start())
+            self.successResultOf(self.keeper.ownVouched(self.numbers))
+        self.assertFalse(any("standing in" in formatEvent(e) for e in events))
