@@ -126,7 +126,8 @@ class IndexKeeper:
         self.maxEntries = maxEntries
         self.index = ClusterIndex()
         self.runInThread = runInThread
-        self.writer = LogWriter(logPath, clock, runInThread)
+        keepPath = None if viewPath is None else logPath.parent().child("." + logPath.basename() + ".kept")
+        self.writer = LogWriter(logPath, clock, runInThread, keepPath=keepPath)
         self.viewPath = viewPath
         self.ownNumbers = ownNumbers
         self.epoch: Optional[int] = None
@@ -146,6 +147,7 @@ class IndexKeeper:
         # lists them; used meanwhile if the local index vouches for them.
         self._ownKept: Optional[KeptMember] = None
         self._ownProvisional: Optional[Files] = None
+        self._ownProvisionalNumbers: Tuple[str, int] = ("", 0)
         # The index holds this node's files as its local index has them now.
         self._ownCurrent = False
         self._writtenVersion = -1
@@ -175,6 +177,9 @@ class IndexKeeper:
                         self._ownKept = copy
                     else:
                         self.departed[copy.member] = copy
+                # The last log, if it shows exactly these copies, saves
+                # making the first one afresh.
+                self.writer.prime({c.member: (c.files, c.address, c.incarnation, c.seq) for c in kept})
                 self.log.info(
                     "read the copies of {count} members ({files} files) in {ms:.0f} ms",
                     count=len(kept),
@@ -308,6 +313,7 @@ class IndexKeeper:
                 return
             self.log.info("standing in for this node's files: {count} kept at change {seq}", count=len(kept.files), seq=kept.seq)
             self._ownProvisional = kept.files
+            self._ownProvisionalNumbers = (kept.incarnation, kept.seq)
             self._listed(None)
 
         return self._loaded.wait().addCallback(decide)
@@ -530,7 +536,8 @@ class IndexKeeper:
         def render() -> LogContent:
             # A snapshot costs O(nodes) here, on the reactor; the lines are
             # made and written, streamed, in the writer's thread.
-            return LogContent(index.snapshot(), self.me, epoch, self.clock.seconds())
+            snapshot = index.snapshot()
+            return LogContent(snapshot, self.me, epoch, self.clock.seconds(), self._versions(snapshot))
 
         self.writer.changed(render)
 
@@ -576,6 +583,29 @@ class IndexKeeper:
         kept = [copies[m] for m in sorted(copies)]
         d = self.runInThread(writeView, self.viewPath, self.me, kept)
         return d.addErrback(lambda f: self.log.failure("cannot save {path}", f, path=self.viewPath.path))
+
+    def _versions(self, snapshot: Any) -> Optional[Dict[int, Tuple[str, str, int]]]:
+        """
+        Which change (address, incarnation, seq) of each node C{snapshot}
+        shows, or L{None} if that of one is not known (see
+        L{p2pfiles.index.LogCache}).
+        """
+        versions = {}
+        for node in snapshot.nodes():
+            if node == self.me:
+                if self._ownProvisional is not None:
+                    numbers = self._ownProvisionalNumbers
+                elif self._ownCurrent and self.ownNumbers is not None:
+                    numbers = self.ownNumbers()
+                else:
+                    return None
+            else:
+                view = self.views.get(node)
+                if view is None or view.incarnation is None or view.kept is not None:
+                    return None
+                numbers = (view.incarnation, view.seq)
+            versions[node] = (snapshot.address(node), numbers[0], numbers[1])
+        return versions
 
     def stop(self) -> Deferred:
         """

@@ -481,7 +481,10 @@ def renderLog(index: IndexView, leader: int, epoch: int, now: float) -> bytes:
     return b"".join(logChunks(index, leader, epoch, now))
 
 
-def writeLog(path: FilePath, snapshot: IndexView, leader: int, epoch: int, now: float, cache: Optional["LogCache"] = None) -> None:
+def writeLog(
+    path: FilePath, snapshot: IndexView, leader: int, epoch: int, now: float, cache: Optional["LogCache"] = None,
+    versions: Optional[Dict[int, Tuple[str, str, int]]] = None,
+) -> None:
     """
     Replace C{path} with the log of C{snapshot} (the bytes of L{renderLog}),
     atomically and durably, never holding the whole text: about 1 MiB at a
@@ -491,7 +494,8 @@ def writeLog(path: FilePath, snapshot: IndexView, leader: int, epoch: int, now: 
 
     With a C{cache} (see L{LogCache}) the pieces of the last log written
     with it that no change touched are copied from that file, not made
-    again.
+    again; C{versions} says which change of each node the log shows (see
+    L{LogCache.keep}).
     """
     directory = path.parent()
     temporary = directory.child("." + path.basename() + ".tmp")
@@ -511,6 +515,8 @@ def writeLog(path: FilePath, snapshot: IndexView, leader: int, epoch: int, now: 
         raise
     if cache is None:
         os.close(fd)
+    else:
+        cache.keep(temporary, versions)
     os.replace(temporary.path, path.path)
     fsyncDirectory(directory)
 
@@ -545,14 +551,84 @@ class LogCache:
     change.
 
     Used by one write at a time (L{LogWriter} sees to it), in its thread.
+
+    With a C{keepPath}, the cache outlives the process: each log written
+    is also linked as C{keepPath} (the same file, no copy), and beside it,
+    in C{keepPath + ".json"}, go its pieces and which change (address,
+    incarnation, seq) of each node it shows.  After a restart, L{prime}
+    takes that log back for the maps of those very changes (a change
+    number names one list of files only), so that the first log written
+    copies instead of making 300,000 lines again.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, keepPath: Optional[FilePath] = None) -> None:
         self._fd: Optional[int] = None
         self._maps: Dict[int, Tuple[Mapping[str, bytes], str]] = {}
         self._pieces: List[Tuple[Key, int, int]] = []
+        self._keepPath = keepPath
         # How many lines each write made again (for tests and benchmarks).
         self.made = 0
+
+    def keep(self, written: FilePath, versions: Optional[Dict[int, Tuple[str, str, int]]]) -> None:
+        """
+        Link C{written} (the log just written with this cache, not yet
+        renamed into place) as C{keepPath}, with what L{prime} needs beside
+        it; when C{versions} is L{None} (some node's change is not known)
+        nothing is kept.  Best effort: a cache that cannot be kept costs
+        only time after a restart.
+        """
+        if self._keepPath is None:
+            return
+        sidecar = self._keepPath.siblingExtension(".json")
+        try:
+            if versions is None or set(versions) != set(self._maps):
+                if sidecar.exists():
+                    sidecar.remove()
+                return
+            link = self._keepPath.siblingExtension(".tmp")
+            if link.exists():
+                link.remove()
+            os.link(written.path, link.path)
+            st = os.stat(link.path)
+            os.replace(link.path, self._keepPath.path)
+            data = {
+                "inode": st.st_ino,
+                "size": st.st_size,
+                "nodes": [[node, *versions[node]] for node in sorted(versions)],
+                "pieces": [[name, node, begin, end] for (name, node), begin, end in self._pieces],
+            }
+            temporary = sidecar.siblingExtension(".tmp")
+            temporary.setContent(json.dumps(data).encode("ascii"))
+            os.replace(temporary.path, sidecar.path)
+        except OSError:
+            pass
+
+    def prime(self, maps: Dict[int, Tuple[Mapping[str, bytes], str, str, int]]) -> bool:
+        """
+        Take back the log kept by the last process (see L{keep}) if it
+        shows, for every node, exactly the change of C{maps} (node -> its
+        files, address, incarnation, seq); return whether it did.  The next
+        write then copies what did not change since.
+        """
+        if self._keepPath is None or self._fd is not None:
+            return False
+        try:
+            data = json.loads(self._keepPath.siblingExtension(".json").getContent())
+            nodes = {node: (address, incarnation, seq) for node, address, incarnation, seq in data["nodes"]}
+            if any(node not in maps or tuple(maps[node][1:]) != version for node, version in nodes.items()):
+                return False
+            pieces = [((name, node), begin, end) for name, node, begin, end in data["pieces"]]
+            fd = os.open(self._keepPath.path, os.O_RDONLY | os.O_CLOEXEC)
+        except (OSError, ValueError, TypeError, KeyError):
+            return False
+        st = os.fstat(fd)
+        if (st.st_ino, st.st_size) != (data["inode"], data["size"]) or not pieces:
+            os.close(fd)
+            return False
+        self._fd = fd
+        self._maps = {node: (maps[node][0], maps[node][1]) for node in nodes}
+        self._pieces = pieces
+        return True
 
     def forget(self) -> None:
         """
@@ -752,21 +828,27 @@ class LogContent:
     made on the reactor, written by L{writeLog} in the writer's thread.
 
     @ivar entries: how many data lines the log will have.
+    @ivar versions: node -> (address, incarnation, seq) of what the
+        snapshot shows of it, when known for every node (see L{LogCache}).
     """
 
-    def __init__(self, snapshot: IndexView, leader: int, epoch: int, now: float) -> None:
+    def __init__(
+        self, snapshot: IndexView, leader: int, epoch: int, now: float,
+        versions: Optional[Dict[int, Tuple[str, str, int]]] = None,
+    ) -> None:
         self.snapshot = snapshot
         self.leader = leader
         self.epoch = epoch
         self.now = now
         self.entries = snapshot.fileCount()
+        self.versions = versions
 
 
 def _buildAndWrite(path: FilePath, data: Any, cache: Optional[LogCache] = None) -> None:
     if callable(data):
         data = data()
     if isinstance(data, LogContent):
-        writeLog(path, data.snapshot, data.leader, data.epoch, data.now, cache)
+        writeLog(path, data.snapshot, data.leader, data.epoch, data.now, cache, data.versions)
     else:
         atomicWrite(path, data)
 
@@ -790,7 +872,10 @@ class LogWriter:
 
     log = Logger()
 
-    def __init__(self, path: FilePath, clock: IReactorTime, runInThread: Callable[..., Deferred], minInterval: float = 0.25) -> None:
+    def __init__(
+        self, path: FilePath, clock: IReactorTime, runInThread: Callable[..., Deferred], minInterval: float = 0.25,
+        keepPath: Optional[FilePath] = None,
+    ) -> None:
         self._path = path
         self._clock = clock
         self._runInThread = runInThread
@@ -802,7 +887,7 @@ class LogWriter:
         self._stopped = False
         # The start of the last write, for its successor's delay.
         self._started: Optional[float] = None
-        self._cache = LogCache()
+        self._cache = LogCache(keepPath)
         self.writes = 0
 
     def changed(self, render: Callable[[], Any]) -> None:
@@ -833,6 +918,29 @@ class LogWriter:
             return succeed(None)
         self._cancelTimer()
         return self._write()
+
+    def prime(self, maps: Dict[int, Tuple[Mapping[str, bytes], str, str, int]]) -> Deferred:
+        """
+        Before the first write: take back, in the writer's thread, the log
+        the last process kept (see L{LogCache.prime}).  Fires with whether
+        it did; writes wait for it.
+        """
+        if self._writing is not None or self._started is not None or self._stopped:
+            return succeed(False)
+        priming = maybeDeferred(self._runInThread, self._cache.prime, maps)
+        self._writing = priming
+
+        def failed(reason: Failure) -> bool:
+            self.log.failure("could not read the kept log", reason)
+            return False
+
+        priming.addErrback(failed)
+
+        def primed(result: bool) -> bool:
+            self._written(None)
+            return result
+
+        return priming.addCallback(primed)
 
     def stop(self) -> Deferred:
         """

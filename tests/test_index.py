@@ -1316,3 +1316,82 @@ class LogCacheTests(SynchronousTestCase):
         indexModule._writeAll = original
         self.check(index)
         self.assertEqual(self.cache.made, 21)
+
+
+class KeptLogTests(SynchronousTestCase):
+    """
+    Tests for L{LogCache.keep} and L{LogCache.prime}: the last log outlives
+    the process, and is taken back only for the very changes it shows.
+    """
+
+    def setUp(self) -> None:
+        directory = FilePath(self.mktemp())
+        directory.makedirs()
+        self.path = directory.child("peer_files.log")
+        self.keepPath = directory.child(".peer_files.log.kept")
+        self.patch(indexModule, "LINES_PER_WRITE", 7)
+        self.index = ClusterIndex()
+        self.index.replaceNode(1, "h:1", [entry(f"a{i:03d}") for i in range(40)])
+        self.index.replaceNode(2, "h:2", [entry(f"b{i:03d}") for i in range(30)])
+        self.versions = {1: ("h:1", "i1", 4), 2: ("h:2", "i2", 9)}
+
+    def cache(self) -> LogCache:
+        cache = LogCache(self.keepPath)
+        self.addCleanup(cache.forget)
+        return cache
+
+    def maps(self, versions=None) -> dict:
+        versions = versions or self.versions
+        snapshot = self.index.snapshot()
+        # Copies: what a restarted process reads back from its view.
+        return {n: (dict(snapshot.nodeFiles(n)), *versions[n]) for n in snapshot.nodes()}
+
+    def writeKept(self) -> None:
+        writeLog(self.path, self.index.snapshot(), 1, 2, 5.0, self.cache(), self.versions)
+        self.path.remove()  # as a restart's tooling may do
+
+    def test_primedCopiesEverything(self) -> None:
+        """
+        A cache primed with the changes the kept log shows makes no line of
+        the next log, which equals a fresh render; a change since is the
+        only line made.
+        """
+        self.writeKept()
+        cache = self.cache()
+        self.assertTrue(cache.prime(self.maps()))
+        snapshot = self.index.snapshot()
+        writeLog(self.path, snapshot, 1, 3, 6.0, cache, self.versions)
+        self.assertEqual(self.path.getContent(), renderLog(snapshot, 1, 3, 6.0))
+        self.assertEqual(cache.made, 0)
+        self.index.applyChanges(2, "h:2", [entry("b005", digest="c")], [])
+        snapshot = self.index.snapshot()
+        writeLog(self.path, snapshot, 1, 3, 7.0, cache, self.versions)
+        self.assertEqual(self.path.getContent(), renderLog(snapshot, 1, 3, 7.0))
+        self.assertEqual(cache.made, 1)
+
+    def test_otherChangesNotPrimed(self) -> None:
+        """
+        Another change of a node, another address, a node more or less, or
+        a log written without versions, is not taken back.
+        """
+        self.writeKept()
+        for versions in [
+            {1: ("h:1", "i1", 5), 2: ("h:2", "i2", 9)},
+            {1: ("h:1", "i1", 4), 2: ("h:2", "j2", 9)},
+            {1: ("h:9", "i1", 4), 2: ("h:2", "i2", 9)},
+        ]:
+            self.assertFalse(self.cache().prime(self.maps(versions)))
+        maps = self.maps()
+        del maps[2]
+        self.assertFalse(self.cache().prime(maps))
+        writeLog(self.path, self.index.snapshot(), 1, 2, 5.0, self.cache(), None)
+        self.assertFalse(self.cache().prime(self.maps()))
+
+    def test_replacedKeptFileNotPrimed(self) -> None:
+        """
+        A kept log that is not the file the sidecar describes (replaced, or
+        cut) is not taken back.
+        """
+        self.writeKept()
+        self.keepPath.setContent(self.keepPath.getContent())
+        self.assertFalse(self.cache().prime(self.maps()))
