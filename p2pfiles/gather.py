@@ -179,7 +179,8 @@ class IndexKeeper:
                         self.departed[copy.member] = copy
                 # The last log, if it shows exactly these copies, saves
                 # making the first one afresh.
-                self.writer.prime({c.member: (c.files, c.address, c.incarnation, c.seq) for c in kept})
+                primed = self.writer.prime({c.member: (c.files, c.address, c.incarnation, c.seq) for c in kept})
+                primed.addCallback(lambda ok: ok and self.log.info("the last log shows these copies: copying from it"))
                 self.log.info(
                     "read the copies of {count} members ({files} files) in {ms:.0f} ms",
                     count=len(kept),

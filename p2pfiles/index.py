@@ -566,6 +566,8 @@ class LogCache:
         self._maps: Dict[int, Tuple[Mapping[str, bytes], str]] = {}
         self._pieces: List[Tuple[Key, int, int]] = []
         self._keepPath = keepPath
+        # How many nodes the kept log shows.
+        self._keptNodes = 0
         # How many lines each write made again (for tests and benchmarks).
         self.made = 0
 
@@ -574,14 +576,20 @@ class LogCache:
         Link C{written} (the log just written with this cache, not yet
         renamed into place) as C{keepPath}, with what L{prime} needs beside
         it; when C{versions} is L{None} (some node's change is not known)
-        nothing is kept.  Best effort: a cache that cannot be kept costs
-        only time after a restart.
+        nothing is kept.  A log of fewer nodes than the one kept does not
+        replace it: as a cluster stops, the leader's last logs lose the
+        members that stopped first, and the log worth keeping is the one
+        that showed them all.  Best effort: a cache that cannot be kept
+        costs only time after a restart.
         """
         if self._keepPath is None:
             return
         sidecar = self._keepPath.siblingExtension(".json")
         try:
+            if versions is not None and len(versions) < self._keptNodes:
+                return
             if versions is None or set(versions) != set(self._maps):
+                self._keptNodes = 0
                 if sidecar.exists():
                     sidecar.remove()
                 return
@@ -598,8 +606,13 @@ class LogCache:
                 "pieces": [[name, node, begin, end] for (name, node), begin, end in self._pieces],
             }
             temporary = sidecar.siblingExtension(".tmp")
-            temporary.setContent(json.dumps(data).encode("ascii"))
+            fd = os.open(temporary.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                _writeAll(fd, json.dumps(data).encode("ascii"))
+            finally:
+                os.close(fd)
             os.replace(temporary.path, sidecar.path)
+            self._keptNodes = len(versions)
         except OSError:
             pass
 
@@ -615,6 +628,7 @@ class LogCache:
         try:
             data = json.loads(self._keepPath.siblingExtension(".json").getContent())
             nodes = {node: (address, incarnation, seq) for node, address, incarnation, seq in data["nodes"]}
+            self._keptNodes = len(nodes)
             if any(node not in maps or tuple(maps[node][1:]) != version for node, version in nodes.items()):
                 return False
             pieces = [((name, node), begin, end) for name, node, begin, end in data["pieces"]]

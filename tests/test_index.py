@@ -1395,3 +1395,18 @@ class KeptLogTests(SynchronousTestCase):
         self.writeKept()
         self.keepPath.setContent(self.keepPath.getContent())
         self.assertFalse(self.cache().prime(self.maps()))
+
+    def test_departuresDoNotReplace(self) -> None:
+        """
+        A log that shows fewer nodes than the kept one (members stopping
+        before the leader) does not replace it; one with as many does.
+        """
+        cache = self.cache()
+        writeLog(self.path, self.index.snapshot(), 1, 2, 5.0, cache, self.versions)
+        full = self.maps()
+        self.index.removeNode(2)
+        writeLog(self.path, self.index.snapshot(), 1, 2, 6.0, cache, {1: self.versions[1]})
+        self.assertTrue(self.cache().prime(full))
+        self.index.replaceNode(3, "h:3", [entry("c")])
+        writeLog(self.path, self.index.snapshot(), 1, 2, 7.0, cache, {1: self.versions[1], 3: ("h:3", "i3", 1)})
+        self.assertFalse(self.cache().prime(full))
