@@ -34,9 +34,10 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
 from p2pfiles.errors import P2PError
-from p2pfiles.index import ClusterIndex, Files, LogContent, LogWriter
+from p2pfiles.index import ClusterIndex, Files
 from p2pfiles.indexstream import Pulled, pullIndex
 from p2pfiles.names import nameProblem
+from p2pfiles.peerlog import LogContent, LogWriter
 from p2pfiles.viewfile import KeptMember, ViewError, loadView, writeView
 from p2pfiles.waiting import Once
 from p2pfiles.wire import FileEntry
@@ -589,7 +590,7 @@ class IndexKeeper:
         """
         Which change (address, incarnation, seq) of each node C{snapshot}
         shows, or L{None} if that of one is not known (see
-        L{p2pfiles.index.LogCache}).
+        L{p2pfiles.peerlog.LogCache}).
         """
         versions = {}
         for node in snapshot.nodes():

@@ -19,14 +19,11 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2pfiles import atomic, index as indexModule
+from p2pfiles import peerlog
 from p2pfiles.index import (
     LOG_KEYS,
     ClusterIndex,
     IndexSnapshot,
-    LINES_PER_WRITE,
-    LogCache,
-    LogContent,
-    LogWriter,
     listingChunks,
     listingOf,
     logChunks,
@@ -35,8 +32,8 @@ from p2pfiles.index import (
     parseLog,
     renderLog,
     unpackEntry,
-    writeLog,
 )
+from p2pfiles.peerlog import LogCache, LogContent, LogWriter, writeLog
 from p2pfiles.wire import FileEntry
 
 HEADER_LINES = 6
@@ -1017,7 +1014,7 @@ class StreamedLogTests(SynchronousTestCase):
         directory, renames over the log (a reader before that sees the old
         content whole) and leaves no temporary file.
         """
-        self.patch(indexModule, "LINES_PER_WRITE", 5)
+        self.patch(peerlog, "LINES_PER_WRITE", 5)
         self.path.setContent(b"old\n")
         opened, writes, synced, seen = [], [], [], []
         paths = {}
@@ -1042,7 +1039,7 @@ class StreamedLogTests(SynchronousTestCase):
             seen.append(FilePath(dst).getContent())
             return realReplace(src, dst)
 
-        for module in (indexModule.os, atomic.os):
+        for module in (peerlog.os, atomic.os):
             self.patch(module, "open", recordingOpen)
             self.patch(module, "write", recordingWrite)
             self.patch(module, "fsync", recordingFsync)
@@ -1066,7 +1063,7 @@ class StreamedLogTests(SynchronousTestCase):
         def full(fd, data):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        self.patch(indexModule.os, "write", full)
+        self.patch(peerlog.os, "write", full)
         index = indexOf(buildModel())
         self.assertRaises(OSError, writeLog, self.path, index.snapshot(), 1, 1, 0.0)
         self.assertEqual(self.path.getContent(), b"old\n")
@@ -1216,7 +1213,7 @@ class LogCacheTests(SynchronousTestCase):
         self.cache = LogCache()
         self.addCleanup(self.cache.forget)
         # Small pieces, so that a small index spans many.
-        self.patch(indexModule, "LINES_PER_WRITE", 7)
+        self.patch(peerlog, "LINES_PER_WRITE", 7)
 
     def check(self, index: ClusterIndex, now: float = 5.0) -> None:
         snapshot = index.snapshot()
@@ -1308,12 +1305,12 @@ class LogCacheTests(SynchronousTestCase):
         def failing(fd, data):
             raise OSError(errno.ENOSPC, "full")
 
-        original = indexModule._writeAll
-        self.patch(indexModule, "_writeAll", failing)
+        original = peerlog._writeAll
+        self.patch(peerlog, "_writeAll", failing)
         self.assertRaises(OSError, writeLog, self.path, index.snapshot(), 1, 2, 5.0, self.cache)
         self.assertEqual(self.path.getContent(), before)
         self.assertEqual(os.listdir(self.path.parent().path), ["peer_files.log"])
-        indexModule._writeAll = original
+        peerlog._writeAll = original
         self.check(index)
         self.assertEqual(self.cache.made, 21)
 
@@ -1329,7 +1326,7 @@ class KeptLogTests(SynchronousTestCase):
         directory.makedirs()
         self.path = directory.child("peer_files.log")
         self.keepPath = directory.child(".peer_files.log.kept")
-        self.patch(indexModule, "LINES_PER_WRITE", 7)
+        self.patch(peerlog, "LINES_PER_WRITE", 7)
         self.index = ClusterIndex()
         self.index.replaceNode(1, "h:1", [entry(f"a{i:03d}") for i in range(40)])
         self.index.replaceNode(2, "h:2", [entry(f"b{i:03d}") for i in range(30)])
