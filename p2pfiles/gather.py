@@ -25,7 +25,7 @@ of connections: it opens request connections through a callable and keeps
 time with an injected clock.
 """
 
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
 from p2pfiles.errors import P2PError
-from p2pfiles.index import ClusterIndex, Files
+from p2pfiles.index import ClusterIndex, Files, packEntries
 from p2pfiles.indexstream import Pulled, pullIndex
 from p2pfiles.names import nameProblem
 from p2pfiles.peerlog import LogContent, LogWriter
@@ -151,6 +151,8 @@ class IndexKeeper:
         self._ownProvisionalNumbers: Tuple[str, int] = ("", 0)
         # The index holds this node's files as its local index has them now.
         self._ownCurrent = False
+        # Own changes waiting for the scan's list to be packed.
+        self._ownPacking: Optional[List[Tuple[List[FileEntry], List[str]]]] = None
         self._writtenVersion = -1
         # Fired once the copies kept across a restart are loaded; until
         # then nobody is asked anything (the answer would be everything).
@@ -285,16 +287,22 @@ class IndexKeeper:
         """
         self._ownListed = False
 
-    def _own(self, entries: List[FileEntry]) -> None:
-        # This node's own files into the index: those vouched for, until
-        # the first scan lists them.
+    def _own(self, entries: Union[List[FileEntry], Files], listed: bool = False) -> None:
+        """
+        This node's own files into the index: those vouched for, until the
+        first scan lists them; none of them again if the index follows them
+        already (packing 100,000 entries on the reactor is a long stretch).
+        C{listed}: C{entries} is the scan's list, packed.
+        """
         if self._ownProvisional is not None:
             self.index.replaceNode(self.me, self.address, dict(self._ownProvisional))
-        else:
-            self.index.replaceNode(self.me, self.address, entries)
+            return
+        if not listed and self._ownCurrent and self.index.hasNode(self.me):
+            return
+        self.index.replaceNode(self.me, self.address, entries)
         # The index follows this node's files from the scan's list on, while
         # gathering (see ownChanges).
-        self._ownCurrent = self._ownListed and self._ownProvisional is None
+        self._ownCurrent = self._ownListed
 
     def ownVouched(self, numbers: Optional[Tuple[str, int]]) -> Deferred:
         """
@@ -320,21 +328,30 @@ class IndexKeeper:
 
         return self._loaded.wait().addCallback(decide)
 
-    def ownListed(self, entries: List[FileEntry]) -> None:
+    def ownListed(self, entries: List[FileEntry]) -> Deferred:
         """
         This node's first scan is done (C{entries}; an empty list if it
-        failed): they go in the index, and a first log held for them is
-        written once the gather is done too, or at the latest
-        C{FIRST_WRITE_HOLD} seconds from now.
+        failed): they are packed in a thread and go in the index, and a
+        first log held for them is written once the gather is done too, or
+        at the latest C{FIRST_WRITE_HOLD} seconds from then.  Own changes
+        meanwhile wait for them.  Fires when done.
         """
-        self._ownProvisional = None
-        self._ownKept = None
-        self._listed(entries)
+        self._ownPacking = []
 
-    def _listed(self, entries: Optional[List[FileEntry]]) -> None:
+        def packed(files: Files) -> None:
+            pending, self._ownPacking = self._ownPacking, None
+            self._ownProvisional = None
+            self._ownKept = None
+            self._listed(files)
+            for changed, removed in pending or []:
+                self.ownChanges(changed, removed)
+
+        return self.runInThread(_packed, entries).addCallback(packed)
+
+    def _listed(self, files: Optional[Files]) -> None:
         self._ownListed = True
         if self.gathering:
-            self._own(entries or [])
+            self._own(files if files is not None else {}, listed=files is not None)
         else:
             self._ownCurrent = False
         if self._holding:
@@ -505,6 +522,9 @@ class IndexKeeper:
         return good
 
     def ownChanges(self, changed: List[FileEntry], removed: List[str]) -> None:
+        if self._ownPacking is not None:
+            self._ownPacking.append((changed, removed))
+            return
         if not self.gathering:
             self._ownCurrent = False  # missed: the own copy is not worth keeping
             return
@@ -625,6 +645,13 @@ class IndexKeeper:
         for view in list(self.views.values()):
             if view.pulling is not None:
                 view.pulling.cancel()
+
+
+def _packed(entries: List[FileEntry]) -> Files:
+    # In a thread: the name -> record map of entries (see packEntries).
+    files: Files = {}
+    packEntries(entries, files)
+    return files
 
 
 def _whenDone(pulling: Deferred, member: int) -> Deferred:

@@ -364,13 +364,15 @@ class Node(MultiService):
         self.log.info(
             "sharing {count} files from {share}", count=len(self.localIndex.entries), share=self.config.share.path
         )
-        self.keeper.ownListed(list(self.localIndex.entries.values()))
+        self.keeper.ownListed(list(self.localIndex.entries.values())).addErrback(
+            lambda f: self.log.failure("cannot index this node's files", f)
+        )
         self._localReady.fire(None)
         self._announceChanges()
 
     def _localFailed(self, reason: Failure) -> None:
         self.log.failure("cannot index the share {share}", reason, share=self.config.share.path)
-        self.keeper.ownListed([])
+        self.keeper.ownListed([]).addErrback(lambda f: self.log.failure("cannot index this node's files", f))
         # Nobody waits for a first scan that will not come.
         self._localReady.fire(Failure(P2PError(f"cannot index the share {self.config.share.path}", "io")))
 

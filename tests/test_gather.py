@@ -656,3 +656,38 @@ class OwnCopyTests(KeeperCase):
             self.successResultOf(self.keeper.start())
             self.successResultOf(self.keeper.ownVouched(self.numbers))
         self.assertFalse(any("standing in" in formatEvent(e) for e in events))
+
+
+class OwnPackingTests(SynchronousTestCase):
+    """
+    The first scan's list is packed in a thread, not on the reactor.
+    """
+
+    def test_changesWaitForThePackedList(self) -> None:
+        """
+        The own list is packed by C{runInThread}; own changes meanwhile are
+        applied after it, in order; a later lead does not pack the list
+        again.
+        """
+        calls: list = []
+
+        def runInThread(f, *args):
+            d = defer.Deferred()
+            calls.append((f, args, d))
+            return d
+
+        state = FilePath(self.mktemp())
+        state.makedirs()
+        keeper = IndexKeeper(ME, MY_ADDRESS, state.child("peer_files.log"), Clock(), runInThread, Network().open)
+        keeper.awaitOwnFiles()
+        keeper.standBy([], {})
+        listed = keeper.ownListed([entry("a"), entry("b")])
+        keeper.ownChanges([entry("c")], ["a"])
+        self.assertEqual(dict(keeper.index.nodeFiles(ME)), {})
+        [(f, args, d)] = calls
+        self.assertEqual(f.__name__, "_packed")
+        d.callback(f(*args))
+        self.successResultOf(listed)
+        self.assertEqual(sorted(keeper.index.nodeFiles(ME)), ["b", "c"])
+        keeper.lead(2, [entry("stale")], {})
+        self.assertEqual(sorted(keeper.index.nodeFiles(ME)), ["b", "c"], "current: not replaced")
