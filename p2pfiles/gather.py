@@ -599,7 +599,11 @@ class IndexKeeper:
                 if view.kept is None:
                     copy = copy._replace(files=snapshot.nodeFiles(member))
                 copies[member] = copy
-        if self.ownNumbers is not None and self._ownCurrent and snapshot.hasNode(self.me):
+        if self._ownProvisional is not None:
+            # Still standing in (no scan listed them): the copy it came from.
+            incarnation, seq = self._ownProvisionalNumbers
+            copies[self.me] = KeptMember(self.me, self.address, incarnation, seq, self._ownProvisional)
+        elif self.ownNumbers is not None and self._ownCurrent and snapshot.hasNode(self.me):
             incarnation, seq = self.ownNumbers()
             copies[self.me] = KeptMember(self.me, self.address, incarnation, seq, snapshot.nodeFiles(self.me))  # type: ignore[arg-type]
         kept = [copies[m] for m in sorted(copies)]

@@ -51,7 +51,7 @@ except ImportError:  # not Linux: the share is polled
 
 from p2pfiles.sharescan import (
     EMPTY, MAX_TOMBSTONES, Changes, ScanResult, ShareScanner, changes, hashFile, hashOpened,
-    resumed, takeRecord, writeRecord,
+    putRecordBack, resumed, takeRecord, writeRecord,
 )
 from p2pfiles.waiting import Once, Waiters
 from p2pfiles.wire import FileEntry
@@ -483,6 +483,14 @@ class LocalIndex:
             self._recorded = True
             try:
                 await self._runInThread(writeRecord, self._recordFile, self.incarnation, self._state)
+            except Exception:
+                self.log.failure("cannot save {path}", path=self._recordFile.path)
+        elif not self._firstDone and self._record is not None and not self._recorded:
+            # Stopped before the first scan: this index vouched for nothing
+            # but the recorded change, which stays its word.
+            self._recorded = True
+            try:
+                await self._runInThread(putRecordBack, self._recordFile, self._record)
             except Exception:
                 self.log.failure("cannot save {path}", path=self._recordFile.path)
 

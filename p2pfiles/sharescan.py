@@ -46,7 +46,7 @@ from p2pfiles.wire import FileEntry
 
 __all__ = [
     "Changes", "EMPTY", "MAX_TOMBSTONES", "Problem", "ScanResult", "ShareScanner", "ShareState",
-    "changes", "entriesDigest", "hashFile", "hashOpened", "resumed", "takeRecord", "writeRecord",
+    "changes", "entriesDigest", "hashFile", "hashOpened", "putRecordBack", "resumed", "takeRecord", "writeRecord",
 ]
 
 CACHE_VERSION = 1
@@ -536,6 +536,15 @@ def writeRecord(path: FilePath, incarnation: str, state: ShareState) -> None:
         "version": RECORD_VERSION,
     }
     path.parent().makedirs(ignoreExistingDirectory=True)
+    atomicWrite(path, json.dumps(record, sort_keys=True).encode("ascii") + b"\n")
+
+
+def putRecordBack(path: FilePath, record: Dict[str, Any]) -> None:
+    """
+    Write back, atomically, a record taken by L{takeRecord}: for an index
+    stopped before its first scan, which vouched for nothing but the
+    record's change.  Blocks: run it in a thread.
+    """
     atomicWrite(path, json.dumps(record, sort_keys=True).encode("ascii") + b"\n")
 
 

@@ -610,6 +610,24 @@ class OwnCopyTests(KeeperCase):
         header, rows = parseLog(self.logPath.getContent())
         self.assertEqual(sorted(r["name"] for r in rows), ["a", "mine", "mine3"])
 
+    def test_standInKeptAcrossAnotherRestart(self) -> None:
+        """
+        A keeper stopped while its kept own files still stand in (its scan
+        never listed them) keeps them, at the same change, for the next
+        start.
+        """
+        keeper = self.restarted()
+        self.successResultOf(keeper.ownVouched(self.numbers))
+        d = keeper.stop()
+        self.clock.advance(10)
+        self.successResultOf(d)
+        self.keeper = self.makeKeeper()
+        self.keeper.awaitOwnFiles()
+        self.successResultOf(self.keeper.start())
+        with capturedLogs() as events:
+            self.successResultOf(self.keeper.ownVouched(self.numbers))
+        self.assertTrue(any("standing in for this node's files: 2" in formatEvent(e) for e in events))
+
     def noStandIn(self, numbers) -> None:
         keeper = self.restarted()
         self.successResultOf(keeper.ownVouched(numbers))

@@ -1218,19 +1218,27 @@ class RestartTests(LocalIndexTestsMixin, SynchronousTestCase):
         self.assertFalse(self.state.child("incarnation.json").exists())
         self.assertEqual((index.incarnation, index.seq), (incarnation, 1))
 
-    def test_failedFirstScanWritesNoRecord(self) -> None:
+    def test_failedFirstScanPutsRecordBack(self) -> None:
         """
-        An index whose first scan failed served nothing and leaves no
-        record when stopped; the record it found was still used up.
+        An index whose first scan failed vouched for nothing but the
+        recorded change: stopped, it puts the record back, unchanged, and
+        the next start over the repaired share keeps that change.
         """
-        self.cleanRun()
-        self.share.remove()
+        incarnation, seq = self.cleanRun()
+        record = self.state.child("incarnation.json").getContent()
+        share = self.share.path
+        os.rename(share, share + ".aside")
         self.share.setContent(b"not a directory")
         index = self.makeIndex()
         self.failureResultOf(index.start(), OSError)
         self.failuresExpected = True
         self.successResultOf(index.stop())
-        self.assertFalse(self.state.child("incarnation.json").exists())
+        self.assertEqual(self.state.child("incarnation.json").getContent(), record)
+        self.share.remove()
+        os.rename(share + ".aside", share)
+        self.share.changed()
+        again = self.startIndex()
+        self.assertEqual((again.incarnation, again.seq), (incarnation, seq))
 
 
 class VouchingTests(LocalIndexTestsMixin, SynchronousTestCase):
@@ -1336,6 +1344,22 @@ class VouchingTests(LocalIndexTestsMixin, SynchronousTestCase):
         stopped = index.stop()
         threads.runAll()
         self.successResultOf(stopped)
+
+    def test_stopBeforeFirstScanPutsRecordBack(self) -> None:
+        """
+        An index stopped after taking the record but before its first scan
+        vouched for nothing but the recorded change: it writes the record
+        back, and the next start keeps that change.
+        """
+        index, threads, started, incarnation, seq = self.restart()
+        self.assertFalse(self.state.child("incarnation.json").exists())
+        stopped = index.stop()
+        threads.runAll()
+        self.successResultOf(stopped)
+        self.successResultOf(started)
+        self.assertTrue(self.state.child("incarnation.json").exists())
+        again = self.startIndex()
+        self.assertEqual((again.incarnation, again.seq), (incarnation, seq))
 
     def test_stopWhileTakingTheRecord(self) -> None:
         """
