@@ -47,8 +47,10 @@ GATHER_TIMEOUT = 10.0
 
 # How long a new leader holds back its first peer_files.log while the gather
 # is under way, once its own files are listed: a complete first log soon
-# beats a partial one at once.
-FIRST_WRITE_HOLD = 1.0
+# beats a partial one at once, the more so for a large log, where a partial
+# first log costs a full write that the complete one then waits for.  A
+# member that does not answer at all is not live for long.
+FIRST_WRITE_HOLD = 3.0
 
 # The most files one member may list (a bound on what a hostile or broken
 # member can make every gatherer hold).
