@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, TextIO
+from typing import Any, Dict, List, Optional, TextIO
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import react

@@ -1,13 +1,11 @@
 """
-The leader's cluster index ("the log") and the writer of C{peer_files.log}.
+The leader's cluster index ("the log") and the format of C{peer_files.log}.
 
 The leader gathers every live node's file list into a L{ClusterIndex}; the
 index answers "who holds this file" for downloads and "what is shared" for
-C{p2pfiles ls}.  L{writeLog} streams a snapshot of it into
-C{peer_files.log}, a line-based file that other tools read, and L{LogWriter}
-keeps that file current on disk: atomically (a reader never sees half a
-file) and coalesced (a burst of updates costs one write; a large index is
-rewritten at most once per interval).
+C{p2pfiles ls}.  L{logChunks} makes the content of C{peer_files.log}, a
+line-based file that other tools read, from a snapshot of it, and
+L{parseLog} reads it back; L{p2pfiles.peerlog} writes it to disk.
 
 A file costs a name and a 48-byte packed record (size, mtime, SHA-256);
 L{FileEntry} objects are made only when asked for.  A node's map is never
@@ -19,23 +17,16 @@ the reactor.  Time and threads are handed in by the node service.
 """
 
 import heapq
-import os
 import re
 import struct
 from datetime import datetime, timezone
 from itertools import chain, islice, repeat
 import json
 from json.encoder import encode_basestring
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.python.filepath import FilePath
 
-from p2pfiles.atomic import atomicWrite, fsyncDirectory
-from p2pfiles.waiting import Waiters
 from p2pfiles.wire import FileEntry
 
 LOG_FORMAT_VERSION = 1
@@ -209,6 +200,15 @@ class ClusterIndex(IndexView):
         if old is not None and old == files and self._addresses[node] == address:
             return
         byName = self._byName
+        if old is None and byName.keys().isdisjoint(files):
+            # The usual case of a node joining with names nobody else holds:
+            # in one C call, not a loop of 100,000 on the reactor.
+            byName.update(dict.fromkeys(files, node))
+            self._files[node] = files
+            self._addresses[node] = address
+            self._owned.add(node)
+            self.version += 1
+            return
         if old is not None:
             for name in old:
                 if name not in files:
@@ -396,31 +396,53 @@ def _nonFinite(value: float) -> str:
     return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
 
 
-def _logLines(view: IndexView) -> Iterator[str]:
+def linePrefix(node: int, address: str) -> str:
+    # The start of every data line of node, up to the name.
+    return _UNSAFE.sub(_escapeUnsafe, '{"node": %s, "address": %s, "name": ' % (int.__repr__(node), encode_basestring(address)))
+
+
+def formatLine(prefix: str, name: str, record: bytes) -> str:
     """
-    The data lines of C{peer_files.log} for C{view}, each ending in a
-    newline, sorted by name then node.  Each is exactly what
+    One data line of C{peer_files.log}, ending in a newline: exactly what
     C{json.dumps(dict(zip(LOG_KEYS, values)), ensure_ascii=False,
     separators=(", ", ": "))} writes, unsafe characters escaped, built from
-    pieces: the node and address part once per node, the name through
-    json's own string encoder, the numbers as json writes them.
+    pieces: the node and address part (C{prefix}, see L{linePrefix}), the
+    name through json's own string encoder, the numbers as json writes
+    them.
     """
+    size, mtime, digest = _RECORD.unpack(record)
+    encoded = encode_basestring(name)
+    # Every unsafe character is outside ASCII.
+    if not encoded.isascii():
+        encoded = _UNSAFE.sub(_escapeUnsafe, encoded)
+    # mtime - mtime is 0.0 exactly when mtime is finite.
+    mtimeText = float.__repr__(mtime) if mtime - mtime == 0.0 else _nonFinite(mtime)
+    return f'{prefix}{encoded}, "size": {size}, "mtime": {mtimeText}, "sha256": "{digest.hex()}"}}\n'
+
+
+def _keyedLines(view: IndexView) -> Iterator[Tuple[Tuple[str, int], str]]:
+    # Every data line of view with its (name, node), sorted by both.
     maps = {node: view.nodeFiles(node) for node in view.nodes()}
-    prefixes = {
-        node: _UNSAFE.sub(_escapeUnsafe, '{"node": %s, "address": %s, "name": ' % (int.__repr__(node), encode_basestring(view.address(node))))
-        for node in maps
-    }
-    unpack = _RECORD.unpack
-    finite = float.__repr__
-    for name, node in sortedKeys(view):
-        size, mtime, digest = unpack(maps[node][name])
-        encoded = encode_basestring(name)
-        # Every unsafe character is outside ASCII.
-        if not encoded.isascii():
-            encoded = _UNSAFE.sub(_escapeUnsafe, encoded)
-        # mtime - mtime is 0.0 exactly when mtime is finite.
-        mtimeText = finite(mtime) if mtime - mtime == 0.0 else _nonFinite(mtime)
-        yield f'{prefixes[node]}{encoded}, "size": {size}, "mtime": {mtimeText}, "sha256": "{digest.hex()}"}}\n'
+    prefixes = {node: linePrefix(node, view.address(node)) for node in maps}
+    line = formatLine
+    for key in sortedKeys(view):
+        name, node = key
+        yield key, line(prefixes[node], name, maps[node][name])
+
+
+def _logLines(view: IndexView) -> Iterator[str]:
+    """
+    The data lines of C{peer_files.log} for C{view} (see L{formatLine}), each
+    ending in a newline, sorted by name then node.
+    """
+    return (text for key, text in _keyedLines(view))
+
+
+def headerOf(view: IndexView, leader: int, epoch: int, now: float) -> bytes:
+    return (
+        f"# p2pfiles peer_files.log format {LOG_FORMAT_VERSION}\n# leader: {leader}\n# epoch: {epoch}\n"
+        f"# written: {_timestamp(now)}\n# nodes: {len(view.nodes())}\n# files: {view.fileCount()}\n"
+    ).encode("utf-8")
 
 
 def _timestamp(now: float) -> str:
@@ -441,10 +463,7 @@ def logChunks(view: IndexView, leader: int, epoch: int, now: float, linesPerChun
     line, sorted by name then node).  Every name goes through JSON escaping
     (see L{_UNSAFE}), so no name can break a line or inject one.
     """
-    yield (
-        f"# p2pfiles peer_files.log format {LOG_FORMAT_VERSION}\n# leader: {leader}\n# epoch: {epoch}\n"
-        f"# written: {_timestamp(now)}\n# nodes: {len(view.nodes())}\n# files: {view.fileCount()}\n"
-    ).encode("utf-8")
+    yield headerOf(view, leader, epoch, now)
     lines = _logLines(view)
     while True:
         batch = "".join(islice(lines, linesPerChunk))
@@ -459,32 +478,6 @@ def renderLog(index: IndexView, leader: int, epoch: int, now: float) -> bytes:
     C{peer_files.log} in memory; L{writeLog} streams the same bytes to disk.
     """
     return b"".join(logChunks(index, leader, epoch, now))
-
-
-def writeLog(path: FilePath, snapshot: IndexView, leader: int, epoch: int, now: float) -> None:
-    """
-    Replace C{path} with the log of C{snapshot} (the bytes of L{renderLog}),
-    atomically and durably, never holding the whole text: about 1 MiB at a
-    time into a temporary file beside it, fsynced, renamed over C{path}, the
-    rename fsynced (as L{atomicWrite} does).  Blocks: run it in a thread, on
-    an L{IndexSnapshot}.  If writing fails the temporary file is removed.
-    """
-    directory = path.parent()
-    temporary = directory.child("." + path.basename() + ".tmp")
-    fd = os.open(temporary.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        for chunk in logChunks(snapshot, leader, epoch, now, LINES_PER_WRITE):
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(temporary.path)
-        raise
-    os.close(fd)
-    os.replace(temporary.path, path.path)
-    fsyncDirectory(directory)
 
 
 _HEADER_INTS = ("leader", "epoch", "nodes", "files")
@@ -528,171 +521,3 @@ def parseLog(data: bytes) -> Tuple[dict, List[dict]]:
     if "format" not in header:
         raise ValueError("log has no format line")
     return header, rows
-
-
-class LogContent:
-    """
-    What C{peer_files.log} is to say: a snapshot and the header values,
-    made on the reactor, written by L{writeLog} in the writer's thread.
-
-    @ivar entries: how many data lines the log will have.
-    """
-
-    def __init__(self, snapshot: IndexView, leader: int, epoch: int, now: float) -> None:
-        self.snapshot = snapshot
-        self.leader = leader
-        self.epoch = epoch
-        self.now = now
-        self.entries = snapshot.fileCount()
-
-
-def _buildAndWrite(path: FilePath, data: Any) -> None:
-    if callable(data):
-        data = data()
-    if isinstance(data, LogContent):
-        writeLog(path, data.snapshot, data.leader, data.epoch, data.now)
-    else:
-        atomicWrite(path, data)
-
-
-# See rewriteInterval.
-REWRITE_LINES_PER_SECOND = 200_000
-MAX_REWRITE_INTERVAL = 2.0
-
-
-def rewriteInterval(entries: int, minInterval: float) -> float:
-    """
-    The least time between the starts of two writes of a log of C{entries}
-    lines: C{max(minInterval, min(2.0, entries / 200_000))} seconds.  Up to
-    50,000 lines that is C{minInterval}, so a small cluster's log follows
-    changes at once; 0.5 s at 100,000 lines, 1.5 s at 300,000, at most 2 s,
-    so a change reaches even a million-line log within about 2 s plus the
-    write.  As the writer also rests as long as its last write took (up to
-    this interval), its thread is busy at most about half the time.
-    """
-    return max(minInterval, min(MAX_REWRITE_INTERVAL, entries / REWRITE_LINES_PER_SECOND))
-
-
-class LogWriter:
-    """
-    Keep C{peer_files.log} current without writing it once per update.
-
-    A change schedules a write C{minInterval} later; further changes until
-    then ride along, and the content is rendered when the write starts, so
-    the latest state is what lands on disk.  Changes during a write schedule
-    exactly one more.  Writes run in a thread (they fsync) and replace the
-    file atomically.
-
-    The larger the log, the further apart its writes: when the last render
-    was a L{LogContent} of many entries, the next write starts no sooner
-    than L{rewriteInterval} after the last one started, nor sooner after
-    the last one ended than the shorter of that interval and the time the
-    last write took.
-    """
-
-    log = Logger()
-
-    def __init__(self, path: FilePath, clock: IReactorTime, runInThread: Callable[..., Deferred], minInterval: float = 0.25) -> None:
-        self._path = path
-        self._clock = clock
-        self._runInThread = runInThread
-        self._minInterval = minInterval
-        self._render: Optional[Callable[[], Any]] = None
-        self._timer: Optional[IDelayedCall] = None
-        self._writing: Optional[Deferred] = None
-        self._idleWaiters = Waiters()
-        self._stopped = False
-        # The size, start and end of the last write, for its successor's delay.
-        self._entries = 0
-        self._started: Optional[float] = None
-        self._ended: Optional[float] = None
-        self.writes = 0
-
-    def changed(self, render: Callable[[], Any]) -> None:
-        """
-        Something in the index changed: write the output of C{render} soon.
-
-        C{render} is called on the reactor thread when the write starts.  It
-        returns a L{LogContent} (streamed by L{writeLog} in the writer's
-        thread), the bytes to write, or a callable that builds them in the
-        writer's thread.
-        """
-        if self._stopped:
-            return
-        self._render = render
-        if self._writing is None and self._timer is None:
-            self._timer = self._clock.callLater(self._delay(), self._write)
-
-    def flush(self) -> Deferred:
-        """
-        Write now if a change is pending (after any write under way), and
-        return a Deferred that fires when the file is current.
-        """
-        if self._writing is not None:
-            waiter = self._idleWaiters.wait()
-            waiter.addCallback(lambda _: self.flush())
-            return waiter
-        if self._render is None:
-            return succeed(None)
-        self._cancelTimer()
-        return self._write()
-
-    def stop(self) -> Deferred:
-        """
-        Stop writing: cancel any scheduled write and wait for a running one.
-        A pending change is dropped; call L{flush} first to keep it.
-        """
-        self._stopped = True
-        self._render = None
-        self._cancelTimer()
-        if self._writing is not None:
-            return self._idleWaiters.wait()
-        return succeed(None)
-
-    def _delay(self) -> float:
-        # How long from now the next write may start.
-        if self._started is None or self._ended is None:
-            return self._minInterval
-        now = self._clock.seconds()
-        interval = rewriteInterval(self._entries, self._minInterval)
-        rest = min(interval, self._ended - self._started)
-        return max(self._minInterval, self._started + interval - now, self._ended + rest - now)
-
-    def _write(self) -> Deferred:
-        """
-        Render and start one write; the result fires (with L{None}, never an
-        error) once it has ended either way.
-        """
-        self._timer = None
-        render, self._render = self._render, None
-        assert render is not None
-        try:
-            data = render()
-        except Exception:
-            self.log.failure("could not render {path}", path=self._path.path)
-            return succeed(None)
-        self._entries = data.entries if isinstance(data, LogContent) else 0
-        self._started = self._clock.seconds()
-        writing = maybeDeferred(self._runInThread, _buildAndWrite, self._path, data)
-        self._writing = writing
-        writing.addCallbacks(self._succeeded, self._failed)
-        writing.addCallback(self._written)
-        return writing
-
-    def _succeeded(self, _: object) -> None:
-        self.writes += 1
-
-    def _failed(self, reason: Failure) -> None:
-        self.log.error("could not write {path}: {reason}", path=self._path.path, reason=reason.getErrorMessage())
-
-    def _written(self, _: None) -> None:
-        self._writing = None
-        self._ended = self._clock.seconds()
-        if self._render is not None and not self._stopped:
-            self._timer = self._clock.callLater(self._delay(), self._write)
-        self._idleWaiters.fire(None)
-
-    def _cancelTimer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None

@@ -11,17 +11,18 @@ is built long before it can be sent.  None of this travels on control links,
 so it never delays a heartbeat.
 """
 
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPullProducer
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from p2pfiles.client import bounded
 from p2pfiles.errors import P2PError
+from p2pfiles.index import packEntry
 from p2pfiles.localindex import Changes
-from p2pfiles.wire import FileEntry, Message, encode, iterUpdate
+from p2pfiles.names import nameProblem
+from p2pfiles.wire import FileEntry, Message, deltaFrames
 
 
 @implementer(IPullProducer)
@@ -39,32 +40,22 @@ class IndexSender:
         self.changes = changes
         self.frames = 0
         self.done: Deferred = Deferred()
-        self._pieces: Iterator[Tuple[List[FileEntry], List[str]]] = iterUpdate(changes.entries, changes.removed)
-        self._next = next(self._pieces)
+        # Each entry's JSON is made once, as its frame is (see deltaFrames).
+        self._frames: Iterator[bytes] = deltaFrames(
+            changes.incarnation, changes.seq, changes.full, changes.entries, changes.removed
+        )
+        self._next: Optional[bytes] = next(self._frames)
 
     def start(self) -> Deferred:
         self.connection.transport.registerProducer(self, False)
         return self.done
 
     def resumeProducing(self) -> None:
-        if self.done.called:
+        if self.done.called or self._next is None:
             return
-        entries, removed = self._next
-        following = next(self._pieces, None)
-        changes = self.changes
-        self.connection.sendEncoded(
-            encode(
-                Message(
-                    "index-delta",
-                    incarnation=changes.incarnation,
-                    seq=changes.seq,
-                    full=changes.full,
-                    entries=entries,
-                    removed=removed,
-                    last=following is None,
-                )
-            )
-        )
+        frame = self._next
+        following = next(self._frames, None)
+        self.connection.sendEncoded(frame)
         self.frames += 1
         if following is None:
             self.connection.transport.unregisterProducer()
@@ -77,6 +68,29 @@ class IndexSender:
             self.done.errback(P2PError(f"connection lost after {self.frames} index frames", "gone"))
 
 
+class Pulled(NamedTuple):
+    """
+    A member's answer to C{index-since}, as L{pullIndex} collected it.
+
+    @ivar full: the answer is the member's whole list, in C{files}, which
+        replaces what the asker held; otherwise it is the changes, in
+        C{entries} and C{removed}.
+    @ivar files: when C{full}, name -> record (see
+        L{p2pfiles.index.packEntry}) of each acceptable entry, built frame
+        by frame as the answer came in.
+    @ivar refused: entries of a full answer left out of C{files}: names no
+        node accepts, or values no record holds.
+    """
+
+    incarnation: str
+    seq: int
+    full: bool
+    entries: List[FileEntry]
+    removed: List[str]
+    files: Dict[str, bytes]
+    refused: int
+
+
 async def pullIndex(
     reactor: Any,
     connection: Any,
@@ -84,17 +98,23 @@ async def pullIndex(
     since: int,
     timeout: float,
     maxEntries: int,
-) -> Changes:
+) -> Pulled:
     """
     Ask the node at the other end of C{connection} for what changed since
     C{since} of C{incarnation} (everything, when C{incarnation} is None),
     and collect its C{index-delta} frames.  Each frame must come within
     C{timeout} seconds of the last.  A list of more than C{maxEntries}
     entries is refused with a L{P2PError} of code C{limit}.
+
+    The entries of a full answer are checked and packed as each frame
+    comes, so that the work is spread over the answer (a few hundred
+    entries at a time) instead of done at the end, in one long stretch.
     """
     connection.send(Message("index-since", incarnation=incarnation, since=since))
     entries: List[FileEntry] = []
     removed: List[str] = []
+    files: Dict[str, bytes] = {}
+    count = refused = 0
     first: Optional[Message] = None
     while True:
         frame = await bounded(reactor, connection.receive(), timeout, connection.address)
@@ -104,9 +124,20 @@ async def pullIndex(
             first = frame
         elif (frame.incarnation, frame.seq, frame.full) != (first.incarnation, first.seq, first.full):
             raise P2PError("index frames of one answer disagree", "protocol")
-        entries.extend(frame.entries)
-        removed.extend(frame.removed)
-        if len(entries) > maxEntries:
+        count += len(frame.entries)
+        if count > maxEntries:
             raise P2PError(f"more than {maxEntries} files in one node's list", "limit")
+        if first.full:
+            for entry in frame.entries:
+                if nameProblem(entry.name) is None:
+                    try:
+                        files[entry.name] = packEntry(entry)
+                        continue
+                    except ValueError:
+                        pass
+                refused += 1
+        else:
+            entries.extend(frame.entries)
+        removed.extend(frame.removed)
         if frame.last:
-            return Changes(first.incarnation, first.seq, first.full, entries, removed)
+            return Pulled(first.incarnation, first.seq, first.full, entries, removed, files, refused)

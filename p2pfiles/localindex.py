@@ -10,10 +10,19 @@ costs time in proportion to the number of shared files: a share of 100,000
 files must not stall the node.
 
 Changes are numbered, as Syncthing numbers them: C{incarnation} is a random
-id chosen when the index is made (a restarted node has a new one), and C{seq}
-goes up by one with every scan that changed something, so that
-L{LocalIndex.changesSince} can answer "everything since N" with only what
-changed.
+id chosen when the index is made, and C{seq} goes up by one with every scan
+that changed something, so that L{LocalIndex.changesSince} can answer
+"everything since N" with only what changed.  A restarted node has a new
+incarnation, unless it stopped cleanly and its share is exactly as it left
+it: then it keeps the incarnation and seq it stopped at (see the restart
+record in L{p2pfiles.sharescan}), and whoever kept its files asks only for
+what changed since, which is nothing.  Until that first scan is done, such a
+node vouches for the list it stopped with, as Syncthing serves its stored
+index before rescanning: asked for exactly the recorded change of the
+recorded incarnation, it answers at once that nothing changed since (see
+L{LocalIndex.quickChanges}).  If the scan then finds the share changed, the
+node takes a new incarnation and says so, and askers fetch the new list: the
+recorded pair still names only the list it named before the stop.
 
 Changes are noticed with inotify where available, and by polling every
 C{pollInterval} seconds where not.  With inotify a slow safety poll (every
@@ -42,8 +51,9 @@ except ImportError:  # not Linux: the share is polled
 
 from p2pfiles.sharescan import (
     EMPTY, MAX_TOMBSTONES, Changes, ScanResult, ShareScanner, changes, hashFile, hashOpened,
+    putRecordBack, resumed, takeRecord, writeRecord,
 )
-from p2pfiles.waiting import Waiters
+from p2pfiles.waiting import Once, Waiters
 from p2pfiles.wire import FileEntry
 
 # Changes, MAX_TOMBSTONES and the hashers are L{p2pfiles.sharescan}'s, named
@@ -51,6 +61,9 @@ from p2pfiles.wire import FileEntry
 __all__ = ["Changes", "IndexStopped", "LocalIndex", "MAX_TOMBSTONES", "hashFile", "hashOpened"]
 
 CACHE_NAME = "hashcache.json"
+
+# The restart record a clean stop leaves in the state directory.
+RECORD_NAME = "incarnation.json"
 
 # With inotify, the safety poll runs this many times less often than polling.
 SAFETY_POLL_FACTOR = 10
@@ -74,7 +87,9 @@ class LocalIndex:
     is replaced (not mutated) after each scan that changed something, so a
     reader holding it sees a consistent view.
 
-    @ivar incarnation: 16 hex digits chosen at random for this index.
+    @ivar incarnation: 16 hex digits chosen at random for this index, or
+        after the first scan the incarnation of the last clean stop, if the
+        share is exactly as that stop left it.
     """
 
     log = Logger()
@@ -104,6 +119,7 @@ class LocalIndex:
         self._state = EMPTY
         self._share = share
         self._cacheFile = state.child(CACHE_NAME)
+        self._recordFile = state.child(RECORD_NAME)
         self._scanner = ShareScanner(share, self._cacheFile, hasher, maxTombstones)
         self._reactor = reactor
         self._runInThread = runInThread
@@ -113,6 +129,14 @@ class LocalIndex:
 
         self._running = False
         self._firstDone = False
+        # A restart record was written by the last stop.
+        self._recorded = False
+        # The restart record taken at start, until the first scan is done;
+        # while it is being taken no scan starts.
+        self._record: Optional[Dict[str, Any]] = None
+        self._taking = False
+        self._tookWaiters = Waiters()
+        self._vouched = Once()
         self._subscribers: List[Subscriber] = []
         self._notifier: Any = None
         self._poller: Optional[LoopingCall] = None
@@ -161,9 +185,63 @@ class LocalIndex:
         L{None} once the first scan is complete and C{entries} holds it.
         """
         self._running = True
-        d = self._requestScan()
+        if self._recorded:
+            # Started again after a stop that left a restart record: take
+            # it before serving anything, as a new index would.
+            self._recorded = False
+            self._firstDone = False
+            self._vouched = Once()
+        if self._firstDone:
+            d = self._requestScan()
+        else:
+            # The first scan waits for the record: it decides what the
+            # scan is numbered as.
+            self._taking = True
+            d = self._waiters.wait()
+            taken = self._runInThread(takeRecord, self._recordFile)
+            taken.addBoth(self._tookRecord)
         d.addCallbacks(self._startWatching, self._startFailed)
         return d
+
+    def _tookRecord(self, result: Any) -> None:
+        self._taking = False
+        record = None
+        if isinstance(result, Failure):
+            self.log.failure("cannot read {path}", result, path=self._recordFile.path)
+        else:
+            record, problem = result
+            if problem is not None:
+                self.log.warn("ignoring restart record {path}: {reason}", path=self._recordFile.path, reason=problem)
+        self._record = record
+        self._vouched.fire(None if record is None else (record["incarnation"], record["seq"]))
+        if self._running:
+            self._startScan()
+        else:
+            # Stopped meanwhile: as for a stop during a scan, start()
+            # fires, with nothing shared.
+            self._waiters.fire(None)
+        self._tookWaiters.fire(None)
+
+    def whenVouched(self) -> Deferred:
+        """
+        Fire, once the restart record is taken at start, with the
+        C{(incarnation, seq)} this index vouches for until its first scan
+        is done (see L{quickChanges}), or L{None} if it vouches for nothing.
+        """
+        return self._vouched.wait()
+
+    def quickChanges(self, incarnation: Optional[str], since: int) -> Optional[Changes]:
+        """
+        Before the first scan is done: the answer to "everything since
+        C{since} of C{incarnation}" when it is exactly the change the
+        restart record names (nothing changed since, as far as this index
+        vouches); L{None} otherwise, and always once the first scan is
+        done, when L{changesSince} answers.
+        """
+        record = self._record
+        if self._firstDone or record is None or (incarnation, since) != (record["incarnation"], record["seq"]):
+            return None
+        return Changes(record["incarnation"], record["seq"], False, [], [])
 
     def stop(self) -> Deferred:
         """
@@ -285,7 +363,9 @@ class LocalIndex:
 
     def _requestScan(self) -> Deferred:
         d = self._waiters.wait()
-        if self._scanning:
+        if self._taking:
+            pass  # the scan starts once the record is taken
+        elif self._scanning:
             self._again = True
         else:
             self._cancelPending()
@@ -302,10 +382,44 @@ class LocalIndex:
         self._scanning = True
         # Scans never overlap, so the state handed over is the one the
         # result replaces.
-        d = self._runInThread(self._scanner.scan, self._state)
+        if self._firstDone:
+            d = self._runInThread(self._scanner.scan, self._state)
+        else:
+            d = self._runInThread(self._firstScan, self._state)
+            d.addCallback(self._resume)
         d.addCallback(self._applyScan)
         d.addErrback(self._scanFailed)
         d.addBoth(self._scanFinished, waiters)
+
+    def _firstScan(self, state: Any) -> Tuple[ScanResult, Optional[str]]:
+        """
+        In the scan thread: scan, and renumber the scan as the restart
+        record's seq (taken at start, see L{p2pfiles.sharescan.takeRecord})
+        if the share is exactly as the record describes.  Returns the scan
+        and the record's incarnation if it is kept.
+        """
+        record = self._record
+        result = self._scanner.scan(state)
+        if record is None:
+            return result, None
+        kept = resumed(result.state, record)
+        if kept is None:
+            return result, None
+        return result._replace(state=kept), record["incarnation"]
+
+    def _resume(self, found: Tuple[ScanResult, Optional[str]]) -> ScanResult:
+        result, incarnation = found
+        if self._record is not None and incarnation is None:
+            self.log.info(
+                "share changed since the last stop: new incarnation {incarnation}", incarnation=self.incarnation
+            )
+        if incarnation is not None:
+            self.incarnation = incarnation
+            self.log.info(
+                "share unchanged since the last stop: keeping change {seq} of {incarnation}",
+                seq=result.state.seq, incarnation=incarnation,
+            )
+        return result
 
     def _scanFailed(self, failure: Failure) -> Failure:
         self.log.failure("scan of {share} failed", failure, share=self._share.path)
@@ -339,6 +453,7 @@ class LocalIndex:
             self._saveCache()
         if not self._firstDone:
             self._firstDone = True
+            self._record = None
             return
         if result.changed or result.removed:
             for callback in list(self._subscribers):
@@ -357,10 +472,27 @@ class LocalIndex:
             self._poller.stop()
         self._poller = None
         self._cancelPending()
+        if self._taking:
+            await self._tookWaiters.wait()
         if self._scanning:
             await self._idleWaiters.wait()
         self._waiters.fire(Failure(IndexStopped("the index stopped before scanning again")))
         await self._whenSaved()
+        if self._firstDone and not self._recorded:
+            # No scan runs after this: the state is the last one served.
+            self._recorded = True
+            try:
+                await self._runInThread(writeRecord, self._recordFile, self.incarnation, self._state)
+            except Exception:
+                self.log.failure("cannot save {path}", path=self._recordFile.path)
+        elif not self._firstDone and self._record is not None and not self._recorded:
+            # Stopped before the first scan: this index vouched for nothing
+            # but the recorded change, which stays its word.
+            self._recorded = True
+            try:
+                await self._runInThread(putRecordBack, self._recordFile, self._record)
+            except Exception:
+                self.log.failure("cannot save {path}", path=self._recordFile.path)
 
     # Saving the hash cache (at most one write runs; changes meanwhile are
     # saved by one more)

@@ -15,8 +15,7 @@ session for its purpose, gives the sessions the small views they need, and
 carries the coordinator's decisions to the index keeper.
 """
 
-from itertools import chain
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from twisted.application.service import MultiService
 from twisted.internet import threads
@@ -29,25 +28,24 @@ from zope.interface import implementer
 
 from p2pfiles import __version__
 from p2pfiles.client import askListing, connect
+from p2pfiles.context import RequestContext
 from p2pfiles.control import ControlSession
 from p2pfiles.coordinator import INodeCoordinator
 from p2pfiles.etcd import DEFAULT_PREFIX, DEFAULT_TTL
 from p2pfiles.external import etcdCoordinator
 from p2pfiles.errors import P2PError
 from p2pfiles.fetcher import Fetcher
-from p2pfiles.gather import IndexKeeper
+from p2pfiles.gather import VIEW_NAME, IndexKeeper
 from p2pfiles.channel import IConnectionSecurity
 from p2pfiles.heartbeat import EpochStore, HeartbeatCoordinator
 from p2pfiles.identity import NodeCertificate, Pins, stateIdentity
-from p2pfiles.index import listingChunks
 from p2pfiles.localindex import LocalIndex
 from p2pfiles.membership import Membership
 from p2pfiles.admission import ConnectionLimits
 from p2pfiles.protocol import IConnectionHandler, LocalIdentity, P2PFactory, P2PProtocol
-from p2pfiles.session import IRequestContext, RequestSession, encodeListing
+from p2pfiles.session import RequestSession
 from p2pfiles.status import StatusBoard
 from p2pfiles.tls import TLS
-from p2pfiles.partfile import openShared
 from p2pfiles.waiting import Once
 from p2pfiles.wire import FileEntry, Message
 
@@ -237,6 +235,8 @@ class Node(MultiService):
             reactor,
             runInThread,
             self.openRequest,
+            viewPath=config.state.child(VIEW_NAME),
+            ownNumbers=lambda: (self.localIndex.incarnation, self.localIndex.seq),
         )
         self.fetcher = Fetcher(
             config.id,
@@ -338,7 +338,12 @@ class Node(MultiService):
             epoch=self.coordinator.epoch(),
             peers=", ".join(str(p) for p in sorted(self.config.peers)) or "none",
         )
+        self.keeper.awaitOwnFiles()
         self.localIndex.start().addCallbacks(self._localStarted, self._localFailed)
+        self.keeper.start()
+        self.localIndex.whenVouched().addCallback(self.keeper.ownVouched).addErrback(
+            lambda f: self.log.failure("cannot stand in for this node's files", f)
+        )
 
     def stopService(self) -> Deferred:
         """
@@ -363,12 +368,15 @@ class Node(MultiService):
         self.log.info(
             "sharing {count} files from {share}", count=len(self.localIndex.entries), share=self.config.share.path
         )
-        self.keeper.ownChanges(list(self.localIndex.entries.values()), [])
+        self.keeper.ownListed(list(self.localIndex.entries.values())).addErrback(
+            lambda f: self.log.failure("cannot index this node's files", f)
+        )
         self._localReady.fire(None)
         self._announceChanges()
 
     def _localFailed(self, reason: Failure) -> None:
         self.log.failure("cannot index the share {share}", reason, share=self.config.share.path)
+        self.keeper.ownListed([]).addErrback(lambda f: self.log.failure("cannot index this node's files", f))
         # Nobody waits for a first scan that will not come.
         self._localReady.fire(Failure(P2PError(f"cannot index the share {self.config.share.path}", "io")))
 
@@ -406,6 +414,13 @@ class Node(MultiService):
 
     def _linkUp(self, member: int) -> None:
         self.coordinator.linkUp(member)
+        if self._localReady.happened:
+            # A notice sent before this link was up did not reach it.
+            local = self.localIndex
+            self.membership.sendTo(
+                member,
+                Message("index-changed", epoch=self.coordinator.epoch(), incarnation=local.incarnation, seq=local.seq),
+            )
         self._changed()
 
     def _linkDown(self, member: int) -> None:
@@ -539,7 +554,6 @@ class Node(MultiService):
             "epoch": coordinator.epoch(),
             "members": members,
             "version": __version__,
-            "coordinator": coordinator.name,
             "max_timer_delay": round(self.maxTimerDelay(), 3),
             # Members whose side refused this node's link, and why.
             "refused": [
@@ -599,89 +613,3 @@ class Node(MultiService):
         return Deferred.fromCoroutine(
             askListing(self.reactor, address, self.config.secret, 10.0, self.identity.withPurpose("request"))
         )
-
-
-@implementer(IRequestContext)
-class RequestContext:
-    """
-    The view of a node that its request sessions get.
-    """
-
-    def __init__(self, node: Node) -> None:
-        self._node = node
-        self.me = node.id
-        self.clock = node.reactor
-        self._relayCount = 0
-        # (index, version, frames): the ls answer, encoded once per version.
-        self._listing: Optional[Tuple[Any, int, List[bytes]]] = None
-
-    def isLeader(self) -> bool:
-        return self._node.coordinator.isLeader()
-
-    def leaderId(self) -> Optional[int]:
-        return self._node.coordinator.leader()
-
-    def leaderAddress(self) -> Optional[str]:
-        return self._node.leaderAddress()
-
-    def status(self) -> Dict[str, Any]:
-        return self._node.status()
-
-    def watchStatus(self, callback: Callable[[Dict[str, Any]], None]) -> Callable[[], None]:
-        return self._node.board.watchStatus(callback)
-
-    def listing(self) -> List[dict]:
-        return self._node.keeper.index.listing()
-
-    def listingFrames(self) -> List[bytes]:
-        index = self._node.keeper.index
-        cached = self._listing
-        if cached is None or cached[0] is not index or cached[1] != index.version:
-            rows = chain.from_iterable(listingChunks(index.snapshot()))
-            self._listing = cached = (index, index.version, encodeListing(rows))
-        return cached[2]
-
-    def content(self, name: str, sha256: Optional[str], everyone: bool = False) -> Any:
-        node = self._node
-        if everyone:
-            return node.keeper.index.content(name, sha256)
-        return node.keeper.index.content(
-            name, sha256, usable=lambda holder: holder != node.id and node.coordinator.isLive(holder)
-        )
-
-    def nextRelay(self, count: int) -> int:
-        start = self._relayCount % count
-        self._relayCount += 1
-        return start
-
-    def localEntry(self, name: str) -> Optional[FileEntry]:
-        return self._node.localIndex.entries.get(name)
-
-    def openShared(self, entry: FileEntry, offset: int) -> Any:
-        node = self._node
-        signature = node.localIndex.signature(entry.name)
-        if signature is None or signature[0] != entry.size:
-            raise P2PError(f"{entry.name} changed since it was indexed; try again", "changed")
-        try:
-            return openShared(node.config.share, entry.name, signature, offset)
-        except P2PError as e:
-            if e.code == "changed":
-                # Look again, so that the next request finds it as it is.
-                node.localIndex.rescan().addErrback(lambda reason: None)
-            raise
-
-    def openUpstream(self, address: str) -> Deferred:
-        return self._node.openRequest(address)
-
-    def indexSince(self, incarnation: Optional[str], since: int) -> Deferred:
-        node = self._node
-        return node.whenLocalReady().addCallback(lambda _: node.localIndex.changesSince(incarnation, since))
-
-    def fetch(self, name: str, overwrite: bool) -> Deferred:
-        return self._node.fetcher.fetch(name, overwrite)
-
-    def fetchProgress(self, name: str) -> Tuple[int, int]:
-        return self._node.fetcher.progress(name)
-
-    def transferStarted(self, session: Any, direction: str, name: str, peer: str, size: int) -> Callable[[Any], None]:
-        return self._node.board.transferStarted(session, direction, name, peer, size, session.progress)

@@ -25,7 +25,7 @@ cluster secret over the channel's binding and both hellos
 """
 
 from struct import pack, unpack
-from typing import Any, Callable, List, Optional, Set, Tuple
+from typing import Any, Callable, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime

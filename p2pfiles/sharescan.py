@@ -40,16 +40,19 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, TypeV
 from twisted.logger import LogLevel
 from twisted.python.filepath import FilePath
 
-from p2pfiles.atomic import atomicWrite
+from p2pfiles.atomic import atomicWrite, fsyncDirectory
 from p2pfiles.names import nameProblem
 from p2pfiles.wire import FileEntry
 
 __all__ = [
     "Changes", "EMPTY", "MAX_TOMBSTONES", "Problem", "ScanResult", "ShareScanner", "ShareState",
-    "changes", "hashFile", "hashOpened",
+    "changes", "entriesDigest", "hashFile", "hashOpened", "putRecordBack", "resumed", "takeRecord", "writeRecord",
 ]
 
 CACHE_VERSION = 1
+
+# The format of the record a clean stop leaves (see writeRecord).
+RECORD_VERSION = 1
 
 # A file that keeps changing while we hash it is given up on after this many
 # tries; the next scan tries again.
@@ -433,10 +436,14 @@ class ShareScanner:
             if not isinstance(files, dict):
                 return {}, "not a version 1 hash cache", False
         for item in files.values():
+            # Exact types, as json.loads makes them; str.strip leaves
+            # nothing of a string of hex digits alone.
+            if type(item) is not dict:
+                return {}, "malformed entry", False
+            size, mtimeNs, inode, digest = item.get("size"), item.get("mtime_ns"), item.get("inode"), item.get("sha256")
             if not (
-                isinstance(item, dict)
-                and all(type(item.get(k)) is int for k in ("size", "mtime_ns", "inode"))
-                and re.fullmatch("[0-9a-f]{64}", str(item.get("sha256")))
+                type(size) is int and type(mtimeNs) is int and type(inode) is int
+                and type(digest) is str and len(digest) == 64 and not digest.strip("0123456789abcdef")
             ):
                 return {}, "malformed entry", False
         return files, None, current
@@ -479,3 +486,112 @@ def changes(state: ShareState, incarnation: str, asked: Optional[str], since: in
         removed.append(name)
     removed.sort()
     return Changes(incarnation, state.seq, False, changed, removed)
+
+
+# The restart record.
+#
+# A node that stops cleanly writes down the incarnation and seq its files are
+# at, with a digest of those files; the next start takes the record (removes
+# it, durably, before anything is served) and keeps that incarnation and seq
+# if its first scan finds exactly the files the digest describes.  Then a
+# keeper that held the node's files asks "since seq" and gets an empty
+# answer instead of the whole list again.
+#
+# The rule that makes this safe: an (incarnation, seq) pair never names two
+# different lists of files.  The pair is kept only for the very files it
+# named; the record is gone before the node serves anything, so a node that
+# goes on changing and then crashes starts with a new incarnation (the pairs
+# after seq, which it may have handed out, are never named again); and the
+# resumed state has no tombstones (floor = seq), so anyone asking from an
+# older seq, or a later one, gets the full list.
+
+
+def entriesDigest(entries: Dict[str, FileEntry]) -> str:
+    """
+    The SHA-256 (hex) of C{entries} in name order: each entry's name, size,
+    mtime (its repr, exact) and SHA-256, so that two lists have the same
+    digest only if they describe the same files.  Built L{STEP} entries at a
+    time.
+    """
+    digest = hashlib.sha256()
+    values = iter(entries.values())
+    while True:
+        piece = list(islice(values, STEP))
+        if not piece:
+            return digest.hexdigest()
+        text = "".join([f"{e.name}\0{e.size}\0{e.mtime!r}\0{e.sha256}\n" for e in piece])
+        digest.update(text.encode("utf-8", "surrogatepass"))
+
+
+def writeRecord(path: FilePath, incarnation: str, state: ShareState) -> None:
+    """
+    Write, atomically, the restart record of C{state} (the last state of an
+    index that stopped cleanly) to C{path}.  Blocks: run it in a thread.
+    """
+    record = {
+        "digest": entriesDigest(state.entries),
+        "files": len(state.entries),
+        "incarnation": incarnation,
+        "seq": state.seq,
+        "version": RECORD_VERSION,
+    }
+    path.parent().makedirs(ignoreExistingDirectory=True)
+    atomicWrite(path, json.dumps(record, sort_keys=True).encode("ascii") + b"\n")
+
+
+def putRecordBack(path: FilePath, record: Dict[str, Any]) -> None:
+    """
+    Write back, atomically, a record taken by L{takeRecord}: for an index
+    stopped before its first scan, which vouched for nothing but the
+    record's change.  Blocks: run it in a thread.
+    """
+    atomicWrite(path, json.dumps(record, sort_keys=True).encode("ascii") + b"\n")
+
+
+def takeRecord(path: FilePath) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """
+    Read and remove the restart record at C{path}: C{(record, None)}, or
+    C{(None, why)} when there is none to use (C{why} is L{None} when there
+    simply is none).  The removal is made durable (the directory fsynced)
+    before this returns, and a record that cannot be removed is not used:
+    a record is used by one start at most.  Blocks: run it in a thread.
+    """
+    try:
+        data = path.getContent()
+    except FileNotFoundError:
+        return None, None
+    except OSError as e:
+        return None, f"cannot read it: {e}"
+    try:
+        os.unlink(path.path)
+        fsyncDirectory(path.parent())
+    except OSError as e:
+        return None, f"cannot remove it: {e}"
+    try:
+        record = json.loads(data)
+    except (ValueError, RecursionError):
+        return None, "not valid JSON"
+    if not (
+        isinstance(record, dict)
+        and record.get("version") == RECORD_VERSION
+        and isinstance(record.get("incarnation"), str)
+        and re.fullmatch("[0-9a-f]{16}", record["incarnation"])
+        and all(type(record.get(k)) is int and record[k] >= 0 for k in ("seq", "files"))
+        and isinstance(record.get("digest"), str)
+        and re.fullmatch("[0-9a-f]{64}", record["digest"])
+    ):
+        return None, f"not a version {RECORD_VERSION} restart record"
+    return record, None
+
+
+def resumed(state: ShareState, record: Dict[str, Any]) -> Optional[ShareState]:
+    """
+    C{state} (a first scan's) renumbered as the record's seq, when its files
+    are exactly those the record describes; L{None} otherwise.  The result
+    has no tombstones and its floor is its seq: only an asker at exactly
+    that seq of the record's incarnation gets a delta (an empty one).
+    """
+    if len(state.entries) != record["files"] or entriesDigest(state.entries) != record["digest"]:
+        return None
+    seq = record["seq"]
+    return ShareState(state.entries, dict.fromkeys(state.entries, seq), {}, seq, seq, state.cache, state.reported)

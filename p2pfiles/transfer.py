@@ -26,7 +26,6 @@ from twisted.internet.interfaces import IConsumer, IPullProducer
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
 from p2pfiles.client import askLeader

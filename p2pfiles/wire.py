@@ -14,6 +14,7 @@ This module imports nothing else of the package.
 import itertools
 import json
 import math
+from json.encoder import encode_basestring_ascii
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 PROTOCOL_VERSION = 2
@@ -90,6 +91,17 @@ class FileEntry:
         Build an entry from its JSON form, raising L{WireError} if a field is
         missing or of the wrong type.
         """
+        if type(value) is dict:
+            # The usual case, as json.loads makes it: exact types, checked
+            # at once; anything else goes the long way, which says what is
+            # wrong.
+            name, size, mtime, sha256 = value.get("name"), value.get("size"), value.get("mtime"), value.get("sha256")
+            if (
+                type(name) is str and type(size) is int and type(mtime) is float and type(sha256) is str
+                and 0 <= size <= MAX_FILE_SIZE and mtime - mtime == 0.0
+                and len(sha256) == 64 and not sha256.strip(_HEX)
+            ):
+                return cls(name, size, mtime, sha256)
         if not isinstance(value, dict):
             raise WireError("file entry is not an object")
         name = _check("name", value.get("name"), (str,))
@@ -127,8 +139,13 @@ class FileEntry:
         )
 
 
+_HEX = "0123456789abcdef"
+
+
 def _isHexDigest(value: str) -> bool:
-    return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+    # str.strip removes every leading and trailing hex digit: nothing is
+    # left exactly when all of them are.
+    return len(value) == 64 and not value.strip(_HEX)
 
 
 def _check(field: str, value: Any, types: Tuple[type, ...]) -> Any:
@@ -533,3 +550,88 @@ def iterUpdate(
         used += cost
     if entries or names or not sent:
         yield entries, names
+
+
+def _entryJson(entry: Any) -> str:
+    """
+    C{entry}'s JSON exactly as L{encode} writes it (C{_dumps(entry.toDict())}),
+    made directly for a well-formed L{FileEntry}; L{WireError} for an entry
+    the receiver would refuse.
+    """
+    if type(entry) is FileEntry:
+        size, mtime, sha256 = entry.size, entry.mtime, entry.sha256
+        if (
+            type(size) is int and 0 <= size <= MAX_FILE_SIZE
+            and type(mtime) is float and mtime - mtime == 0.0
+            and type(sha256) is str and len(sha256) == 64 and not sha256.strip(_HEX)
+            and type(entry.name) is str
+        ):
+            return '{"name":%s,"size":%s,"mtime":%s,"sha256":"%s"}' % (
+                encode_basestring_ascii(entry.name), int.__repr__(size), float.__repr__(mtime), sha256,
+            )
+    try:
+        FileEntry.fromDict(json.loads(_dumps(entry)))
+    except (TypeError, ValueError) as e:
+        raise WireError(f"cannot encode {type(entry).__name__}: {e}") from None
+    return _dumps(entry)
+
+
+def deltaFrames(
+    incarnation: str,
+    seq: int,
+    full: bool,
+    changed: Iterable[FileEntry],
+    removed: Iterable[str],
+    budget: int = ITEM_BUDGET,
+    count: int = ENTRIES_PER_FRAME,
+) -> Iterator[bytes]:
+    """
+    The C{index-delta} frames of one answer, encoded, lazily: byte for byte
+    what L{encode} makes of the messages of L{iterUpdate}'s pieces, the last
+    one marked C{last}, with each entry's JSON made once (L{iterUpdate}
+    measures it, L{encode} makes it again and decodes its own output, which
+    for a list of entries is most of the work).  Each frame is checked
+    against L{MAX_FRAME}; a piece that does not fit (an item alone over the
+    budget) raises L{WireError}, as L{encode} would.  Yields at least one
+    frame.
+    """
+    if type(incarnation) is not str or type(seq) is not int or seq < 0 or type(full) is not bool:
+        raise WireError("index-delta envelope has the wrong types")
+    head = '%s{"type":"index-delta","incarnation":%s,"seq":%d,"full":%s,"entries":[' % (
+        CONTROL.decode("ascii"), encode_basestring_ascii(incarnation), seq, "true" if full else "false",
+    )
+
+    def frame(entries: List[str], names: List[str], last: bool) -> bytes:
+        data = '%s%s],"removed":[%s],"last":%s}' % (
+            head, ",".join(entries), ",".join(names), "true" if last else "false",
+        )
+        encoded = data.encode("ascii")
+        if len(encoded) > MAX_FRAME:
+            raise WireError(f"index-delta message is {len(encoded)} bytes, over the frame limit of {MAX_FRAME}")
+        return encoded
+
+    def pieces() -> Iterator[Tuple[List[str], List[str]]]:
+        entries: List[str] = []
+        names: List[str] = []
+        used = 0
+        for kind, item in itertools.chain(((0, e) for e in changed), ((1, n) for n in removed)):
+            if kind == 0:
+                text = _entryJson(item)
+            elif type(item) is str:
+                text = encode_basestring_ascii(item)
+            else:
+                raise WireError(f"a removed name is a {type(item).__name__}")
+            cost = len(text) + 1
+            if (entries or names) and (used + cost > budget or len(entries) + len(names) >= count):
+                yield entries, names
+                entries, names, used = [], [], 0
+            (entries if kind == 0 else names).append(text)
+            used += cost
+        yield entries, names
+
+    ahead = pieces()
+    current = next(ahead)
+    for following in ahead:
+        yield frame(current[0], current[1], False)
+        current = following
+    yield frame(current[0], current[1], True)

@@ -230,6 +230,46 @@ class LeadTests(KeeperCase):
         self.assertTrue(any("more than 2 files" in formatEvent(e) for e in events))
 
 
+class OwnFilesTests(KeeperCase):
+    """
+    A node that leads before its own first scan is done holds its first log
+    for its own files.
+    """
+
+    def test_firstLogWaitsForOwnFiles(self) -> None:
+        """
+        Until its own files are listed, a new leader writes no log, however
+        long past C{FIRST_WRITE_HOLD}; once they are, and the gather is
+        done, it writes one complete log, once.
+        """
+        self.keeper.awaitOwnFiles()
+        self.keeper.lead(3, [], members(2))
+        self.network.connect(2).answer("i2", 7, True, [entry("a"), entry("b")])
+        self.clock.advance(FIRST_WRITE_HOLD * 5)
+        self.assertFalse(self.logPath.exists())
+        self.keeper.ownListed([entry("mine")])
+        self.clock.advance(0)
+        header, rows = parseLog(self.logPath.getContent())
+        self.assertEqual((header["epoch"], header["files"], header["nodes"]), (3, 3, 2))
+        self.assertEqual(self.keeper.writer.writes, 1)
+
+    def test_holdCountsFromOwnFiles(self) -> None:
+        """
+        With a member that does not answer, the first log is written
+        C{FIRST_WRITE_HOLD} after the own files are listed.
+        """
+        self.keeper.awaitOwnFiles()
+        self.keeper.lead(3, [], members(2))
+        self.network.connect(2)
+        self.clock.advance(2)
+        self.keeper.ownListed([entry("mine")])
+        self.clock.advance(FIRST_WRITE_HOLD - 0.01)
+        self.assertFalse(self.logPath.exists())
+        self.clock.advance(0.01)
+        header, rows = parseLog(self.logPath.getContent())
+        self.assertEqual(header["files"], 1)
+
+
 class DeltaTests(KeeperCase):
     """
     Once it holds a member's files, the keeper only asks for changes.
@@ -374,3 +414,298 @@ class StopTests(KeeperCase):
         self.clock.advance(1)
         self.successResultOf(d)
         self.assertTrue(upstream.closed)
+
+
+class KeptViewTests(KeeperCase):
+    """
+    The keeper writes its copies when it stops and reads them back when it
+    starts, and keeps the copy of a member that left: a member that kept
+    its incarnation is then asked only what changed.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.viewPath = self.state.child("keeper.view")
+        self.keeper = self.makeKeeper()
+
+    def makeKeeper(self, runInThread=syncThread) -> IndexKeeper:
+        return IndexKeeper(ME, MY_ADDRESS, self.logPath, self.clock, runInThread, self.network.open, viewPath=self.viewPath)
+
+    def gatherAndStop(self) -> None:
+        """
+        Lead, gather members 2 (two files) and 3 (1000 files), stop.
+        """
+        self.successResultOf(self.keeper.start())
+        self.keeper.lead(3, [entry("mine")], members(2, 3))
+        self.network.connect(2).answer("i2", 7, True, [entry("a"), entry("b")])
+        self.network.connect(3).answer("i3", 4, True, [entry(f"f{i:04d}") for i in range(1000)])
+        d = self.keeper.stop()
+        self.clock.advance(10)
+        self.successResultOf(d)
+        self.assertTrue(self.viewPath.exists())
+        self.logPath.remove()
+
+    def test_restartAsksOnlyForTheDelta(self) -> None:
+        """
+        A keeper started over the view file of the last stop asks each
+        member what changed since the change it held; empty answers make
+        the first log complete, with every member's files.
+        """
+        self.gatherAndStop()
+        self.keeper = self.makeKeeper()
+        self.successResultOf(self.keeper.start())
+        d = self.keeper.lead(5, [entry("mine")], members(2, 3))
+        two, three = self.network.connect(2), self.network.connect(3)
+        self.assertEqual((self.request(two).incarnation, self.request(two).since), ("i2", 7))
+        self.assertEqual((self.request(three).incarnation, self.request(three).since), ("i3", 4))
+        self.assertEqual(self.keeper.index.nodes(), [ME], "a copy enters the index only once confirmed")
+        two.answer("i2", 8, False, [entry("c")], ["a"])
+        three.answer("i3", 4, False)
+        self.assertEqual(self.successResultOf(d), [2, 3])
+        self.assertEqual(self.names(2), ["b", "c"])
+        self.assertEqual(len(self.names(3)), 1000)
+        header, rows = parseLog(self.logPath.getContent())
+        self.assertEqual((header["epoch"], header["files"]), (5, 1003))
+
+    def test_copyOfAnotherIncarnationReplaced(self) -> None:
+        """
+        A member that restarted with a new incarnation answers in full; its
+        old copy never reaches the index.
+        """
+        self.gatherAndStop()
+        self.keeper = self.makeKeeper()
+        self.successResultOf(self.keeper.start())
+        self.keeper.lead(5, [], members(2))
+        self.network.connect(2).answer("j2", 1, True, [entry("z")])
+        self.assertEqual(self.names(2), ["z"])
+
+    def test_leadWaitsForTheLoad(self) -> None:
+        """
+        Leading before the copies are read asks nobody until they are, then
+        asks for the delta.
+        """
+        self.gatherAndStop()
+        calls: list = []
+
+        def runInThread(f, *args):
+            d = defer.Deferred()
+            calls.append((f, args, d))
+            return d
+
+        self.keeper = self.makeKeeper(runInThread)
+        started = self.keeper.start()
+        d = self.keeper.lead(5, [], members(2))
+        self.keeper.reconcile(members(2))
+        self.assertEqual(self.network.pending(2), 0)
+        self.assertNoResult(d)
+        f, args, loading = calls.pop(0)
+        loading.callback(f(*args))
+        self.successResultOf(started)
+        upstream = self.network.connect(2)
+        self.assertEqual(self.request(upstream).since, 7)
+        self.assertEqual(self.network.pending(2), 0, "asked once")
+        upstream.answer("i2", 7, False)
+        self.assertEqual(self.successResultOf(d), [2])
+        stopped = self.keeper.stop()
+        self.clock.advance(10)
+        while calls:
+            f, args, running = calls.pop(0)
+            running.callback(f(*args))
+        self.successResultOf(stopped)
+        self.keeper = self.makeKeeper()
+
+    def test_unusableViewIgnored(self) -> None:
+        """
+        A view file that is corrupt, cut short, of another format or of
+        another node is ignored with one warning: everything is asked for.
+        """
+        self.gatherAndStop()
+        good = self.viewPath.getContent()
+        for data in [good[:-1] + bytes([good[-1] ^ 1]), good[: len(good) // 2], b"something else\n", b""]:
+            self.viewPath.setContent(data)
+            keeper = self.makeKeeper()
+            with capturedLogs() as events:
+                self.successResultOf(keeper.start())
+            warnings = [formatEvent(e) for e in events if e["log_level"].name == "warn"]
+            self.assertEqual(len(warnings), 1, warnings)
+            self.assertIn("keeper.view", warnings[0])
+            keeper.lead(5, [], members(2))
+            self.assertIsNone(self.request(self.network.connect(2)).incarnation)
+            self.successResultOf(keeper.stop())
+        other = IndexKeeper(ME + 1, MY_ADDRESS, self.logPath, self.clock, syncThread, self.network.open, viewPath=self.viewPath)
+        self.viewPath.setContent(good)
+        with capturedLogs() as events:
+            self.successResultOf(other.start())
+        self.assertTrue(any("not by this node" in formatEvent(e) for e in events))
+        self.assertEqual(other.departed, {})
+
+    def test_departedMemberComesBackWithItsIncarnation(self) -> None:
+        """
+        The copy of a member that left is kept: when it is live again at the
+        same address, it is asked only what changed since.
+        """
+        self.successResultOf(self.keeper.start())
+        self.keeper.lead(3, [], members(2))
+        self.network.connect(2).answer("i2", 7, True, [entry("a")])
+        self.keeper.reconcile({})
+        self.assertFalse(self.keeper.index.hasNode(2))
+        self.keeper.reconcile(members(2))
+        upstream = self.network.connect(2)
+        self.assertEqual((self.request(upstream).incarnation, self.request(upstream).since), ("i2", 7))
+        upstream.answer("i2", 7, False)
+        self.assertEqual(self.names(2), ["a"])
+
+
+class OwnCopyTests(KeeperCase):
+    """
+    The keeper keeps this node's own files in its view with their change
+    numbers; after a restart they stand in for the first scan when the
+    local index vouches for exactly that change.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.viewPath = self.state.child("keeper.view")
+        self.numbers = ("0123456789abcdef", 5)
+        self.keeper = self.makeKeeper()
+
+    def makeKeeper(self) -> IndexKeeper:
+        return IndexKeeper(
+            ME, MY_ADDRESS, self.logPath, self.clock, syncThread, self.network.open,
+            viewPath=self.viewPath, ownNumbers=lambda: self.numbers,
+        )
+
+    def restarted(self) -> IndexKeeper:
+        """
+        Lead with own files and member 2's, stop, and start a new keeper
+        whose own first scan is not done.
+        """
+        self.successResultOf(self.keeper.start())
+        self.keeper.lead(3, [entry("mine"), entry("mine2")], members(2))
+        self.network.connect(2).answer("i2", 7, True, [entry("a")])
+        d = self.keeper.stop()
+        self.clock.advance(10)
+        self.successResultOf(d)
+        self.logPath.remove()
+        self.keeper = self.makeKeeper()
+        self.keeper.awaitOwnFiles()
+        self.successResultOf(self.keeper.start())
+        return self.keeper
+
+    def test_vouchedOwnFilesStandIn(self) -> None:
+        """
+        When the local index vouches for the change the view kept, the kept
+        own files make the first log complete before the first scan; the
+        scan's list then replaces them.
+        """
+        keeper = self.restarted()
+        self.successResultOf(keeper.ownVouched(self.numbers))
+        keeper.lead(4, [], members(2))
+        self.network.connect(2).answer("i2", 7, False)
+        self.clock.advance(0)
+        header, rows = parseLog(self.logPath.getContent())
+        self.assertEqual((header["epoch"], header["files"]), (4, 3))
+        keeper.ownListed([entry("mine"), entry("mine3")])
+        self.clock.advance(1)
+        header, rows = parseLog(self.logPath.getContent())
+        self.assertEqual(sorted(r["name"] for r in rows), ["a", "mine", "mine3"])
+
+    def test_standInKeptAcrossAnotherRestart(self) -> None:
+        """
+        A keeper stopped while its kept own files still stand in (its scan
+        never listed them) keeps them, at the same change, for the next
+        start.
+        """
+        keeper = self.restarted()
+        self.successResultOf(keeper.ownVouched(self.numbers))
+        d = keeper.stop()
+        self.clock.advance(10)
+        self.successResultOf(d)
+        self.keeper = self.makeKeeper()
+        self.keeper.awaitOwnFiles()
+        self.successResultOf(self.keeper.start())
+        with capturedLogs() as events:
+            self.successResultOf(self.keeper.ownVouched(self.numbers))
+        self.assertTrue(any("standing in for this node's files: 2" in formatEvent(e) for e in events))
+
+    def noStandIn(self, numbers) -> None:
+        keeper = self.restarted()
+        self.successResultOf(keeper.ownVouched(numbers))
+        keeper.lead(4, [], members(2))
+        self.network.connect(2).answer("i2", 7, False)
+        self.clock.advance(5)
+        self.assertFalse(self.logPath.exists())
+        keeper.ownListed([entry("mine")])
+        self.clock.advance(0)
+        header, rows = parseLog(self.logPath.getContent())
+        self.assertEqual(header["files"], 2)
+
+    def test_otherChangeDoesNotStandIn(self) -> None:
+        """
+        A local index vouching for another change leaves the first log
+        waiting for the scan.
+        """
+        self.noStandIn(("0123456789abcdef", 6))
+
+    def test_nothingVouchedDoesNotStandIn(self) -> None:
+        """
+        A local index that vouches for nothing leaves the first log waiting
+        for the scan.
+        """
+        self.noStandIn(None)
+
+    def test_staleOwnCopyNotKept(self) -> None:
+        """
+        Own changes missed while not gathering make the own copy stale: it
+        is not written, and nothing stands in after the restart.
+        """
+        self.successResultOf(self.keeper.start())
+        self.keeper.lead(3, [entry("mine")], members(2))
+        self.network.connect(2).answer("i2", 7, True, [entry("a")])
+        self.keeper.idle()
+        self.keeper.ownChanges([entry("new")], [])
+        self.numbers = ("0123456789abcdef", 6)
+        d = self.keeper.stop()
+        self.clock.advance(10)
+        self.successResultOf(d)
+        self.keeper = self.makeKeeper()
+        self.keeper.awaitOwnFiles()
+        with capturedLogs() as events:
+            self.successResultOf(self.keeper.start())
+            self.successResultOf(self.keeper.ownVouched(self.numbers))
+        self.assertFalse(any("standing in" in formatEvent(e) for e in events))
+
+
+class OwnPackingTests(SynchronousTestCase):
+    """
+    The first scan's list is packed in a thread, not on the reactor.
+    """
+
+    def test_changesWaitForThePackedList(self) -> None:
+        """
+        The own list is packed by C{runInThread}; own changes meanwhile are
+        applied after it, in order; a later lead does not pack the list
+        again.
+        """
+        calls: list = []
+
+        def runInThread(f, *args):
+            d = defer.Deferred()
+            calls.append((f, args, d))
+            return d
+
+        state = FilePath(self.mktemp())
+        state.makedirs()
+        keeper = IndexKeeper(ME, MY_ADDRESS, state.child("peer_files.log"), Clock(), runInThread, Network().open)
+        keeper.awaitOwnFiles()
+        keeper.standBy([], {})
+        listed = keeper.ownListed([entry("a"), entry("b")])
+        keeper.ownChanges([entry("c")], ["a"])
+        self.assertEqual(dict(keeper.index.nodeFiles(ME)), {})
+        [(f, args, d)] = calls
+        self.assertEqual(f.__name__, "_packed")
+        d.callback(f(*args))
+        self.successResultOf(listed)
+        self.assertEqual(sorted(keeper.index.nodeFiles(ME)), ["b", "c"])
+        keeper.lead(2, [entry("stale")], {})
+        self.assertEqual(sorted(keeper.index.nodeFiles(ME)), ["b", "c"], "current: not replaced")

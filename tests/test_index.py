@@ -19,12 +19,11 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2pfiles import atomic, index as indexModule
+from p2pfiles import peerlog
 from p2pfiles.index import (
     LOG_KEYS,
     ClusterIndex,
     IndexSnapshot,
-    LogContent,
-    LogWriter,
     listingChunks,
     listingOf,
     logChunks,
@@ -32,10 +31,9 @@ from p2pfiles.index import (
     packEntry,
     parseLog,
     renderLog,
-    rewriteInterval,
     unpackEntry,
-    writeLog,
 )
+from p2pfiles.peerlog import LogCache, LogContent, LogWriter, writeLog
 from p2pfiles.wire import FileEntry
 
 HEADER_LINES = 6
@@ -339,30 +337,38 @@ class LogWriterTests(SynchronousTestCase):
 
         writer = self.writer(runInThread)
         writer.changed(lambda: build)
-        self.clock.advance(0.25)
+        self.clock.advance(0)
         self.assertEqual(calls, ["thread", "build"])
         self.assertEqual(self.path.getContent(), b"built\n")
 
     def test_coalesced(self) -> None:
         """
-        Ten changes within C{minInterval} cost one write, which renders the
-        latest state, once, at write time.
+        A change when quiet is written at once (changes made in the same
+        turn ride along); ten more changes within C{minInterval} of that
+        write's start cost one more write, which renders the latest state,
+        once, C{minInterval} after the first write started.
         """
         writer = self.writer()
+        writer.changed(self.render)
+        writer.changed(self.render)
+        self.assertEqual(writer.writes, 0)
+        self.clock.advance(0)
+        self.assertEqual((writer.writes, self.renders), (1, 1))
         for i in range(10):
             self.state[0] = b"%d\n" % (i,)
             writer.changed(self.render)
             self.clock.advance(0.02)
-        self.assertEqual((writer.writes, self.renders), (0, 0))
-        self.clock.advance(0.25)
         self.assertEqual((writer.writes, self.renders), (1, 1))
+        self.clock.advance(0.05)
+        self.assertEqual((writer.writes, self.renders), (2, 2))
         self.assertEqual(self.path.getContent(), b"9\n")
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_changeDuringWrite(self) -> None:
         """
-        A change while a write is in flight leads to exactly one more write
-        after it, with the newer state; none overlaps the running one.
+        A change while a write is in flight leads to exactly one more write,
+        started as soon as the running one ends, with the newer state; none
+        overlaps the running one.
         """
         pending = []
 
@@ -383,7 +389,7 @@ class LogWriterTests(SynchronousTestCase):
         d, f, args = pending.pop()
         d.callback(f(*args))
         self.assertEqual(writer.writes, 1)
-        self.clock.advance(0.25)
+        self.clock.advance(0)
         self.assertEqual(len(pending), 1)
         d, f, args = pending.pop()
         self.assertEqual(args[1], b"1\n")
@@ -1008,7 +1014,7 @@ class StreamedLogTests(SynchronousTestCase):
         directory, renames over the log (a reader before that sees the old
         content whole) and leaves no temporary file.
         """
-        self.patch(indexModule, "LINES_PER_WRITE", 5)
+        self.patch(peerlog, "LINES_PER_WRITE", 5)
         self.path.setContent(b"old\n")
         opened, writes, synced, seen = [], [], [], []
         paths = {}
@@ -1033,7 +1039,7 @@ class StreamedLogTests(SynchronousTestCase):
             seen.append(FilePath(dst).getContent())
             return realReplace(src, dst)
 
-        for module in (indexModule.os, atomic.os):
+        for module in (peerlog.os, atomic.os):
             self.patch(module, "open", recordingOpen)
             self.patch(module, "write", recordingWrite)
             self.patch(module, "fsync", recordingFsync)
@@ -1057,7 +1063,7 @@ class StreamedLogTests(SynchronousTestCase):
         def full(fd, data):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        self.patch(indexModule.os, "write", full)
+        self.patch(peerlog.os, "write", full)
         index = indexOf(buildModel())
         self.assertRaises(OSError, writeLog, self.path, index.snapshot(), 1, 1, 0.0)
         self.assertEqual(self.path.getContent(), b"old\n")
@@ -1121,17 +1127,6 @@ class LogWriterIntervalTests(SynchronousTestCase):
             content.entries = entries
         return content
 
-    def test_rewriteInterval(self) -> None:
-        """
-        The interval is C{minInterval} for small logs, grows by a second
-        per 200,000 lines and stops at 2 seconds.
-        """
-        self.assertEqual(
-            [rewriteInterval(n, 0.25) for n in (0, 50_000, 100_000, 300_000, 400_000, 10**7)],
-            [0.25, 0.25, 0.5, 1.5, 2.0, 2.0],
-        )
-        self.assertEqual(rewriteInterval(10**7, 3.0), 3.0)
-
     def test_streamed(self) -> None:
         """
         A render that returns a L{LogContent} has the log streamed by
@@ -1152,27 +1147,11 @@ class LogWriterIntervalTests(SynchronousTestCase):
         self.assertEqual(self.path.getContent(), renderLog(content.snapshot, 1, 2, 0.0))
         self.assertEqual(content.entries, 1)
 
-    def test_largeLogSpaced(self) -> None:
+    def test_promptAfterQuiet(self) -> None:
         """
-        After writing a log of 400,000 lines, the next write starts 2 s
-        after the last one started, however soon the change came.
-        """
-        writer = LogWriter(self.path, self.clock, syncThread)
-        writer.changed(lambda: self.content(400_000))
-        self.clock.advance(0.25)
-        self.assertEqual(writer.writes, 1)
-        self.clock.advance(0.25)
-        writer.changed(lambda: self.content(400_000))
-        self.clock.advance(1.5)
-        self.assertEqual(writer.writes, 1)
-        self.clock.advance(0.25)
-        self.assertEqual(writer.writes, 2)
-
-    def test_restsAfterSlowWrite(self) -> None:
-        """
-        A large log whose write took 1.5 s is not written again until 1.5 s
-        after that write ended, although its interval (2 s from the start)
-        had passed 0.5 s after it ended.
+        However large the log, a change long after the last write is
+        written at once, and a change during a slow write is written right
+        after it: the next start waits for nothing else.
         """
 
         def runInThread(f, *args):
@@ -1182,24 +1161,249 @@ class LogWriterIntervalTests(SynchronousTestCase):
 
         writer = LogWriter(self.path, self.clock, runInThread)
         writer.changed(lambda: self.content(400_000))
-        self.clock.advance(0.25)
-        writer.changed(lambda: self.content(400_000))
+        self.clock.advance(0)
+        self.assertEqual(len(self.pending), 1)
         self.clock.advance(1.5)
+        writer.changed(lambda: self.content(400_000))
+        self.clock.advance(1.0)
+        self.assertEqual(len(self.pending), 1, "one write at a time")
         d, f, args = self.pending.pop()
         d.callback(f(*args))
-        self.clock.advance(1.25)
-        self.assertEqual(self.pending, [])
-        self.clock.advance(0.25)
-        self.assertEqual(len(self.pending), 1)
+        self.clock.advance(0)
+        self.assertEqual(len(self.pending), 1, "started right after the last one")
+        d, f, args = self.pending.pop()
+        d.callback(f(*args))
+        self.clock.advance(60)
+        writer.changed(lambda: self.content(400_000))
+        self.clock.advance(0)
+        self.assertEqual(len(self.pending), 1, "at once when quiet")
+        d, f, args = self.pending.pop()
+        d.callback(f(*args))
+        self.assertEqual(writer.writes, 3)
+        self.successResultOf(writer.stop())
 
     def test_smallLogFollowsAtOnce(self) -> None:
         """
-        A small log keeps the plain coalescing delay: a change right after
-        a write is written C{minInterval} later.
+        A small log changing all the time is written at most once per
+        C{minInterval}: a change right after a write is written
+        C{minInterval} after that write started.
         """
         writer = LogWriter(self.path, self.clock, syncThread)
         writer.changed(self.content)
-        self.clock.advance(0.25)
+        self.clock.advance(0)
         writer.changed(self.content)
-        self.clock.advance(0.25)
+        self.clock.advance(0.2)
+        self.assertEqual(writer.writes, 1)
+        self.clock.advance(0.05)
         self.assertEqual(writer.writes, 2)
+        self.successResultOf(writer.stop())
+
+
+class LogCacheTests(SynchronousTestCase):
+    """
+    Tests for L{LogCache}: a log written with the cache is byte for byte the
+    log written afresh, however the index changed, and only changed lines
+    are made again.
+    """
+
+    def setUp(self) -> None:
+        directory = FilePath(self.mktemp())
+        directory.makedirs()
+        self.path = directory.child("peer_files.log")
+        self.cache = LogCache()
+        self.addCleanup(self.cache.forget)
+        # Small pieces, so that a small index spans many.
+        self.patch(peerlog, "LINES_PER_WRITE", 7)
+
+    def check(self, index: ClusterIndex, now: float = 5.0) -> None:
+        snapshot = index.snapshot()
+        self.cache.made = 0
+        writeLog(self.path, snapshot, 1, 2, now, self.cache)
+        self.assertEqual(self.path.getContent(), renderLog(snapshot, 1, 2, now))
+
+    def test_changesCopyTheRest(self) -> None:
+        """
+        After a first write (every line made), a change to one file, an
+        added file, a removed one, a file now held by two nodes: each write
+        equals a fresh render and makes only the changed lines.
+        """
+        index = ClusterIndex()
+        index.replaceNode(1, "h:1", [entry(f"a{i:03d}") for i in range(100)])
+        index.replaceNode(2, "h:2", [entry(f"b{i:03d}") for i in range(50)])
+        self.check(index)
+        self.assertEqual(self.cache.made, 150)
+        self.check(index, now=6.0)
+        self.assertEqual(self.cache.made, 0, "nothing changed: all copied")
+        index.applyChanges(1, "h:1", [entry("a050", digest="b")], [])
+        self.check(index)
+        self.assertEqual(self.cache.made, 1)
+        index.applyChanges(2, "h:2", [entry("zzz"), entry("a000\n\u2028 ünï", size=3)], ["b010"])
+        self.check(index)
+        self.assertEqual(self.cache.made, 2)
+        index.applyChanges(2, "h:2", [entry("a007", digest="c"), entry("0first")], [])
+        self.check(index)
+        self.assertEqual(self.cache.made, 2)
+        index.applyChanges(1, "h:1", [], [f"a{i:03d}" for i in range(20, 30)])
+        self.check(index)
+        self.assertEqual(self.cache.made, 0, "only removals: nothing to make")
+
+    def test_largeChangesWrittenAfresh(self) -> None:
+        """
+        A node leaving, a new node, or a node's new address, rewrite the
+        log afresh (or make only what they touch); the result is the same.
+        """
+        index = ClusterIndex()
+        index.replaceNode(1, "h:1", [entry(f"n{i:03d}") for i in range(60)])
+        index.replaceNode(2, "h:2", [entry(f"n{i:03d}", digest="b") for i in range(0, 60, 2)])
+        self.check(index)
+        index.replaceNode(3, "h:3", [entry(f"n{i:03d}", digest="c") for i in range(0, 60, 3)])
+        self.check(index)
+        index.replaceNode(2, "h:22", [entry(f"n{i:03d}", digest="b") for i in range(0, 60, 2)])
+        self.check(index)
+        index.removeNode(1)
+        self.check(index)
+        index.clear()
+        self.check(index)
+        index.replaceNode(4, "h:4", [entry("x")])
+        self.check(index)
+
+    @settings(max_examples=60, deadline=None)
+    @given(
+        st.lists(
+            st.tuples(
+                st.integers(1, 3),
+                st.lists(st.tuples(st.sampled_from("abcdefghij"), st.sampled_from("abc")), max_size=8),
+                st.lists(st.sampled_from("abcdefghij"), max_size=4),
+            ),
+            max_size=8,
+        )
+    )
+    def test_anyChanges(self, steps) -> None:
+        """
+        Whatever sequence of changes, each cached write equals a fresh one.
+        """
+        self.cache.forget()
+        index = ClusterIndex()
+        for node in (1, 2, 3):
+            index.replaceNode(node, f"h:{node}", [entry(c * 3, digest="a") for c in "acegi"])
+        self.check(index)
+        for node, changed, removed in steps:
+            index.applyChanges(node, f"h:{node}", [entry(c * 3, digest=d) for c, d in changed], [c * 3 for c in removed])
+            self.check(index)
+
+    def test_failedWriteForgets(self) -> None:
+        """
+        A write that fails leaves the log as it was and the cache empty: the
+        next write makes every line.
+        """
+        index = ClusterIndex()
+        index.replaceNode(1, "h:1", [entry(f"a{i:02d}") for i in range(20)])
+        self.check(index)
+        before = self.path.getContent()
+        index.applyChanges(1, "h:1", [entry("new")], [])
+
+        def failing(fd, data):
+            raise OSError(errno.ENOSPC, "full")
+
+        original = peerlog._writeAll
+        self.patch(peerlog, "_writeAll", failing)
+        self.assertRaises(OSError, writeLog, self.path, index.snapshot(), 1, 2, 5.0, self.cache)
+        self.assertEqual(self.path.getContent(), before)
+        self.assertEqual(os.listdir(self.path.parent().path), ["peer_files.log"])
+        peerlog._writeAll = original
+        self.check(index)
+        self.assertEqual(self.cache.made, 21)
+
+
+class KeptLogTests(SynchronousTestCase):
+    """
+    Tests for L{LogCache.keep} and L{LogCache.prime}: the last log outlives
+    the process, and is taken back only for the very changes it shows.
+    """
+
+    def setUp(self) -> None:
+        directory = FilePath(self.mktemp())
+        directory.makedirs()
+        self.path = directory.child("peer_files.log")
+        self.keepPath = directory.child(".peer_files.log.kept")
+        self.patch(peerlog, "LINES_PER_WRITE", 7)
+        self.index = ClusterIndex()
+        self.index.replaceNode(1, "h:1", [entry(f"a{i:03d}") for i in range(40)])
+        self.index.replaceNode(2, "h:2", [entry(f"b{i:03d}") for i in range(30)])
+        self.versions = {1: ("h:1", "i1", 4), 2: ("h:2", "i2", 9)}
+
+    def cache(self) -> LogCache:
+        cache = LogCache(self.keepPath)
+        self.addCleanup(cache.forget)
+        return cache
+
+    def maps(self, versions=None) -> dict:
+        versions = versions or self.versions
+        snapshot = self.index.snapshot()
+        # Copies: what a restarted process reads back from its view.
+        return {n: (dict(snapshot.nodeFiles(n)), *versions[n]) for n in snapshot.nodes()}
+
+    def writeKept(self) -> None:
+        writeLog(self.path, self.index.snapshot(), 1, 2, 5.0, self.cache(), self.versions)
+        self.path.remove()  # as a restart's tooling may do
+
+    def test_primedCopiesEverything(self) -> None:
+        """
+        A cache primed with the changes the kept log shows makes no line of
+        the next log, which equals a fresh render; a change since is the
+        only line made.
+        """
+        self.writeKept()
+        cache = self.cache()
+        self.assertTrue(cache.prime(self.maps()))
+        snapshot = self.index.snapshot()
+        writeLog(self.path, snapshot, 1, 3, 6.0, cache, self.versions)
+        self.assertEqual(self.path.getContent(), renderLog(snapshot, 1, 3, 6.0))
+        self.assertEqual(cache.made, 0)
+        self.index.applyChanges(2, "h:2", [entry("b005", digest="c")], [])
+        snapshot = self.index.snapshot()
+        writeLog(self.path, snapshot, 1, 3, 7.0, cache, self.versions)
+        self.assertEqual(self.path.getContent(), renderLog(snapshot, 1, 3, 7.0))
+        self.assertEqual(cache.made, 1)
+
+    def test_otherChangesNotPrimed(self) -> None:
+        """
+        Another change of a node, another address, a node more or less, or
+        a log written without versions, is not taken back.
+        """
+        self.writeKept()
+        for versions in [
+            {1: ("h:1", "i1", 5), 2: ("h:2", "i2", 9)},
+            {1: ("h:1", "i1", 4), 2: ("h:2", "j2", 9)},
+            {1: ("h:9", "i1", 4), 2: ("h:2", "i2", 9)},
+        ]:
+            self.assertFalse(self.cache().prime(self.maps(versions)))
+        maps = self.maps()
+        del maps[2]
+        self.assertFalse(self.cache().prime(maps))
+        writeLog(self.path, self.index.snapshot(), 1, 2, 5.0, self.cache(), None)
+        self.assertFalse(self.cache().prime(self.maps()))
+
+    def test_replacedKeptFileNotPrimed(self) -> None:
+        """
+        A kept log that is not the file the sidecar describes (replaced, or
+        cut) is not taken back.
+        """
+        self.writeKept()
+        self.keepPath.setContent(self.keepPath.getContent())
+        self.assertFalse(self.cache().prime(self.maps()))
+
+    def test_departuresDoNotReplace(self) -> None:
+        """
+        A log that shows fewer nodes than the kept one (members stopping
+        before the leader) does not replace it; one with as many does.
+        """
+        cache = self.cache()
+        writeLog(self.path, self.index.snapshot(), 1, 2, 5.0, cache, self.versions)
+        full = self.maps()
+        self.index.removeNode(2)
+        writeLog(self.path, self.index.snapshot(), 1, 2, 6.0, cache, {1: self.versions[1]})
+        self.assertTrue(self.cache().prime(full))
+        self.index.replaceNode(3, "h:3", [entry("c")])
+        writeLog(self.path, self.index.snapshot(), 1, 2, 7.0, cache, {1: self.versions[1], 3: ("h:3", "i3", 1)})
+        self.assertFalse(self.cache().prime(full))

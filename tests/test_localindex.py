@@ -104,6 +104,10 @@ class LocalIndexTestsMixin:
         self.failuresExpected = False
 
     def makeIndex(self, runInThread: Any = syncThread, **kwargs: Any) -> LocalIndex:
+        if isinstance(runInThread, ManualThreads):
+            # What a stop leaves to run there (the restart record) is run
+            # by stopIndex.
+            self.manualThreads = runInThread
         index = LocalIndex(
             self.share, self.state, self.clock, runInThread=runInThread,
             useInotify=False, hasher=self.hasher, **kwargs,
@@ -118,7 +122,11 @@ class LocalIndexTestsMixin:
         return index
 
     def stopIndex(self, index: LocalIndex) -> None:
-        self.successResultOf(index.stop())
+        stopped = index.stop()
+        threads = getattr(self, "manualThreads", None)
+        if threads is not None:
+            threads.runAll()
+        self.successResultOf(stopped)
         self.assertEqual(self.clock.getDelayedCalls(), [])
         if not self.failuresExpected:
             self.assertEqual(self.messages(LogLevel.critical), [])
@@ -439,6 +447,7 @@ class HashCacheTests(LocalIndexTestsMixin, SynchronousTestCase):
         threads = ManualThreads()
         index = self.makeIndex(runInThread=threads)
         started = index.start()
+        threads.run("takeRecord")
         threads.runNext()  # the first scan
         self.successResultOf(started)
         self.assertEqual(threads.names(), ["writeCache"])
@@ -452,6 +461,8 @@ class HashCacheTests(LocalIndexTestsMixin, SynchronousTestCase):
         threads.runNext()
         self.assertNoResult(stopped)
         self.assertEqual(threads.names(), ["writeCache"])
+        threads.runNext()
+        self.assertEqual(threads.names(), ["writeRecord"])
         threads.runNext()
         self.successResultOf(stopped)
         cache = json.loads(self.state.child("hashcache.json").getContent())
@@ -513,14 +524,20 @@ class HashCacheTests(LocalIndexTestsMixin, SynchronousTestCase):
         self.successResultOf(d)
         self.assertEqual(threads.calls, [])
         stopped = index.stop()
+        self.assertEqual(threads.names(), ["writeRecord"])
+        threads.runNext()
         self.successResultOf(stopped)
         index = self.makeIndex(runInThread=threads)
         started = index.start()
-        self.assertEqual(threads.names(), ["scan"])
+        self.assertEqual(threads.names(), ["takeRecord"])
+        threads.runNext()
+        self.assertEqual(threads.names(), ["_firstScan"])
         threads.runNext()
         self.successResultOf(started)
         self.assertEqual(threads.calls, [])
-        self.successResultOf(index.stop())
+        stopped = index.stop()
+        threads.runAll()
+        self.successResultOf(stopped)
 
 
 class ChangingFileTests(LocalIndexTestsMixin, SynchronousTestCase):
@@ -1065,6 +1082,299 @@ class NumberedChangesTests(LocalIndexTestsMixin, SynchronousTestCase):
         stopped = index.stop()
         threads.runAll()
         self.successResultOf(stopped)
+
+
+class RestartTests(LocalIndexTestsMixin, SynchronousTestCase):
+    """
+    A clean stop leaves a restart record; the next start keeps the
+    incarnation and seq only when its share is exactly as the record says,
+    and no (incarnation, seq) pair ever names two different lists of files.
+    """
+
+    def changes(self, index: LocalIndex, incarnation: Any, since: int) -> Changes:
+        return self.successResultOf(index.changesSince(incarnation, since))
+
+    def cleanRun(self) -> Tuple[str, int]:
+        """
+        Start an index over the share, change it twice, stop it cleanly;
+        return the incarnation and seq it stopped at.
+        """
+        self.write("a", b"1")
+        index = self.makeIndex()
+        self.successResultOf(index.start())
+        self.write("b", b"2")
+        self.successResultOf(index.rescan())
+        self.share.child("a").remove()
+        self.successResultOf(index.rescan())
+        self.assertEqual(index.seq, 3)
+        self.successResultOf(index.stop())
+        return index.incarnation, index.seq
+
+    def test_unchangedShareKeepsIncarnation(self) -> None:
+        """
+        After a clean stop, a start over the unchanged share keeps the
+        incarnation and seq: asking from that seq gets an empty delta, from
+        an earlier or a later seq the full list (the removal before the stop
+        is no longer known).  The record is used up.
+        """
+        incarnation, seq = self.cleanRun()
+        self.assertTrue(self.state.child("incarnation.json").exists())
+        index = self.startIndex()
+        self.assertFalse(self.state.child("incarnation.json").exists())
+        self.assertEqual((index.incarnation, index.seq, index.floor), (incarnation, seq, seq))
+        self.assertEqual(self.changes(index, incarnation, seq), Changes(incarnation, seq, False, [], []))
+        full = Changes(incarnation, seq, True, [index.entries["b"]], [])
+        self.assertEqual(self.changes(index, incarnation, seq - 1), full)
+        self.assertEqual(self.changes(index, incarnation, seq + 1), full)
+        self.assertEqual(self.changes(index, "0" * 16, seq), full)
+        # Later changes go on from the kept seq.
+        self.write("c", b"3")
+        self.successResultOf(index.rescan())
+        self.assertEqual(index.seq, seq + 1)
+        self.assertEqual(self.changes(index, incarnation, seq), Changes(incarnation, seq + 1, False, [index.entries["c"]], []))
+
+    def test_changedShareNewIncarnation(self) -> None:
+        """
+        A share that changed while the node was down (a file added, or one
+        changed in size) gets a new incarnation, numbered from 1.
+        """
+        for change in [lambda: self.write("new", b"x"), lambda: self.write("b", b"longer")]:
+            incarnation, seq = self.cleanRun()
+            change()
+            index = self.makeIndex()
+            self.successResultOf(index.start())
+            self.assertNotEqual(index.incarnation, incarnation)
+            self.assertEqual(index.seq, 1)
+            self.assertFalse(self.state.child("incarnation.json").exists())
+            self.successResultOf(index.stop())
+            for child in self.share.children():
+                child.remove()
+
+    def test_missingOrCorruptRecord(self) -> None:
+        """
+        Without a record the incarnation is new; a record that is not valid
+        (bad JSON, another version, a wrong field) is removed, ignored with a
+        warning, and the incarnation is new.
+        """
+        incarnation, seq = self.cleanRun()
+        record = self.state.child("incarnation.json")
+        good = json.loads(record.getContent())
+        record.remove()
+        index = self.makeIndex()
+        self.successResultOf(index.start())
+        self.assertNotEqual(index.incarnation, incarnation)
+        self.assertEqual(self.messages(), [])
+        self.successResultOf(index.stop())
+        bad = [b"{", json.dumps(dict(good, version=2)).encode(), json.dumps(dict(good, seq="3")).encode()]
+        for data in bad:
+            # The stop above wrote a good record of this content: replace it.
+            record.setContent(data)
+            index = self.makeIndex()
+            self.successResultOf(index.start())
+            self.assertNotEqual(index.incarnation, incarnation)
+            self.assertFalse(record.exists())
+            self.successResultOf(index.stop())
+        warnings = self.messages()
+        self.assertEqual(len(warnings), 3)
+        self.assertTrue(all(w.startswith("ignoring restart record") for w in warnings), warnings)
+
+    def test_crashNeverReusesAPair(self) -> None:
+        """
+        A node that kept its incarnation, changed (handing out seq + 1) and
+        then crashed (no stop) starts with a new incarnation, even if its
+        share is back to what the record described: the record was taken
+        at the start before.  A second start after a crash right after a
+        start does not find the record either.
+        """
+        incarnation, seq = self.cleanRun()
+        crashed = self.makeIndex()
+        self.successResultOf(crashed.start())
+        self.assertEqual((crashed.incarnation, crashed.seq), (incarnation, seq))
+        self.write("c", b"3")
+        self.successResultOf(crashed.rescan())
+        self.assertEqual(crashed.seq, seq + 1)
+        # The crash: no stop.  The share goes back as it was.
+        self.share.child("c").remove()
+        index = self.startIndex()
+        # Runs first: the crashed index's timers go.
+        self.addCleanup(lambda: self.successResultOf(crashed.stop()))
+        self.assertNotEqual(index.incarnation, incarnation)
+        self.assertEqual(index.seq, 1)
+        self.assertFalse(self.state.child("incarnation.json").exists())
+
+    def test_startAgainTakesRecord(self) -> None:
+        """
+        An index started again after its own clean stop takes the record it
+        left (a later crash cannot reuse it) and keeps its incarnation.
+        """
+        self.write("a", b"1")
+        index = self.makeIndex()
+        self.successResultOf(index.start())
+        incarnation = index.incarnation
+        self.successResultOf(index.stop())
+        self.assertTrue(self.state.child("incarnation.json").exists())
+        self.successResultOf(index.start())
+        self.addCleanup(self.stopIndex, index)
+        self.assertFalse(self.state.child("incarnation.json").exists())
+        self.assertEqual((index.incarnation, index.seq), (incarnation, 1))
+
+    def test_failedFirstScanPutsRecordBack(self) -> None:
+        """
+        An index whose first scan failed vouched for nothing but the
+        recorded change: stopped, it puts the record back, unchanged, and
+        the next start over the repaired share keeps that change.
+        """
+        incarnation, seq = self.cleanRun()
+        record = self.state.child("incarnation.json").getContent()
+        share = self.share.path
+        os.rename(share, share + ".aside")
+        self.share.setContent(b"not a directory")
+        index = self.makeIndex()
+        self.failureResultOf(index.start(), OSError)
+        self.failuresExpected = True
+        self.successResultOf(index.stop())
+        self.assertEqual(self.state.child("incarnation.json").getContent(), record)
+        self.share.remove()
+        os.rename(share + ".aside", share)
+        self.share.changed()
+        again = self.startIndex()
+        self.assertEqual((again.incarnation, again.seq), (incarnation, seq))
+
+
+class VouchingTests(LocalIndexTestsMixin, SynchronousTestCase):
+    """
+    Until its first scan is done, an index restarted over a restart record
+    answers the exact question the record names, and nothing else.
+    """
+
+    def restart(self) -> Tuple[LocalIndex, ManualThreads, Any, str, int]:
+        """
+        Leave a restart record (incarnation, seq 2), then start a new index
+        whose record is taken but whose first scan has not run.
+        """
+        self.write("a", b"1")
+        first = self.makeIndex()
+        self.successResultOf(first.start())
+        self.write("b", b"2")
+        self.successResultOf(first.rescan())
+        self.successResultOf(first.stop())
+        threads = ManualThreads()
+        index = self.makeIndex(runInThread=threads)
+        started = index.start()
+        vouched = index.whenVouched()
+        self.assertNoResult(vouched)
+        threads.run("takeRecord")
+        self.assertEqual(threads.names(), ["_firstScan"])
+        return index, threads, started, first.incarnation, first.seq
+
+    def test_quickAnswerBeforeFirstScan(self) -> None:
+        """
+        Before the first scan, "since the recorded seq of the recorded
+        incarnation" is answered at once: nothing changed.  Any other
+        question waits for the scan (no quick answer).  Once the scan
+        confirms the share, the index carries on from that pair.
+        """
+        index, threads, started, incarnation, seq = self.restart()
+        self.assertEqual(self.successResultOf(index.whenVouched()), (incarnation, seq))
+        self.assertEqual(index.quickChanges(incarnation, seq), Changes(incarnation, seq, False, [], []))
+        self.assertIsNone(index.quickChanges(incarnation, seq - 1))
+        self.assertIsNone(index.quickChanges(incarnation, seq + 1))
+        self.assertIsNone(index.quickChanges("f" * 16, seq))
+        self.assertIsNone(index.quickChanges(None, 0))
+        threads.runNext()
+        self.successResultOf(started)
+        self.assertEqual((index.incarnation, index.seq), (incarnation, seq))
+        self.assertIsNone(index.quickChanges(incarnation, seq), "the scan answers from now on")
+        stopped = index.stop()
+        threads.runAll()
+        self.successResultOf(stopped)
+
+    def test_changedShareRefutes(self) -> None:
+        """
+        A share changed while the node was down: the quick answer vouched
+        for the recorded pair, the scan then takes a new incarnation (which
+        the node announces), and the recorded pair is never given to the
+        new list.
+        """
+        index, threads, started, incarnation, seq = self.restart()
+        self.assertIsNotNone(index.quickChanges(incarnation, seq))
+        self.write("c", b"3")
+        threads.runNext()
+        self.successResultOf(started)
+        self.assertNotEqual(index.incarnation, incarnation)
+        self.assertEqual(index.seq, 1)
+        self.assertIsNone(index.quickChanges(incarnation, seq))
+        self.assertTrue(any("share changed since the last stop" in m for m in self.messages(LogLevel.info)))
+        stopped = index.stop()
+        threads.runAll()
+        self.successResultOf(stopped)
+
+    def test_nothingVouchedWithoutRecord(self) -> None:
+        """
+        Without a restart record there is no quick answer, and
+        C{whenVouched} fires with None.
+        """
+        threads = ManualThreads()
+        index = self.makeIndex(runInThread=threads)
+        started = index.start()
+        threads.run("takeRecord")
+        self.assertIsNone(self.successResultOf(index.whenVouched()))
+        self.assertIsNone(index.quickChanges(index.incarnation, 0))
+        threads.runAll()
+        self.successResultOf(started)
+        stopped = index.stop()
+        threads.runAll()
+        self.successResultOf(stopped)
+
+    def test_scanWaitsForTheRecord(self) -> None:
+        """
+        A rescan asked for while the record is being taken starts no scan
+        before it is taken: the first scan, after it, answers both.
+        """
+        threads = ManualThreads()
+        index = self.makeIndex(runInThread=threads)
+        started = index.start()
+        rescanned = index.rescan()
+        self.assertEqual(threads.names(), ["takeRecord"])
+        threads.runNext()
+        self.assertEqual(threads.names(), ["_firstScan"])
+        threads.runNext()
+        self.successResultOf(started)
+        self.successResultOf(rescanned)
+        stopped = index.stop()
+        threads.runAll()
+        self.successResultOf(stopped)
+
+    def test_stopBeforeFirstScanPutsRecordBack(self) -> None:
+        """
+        An index stopped after taking the record but before its first scan
+        vouched for nothing but the recorded change: it writes the record
+        back, and the next start keeps that change.
+        """
+        index, threads, started, incarnation, seq = self.restart()
+        self.assertFalse(self.state.child("incarnation.json").exists())
+        stopped = index.stop()
+        threads.runAll()
+        self.successResultOf(stopped)
+        self.successResultOf(started)
+        self.assertTrue(self.state.child("incarnation.json").exists())
+        again = self.startIndex()
+        self.assertEqual((again.incarnation, again.seq), (incarnation, seq))
+
+    def test_stopWhileTakingTheRecord(self) -> None:
+        """
+        A stop while the record is being taken waits for it, scans nothing
+        and leaves no record; start() fires.
+        """
+        threads = ManualThreads()
+        index = self.makeIndex(runInThread=threads)
+        started = index.start()
+        stopped = index.stop()
+        self.assertNoResult(stopped)
+        threads.runAll()
+        self.successResultOf(stopped)
+        self.successResultOf(started)
+        self.assertFalse(self.state.child("incarnation.json").exists())
 
 
 class RealReactorTests(TestCase):

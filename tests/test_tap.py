@@ -183,7 +183,7 @@ class IdAndPortTests(OptionsTestCase):
             self.assertIn("--peer", message)
             self.assertIn(repr(bad), message)
 
-    def test_idNotAsciiDigits(self) -> None:
+    def test_peerIdNotAsciiDigits(self) -> None:
         """
         A peer id written with a digit C{str.isdigit} accepts but C{int}
         does not read (a superscript two) is a usage error, not a

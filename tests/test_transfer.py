@@ -1824,7 +1824,7 @@ class RequestSessionTransferTests(SynchronousTestCase):
 
 class NodeRequestContextTests(SynchronousTestCase):
     """
-    A node's own L{p2pfiles.node.RequestContext} serves a session from the
+    A node's own L{p2pfiles.context.RequestContext} serves a session from the
     node's share and keeps C{node.transfers} while a transfer runs.
     """
 

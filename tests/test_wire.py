@@ -29,6 +29,7 @@ from p2pfiles.wire import (
     WireError,
     chunked,
     decode,
+    deltaFrames,
     encode,
     iterUpdate,
     splitEntries,
@@ -1217,3 +1218,102 @@ class SplitTests(SynchronousTestCase):
         self.assertEqual([len(p) for p in pieces], [5, 5, 2])
         for piece in pieces:
             self.assertLessEqual(len(encode(chunkMessage(piece))), MAX_FRAME)
+
+
+class DeltaFramesTests(SynchronousTestCase):
+    """
+    Tests for L{deltaFrames}: the frames of one index answer, each entry's
+    JSON made once, are exactly what L{encode} makes of L{iterUpdate}'s
+    pieces, and each fits L{MAX_FRAME}.
+    """
+
+    def expected(self, incarnation, seq, full, changed, removed, budget=ITEM_BUDGET, count=ENTRIES_PER_FRAME):
+        pieces = list(iterUpdate(changed, removed, budget, count))
+        return [
+            encode(
+                Message(
+                    "index-delta", incarnation=incarnation, seq=seq, full=full,
+                    entries=entries, removed=names, last=i == len(pieces) - 1,
+                )
+            )
+            for i, (entries, names) in enumerate(pieces)
+        ]
+
+    @PROPERTY
+    @given(
+        st.text(max_size=20), st.integers(0, 2**64), st.booleans(),
+        st.lists(fileEntries, max_size=30), st.lists(nastyTexts, max_size=30),
+        st.integers(1, 3000), st.integers(1, 12),
+    )
+    def test_sameAsEncode(self, incarnation, seq, full, changed, removed, budget, count) -> None:
+        """
+        For any entries (any names, lone surrogates included), removed
+        names, budget and count, the frames are byte for byte those of
+        L{encode}, the last one marked.
+        """
+        self.assertEqual(
+            list(deltaFrames(incarnation, seq, full, changed, removed, budget, count)),
+            self.expected(incarnation, seq, full, changed, removed, budget, count),
+        )
+
+    def test_empty(self) -> None:
+        """
+        An empty answer is one frame, marked last.
+        """
+        [frame] = deltaFrames("i", 0, True, [], [])
+        self.assertEqual(decode(frame), Message("index-delta", incarnation="i", seq=0, full=True, entries=[], removed=[], last=True))
+
+    def test_fitsTheFrame(self) -> None:
+        """
+        Entries whose names escape to the longest JSON fill frames up to the
+        byte budget, never past L{MAX_FRAME}, and decode back.
+        """
+        name = "\u2028" * 85  # 255 bytes of UTF-8, 510 bytes escaped
+        entries = [FileEntry(name + str(i), 1, 2.5, SHA) for i in range(5000)]
+        frames = list(deltaFrames("0123456789abcdef", 9, True, entries, [name] * 3000))
+        self.assertTrue(all(len(f) <= MAX_FRAME for f in frames))
+        self.assertGreater(max(map(len, frames)), MAX_FRAME // 4)
+        got = [decode(f) for f in frames]
+        self.assertEqual([e for m in got for e in m.entries], entries)
+        self.assertEqual(sum(len(m.removed) for m in got), 3000)
+        self.assertEqual([m.last for m in got], [False] * (len(got) - 1) + [True])
+
+    def test_refusesWhatTheReceiverRefuses(self) -> None:
+        """
+        An entry the receiver would refuse (a negative or huge size, an
+        mtime that is not finite, a digest that is not 64 lowercase hex
+        digits), a removed name that is not a string, an envelope of the
+        wrong types, or an item alone over the frame, raise L{WireError}.
+        """
+        bad = [
+            FileEntry("a", -1, 1.0, SHA), FileEntry("a", MAX_FILE_SIZE + 1, 1.0, SHA),
+            FileEntry("a", 1, math.nan, SHA), FileEntry("a", 1, math.inf, SHA),
+            FileEntry("a", 1, 1.0, SHA.upper()), FileEntry("a", 1, 1.0, SHA[:-1]),
+            FileEntry("a", True, 1.0, SHA), FileEntry(3, 1, 1.0, SHA),
+        ]
+        for entry in bad:
+            self.assertRaises(WireError, list, deltaFrames("i", 1, True, [entry], []))
+        self.assertRaises(WireError, list, deltaFrames("i", 1, True, [], [3]))
+        self.assertRaises(WireError, list, deltaFrames("i", -1, True, [], []))
+        self.assertRaises(WireError, list, deltaFrames("i", 1, 1, [], []))
+        self.assertRaises(WireError, list, deltaFrames("i", 1, True, [FileEntry("x" * MAX_FRAME, 1, 1.0, SHA)], []))
+
+    @PROPERTY
+    @given(nastyEntries())
+    def test_acceptedEntriesAreWellFormed(self, entries: list) -> None:
+        """
+        Whatever entry L{FileEntry.fromDict} accepts (by its quick check of
+        exact types or the long way) has a string name, an int size in
+        range, a finite float mtime and 64 lowercase hex digits.
+        """
+        for value in entries:
+            try:
+                entry = FileEntry.fromDict(value)
+            except WireError:
+                continue
+            self.assertIs(type(entry.name), str)
+            self.assertIs(type(entry.size), int)
+            self.assertTrue(0 <= entry.size <= MAX_FILE_SIZE)
+            self.assertIs(type(entry.mtime), float)
+            self.assertTrue(math.isfinite(entry.mtime))
+            self.assertRegex(entry.sha256, "^[0-9a-f]{64}$")
