@@ -41,7 +41,7 @@ except ImportError:  # not Linux: the share is polled
     inotify = None
 
 from p2pfiles.sharescan import (
-    EMPTY, MAX_TOMBSTONES, Changes, ScanResult, ShareScanner, changes, hashFile, hashOpened,
+    EMPTY, MAX_TOMBSTONES, Changes, ProcessObserver, ScanResult, ShareScanner, changes, hashFile, hashOpened,
 )
 from p2pfiles.waiting import Waiters
 from p2pfiles.wire import FileEntry
@@ -90,11 +90,15 @@ class LocalIndex:
         useInotify: bool = True,
         hasher: Callable[[str, int], Tuple[str, int, os.stat_result]] = hashOpened,
         maxTombstones: int = MAX_TOMBSTONES,
+        observer: Optional[ProcessObserver] = None,
     ) -> None:
         """
         @param hasher: like L{hashOpened}, run in the scan thread; replaceable
             so that tests can count or fail reads.
         @param maxTombstones: removals remembered for L{changesSince}.
+        @param observer: a child process that hashes for the scans instead
+            of the scan thread (see L{p2pfiles.scanworker}); its owner
+            closes it.
         """
         if runInThread is None:
             runInThread = lambda f, *a: threads.deferToThreadPool(
@@ -104,7 +108,7 @@ class LocalIndex:
         self._state = EMPTY
         self._share = share
         self._cacheFile = state.child(CACHE_NAME)
-        self._scanner = ShareScanner(share, self._cacheFile, hasher, maxTombstones)
+        self._scanner = ShareScanner(share, self._cacheFile, hasher, maxTombstones, observer)
         self._reactor = reactor
         self._runInThread = runInThread
         self._pollInterval = pollInterval
@@ -330,6 +334,8 @@ class LocalIndex:
                 "ignoring hash cache {path}: {reason}",
                 path=self._cacheFile.path, reason=result.cacheProblem,
             )
+        if result.workerProblem is not None:
+            self.log.warn("hashing in the scan thread instead: {reason}", reason=result.workerProblem)
         for p in result.newProblems:
             name = p.key
             if isinstance(name, bytes):

@@ -41,6 +41,7 @@ from p2pfiles.identity import NodeCertificate, Pins, stateIdentity
 from p2pfiles.localindex import LocalIndex
 from p2pfiles.membership import Membership
 from p2pfiles.admission import ConnectionLimits
+from p2pfiles.runtime import NoPolicy
 from p2pfiles.protocol import IConnectionHandler, LocalIdentity, P2PFactory, P2PProtocol
 from p2pfiles.session import IRequestContext, RequestSession
 from p2pfiles.status import StatusBoard
@@ -161,10 +162,14 @@ class Node(MultiService):
         runInThread: Optional[Callable[..., Deferred]] = None,
         useInotify: bool = True,
         security: Optional[IConnectionSecurity] = None,
+        policy: Optional[Any] = None,
     ) -> None:
         """
         @param security: how the node secures its connections; by default
             TLS with C{config.certificate}, which it then needs.
+        @param policy: the process's collector and thread-switch settings
+            (a L{ProcessPolicy}), applied while the node runs; by default
+            L{NoPolicy}, which changes nothing.
         """
         super().__init__()
         self.config = config
@@ -176,6 +181,7 @@ class Node(MultiService):
                 return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
 
         self.runInThread = runInThread
+        self.policy = policy if policy is not None else NoPolicy()
         if security is None:
             if config.certificate is not None:
                 security = TLS(config.certificate)
@@ -187,8 +193,10 @@ class Node(MultiService):
         self.identity = LocalIdentity(
             "node", config.id, config.address, config.secret, "control", security, config.pins
         )
+        self.scanObserver = self.policy.scanObserver()
         self.localIndex = LocalIndex(
-            config.share, config.state, reactor, runInThread=runInThread, useInotify=useInotify
+            config.share, config.state, reactor, runInThread=runInThread, useInotify=useInotify,
+            observer=self.scanObserver,
         )
         self.localIndex.subscribe(self._localChanges)
         self._localReady = Once()
@@ -307,6 +315,7 @@ class Node(MultiService):
     # Life cycle.
 
     def startService(self) -> None:
+        self.policy.start()
         self.config.share.makedirs(ignoreExistingDirectory=True)
         self.config.state.makedirs(ignoreExistingDirectory=True)
         if not self.config.secret:
@@ -346,8 +355,13 @@ class Node(MultiService):
         stopping.append(self.membership.closeLinks())
         for factory in self.factories:
             stopping.append(factory.closeAll())
-        stopping.append(self.localIndex.stop())
+        stopped = self.localIndex.stop()
+        if self.scanObserver is not None:
+            # Once no scan runs, the child that hashed for them can go.
+            stopped.addCallback(lambda _: self.runInThread(self.scanObserver.close))
+        stopping.append(stopped)
         stopping.append(self.keeper.stop())
+        self.policy.stop()
         self._localReady.fire(Failure(P2PError("the node stopped", "unavailable")))
         return DeferredList(stopping, consumeErrors=True)
 

@@ -23,6 +23,7 @@ from p2pfiles.etcd import DEFAULT_PREFIX, DEFAULT_TTL, checkPrefix
 from p2pfiles.heartbeat import EpochStore
 from p2pfiles.identity import IdentityError, NodeCertificate, Pins, loadIdentity, parseFingerprint, stateIdentity
 from p2pfiles.node import Node, NodeConfig
+from p2pfiles.runtime import ProcessPolicy
 from p2pfiles.web import TokenError, makeWebRoot, readToken
 
 
@@ -513,7 +514,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     """
     if reactor is None:
         from twisted.internet import reactor
-    node = Node(options.nodeConfig(), reactor)
+    node = Node(options.nodeConfig(), reactor, policy=ProcessPolicy(reactor, **_policyOverrides()))
     endpoint = serverEndpoint(reactor, options["interface"], options["port"], node.security)
     listener = Listener(endpoint, node.listeningFactory(), formatAddress(options["interface"], options["port"]))
     top = NodeService(node, reactor)
@@ -580,3 +581,16 @@ def checkServerDescription(description: str) -> None:
     except (ValueError, TypeError, KeyError, ImportError) as e:
         reason = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
         raise usage.UsageError(f"--web {description}: not a usable server endpoint ({reason})") from None
+
+
+def _policyOverrides():  # EXPERIMENT ONLY
+    out = {}
+    if os.environ.get("P2PX_SWITCH"):
+        out["switchInterval"] = float(os.environ["P2PX_SWITCH"])
+    if os.environ.get("P2PX_THR"):
+        out["thresholds"] = tuple(int(x) for x in os.environ["P2PX_THR"].split(","))
+    if os.environ.get("P2PX_NICE"):
+        out["scanNice"] = int(os.environ["P2PX_NICE"])
+    if os.environ.get("P2PX_SLOW"):
+        out["slowPass"] = float(os.environ["P2PX_SLOW"])
+    return out
