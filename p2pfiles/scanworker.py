@@ -19,8 +19,8 @@ back one observation per name while the child goes on with the next batch:
 the child hashes while the scan thread builds entries.  The child is ours,
 started from our own interpreter, so the batches are pickled.
 
-This module imports nothing else of the package: the child imports it
-alone, and starts in a few tens of milliseconds.
+This module imports nothing but the standard library: the child runs this
+file alone, and starts in a few tens of milliseconds.
 """
 
 import errno
@@ -212,8 +212,8 @@ def serve(requests: BinaryIO, answers: BinaryIO) -> None:
 
 def main(argv: Sequence[str]) -> None:
     """
-    C{python -m p2pfiles.scanworker NICE}: lower our priority by NICE and
-    serve requests on standard input.  The node ends the child by closing
+    C{python -I scanworker.py NICE}: lower our priority by NICE and serve
+    requests on standard input.  The node ends the child by closing
     its input; signals sent to the node's process group (Ctrl-C, a service
     manager's SIGTERM) are the node's to act on, so the child ignores them.
     """
@@ -236,12 +236,16 @@ class ProcessObserver:
     kept for the next ones, and started again if it died.
 
     @param command: the child's command line; by default this interpreter
-        running this module at C{nice}.
+        running this file at C{nice}.
     """
 
     def __init__(self, nice: int = WORKER_NICE, batch: int = BATCH, command: Optional[Sequence[str]] = None) -> None:
         if command is None:
-            command = [sys.executable, "-m", "p2pfiles.scanworker", str(nice)]
+            # This file run as a script, isolated (-I: no environment, no
+            # user site, nothing prepended to the path): it needs the
+            # standard library alone, so the child runs this very code
+            # whatever the path says.
+            command = [sys.executable, "-I", os.path.abspath(__file__), str(nice)]
         self.command = list(command)
         self.batch = batch
         self._process: Optional[subprocess.Popen] = None
