@@ -443,7 +443,12 @@ class Node(MultiService):
             if leader is not None:
                 others = sorted(m for m in coordinator.members() if m != leader)
                 if others and others[0] == self.id:
-                    self.keeper.standBy(list(self.localIndex.entries.values()), self._liveMembers())
+                    # A keeper already gathering has this node's files
+                    # current (see _localChanges): packing them all again,
+                    # on the reactor, at every change of the live members
+                    # would hold up heartbeats.  _tick reconciles members.
+                    if not self.keeper.gathering:
+                        self.keeper.standBy(list(self.localIndex.entries.values()), self._liveMembers())
                 else:
                     self.keeper.idle()
         self._tick()

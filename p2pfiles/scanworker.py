@@ -220,6 +220,12 @@ def main(argv: Sequence[str]) -> None:
     for number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(number, signal.SIG_IGN)
     try:
+        # A batch task: the kernel never lets its wake-ups preempt others,
+        # and lets the reactor threads of the nodes preempt it.
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError):
+        pass  # not Linux
+    try:
         os.nice(int(argv[0]) if argv else WORKER_NICE)
     except OSError:
         pass

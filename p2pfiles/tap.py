@@ -24,6 +24,7 @@ from p2pfiles.heartbeat import EpochStore
 from p2pfiles.identity import IdentityError, NodeCertificate, Pins, loadIdentity, parseFingerprint, stateIdentity
 from p2pfiles.node import Node, NodeConfig
 from p2pfiles.runtime import ProcessPolicy
+from p2pfiles.scanworker import WORKER_NICE
 from p2pfiles.web import TokenError, makeWebRoot, readToken
 
 
@@ -38,6 +39,13 @@ def _atLeastOne(text: str) -> int:
     value = int(text)
     if value < 1:
         raise ValueError("must be a whole number, at least 1")
+    return value
+
+
+def _niceness(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 19:
+        raise ValueError("must be a whole number from 0 to 19")
     return value
 
 
@@ -218,6 +226,14 @@ class Options(usage.Options):
             "(e.g. tcp:9101:interface=127.0.0.1); off when absent. A non-loopback endpoint needs --web-token-file.",
         ],
         ["web-token-file", None, None, "File holding the bearer token every web request must carry."],
+        [
+            "scan-nice",
+            None,
+            WORKER_NICE,
+            "How much lower than the node's own the CPU priority of the process that hashes the share is, "
+            "0 to 19: the higher, the surer heartbeats go out on time while hashing on a busy machine.",
+            _niceness,
+        ],
         [
             "part-max-age",
             None,
@@ -514,7 +530,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     """
     if reactor is None:
         from twisted.internet import reactor
-    node = Node(options.nodeConfig(), reactor, policy=ProcessPolicy(reactor, **_policyOverrides()))
+    node = Node(options.nodeConfig(), reactor, policy=ProcessPolicy(reactor, scanNice=options["scan-nice"]))
     endpoint = serverEndpoint(reactor, options["interface"], options["port"], node.security)
     listener = Listener(endpoint, node.listeningFactory(), formatAddress(options["interface"], options["port"]))
     top = NodeService(node, reactor)
@@ -582,15 +598,3 @@ def checkServerDescription(description: str) -> None:
         reason = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
         raise usage.UsageError(f"--web {description}: not a usable server endpoint ({reason})") from None
 
-
-def _policyOverrides():  # EXPERIMENT ONLY
-    out = {}
-    if os.environ.get("P2PX_SWITCH"):
-        out["switchInterval"] = float(os.environ["P2PX_SWITCH"])
-    if os.environ.get("P2PX_THR"):
-        out["thresholds"] = tuple(int(x) for x in os.environ["P2PX_THR"].split(","))
-    if os.environ.get("P2PX_NICE"):
-        out["scanNice"] = int(os.environ["P2PX_NICE"])
-    if os.environ.get("P2PX_SLOW"):
-        out["slowPass"] = float(os.environ["P2PX_SLOW"])
-    return out
