@@ -36,7 +36,7 @@ import threading
 from typing import Any, BinaryIO, Callable, Iterator, List, Optional, Sequence, Tuple
 
 __all__ = [
-    "BATCH", "GONE", "HASH_TRIES", "ProcessObserver", "UNSTABLE", "WORKER_NICE", "WorkerFailed",
+    "BATCH", "GONE", "HASH_TRIES", "MAX_WORKERS", "ProcessObserver", "UNSTABLE", "WORKER_NICE", "WorkerFailed",
     "hashOpened", "observe",
 ]
 
@@ -50,6 +50,9 @@ CHUNK = 1 << 20
 # How much lower than the node the child runs (0 to 19): enough that the
 # kernel prefers any node's reactor thread to any hashing.
 WORKER_NICE = 10
+
+# Children at most: hashing small files is one core's work per child.
+MAX_WORKERS = 2
 
 # Names per request to the child: large enough that a request costs little
 # per name, small enough that the scan thread has the first answers soon.
@@ -237,15 +240,22 @@ def main(argv: Sequence[str]) -> None:
 
 class ProcessObserver:
     """
-    A child process that runs L{observe} for a scan thread.  One scan at a
-    time uses it (scans never overlap); it is started at the first scan and
-    kept for the next ones, and started again if it died.
+    Child processes that run L{observe} for a scan thread, each on every
+    C{workers}-th batch, so that the share is hashed on as many cores.
+    One scan at a time uses them (scans never overlap); they are started at
+    the first scan and kept for the next ones, and started again if one
+    died.
 
-    @param command: the child's command line; by default this interpreter
+    @param workers: how many children; by default one per core, at most
+        L{MAX_WORKERS}.
+    @param command: a child's command line; by default this interpreter
         running this file at C{nice}.
     """
 
-    def __init__(self, nice: int = WORKER_NICE, batch: int = BATCH, command: Optional[Sequence[str]] = None) -> None:
+    def __init__(
+        self, nice: int = WORKER_NICE, batch: int = BATCH, command: Optional[Sequence[str]] = None,
+        workers: Optional[int] = None,
+    ) -> None:
         if command is None:
             # This file run as a script, isolated (-I: no environment, no
             # user site, nothing prepended to the path): it needs the
@@ -254,97 +264,110 @@ class ProcessObserver:
             command = [sys.executable, "-I", os.path.abspath(__file__), str(nice)]
         self.command = list(command)
         self.batch = batch
-        self._process: Optional[subprocess.Popen] = None
+        self.workers = workers if workers is not None else max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+        self._processes: List[subprocess.Popen] = []
         self._lock = threading.Lock()
         self._closed = False
 
-    def _child(self) -> subprocess.Popen:
-        process = self._process
-        if process is not None and process.poll() is None:
-            return process
+    def pids(self) -> List[int]:
+        """
+        The process ids of the children running now.
+        """
+        return [p.pid for p in self._processes if p.poll() is None]
+
+    def _children(self) -> List[subprocess.Popen]:
         if self._closed:
             raise WorkerFailed("the scan worker was closed")
+        if len(self._processes) == self.workers and all(p.poll() is None for p in self._processes):
+            return self._processes
+        self._stopAll()
         try:
-            process = self._process = subprocess.Popen(
-                self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True
-            )
+            for _ in range(self.workers):
+                self._processes.append(
+                    subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+                )
         except OSError as e:
+            self._stopAll()
             raise WorkerFailed(f"cannot start the scan worker: {e}") from None
-        return process
+        return self._processes
 
     def observeAll(self, sharePath: bytes, shareReal: bytes, items: List[Tuple[str, Optional[Signature]]]) -> Iterator[Observation]:
         """
         Yield L{observe}'s answer for each of C{items} (C{(name, cached
-        signature)}), in order.  Raises L{WorkerFailed} if the child dies or
+        signature)}), in order.  Raises L{WorkerFailed} if a child dies or
         cannot be started; what was yielded until then holds.  Blocks: call
         it in a thread.
         """
         with self._lock:
-            process = self._child()
-            stdin, stdout = process.stdin, process.stdout
-            assert stdin is not None and stdout is not None
+            children = self._children()
             batches = [items[i:i + self.batch] for i in range(0, len(items), self.batch)]
-            failed: List[BaseException] = []
 
             def feed() -> None:
-                # Requests go in from a thread of their own, so that the
-                # child always has the next batch while we read an answer,
-                # and neither side can block the other on a full pipe.
+                # Requests go in from a thread of their own, in order, so
+                # that every child has its next batch while we read an
+                # answer, and neither side can block the other on a full
+                # pipe (we always wait for the oldest batch, which was sent).
                 try:
-                    for batch in batches:
+                    for k, batch in enumerate(batches):
+                        stdin = children[k % len(children)].stdin
+                        assert stdin is not None
                         _writeFrame(stdin, pickle.dumps((sharePath, shareReal, batch), protocol=pickle.HIGHEST_PROTOCOL))
-                except (OSError, ValueError) as e:
-                    failed.append(e)
+                except (OSError, ValueError):
+                    pass  # the child died: the reader finds out
 
             feeder = threading.Thread(target=feed, name="scan-worker-feeder", daemon=True)
             feeder.start()
             try:
-                for batch in batches:
-                    answer = _readFrame(stdout)
+                for k, batch in enumerate(batches):
+                    child = children[k % len(children)]
+                    assert child.stdout is not None
+                    answer = _readFrame(child.stdout)
                     if answer is None:
-                        raise WorkerFailed(f"the scan worker stopped (exit status {process.poll()})")
+                        raise WorkerFailed(f"the scan worker stopped (exit status {child.poll()})")
                     observations = pickle.loads(answer)
                     if len(observations) != len(batch):
                         raise WorkerFailed("the scan worker answered out of step")
                     yield from observations
             except BaseException:
-                # Out of step with the child (or abandoned by our caller):
-                # start afresh next time.
-                self._kill(process)
+                # Out of step with the children (or abandoned by our
+                # caller): start afresh next time.
+                self._stopAll()
                 raise
             finally:
                 feeder.join()
 
-    def _kill(self, process: subprocess.Popen) -> None:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
-        for stream in (process.stdin, process.stdout):
-            if stream is not None:
-                try:
-                    stream.close()
-                except OSError:
-                    pass
-        if self._process is process:
-            self._process = None
+    def _stopAll(self) -> None:
+        processes, self._processes = self._processes, []
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+            for stream in (process.stdin, process.stdout):
+                if stream is not None:
+                    try:
+                        stream.close()
+                    except OSError:
+                        pass
 
     def close(self, timeout: float = 5.0) -> None:
         """
-        Stop the child (it ends at the end of its input).  Blocks up to
-        C{timeout} seconds, then kills it.
+        Stop the children (each ends at the end of its input).  Blocks up to
+        C{timeout} seconds, then kills them.
         """
         self._closed = True
         with self._lock:
-            process, self._process = self._process, None
-        if process is None:
-            return
-        try:
-            if process.stdin is not None:
-                process.stdin.close()
-            process.wait(timeout)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-        self._kill(process)
+            for process in self._processes:
+                try:
+                    if process.stdin is not None:
+                        process.stdin.close()
+                except OSError:
+                    pass
+            for process in self._processes:
+                try:
+                    process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    pass
+            self._stopAll()
 
 
 if __name__ == "__main__":

@@ -180,24 +180,29 @@ class ProcessObserverTests(ShareMixin, SynchronousTestCase):
             self.share.child(name).setContent(os.urandom(k))
         items = [(name, self.signature(name) if k % 3 == 0 else None) for k, name in enumerate(names)]
         items.append(("missing", None))
-        observer = self.observer(batch=7)
+        observer = self.observer(batch=7, workers=3)
         here = [observe(self.sharePath, self.shareReal, name, cached) for name, cached in items]
         self.assertEqual(list(observer.observeAll(self.sharePath, self.shareReal, items)), here)
-        process = observer._process
+        pids = observer.pids()
+        self.assertEqual(len(pids), 3)
         self.assertEqual(list(observer.observeAll(self.sharePath, self.shareReal, items[:3])), here[:3])
-        self.assertIs(observer._process, process)
+        self.assertEqual(observer.pids(), pids)
         self.assertEqual(list(observer.observeAll(self.sharePath, self.shareReal, [])), [])
 
     def test_lowerPriority(self) -> None:
         """
-        The child runs at the niceness it was given, above the parent's.
+        Each child runs at the niceness it was given above the parent's, as
+        a batch task (never preempting on wake-up).
         """
         self.share.child("a").setContent(b"A")
         observer = self.observer(nice=7)
         list(observer.observeAll(self.sharePath, self.shareReal, [("a", None)]))
-        assert observer._process is not None
         own = os.getpriority(os.PRIO_PROCESS, 0)
-        self.assertEqual(os.getpriority(os.PRIO_PROCESS, observer._process.pid), min(19, own + 7))
+        pids = observer.pids()
+        self.assertTrue(pids)
+        for pid in pids:
+            self.assertEqual(os.getpriority(os.PRIO_PROCESS, pid), min(19, own + 7))
+            self.assertEqual(os.sched_getscheduler(pid), os.SCHED_BATCH)
 
     def test_closeEndsChild(self) -> None:
         """
@@ -207,10 +212,13 @@ class ProcessObserverTests(ShareMixin, SynchronousTestCase):
         self.share.child("a").setContent(b"A")
         observer = self.observer()
         list(observer.observeAll(self.sharePath, self.shareReal, [("a", None)]))
-        process = observer._process
-        assert process is not None
+        pids = observer.pids()
+        self.assertTrue(pids)
         observer.close()
-        self.assertIsNotNone(process.poll())
+        self.assertEqual(observer.pids(), [])
+        for pid in pids:
+            # Reaped: no such process any more.
+            self.assertRaises(ProcessLookupError, os.kill, pid, 0)
         with self.assertRaises(WorkerFailed):
             list(observer.observeAll(self.sharePath, self.shareReal, [("a", None)]))
 

@@ -745,7 +745,7 @@ class MakeServiceTests(OptionsTestCase):
         self.assertEqual(node.policy.freezes, 0)
         self.assertIsInstance(node.scanObserver, ProcessObserver)
         self.assertEqual(node.scanObserver.command[-1], "4")
-        self.assertIsNone(node.scanObserver._process)
+        self.assertEqual(node.scanObserver.pids(), [])
 
     def test_coordinator(self) -> None:
         """
