@@ -23,7 +23,8 @@ events (queue overflow) and cannot see a share directory that is replaced.
 
 import os
 import secrets
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from contextlib import nullcontext
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
 
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, fail, succeed
@@ -91,6 +92,7 @@ class LocalIndex:
         hasher: Callable[[str, int], Tuple[str, int, os.stat_result]] = hashOpened,
         maxTombstones: int = MAX_TOMBSTONES,
         observer: Optional[ProcessObserver] = None,
+        quiet: Callable[[], ContextManager[None]] = nullcontext,
     ) -> None:
         """
         @param hasher: like L{hashOpened}, run in the scan thread; replaceable
@@ -99,6 +101,8 @@ class LocalIndex:
         @param observer: a child process that hashes for the scans instead
             of the scan thread (see L{p2pfiles.scanworker}); its owner
             closes it.
+        @param quiet: every scan runs inside C{quiet()} (see
+            L{ShareScanner}).
         """
         if runInThread is None:
             runInThread = lambda f, *a: threads.deferToThreadPool(
@@ -108,7 +112,7 @@ class LocalIndex:
         self._state = EMPTY
         self._share = share
         self._cacheFile = state.child(CACHE_NAME)
-        self._scanner = ShareScanner(share, self._cacheFile, hasher, maxTombstones, observer)
+        self._scanner = ShareScanner(share, self._cacheFile, hasher, maxTombstones, observer, quiet)
         self._reactor = reactor
         self._runInThread = runInThread
         self._pollInterval = pollInterval

@@ -32,8 +32,9 @@ import heapq
 import json
 import os
 import re
+from contextlib import nullcontext
 from itertools import islice
-from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, TypeVar, Union
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, NamedTuple, Optional, Tuple, TypeVar, Union
 
 from twisted.logger import LogLevel
 from twisted.python.filepath import FilePath
@@ -184,6 +185,7 @@ class ShareScanner:
         hasher: Callable[[str, int], Tuple[str, int, os.stat_result]] = hashOpened,
         maxTombstones: int = MAX_TOMBSTONES,
         observer: Optional[ProcessObserver] = None,
+        quiet: Callable[[], ContextManager[None]] = nullcontext,
     ) -> None:
         """
         @param hasher: hashes a file when it is looked at in the scan
@@ -191,19 +193,28 @@ class ShareScanner:
         @param observer: a child process that looks at the files instead
             (the scan thread then only lists the share and builds the
             state); L{None} to look at them in the scan thread.
+        @param quiet: every scan runs inside C{quiet()}: the process policy
+            keeps the garbage collector from walking the objects a scan
+            builds (see L{p2pfiles.runtime.ProcessPolicy.quietCollector}).
         """
         self.sharePath = os.fsencode(share.path)
         self.cacheFile = cacheFile
         self.hasher = hasher
         self.maxTombstones = maxTombstones
         self.observer = observer
+        self.quiet = quiet
 
     # Scanning
 
     def scan(self, old: ShareState) -> ScanResult:
         """
-        Scan the share and return the state that follows C{old}.
+        Scan the share and return the state that follows C{old}, inside
+        C{quiet()}.
         """
+        with self.quiet():
+            return self._scan(old)
+
+    def _scan(self, old: ShareState) -> ScanResult:
         # Every scan (re)creates the share: one that was removed is then an
         # empty share, not a failed scan logged at every poll.
         os.makedirs(self.sharePath, exist_ok=True)

@@ -9,7 +9,8 @@ import io
 import os
 import pickle
 import sys
-from typing import Any, List, Tuple
+from contextlib import contextmanager
+from typing import Any, Iterator, List, Tuple
 
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
@@ -249,6 +250,23 @@ class ProcessObserverTests(ShareMixin, SynchronousTestCase):
         self.assertEqual(list(there.state.entries), list(here.state.entries))
         self.assertEqual(there.state.cache, here.state.cache)
         self.assertIsNone(there.workerProblem)
+
+    def test_scanInsideQuiet(self) -> None:
+        """
+        Each scan runs inside the scanner's C{quiet()}, once.
+        """
+        self.share.child("a").setContent(b"A")
+        entered: List[str] = []
+
+        @contextmanager
+        def quiet() -> Iterator[None]:
+            entered.append("in")
+            yield
+            entered.append("out")
+
+        scanner = ShareScanner(self.share, FilePath(self.mktemp()).child("c.json"), quiet=quiet)
+        result = scanner.scan(EMPTY)
+        self.assertEqual((entered, list(result.state.entries)), (["in", "out"], ["a"]))
 
     def test_scanFallsBack(self) -> None:
         """
