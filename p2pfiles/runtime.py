@@ -57,7 +57,7 @@ GC_THRESHOLDS = (10_000, 10, 10)
 
 # A full pass at least this long means many long-lived objects: freeze what
 # it left.
-SLOW_PASS = 0.005
+SLOW_PASS = 0.02
 
 # A pass at least this long is logged.
 LOGGED_PASS = 0.05
@@ -154,13 +154,13 @@ class ProcessPolicy:
     def quietCollector(self) -> Iterator[None]:
         """
         Keep the collector off while a scan builds its state (in the scan
-        thread), then freeze what it built if that was many objects.  A
-        scan of 100,000 files builds two objects per file; collected as they
-        come, they are walked by young and middle passes, each of which
-        holds the GIL (tens of milliseconds on a busy machine), and then by
-        the full ones.  They hold no reference cycles, so leaving them
-        uncollected loses nothing, and the process's other objects wait a
-        few seconds at most.
+        thread).  A scan of 100,000 files builds two objects per file;
+        collected as they come, they would be walked by tens of young and
+        middle passes and by full ones, each holding the GIL (tens of
+        milliseconds on a busy machine).  Off, they are walked once, by the
+        first young pass after the scan.  Nothing is frozen here: the
+        reactor thread goes on meanwhile, and what it left as garbage
+        cycles must still be collected.
         """
         if not self._running:
             yield
@@ -169,8 +169,6 @@ class ProcessPolicy:
         try:
             yield
         finally:
-            if self.gc.get_count()[0] >= self.thresholds[0]:
-                self._freeze()
             self.gc.enable()
 
     def _collection(self, phase: str, info: Dict[str, Any]) -> None:
