@@ -196,11 +196,12 @@ class ProcessObserverTests(ShareMixin, SynchronousTestCase):
         a batch task (never preempting on wake-up).
         """
         self.share.child("a").setContent(b"A")
-        observer = self.observer(nice=7)
-        list(observer.observeAll(self.sharePath, self.shareReal, [("a", None)]))
+        observer = self.observer(nice=7, batch=1, workers=2)
+        # One batch each: both children have answered, so both are set up.
+        list(observer.observeAll(self.sharePath, self.shareReal, [("a", None), ("a", None)]))
         own = os.getpriority(os.PRIO_PROCESS, 0)
         pids = observer.pids()
-        self.assertTrue(pids)
+        self.assertEqual(len(pids), 2)
         for pid in pids:
             self.assertEqual(os.getpriority(os.PRIO_PROCESS, pid), min(19, own + 7))
             self.assertEqual(os.sched_getscheduler(pid), os.SCHED_BATCH)
