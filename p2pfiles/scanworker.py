@@ -275,6 +275,15 @@ class ProcessObserver:
         """
         return [p.pid for p in self._processes if p.poll() is None]
 
+    def start(self) -> None:
+        """
+        Start the children now if they are not running, so that they get
+        ready while the scan thread lists the share.  Raises
+        L{WorkerFailed} if they cannot be started.  Blocks briefly.
+        """
+        with self._lock:
+            self._children()
+
     def _children(self) -> List[subprocess.Popen]:
         if self._closed:
             raise WorkerFailed("the scan worker was closed")

@@ -224,6 +224,12 @@ class ShareScanner:
         if cache is None:
             cache, cacheProblem, current = self.loadCache()
             rewrite = not current
+        if self.observer is not None:
+            try:
+                # The children start up while we list the share.
+                self.observer.start()
+            except WorkerFailed:
+                pass  # said when the observations are asked for
         shareReal = os.path.realpath(self.sharePath)
         entries: Dict[str, FileEntry] = {}
         newCache: Cache = {}

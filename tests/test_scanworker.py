@@ -206,6 +206,21 @@ class ProcessObserverTests(ShareMixin, SynchronousTestCase):
             self.assertEqual(os.getpriority(os.PRIO_PROCESS, pid), min(19, own + 7))
             self.assertEqual(os.sched_getscheduler(pid), os.SCHED_BATCH)
 
+    def test_start(self) -> None:
+        """
+        L{ProcessObserver.start} starts the children before any request,
+        once: the next requests use them.
+        """
+        self.share.child("a").setContent(b"A")
+        observer = self.observer(workers=2)
+        self.assertEqual(observer.pids(), [])
+        observer.start()
+        pids = observer.pids()
+        self.assertEqual(len(pids), 2)
+        observer.start()
+        self.assertEqual(list(observer.observeAll(self.sharePath, self.shareReal, [("a", None)]))[0][-1], sha(b"A"))
+        self.assertEqual(observer.pids(), pids)
+
     def test_closeEndsChild(self) -> None:
         """
         L{ProcessObserver.close} ends the child; a closed observer refuses
