@@ -20,9 +20,14 @@ C{{"files": {name: {"inode", "mtime_ns", "sha256", "size"}}, "version": 1}},
 written L{STEP} names to a line so that it can be written and read in small
 steps (a reader of plain JSON sees no difference).
 
-The reactor thread shares the GIL with this work.  It gives the GIL up at
-every system call and waits to get it back, so no single C call here may
-run long (sorting and JSON go in pieces of L{STEP}); and the objects a scan
+What each file is (its signature, and its hash when the cached one does
+not hold) is looked at by L{p2pfiles.scanworker.observe}: in the scan
+thread, or, for a node, in child processes that share no GIL with the
+reactor (L{ShareScanner}'s C{observer}).
+
+The reactor thread shares the GIL with the rest of this work.  It gives the
+GIL up at every system call and waits to get it back, so no single C call
+here may run long (sorting and JSON go in pieces of L{STEP}); and the objects a scan
 keeps per file are only those it shares, the previous scan's where nothing
 changed, because a full pass of the garbage collector holds the GIL too.
 """
@@ -48,7 +53,7 @@ from p2pfiles.wire import FileEntry
 
 __all__ = [
     "Changes", "EMPTY", "MAX_TOMBSTONES", "Problem", "ScanResult", "ShareScanner", "ShareState",
-    "changes", "hashFile", "hashOpened", "HASH_TRIES",
+    "HASH_TRIES", "changes", "hashFile", "hashOpened",
 ]
 
 CACHE_VERSION = 1
