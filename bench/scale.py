@@ -69,7 +69,7 @@ virtualenv holding the p2pfiles to measure: the nodes are its twistd.
 
 Usage: .venv/bin/python bench/scale.py [--files 100000] [--dir DIR] [--keep]
            [--warm 3] [--adds 5] [--poll cli|direct] [--poll-interval 2]
-           [--ten] [--quick]
+           [--ten] [--quick] [--node-arg ARG ...]
 """
 
 import argparse
@@ -688,7 +688,7 @@ class ScaleRun:
 
     def threeNodes(self) -> None:
         args = self.args
-        cluster = Cluster(3, self.root)
+        cluster = Cluster(3, self.root, extraArgs=self.args.node_arg)
         self.clusters.append(cluster)
         self.watchCluster(cluster)
         print(f"  node 1: {' '.join(cluster.argv(1))}", flush=True)
@@ -753,7 +753,7 @@ class ScaleRun:
             removeAdded(node.share)
 
     def tenNodes(self) -> None:
-        cluster = Cluster(10, self.root)
+        cluster = Cluster(10, self.root, extraArgs=self.args.node_arg)
         self.clusters.append(cluster)
         for node in cluster.nodes.values():
             # Cold again; the logs go on (their lines are already stamped).
@@ -997,6 +997,10 @@ def main(argv: Optional[List[str]] = None) -> List[Figure]:
     parser.add_argument("--poll", choices=("cli", "direct"), default="cli", help="ask status with the CLI (default) or in-process")
     parser.add_argument("--poll-interval", type=float, default=2.0, help="seconds between status sweeps (default 2)")
     parser.add_argument("--ten", action="store_true", help="also 10 nodes x FILES (10 x FILES + 1 entries)")
+    parser.add_argument(
+        "--node-arg", action="append", default=[], metavar="ARG",
+        help="an extra argument for every cluster node's twistd p2pfiles, e.g. --node-arg=--scan-nice=0 (repeatable)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.files = 10_000

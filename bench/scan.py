@@ -33,7 +33,7 @@ The benchmark imports p2pfiles from this checkout (not the installed copy),
 so that it measures the code beside it.  It runs the global reactor, so it
 runs once per process.
 
-Usage: .venv/bin/python bench/scan.py [--files 100000] [--rounds 3] [--quick]
+Usage: .venv/bin/python bench/scan.py [--files 100000] [--rounds 3] [--quick] [--worker NICE]
 """
 
 import argparse
@@ -132,21 +132,25 @@ class StallMeter:
         return {"stall": self.longest, "gc": self.longestCollection}
 
 
-async def indexPhases(reactor: Any, share: str, state: str) -> Dict[str, Any]:
+async def indexPhases(reactor: Any, share: str, state: str, worker: Optional[int] = None) -> Dict[str, Any]:
     """
     Cold scan, warm restart and warm rescan of an index over C{share}, with
     a new state directory C{state}.  Each phase is timed until its Deferred
     fires; its stall figures run on until what it started (the hash cache
-    write after a cold scan) is done.
+    write after a cold scan) is done.  With C{worker} (a niceness), the
+    files are hashed in a child process at that niceness, as a node does.
     """
     from twisted.python.filepath import FilePath
 
     from p2pfiles.localindex import LocalIndex
+    from p2pfiles.scanworker import ProcessObserver
+
+    observer = None if worker is None else ProcessObserver(worker)
 
     meter = StallMeter(reactor)
     result: Dict[str, Any] = {}
 
-    index = LocalIndex(FilePath(share), FilePath(state), reactor)
+    index = LocalIndex(FilePath(share), FilePath(state), reactor, observer=observer)
     meter.start()
     started = time.monotonic()
     await index.start()
@@ -157,7 +161,7 @@ async def indexPhases(reactor: Any, share: str, state: str) -> Dict[str, Any]:
     del index  # a node holds one index: let the full GC passes below see one
 
 
-    again = LocalIndex(FilePath(share), FilePath(state), reactor)
+    again = LocalIndex(FilePath(share), FilePath(state), reactor, observer=observer)
     meter.start()
     started = time.monotonic()
     await again.start()
@@ -168,6 +172,8 @@ async def indexPhases(reactor: Any, share: str, state: str) -> Dict[str, Any]:
     await again.rescan()
     result["warm"] = dict(meter.stop(), seconds=time.monotonic() - started)
     await again.stop()
+    if observer is not None:
+        observer.close()
     return result
 
 
@@ -182,7 +188,7 @@ async def measure(reactor: Any, args: argparse.Namespace, share: str, root: str)
         meter.start()
         await deferLater(reactor, IDLE, lambda: None)
         r["idle"] = meter.stop()
-        r.update(await indexPhases(reactor, share, os.path.join(root, f"state-{k}")))
+        r.update(await indexPhases(reactor, share, os.path.join(root, f"state-{k}"), args.worker))
         baseRate = args.files / r["baseline"]
         rate = args.files / r["cold"]["seconds"]
         print(
@@ -204,6 +210,9 @@ def main(argv: Optional[List[str]] = None) -> List[Figure]:
     parser.add_argument("--files", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="10,000 files, 1 round")
+    parser.add_argument(
+        "--worker", type=int, metavar="NICE", help="hash in a child process at this niceness, as a node does (default: in the scan thread)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.files, args.rounds = 10_000, 1

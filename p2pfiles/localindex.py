@@ -32,7 +32,8 @@ events (queue overflow) and cannot see a share directory that is replaced.
 
 import os
 import secrets
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from contextlib import nullcontext
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
 
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, fail, succeed
@@ -50,7 +51,7 @@ except ImportError:  # not Linux: the share is polled
     inotify = None
 
 from p2pfiles.sharescan import (
-    EMPTY, MAX_TOMBSTONES, Changes, ScanResult, ShareScanner, changes, hashFile, hashOpened,
+    EMPTY, MAX_TOMBSTONES, Changes, ProcessObserver, ScanResult, ShareScanner, changes, hashFile, hashOpened,
     putRecordBack, resumed, takeRecord, writeRecord,
 )
 from p2pfiles.waiting import Once, Waiters
@@ -105,11 +106,18 @@ class LocalIndex:
         useInotify: bool = True,
         hasher: Callable[[str, int], Tuple[str, int, os.stat_result]] = hashOpened,
         maxTombstones: int = MAX_TOMBSTONES,
+        observer: Optional[ProcessObserver] = None,
+        quiet: Callable[[], ContextManager[None]] = nullcontext,
     ) -> None:
         """
         @param hasher: like L{hashOpened}, run in the scan thread; replaceable
             so that tests can count or fail reads.
         @param maxTombstones: removals remembered for L{changesSince}.
+        @param observer: a child process that hashes for the scans instead
+            of the scan thread (see L{p2pfiles.scanworker}); its owner
+            closes it.
+        @param quiet: every scan runs inside C{quiet()} (see
+            L{ShareScanner}).
         """
         if runInThread is None:
             runInThread = lambda f, *a: threads.deferToThreadPool(
@@ -120,7 +128,7 @@ class LocalIndex:
         self._share = share
         self._cacheFile = state.child(CACHE_NAME)
         self._recordFile = state.child(RECORD_NAME)
-        self._scanner = ShareScanner(share, self._cacheFile, hasher, maxTombstones)
+        self._scanner = ShareScanner(share, self._cacheFile, hasher, maxTombstones, observer, quiet)
         self._reactor = reactor
         self._runInThread = runInThread
         self._pollInterval = pollInterval
@@ -444,6 +452,8 @@ class LocalIndex:
                 "ignoring hash cache {path}: {reason}",
                 path=self._cacheFile.path, reason=result.cacheProblem,
             )
+        if result.workerProblem is not None:
+            self.log.warn("hashing in the scan thread instead: {reason}", reason=result.workerProblem)
         for p in result.newProblems:
             name = p.key
             if isinstance(name, bytes):

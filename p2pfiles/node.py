@@ -42,6 +42,7 @@ from p2pfiles.identity import NodeCertificate, Pins, stateIdentity
 from p2pfiles.localindex import LocalIndex
 from p2pfiles.membership import Membership
 from p2pfiles.admission import ConnectionLimits
+from p2pfiles.runtime import NoPolicy
 from p2pfiles.protocol import IConnectionHandler, LocalIdentity, P2PFactory, P2PProtocol
 from p2pfiles.session import RequestSession
 from p2pfiles.status import StatusBoard
@@ -164,10 +165,14 @@ class Node(MultiService):
         runInThread: Optional[Callable[..., Deferred]] = None,
         useInotify: bool = True,
         security: Optional[IConnectionSecurity] = None,
+        policy: Optional[Any] = None,
     ) -> None:
         """
         @param security: how the node secures its connections; by default
             TLS with C{config.certificate}, which it then needs.
+        @param policy: the process's collector and thread-switch settings
+            (a L{ProcessPolicy}), applied while the node runs; by default
+            L{NoPolicy}, which changes nothing.
         """
         super().__init__()
         self.config = config
@@ -179,6 +184,7 @@ class Node(MultiService):
                 return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
 
         self.runInThread = runInThread
+        self.policy = policy if policy is not None else NoPolicy()
         if security is None:
             if config.certificate is not None:
                 security = TLS(config.certificate)
@@ -190,8 +196,10 @@ class Node(MultiService):
         self.identity = LocalIdentity(
             "node", config.id, config.address, config.secret, "control", security, config.pins
         )
+        self.scanObserver = self.policy.scanObserver()
         self.localIndex = LocalIndex(
-            config.share, config.state, reactor, runInThread=runInThread, useInotify=useInotify
+            config.share, config.state, reactor, runInThread=runInThread, useInotify=useInotify,
+            observer=self.scanObserver, quiet=self.policy.quietCollector,
         )
         self.localIndex.subscribe(self._localChanges)
         self._localReady = Once()
@@ -313,6 +321,7 @@ class Node(MultiService):
     # Life cycle.
 
     def startService(self) -> None:
+        self.policy.start()
         self.config.share.makedirs(ignoreExistingDirectory=True)
         self.config.state.makedirs(ignoreExistingDirectory=True)
         if not self.config.secret:
@@ -357,8 +366,13 @@ class Node(MultiService):
         stopping.append(self.membership.closeLinks())
         for factory in self.factories:
             stopping.append(factory.closeAll())
-        stopping.append(self.localIndex.stop())
+        stopped = self.localIndex.stop()
+        if self.scanObserver is not None:
+            # Once no scan runs, the child that hashed for them can go.
+            stopped.addCallback(lambda _: self.runInThread(self.scanObserver.close))
+        stopping.append(stopped)
         stopping.append(self.keeper.stop())
+        self.policy.stop()
         self._localReady.fire(Failure(P2PError("the node stopped", "unavailable")))
         return DeferredList(stopping, consumeErrors=True)
 
@@ -450,7 +464,12 @@ class Node(MultiService):
             if leader is not None:
                 others = sorted(m for m in coordinator.members() if m != leader)
                 if others and others[0] == self.id:
-                    self.keeper.standBy(list(self.localIndex.entries.values()), self._liveMembers())
+                    # A keeper already gathering has this node's files
+                    # current (see _localChanges): packing them all again,
+                    # on the reactor, at every change of the live members
+                    # would hold up heartbeats.  _tick reconciles members.
+                    if not self.keeper.gathering:
+                        self.keeper.standBy(list(self.localIndex.entries.values()), self._liveMembers())
                 else:
                     self.keeper.idle()
         self._tick()

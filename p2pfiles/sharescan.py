@@ -20,43 +20,47 @@ C{{"files": {name: {"inode", "mtime_ns", "sha256", "size"}}, "version": 1}},
 written L{STEP} names to a line so that it can be written and read in small
 steps (a reader of plain JSON sees no difference).
 
-The reactor thread shares the GIL with this work.  It gives the GIL up at
-every system call and waits to get it back, so no single C call here may
-run long (sorting and JSON go in pieces of L{STEP}); and the objects a scan
+What each file is (its signature, and its hash when the cached one does
+not hold) is looked at by L{p2pfiles.scanworker.observe}: in the scan
+thread, or, for a node, in child processes that share no GIL with the
+reactor (L{ShareScanner}'s C{observer}).
+
+The reactor thread shares the GIL with the rest of this work.  It gives the
+GIL up at every system call and waits to get it back, so no single C call
+here may run long (sorting and JSON go in pieces of L{STEP}); and the objects a scan
 keeps per file are only those it shares, the previous scan's where nothing
 changed, because a full pass of the garbage collector holds the GIL too.
 """
 
-import errno
 import hashlib
 import heapq
 import json
 import os
 import re
-import stat
+from contextlib import nullcontext
 from itertools import islice
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, TypeVar, Union
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, NamedTuple, Optional, Tuple, TypeVar, Union
 
 from twisted.logger import LogLevel
 from twisted.python.filepath import FilePath
 
 from p2pfiles.atomic import atomicWrite, fsyncDirectory
 from p2pfiles.names import nameProblem
+from p2pfiles.scanworker import (
+    HASH_TRIES, Observation, ProcessObserver, Signature, WorkerFailed, hashOpened, observe, problemSignature,
+)
 from p2pfiles.wire import FileEntry
 
 __all__ = [
     "Changes", "EMPTY", "MAX_TOMBSTONES", "Problem", "ScanResult", "ShareScanner", "ShareState",
-    "changes", "entriesDigest", "hashFile", "hashOpened", "putRecordBack", "resumed", "takeRecord", "writeRecord",
+    "HASH_TRIES", "changes", "entriesDigest", "hashFile", "hashOpened", "putRecordBack", "resumed", "takeRecord",
+    "writeRecord",
 ]
 
 CACHE_VERSION = 1
 
 # The format of the record a clean stop leaves (see writeRecord).
 RECORD_VERSION = 1
-
-# A file that keeps changing while we hash it is given up on after this many
-# tries; the next scan tries again.
-HASH_TRIES = 3
 
 # Removals remembered for deltas.  A tombstone costs about 100 bytes (a name
 # and an int in a dict), so 100,000 of them about 10 MB: as many as the
@@ -69,7 +73,7 @@ MAX_TOMBSTONES = 100_000
 # dump in one call (50-300 ms here) stalls the reactor for as long.
 STEP = 512
 
-# Files up to this size are read with one read() call.
+# Files are read this many bytes at a time by hashFile.
 CHUNK = 1 << 20
 
 # name -> {"size", "mtime_ns", "inode", "sha256"}: the hash cache.
@@ -116,46 +120,6 @@ def hashFile(path: str, chunk: int = CHUNK) -> Tuple[str, int]:
             digest.update(data)
             length += len(data)
     return digest.hexdigest(), length
-
-
-def hashOpened(path: str, size: int) -> Tuple[str, int, os.stat_result]:
-    """
-    Hash the file at C{path}, expected to hold C{size} bytes, and return its
-    SHA-256 (hex), the bytes read, and the C{fstat} of the file read, taken
-    after reading: what the hash describes.  A final symlink is not followed
-    (C{O_NOFOLLOW}).  A file of the expected size is read with a single
-    C{read()}; a larger one C{CHUNK} bytes at a time.  Blocks: call it in a
-    thread.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        if size < CHUNK:
-            data = os.read(fd, size + 1)
-            digest = hashlib.sha256(data)
-            length = len(data)
-            # A regular file reads short only at its end, so no more than
-            # size bytes means we are at the end: one read() does.  (Had the
-            # file changed, the caller sees it in the length or the fstat.)
-            more = length > size
-        else:
-            digest, length, more = hashlib.sha256(), 0, True
-        if more:
-            buffer = bytearray(CHUNK)
-            view = memoryview(buffer)
-            while True:
-                n = os.readv(fd, [buffer])
-                if not n:
-                    break
-                digest.update(view[:n])
-                length += n
-        return digest.hexdigest(), length, os.fstat(fd)
-    finally:
-        os.close(fd)
-
-
-def _signature(st: os.stat_result) -> Tuple[int, int, int]:
-    # What must be unchanged for a cached hash (or a fresh one) to hold.
-    return (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 def _sortedInSteps(items: List[_T]) -> List[_T]:
@@ -211,6 +175,7 @@ class ScanResult(NamedTuple):
     newProblems: List[Problem]
     cacheProblem: Optional[str]
     cacheChanged: bool
+    workerProblem: Optional[str] = None  # the child process failed: why
 
 
 class ShareScanner:
@@ -228,18 +193,37 @@ class ShareScanner:
         cacheFile: FilePath,
         hasher: Callable[[str, int], Tuple[str, int, os.stat_result]] = hashOpened,
         maxTombstones: int = MAX_TOMBSTONES,
+        observer: Optional[ProcessObserver] = None,
+        quiet: Callable[[], ContextManager[None]] = nullcontext,
     ) -> None:
+        """
+        @param hasher: hashes a file when it is looked at in the scan
+            thread (see L{observe}).
+        @param observer: a child process that looks at the files instead
+            (the scan thread then only lists the share and builds the
+            state); L{None} to look at them in the scan thread.
+        @param quiet: every scan runs inside C{quiet()}: the process policy
+            keeps the garbage collector from walking the objects a scan
+            builds (see L{p2pfiles.runtime.ProcessPolicy.quietCollector}).
+        """
         self.sharePath = os.fsencode(share.path)
         self.cacheFile = cacheFile
         self.hasher = hasher
         self.maxTombstones = maxTombstones
+        self.observer = observer
+        self.quiet = quiet
 
     # Scanning
 
     def scan(self, old: ShareState) -> ScanResult:
         """
-        Scan the share and return the state that follows C{old}.
+        Scan the share and return the state that follows C{old}, inside
+        C{quiet()}.
         """
+        with self.quiet():
+            return self._scan(old)
+
+    def _scan(self, old: ShareState) -> ScanResult:
         # Every scan (re)creates the share: one that was removed is then an
         # empty share, not a failed scan logged at every poll.
         os.makedirs(self.sharePath, exist_ok=True)
@@ -249,23 +233,40 @@ class ShareScanner:
         if cache is None:
             cache, cacheProblem, current = self.loadCache()
             rewrite = not current
+        if self.observer is not None:
+            try:
+                # The children start up while we list the share.
+                self.observer.start()
+            except WorkerFailed:
+                pass  # said when the observations are asked for
         shareReal = os.path.realpath(self.sharePath)
         entries: Dict[str, FileEntry] = {}
         newCache: Cache = {}
         problems: List[Problem] = []
         hashed = False
+        # The names to look at, each with the signature of its cached hash.
+        wanted: List[Tuple[str, Optional[Signature]]] = []
+        for raw in _sortedInSteps(os.listdir(self.sharePath)):
+            name = self._shareable(raw, problems)
+            if name is not None:
+                cached = cache.get(name)
+                wanted.append((name, None if cached is None else (cached["size"], cached["mtime_ns"], cached["inode"])))
         # Only the objects shared are kept per file (the entry, its cache
         # item), and those that did not change are the previous scan's: a
         # scan makes little work for the garbage collector, whose full passes
         # hold the GIL.
-        for raw in _sortedInSteps(os.listdir(self.sharePath)):
-            found = self._scanOne(raw, shareReal, cache, old.entries)
+        workerProblem: List[str] = []
+        # (Not zip(): it would leave the observations unfinished, and the
+        # child's answers are read to the end.)
+        for index, seen in enumerate(self._observations(shareReal, wanted, workerProblem)):
+            name = wanted[index][0]
+            found = self._found(name, seen, cache, old.entries)
             if isinstance(found, Problem):
                 problems.append(found)
             elif found is not None:
                 entry, item, read = found
-                entries[entry.name] = entry
-                newCache[entry.name] = item
+                entries[name] = entry
+                newCache[name] = item
                 hashed = hashed or read
         # A name keeps its cached item unless it was hashed, so the cache is
         # unchanged when nothing was hashed and no name left it.
@@ -275,7 +276,9 @@ class ShareScanner:
         reported = {p.key: p.signature for p in problems}
         newProblems = [p for p in problems if old.reported.get(p.key) != p.signature]
         state, changed, removed = self._diff(old, entries, newCache, reported)
-        return ScanResult(state, changed, removed, newProblems, cacheProblem, cacheChanged)
+        return ScanResult(
+            state, changed, removed, newProblems, cacheProblem, cacheChanged, workerProblem[0] if workerProblem else None
+        )
 
     def _diff(
         self, old: ShareState, entries: Dict[str, FileEntry], cache: Cache, reported: Dict[Any, Tuple[Any, ...]]
@@ -315,80 +318,76 @@ class ShareScanner:
                     del tombstones[name]
         return ShareState(entries, seqs, tombstones, seq, floor, cache, reported), changed, removed
 
-    def _scanOne(
-        self, raw: bytes, shareReal: bytes, cache: Cache, oldEntries: Dict[str, FileEntry]
-    ) -> Union[Tuple[FileEntry, Dict[str, Any], bool], Problem, None]:
+    def _shareable(self, raw: bytes, problems: List[Problem]) -> Optional[str]:
         """
-        What one name in the share is: see L{_hashOne}.
+        The name of the directory entry C{raw} if it may be shared; else
+        L{None}, with the reason added to C{problems} unless it is hidden.
         """
-        path = os.path.join(self.sharePath, raw)
         try:
             name = raw.decode("utf-8")
         except UnicodeDecodeError:
-            return self._problem(raw, path, "name is not valid UTF-8")
+            problems.append(self._problem(raw, os.path.join(self.sharePath, raw), "name is not valid UTF-8"))
+            return None
         if name.startswith("."):
             return None  # hidden, like partial downloads: not shared, not a problem
         problem = nameProblem(name)
         if problem is not None:
-            return self._problem(name, path, problem)
-        try:
-            return self._hashOne(name, path, shareReal, cache, oldEntries)
-        except FileNotFoundError:
-            return None  # removed while we looked at it: the next scan agrees
-        except OSError as e:
-            return self._problem(raw, path, e.strerror or str(e))
+            problems.append(self._problem(name, os.path.join(self.sharePath, raw), problem))
+            return None
+        return name
 
-    def _hashOne(
-        self, name: str, path: bytes, shareReal: bytes, cache: Cache, oldEntries: Dict[str, FileEntry]
+    def _observations(
+        self, shareReal: bytes, wanted: List[Tuple[str, Optional[Signature]]], workerProblem: List[str]
+    ) -> Iterator[Observation]:
+        """
+        L{observe} of each of C{wanted}, in order: by the child process if
+        there is one, else here.  If the child fails, the rest is looked at
+        here and why is added to C{workerProblem}.
+        """
+        done = 0
+        if self.observer is not None:
+            try:
+                for seen in self.observer.observeAll(self.sharePath, shareReal, wanted):
+                    yield seen
+                    done += 1
+                return
+            except WorkerFailed as e:
+                workerProblem.append(str(e))
+        sharePath, hasher = self.sharePath, self.hasher
+        for name, cached in wanted[done:]:
+            yield observe(sharePath, shareReal, name, cached, hasher)
+
+    def _found(
+        self, name: str, seen: Observation, cache: Cache, oldEntries: Dict[str, FileEntry]
     ) -> Union[Tuple[FileEntry, Dict[str, Any], bool], Problem, None]:
         """
-        The entry, cache item and whether it was read now, for one file; or
-        why it is not shared; or L{None} when it is silently not shared.
+        From what L{observe} saw of C{name}: its entry, its cache item and
+        whether it was read now; or why it is not shared; or L{None} when it
+        is silently not shared.
         """
-        st = os.lstat(path)
-        target = path
-        if stat.S_ISLNK(st.st_mode):
-            # Only a link to a visible file directly in the share is followed:
-            # a link must not publish anything the share would not.
-            target = os.path.realpath(path)
-            if os.path.dirname(target) != shareReal or os.path.basename(target).startswith(b"."):
-                return self._problem(name, path, "symlink does not lead to a visible file in the share")
-            st = os.lstat(target)
-        for attempt in range(HASH_TRIES):
-            if attempt:
-                st = os.lstat(target)
-            if not stat.S_ISREG(st.st_mode):
-                return None  # directories, devices, fifos: silently not shared
-            signature = _signature(st)
-            size, mtimeNs, inode = signature
-            cached = cache.get(name)
-            if cached is not None and (cached["size"], cached["mtime_ns"], cached["inode"]) == signature:
+        kind = seen[0]
+        if kind == "file":
+            _, size, mtimeNs, inode, mtime, digest = seen
+            if digest is None:
+                cached = cache[name]
                 digest = cached["sha256"]
                 previous = oldEntries.get(name)
-                if (
-                    previous is not None and previous.size == size
-                    and previous.mtime == st.st_mtime and previous.sha256 == digest
-                ):
+                if previous is not None and previous.size == size and previous.mtime == mtime and previous.sha256 == digest:
                     return previous, cached, False  # the same object in both states
-                return FileEntry(name, size, st.st_mtime, digest), cached, False
-            try:
-                digest, length, after = self.hasher(os.fsdecode(target), size)
-            except OSError as e:
-                if e.errno == errno.ELOOP:
-                    continue  # it became a symlink while we looked: look again
-                raise
-            if _signature(after) != signature or length != size:
-                continue  # changed while we read it
+                return FileEntry(name, size, mtime, digest), cached, False
             item = {"size": size, "mtime_ns": mtimeNs, "inode": inode, "sha256": digest}
-            return FileEntry(name, size, st.st_mtime, digest), item, True
-        return Problem(name, ("unstable",), "it kept changing while being hashed; will retry", LogLevel.info)
+            return FileEntry(name, size, mtime, digest), item, True
+        if kind == "problem":
+            _, reason, signature, osError = seen
+            # Reported under the name's bytes when the system refused it, as
+            # a name that cannot be decoded is.
+            return Problem(name.encode("utf-8") if osError else name, signature, reason, LogLevel.warn)
+        if kind == "unstable":
+            return Problem(name, ("unstable",), "it kept changing while being hashed; will retry", LogLevel.info)
+        return None
 
     def _problem(self, key: Any, path: bytes, reason: str) -> Problem:
-        try:
-            signature: Tuple[Any, ...] = (reason,) + _signature(os.lstat(path))
-        except OSError:
-            signature = (reason,)
-        return Problem(key, signature, reason, LogLevel.warn)
+        return Problem(key, problemSignature(reason, path), reason, LogLevel.warn)
 
     # The hash cache file
 

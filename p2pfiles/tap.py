@@ -23,6 +23,8 @@ from p2pfiles.etcd import DEFAULT_PREFIX, DEFAULT_TTL, checkPrefix
 from p2pfiles.heartbeat import EpochStore
 from p2pfiles.identity import IdentityError, NodeCertificate, Pins, loadIdentity, parseFingerprint, stateIdentity
 from p2pfiles.node import Node, NodeConfig
+from p2pfiles.runtime import ProcessPolicy
+from p2pfiles.scanworker import WORKER_NICE
 from p2pfiles.web import TokenError, makeWebRoot, readToken
 
 
@@ -37,6 +39,13 @@ def _atLeastOne(text: str) -> int:
     value = int(text)
     if value < 1:
         raise ValueError("must be a whole number, at least 1")
+    return value
+
+
+def _niceness(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 19:
+        raise ValueError("must be a whole number from 0 to 19")
     return value
 
 
@@ -225,6 +234,14 @@ class Options(usage.Options):
             "(e.g. tcp:9101:interface=127.0.0.1); off when absent. A non-loopback endpoint needs --web-token-file.",
         ],
         ["web-token-file", None, None, "File holding the bearer token every web request must carry."],
+        [
+            "scan-nice",
+            None,
+            WORKER_NICE,
+            "How much lower than the node's own the CPU priority of the process that hashes the share is, "
+            "0 to 19: the higher, the surer heartbeats go out on time while hashing on a busy machine.",
+            _niceness,
+        ],
         [
             "part-max-age",
             None,
@@ -522,7 +539,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     """
     if reactor is None:
         from twisted.internet import reactor
-    node = Node(options.nodeConfig(), reactor)
+    node = Node(options.nodeConfig(), reactor, policy=ProcessPolicy(reactor, scanNice=options["scan-nice"]))
     endpoint = serverEndpoint(reactor, options["interface"], options["port"], node.security)
     listener = Listener(endpoint, node.listeningFactory(), formatAddress(options["interface"], options["port"]))
     top = NodeService(node, reactor)
@@ -589,3 +606,4 @@ def checkServerDescription(description: str) -> None:
     except (ValueError, TypeError, KeyError, ImportError) as e:
         reason = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
         raise usage.UsageError(f"--web {description}: not a usable server endpoint ({reason})") from None
+

@@ -12,7 +12,7 @@ import random
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2pfiles import sharescan
+from p2pfiles import scanworker, sharescan
 from p2pfiles.sharescan import hashFile, hashOpened
 
 
@@ -50,7 +50,7 @@ class HashingTests(SynchronousTestCase):
             digest, length, after = hashOpened(path.path, expected)
             self.assertEqual((digest, length), (sha(data), len(data)))
             self.assertEqual((after.st_ino, after.st_size, after.st_mtime_ns), (st.st_ino, st.st_size, st.st_mtime_ns))
-        self.patch(sharescan, "CHUNK", 7)
+        self.patch(scanworker, "CHUNK", 7)
         self.assertEqual(hashOpened(path.path, len(data))[:2], (sha(data), len(data)))
         empty = FilePath(self.mktemp())
         empty.setContent(b"")

@@ -23,6 +23,8 @@ from p2pfiles.address import parseAddress
 from p2pfiles.node import Node
 from p2pfiles.node import Incoming
 from p2pfiles.protocol import P2PFactory
+from p2pfiles.runtime import ProcessPolicy
+from p2pfiles.scanworker import WORKER_NICE, ProcessObserver
 from p2pfiles.coordinator import CoordinatorError
 from p2pfiles.tap import CannotListen, Listener, NodeService, WebListener
 from p2pfiles.tap import Options, isLoopback, makeService, parseCluster
@@ -478,6 +480,20 @@ class DirectoryAndTimingTests(OptionsTestCase):
         options = parse("--id", "1", "--heartbeat", "0.5", "--leader-timeout", "1.0")
         self.assertEqual((options["heartbeat"], options["leader-timeout"]), (0.5, 1.0))
 
+    def test_scanNice(self) -> None:
+        """
+        C{--scan-nice} is a niceness, 0 to 19, default L{WORKER_NICE}; other
+        values are refused.
+        """
+        state = FilePath(self.mktemp()).path
+        self.assertEqual(parse("--id", "1", "--state", state)["scan-nice"], WORKER_NICE)
+        self.assertEqual(parse("--id", "1", "--state", state, "--scan-nice", "0")["scan-nice"], 0)
+        self.assertEqual(parse("--id", "1", "--state", state, "--scan-nice", "19")["scan-nice"], 19)
+        for bad in ("-1", "20"):
+            self.assertIn("0 to 19", self.assertUsageError("--id", "1", "--state", state, "--scan-nice", bad))
+        for bad in ("1.5", "x"):
+            self.assertUsageError("--id", "1", "--state", state, "--scan-nice", bad)
+
     def test_portZeroNeedsAdvertise(self) -> None:
         """
         Port 0 picks a port at start, which no peer could be told in
@@ -729,6 +745,20 @@ class MakeServiceTests(OptionsTestCase):
             (node.identity.role, node.identity.node, node.identity.address, node.identity.secret, node.identity.purpose),
             ("node", 3, "127.0.0.1:9333", b"cluster-secret", "control"),
         )
+
+    def test_processPolicy(self) -> None:
+        """
+        The node gets the process policy (collector, thread switching, and
+        hashing in a child process at C{--scan-nice}); nothing is applied
+        before the node starts.
+        """
+        top, listener, node, reactor = self.build("--id", "1", "--scan-nice", "4")
+        self.assertIsInstance(node.policy, ProcessPolicy)
+        self.assertIs(node.policy.clock, reactor)
+        self.assertEqual(node.policy.freezes, 0)
+        self.assertIsInstance(node.scanObserver, ProcessObserver)
+        self.assertEqual(node.scanObserver.command[-1], "4")
+        self.assertEqual(node.scanObserver.pids(), [])
 
     def test_coordinator(self) -> None:
         """

@@ -1,0 +1,201 @@
+"""
+How a node's process spends its time: the garbage collector and the
+interpreter's thread switching, set so that the reactor thread keeps time
+(heartbeats, the leader timeout) while other threads scan and hash.
+
+Two things hold the reactor thread up that no code on it can shorten:
+
+  - A full pass of the garbage collector holds the GIL, whichever thread
+    runs it, for as long as it takes to walk every object it tracks: at
+    100,000 shared files (a L{FileEntry} each) that is tens of
+    milliseconds, and more with the modules, classes and functions that
+    start-up loaded.  Objects that live for the whole run are moved out of
+    its sight (C{gc.freeze()}): those start-up made, and those still alive
+    after a slow full pass (the pass has just removed what was garbage, so
+    what it leaves is what the node holds).  Frozen objects are freed as
+    usual when their count of references drops to zero; only a reference
+    cycle among them is never reclaimed, so a freeze happens only at start
+    and after a slow pass, a few times in a node's life.
+  - The reactor thread gives the GIL up at every system call (each send,
+    each C{epoll_wait}) and, when a scan thread holds it, waits the
+    interpreter's switch interval (5 ms by default) before asking for it
+    back.  A tick of heartbeats makes many system calls, so it may wait that
+    long many times over; on a machine where other processes keep the cores
+    busy every wait also includes the time until the holder is scheduled
+    again to hand it over.  A shorter interval (L{SWITCH_INTERVAL}) shortens
+    every such wait.
+
+L{ProcessPolicy} applies both to the process, times every collection
+(C{gc.callbacks}) and logs those of L{LOGGED_PASS} or more, and has the
+share hashed in a child process at a lower CPU priority (see
+L{p2pfiles.scanworker}).  It changes process-wide settings: a node gets one
+only from the twistd plugin, never in tests (see L{NoPolicy}).
+"""
+
+import gc
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, ContextManager, Dict, Iterator, Optional, Tuple
+
+from twisted.logger import Logger
+
+from p2pfiles.scanworker import WORKER_NICE, ProcessObserver
+
+__all__ = ["GC_THRESHOLDS", "LOGGED_PASS", "NoPolicy", "ProcessPolicy", "SLOW_PASS", "SWITCH_INTERVAL"]
+
+# Seconds a thread that wants the GIL waits before asking for it.  Python's
+# default is 5 ms; a heartbeat tick makes tens of system calls, each one a
+# chance for a scan thread to take the GIL back.
+SWITCH_INTERVAL = 0.0005
+
+# The collector's thresholds: objects allocated (net) before a young pass,
+# then young passes per middle pass, middle passes per full pass.  A larger
+# first one means fewer passes and fewer short-lived objects promoted to
+# live through a full one.  Python's default is (700, 10, 10).
+GC_THRESHOLDS = (10_000, 10, 10)
+
+# A full pass at least this long means many long-lived objects: freeze what
+# it left.
+SLOW_PASS = 0.02
+
+# A pass at least this long is logged.
+LOGGED_PASS = 0.05
+
+
+class NoPolicy:
+    """
+    Leaves the process as it is: what a node uses unless given a
+    L{ProcessPolicy} (tests run many nodes in one process and must not
+    change its collector).
+    """
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def scanObserver(self) -> None:
+        """
+        No child process: the share is hashed in the scan thread.
+        """
+        return None
+
+    def quietCollector(self) -> ContextManager[None]:
+        return nullcontext()
+
+
+class ProcessPolicy:
+    """
+    The collector and switch-interval settings of a node's process, and the
+    timing of its collections.
+
+    @param clock: the reactor: what a collection (which may run in any
+        thread) asks for, a freeze or a log line, is done on its thread,
+        through C{callFromThread}.
+    @param gcModule: L{gc}, or a fake with the same functions.
+    @param setSwitchInterval: L{sys.setswitchinterval}, or a fake.
+    @param timer: measures a pass: L{time.perf_counter}, or a fake.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: Any,
+        gcModule: Any = gc,
+        setSwitchInterval: Callable[[float], None] = sys.setswitchinterval,
+        timer: Callable[[], float] = time.perf_counter,
+        thresholds: Tuple[int, int, int] = GC_THRESHOLDS,
+        switchInterval: float = SWITCH_INTERVAL,
+        slowPass: float = SLOW_PASS,
+        scanNice: int = WORKER_NICE,
+    ) -> None:
+        self.clock = clock
+        self.gc = gcModule
+        self.setSwitchInterval = setSwitchInterval
+        self.timer = timer
+        self.thresholds = thresholds
+        self.switchInterval = switchInterval
+        self.slowPass = slowPass
+        self.scanNice = scanNice
+        self.freezes = 0
+        self._started: Optional[float] = None
+        self._freezeAsked = False
+        self._running = False
+
+    def start(self) -> None:
+        """
+        Apply the settings, freeze what start-up made and time every
+        collection from now on.
+        """
+        self._running = True
+        self.setSwitchInterval(self.switchInterval)
+        self.gc.set_threshold(*self.thresholds)
+        self.gc.callbacks.append(self._collection)
+        self._freeze()
+
+    def stop(self) -> None:
+        """
+        Stop timing collections (the settings stay: the process is ending).
+        """
+        self._running = False
+        if self._collection in self.gc.callbacks:
+            self.gc.callbacks.remove(self._collection)
+
+    def scanObserver(self) -> ProcessObserver:
+        """
+        The child process that hashes the share, at a lower priority.
+        """
+        return ProcessObserver(self.scanNice)
+
+    @contextmanager
+    def quietCollector(self) -> Iterator[None]:
+        """
+        Keep the collector off while a scan builds its state (in the scan
+        thread).  A scan of 100,000 files builds two objects per file;
+        collected as they come, they would be walked by tens of young and
+        middle passes and by full ones, each holding the GIL (tens of
+        milliseconds on a busy machine).  Off, they are walked once, by the
+        first young pass after the scan.  Nothing is frozen here: the
+        reactor thread goes on meanwhile, and what it left as garbage
+        cycles must still be collected.
+        """
+        if not self._running:
+            yield
+            return
+        self.gc.disable()
+        try:
+            yield
+        finally:
+            self.gc.enable()
+
+    def _collection(self, phase: str, info: Dict[str, Any]) -> None:
+        # Called by the collector, in whichever thread allocated: keep it
+        # short, and touch the reactor only through callFromThread.
+        if phase == "start":
+            self._started = self.timer()
+            return
+        if self._started is None:
+            return
+        pause = self.timer() - self._started
+        self._started = None
+        generation = info.get("generation")
+        if pause >= LOGGED_PASS:
+            self.clock.callFromThread(self._logPause, generation, pause)
+        if generation == 2 and pause >= self.slowPass and not self._freezeAsked:
+            self._freezeAsked = True
+            self.clock.callFromThread(self._freezeAfterSlowPass)
+
+    def _logPause(self, generation: Any, pause: float) -> None:
+        self.log.info("a pass of the garbage collector (generation {generation}) took {ms:.0f} ms", generation=generation, ms=pause * 1000)
+
+    def _freezeAfterSlowPass(self) -> None:
+        self._freezeAsked = False
+        if self._running:
+            self._freeze()
+
+    def _freeze(self) -> None:
+        self.gc.freeze()
+        self.freezes += 1

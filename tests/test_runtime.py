@@ -1,0 +1,192 @@
+"""
+Tests for L{p2pfiles.runtime}: the collector and thread-switch settings a
+node applies to its process, with a fake collector (the tests' own process
+is never changed).
+"""
+
+from typing import Any, Callable, List, Tuple
+
+from twisted.logger import Logger
+from twisted.trial.unittest import SynchronousTestCase
+
+from p2pfiles.runtime import GC_THRESHOLDS, LOGGED_PASS, SWITCH_INTERVAL, NoPolicy, ProcessPolicy
+from p2pfiles.scanworker import WORKER_NICE, ProcessObserver
+
+
+class FakeGC:
+    """
+    The functions of L{gc} a policy uses, recording what it is asked.
+    """
+
+    def __init__(self) -> None:
+        self.callbacks: List[Callable[[str, dict], None]] = []
+        self.thresholds: Tuple[int, ...] = (700, 10, 10)
+        self.freezes = 0
+        self.enabled = True
+
+    def disable(self) -> None:
+        self.enabled = False
+
+    def enable(self) -> None:
+        self.enabled = True
+
+    def set_threshold(self, *thresholds: int) -> None:
+        self.thresholds = thresholds
+
+    def freeze(self) -> None:
+        self.freezes += 1
+
+    def collect(self, generation: int, seconds: float, timer: "FakeTimer") -> None:
+        """
+        A pass of C{generation} that lasts C{seconds}, as the collector
+        reports it to its callbacks.
+        """
+        for callback in list(self.callbacks):
+            callback("start", {"generation": generation})
+        timer.now += seconds
+        for callback in list(self.callbacks):
+            callback("stop", {"generation": generation, "collected": 0, "uncollectable": 0})
+
+
+class FakeTimer:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeReactor:
+    """
+    Queues what is called from another thread, to run it when the test
+    says.
+    """
+
+    def __init__(self) -> None:
+        self.queued: List[Tuple[Callable[..., Any], Tuple[Any, ...]]] = []
+
+    def callFromThread(self, f: Callable[..., Any], *args: Any) -> None:
+        self.queued.append((f, args))
+
+    def runQueued(self) -> None:
+        queued, self.queued = self.queued, []
+        for f, args in queued:
+            f(*args)
+
+
+class ProcessPolicyTests(SynchronousTestCase):
+    """
+    L{ProcessPolicy} with a fake collector, switch interval and timer.
+    """
+
+    def setUp(self) -> None:
+        self.gc = FakeGC()
+        self.timer = FakeTimer()
+        self.reactor = FakeReactor()
+        self.switch: List[float] = []
+        self.events: List[dict] = []
+        self.policy = ProcessPolicy(self.reactor, self.gc, self.switch.append, self.timer)
+        self.policy.log = Logger(observer=self.events.append)
+
+    def test_start(self) -> None:
+        """
+        Starting applies the thresholds and the switch interval, freezes
+        what start-up made, and times collections; stopping stops timing
+        them.
+        """
+        self.policy.start()
+        self.assertEqual(self.gc.thresholds, GC_THRESHOLDS)
+        self.assertEqual(self.switch, [SWITCH_INTERVAL])
+        self.assertEqual(self.gc.freezes, 1)
+        self.assertEqual(len(self.gc.callbacks), 1)
+        self.policy.stop()
+        self.assertEqual(self.gc.callbacks, [])
+
+    def test_slowFullPassFreezes(self) -> None:
+        """
+        A full pass at least C{slowPass} long asks for one freeze, done on
+        the reactor thread; passes that are short, or not full, ask for
+        none.
+        """
+        self.policy.start()
+        self.gc.collect(2, self.policy.slowPass / 2, self.timer)
+        self.gc.collect(1, self.policy.slowPass * 2, self.timer)
+        self.gc.collect(0, self.policy.slowPass * 2, self.timer)
+        self.reactor.runQueued()
+        self.assertEqual(self.gc.freezes, 1)
+        self.gc.collect(2, self.policy.slowPass * 1.5, self.timer)
+        self.assertEqual(self.gc.freezes, 1, "the freeze waits for the reactor thread")
+        self.reactor.runQueued()
+        self.assertEqual(self.gc.freezes, 2)
+
+    def test_oneFreezeAtATime(self) -> None:
+        """
+        Slow full passes before the reactor thread got to freeze ask for
+        one freeze between them.
+        """
+        self.policy.start()
+        for _ in range(3):
+            self.gc.collect(2, 1.0, self.timer)
+        self.reactor.runQueued()
+        self.assertEqual(self.gc.freezes, 2)
+
+    def test_noFreezeOnceStopped(self) -> None:
+        """
+        A freeze asked for before the policy stopped is not done after.
+        """
+        self.policy.start()
+        self.gc.collect(2, 1.0, self.timer)
+        self.policy.stop()
+        self.reactor.runQueued()
+        self.assertEqual(self.gc.freezes, 1)
+
+    def test_longPassLogged(self) -> None:
+        """
+        A pass of L{LOGGED_PASS} or more is logged with its generation and
+        length; a shorter one is not.
+        """
+        self.policy.start()
+        self.gc.collect(0, LOGGED_PASS / 2, self.timer)
+        self.gc.collect(1, 0.125, self.timer)
+        self.reactor.runQueued()
+        self.assertEqual(
+            [(e["generation"], round(e["ms"])) for e in self.events],
+            [(1, 125)],
+        )
+
+    def test_quietCollector(self) -> None:
+        """
+        Inside C{quietCollector()} the collector is off; on the way out it
+        is on again, an error included, and nothing is frozen (the reactor
+        thread's garbage must still be collected).
+        """
+        self.policy.start()
+        with self.policy.quietCollector():
+            self.assertFalse(self.gc.enabled)
+        self.assertEqual((self.gc.enabled, self.gc.freezes), (True, 1))
+        with self.assertRaises(ZeroDivisionError):
+            with self.policy.quietCollector():
+                1 / 0
+        self.assertEqual((self.gc.enabled, self.gc.freezes), (True, 1))
+
+    def test_quietCollectorOnlyWhileRunning(self) -> None:
+        """
+        A policy that is not running leaves the collector alone.
+        """
+        with self.policy.quietCollector():
+            self.assertTrue(self.gc.enabled)
+        self.assertEqual(self.gc.freezes, 0)
+
+    def test_scanObserver(self) -> None:
+        """
+        The policy hashes in a child process at its niceness; L{NoPolicy}
+        in the scan thread, and changes nothing.
+        """
+        observer = self.policy.scanObserver()
+        self.assertIsInstance(observer, ProcessObserver)
+        self.assertEqual(observer.command[-1], str(WORKER_NICE))
+        self.assertEqual(ProcessPolicy(self.reactor, self.gc, scanNice=3).scanObserver().command[-1], "3")
+        none = NoPolicy()
+        none.start()
+        none.stop()
+        self.assertIsNone(none.scanObserver())
