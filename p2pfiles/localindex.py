@@ -33,7 +33,7 @@ events (queue overflow) and cannot see a share directory that is replaced.
 import os
 import secrets
 from contextlib import nullcontext
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Set, Tuple
 
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, fail, succeed
@@ -68,6 +68,10 @@ RECORD_NAME = "incarnation.json"
 
 # With inotify, the safety poll runs this many times less often than polling.
 SAFETY_POLL_FACTOR = 10
+
+# More names than this changed at once (a copy into the share): one full scan
+# rather than looking at each name.
+MAX_NAMED_SCAN = 1000
 
 # subscriber(changed, removed)
 Subscriber = Callable[[List[FileEntry], List[str]], None]
@@ -153,6 +157,10 @@ class LocalIndex:
         self._scanning = False
         self._again = False
         self._pending: Any = None  # the coalescing DelayedCall
+        # The names inotify said changed since the last scan started, or
+        # None when the next scan must be a full one (a poll, a rescan,
+        # too many names, an event about the share itself).
+        self._dirty: Optional[Set[str]] = None
         self._waiters = Waiters()  # for the next scan to start
         self._idleWaiters = Waiters()  # for the running scan to end
 
@@ -349,17 +357,30 @@ class LocalIndex:
         return True
 
     def _inotifyEvent(self, ignored: object, path: FilePath, mask: int) -> None:
-        self._changed()
+        inShare = path.dirname() == self._share.path and not mask & inotify.IN_Q_OVERFLOW
+        if inShare and path.basename().startswith("."):
+            return  # hidden names (partial downloads among them) are never shared
+        if self._dirty is not None and inShare:
+            self._dirty.add(path.basename())
+            if len(self._dirty) > MAX_NAMED_SCAN:
+                self._dirty = None
+        else:
+            self._dirty = None
+        self._changed(full=False)
 
     # Scan scheduling (reactor thread)
 
-    def _changed(self) -> None:
+    def _changed(self, full: bool = True) -> None:
         """
         Something may have changed: scan after C{coalesce} seconds, so that a
-        burst of events costs one scan.
+        burst of events costs one scan.  Unless C{full} is false, that scan
+        lists the whole share; else it looks only at the names inotify gave
+        (L{ShareScanner.scanNames}), if it can.
         """
         if not self._running:
             return
+        if full:
+            self._dirty = None
         if self._scanning:
             self._again = True
         elif self._pending is None:
@@ -371,6 +392,7 @@ class LocalIndex:
 
     def _requestScan(self) -> Deferred:
         d = self._waiters.wait()
+        self._dirty = None  # asked for: a full scan
         if self._taking:
             pass  # the scan starts once the record is taken
         elif self._scanning:
@@ -388,9 +410,12 @@ class LocalIndex:
     def _startScan(self) -> None:
         waiters, self._waiters = self._waiters, Waiters()
         self._scanning = True
+        dirty, self._dirty = self._dirty, set()
         # Scans never overlap, so the state handed over is the one the
         # result replaces.
-        if self._firstDone:
+        if self._firstDone and dirty:
+            d = self._runInThread(self._scanner.scanNames, self._state, sorted(dirty))
+        elif self._firstDone:
             d = self._runInThread(self._scanner.scan, self._state)
         else:
             d = self._runInThread(self._firstScan, self._state)
@@ -439,7 +464,8 @@ class LocalIndex:
         self._idleWaiters.fire(None)
         if self._again and self._running:
             self._again = False
-            self._changed()
+            # What the next scan looks at was noted meanwhile (_dirty).
+            self._changed(full=False)
 
     def _applyScan(self, result: ScanResult) -> None:
         """

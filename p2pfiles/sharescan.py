@@ -39,7 +39,7 @@ import os
 import re
 from contextlib import nullcontext
 from itertools import islice
-from typing import Any, Callable, ContextManager, Dict, Iterator, List, NamedTuple, Optional, Tuple, TypeVar, Union
+from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple, TypeVar, Union
 
 from twisted.logger import LogLevel
 from twisted.python.filepath import FilePath
@@ -279,6 +279,58 @@ class ShareScanner:
         return ScanResult(
             state, changed, removed, newProblems, cacheProblem, cacheChanged, workerProblem[0] if workerProblem else None
         )
+
+    def scanNames(self, old: ShareState, names: Iterable[str]) -> ScanResult:
+        """
+        Look again at C{names} only (inotify said they changed) and return
+        the state that follows C{old}, inside C{quiet()}: the same state a
+        full scan would build if nothing else changed, at the cost of the
+        names looked at plus copying the state, not of listing and checking
+        every file.  C{old} must come from a full scan (its cache loaded).
+        """
+        with self.quiet():
+            return self._scanNames(old, names)
+
+    def _scanNames(self, old: ShareState, names: Iterable[str]) -> ScanResult:
+        cache = old.cache if old.cache is not None else {}
+        shareReal = os.path.realpath(self.sharePath)
+        entries = dict(old.entries)
+        newCache = dict(cache)
+        reported = dict(old.reported)
+        problems: List[Problem] = []
+        hashed = added = False
+        for raw in sorted({os.fsencode(name) for name in names}):
+            decoded = raw.decode("utf-8", "surrogateescape")
+            # What was said of the name is said again if it still holds.
+            reported.pop(raw, None)
+            reported.pop(decoded, None)
+            entries.pop(decoded, None)
+            newCache.pop(decoded, None)
+            name = self._shareable(raw, problems)
+            if name is None:
+                continue
+            cached = cache.get(name)
+            signature = None if cached is None else (cached["size"], cached["mtime_ns"], cached["inode"])
+            found = self._found(name, observe(self.sharePath, shareReal, name, signature, self.hasher), cache, old.entries)
+            if isinstance(found, Problem):
+                problems.append(found)
+            elif found is not None:
+                entry, item, read = found
+                added = added or name not in old.entries
+                entries[name] = entry
+                newCache[name] = item
+                hashed = hashed or read
+        if added:
+            # Entries stay in name order.
+            entries = {name: entries[name] for name in _sortedInSteps(list(entries))}
+        cacheChanged = hashed or len(newCache) != len(cache)
+        if not cacheChanged:
+            newCache = cache
+        newProblems = [p for p in problems if old.reported.get(p.key) != p.signature]
+        for p in problems:
+            reported[p.key] = p.signature
+        state, changed, removed = self._diff(old, entries, newCache, reported)
+        return ScanResult(state, changed, removed, newProblems, None, cacheChanged)
 
     def _diff(
         self, old: ShareState, entries: Dict[str, FileEntry], cache: Cache, reported: Dict[Any, Tuple[Any, ...]]

@@ -11,14 +11,14 @@ import os
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, Iterator, List, Tuple
 
-from twisted.internet import defer
+from twisted.internet import defer, inotify
 from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from p2pfiles import sharescan
-from p2pfiles.localindex import MAX_TOMBSTONES, Changes, IndexStopped, LocalIndex, hashOpened
+from p2pfiles.localindex import MAX_NAMED_SCAN, MAX_TOMBSTONES, Changes, IndexStopped, LocalIndex, hashOpened
 from p2pfiles.sharescan import HASH_TRIES
 from p2pfiles.wire import FileEntry
 
@@ -689,6 +689,69 @@ class WatchingTests(LocalIndexTestsMixin, SynchronousTestCase):
         threads.runNext()
         self.clock.advance(0.1)
         self.assertEqual(threads.calls, [])
+
+    def test_eventsScanOnlyTheNamedFiles(self) -> None:
+        """
+        After inotify events about files in the share, the next scan looks
+        at those names only (C{scanNames}), and finds what a full scan
+        would: an added, a changed and a removed file, told to subscribers
+        as such, entries still in name order.  An event about a hidden name
+        (a partial download) schedules nothing.
+        """
+        for i in range(20):
+            self.write(f"f{i:02d}", b"x" * i)
+        threads = ManualThreads()
+        index = self.makeIndex(runInThread=threads)
+        started = index.start()
+        threads.runAll()
+        self.successResultOf(started)
+        self.addCleanup(self.stopIndex, index)
+        seen = self.subscribed(index)
+        self.hasher.calls.clear()
+        self.write("new", b"new")
+        self.write("f03", b"changed")
+        self.share.child("f07").remove()
+        index._inotifyEvent(None, self.share.child(".new.part"), inotify.IN_MODIFY)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)  # the poll only
+        for name, mask in [("new", inotify.IN_CREATE), ("f03", inotify.IN_CLOSE_WRITE), ("f07", inotify.IN_DELETE)]:
+            index._inotifyEvent(None, self.share.child(name), mask)
+        self.clock.advance(0.1)
+        self.assertEqual(threads.names(), ["scanNames"])
+        threads.runAll()
+        self.assertEqual(sorted(self.hasher.calls), ["f03", "new"])
+        [(changed, removed)] = seen
+        self.assertEqual(sorted(e.name for e in changed), ["f03", "new"])
+        self.assertEqual(removed, ["f07"])
+        self.assertEqual(list(index.entries), sorted(index.entries))
+        partial = dict(index.entries)
+        rescanned = index.rescan()
+        threads.runAll()
+        self.successResultOf(rescanned)
+        self.assertEqual(index.entries, partial)
+        self.assertEqual(len(seen), 1)  # the full scan found nothing more
+
+    def test_fullScanWhenNamesCannotSay(self) -> None:
+        """
+        A poll, an event about the share itself (or a queue overflow) and
+        more than L{MAX_NAMED_SCAN} names each make the next scan a full one.
+        """
+        threads = ManualThreads()
+        index = self.makeIndex(runInThread=threads)
+        started = index.start()
+        threads.runAll()
+        self.successResultOf(started)
+        self.addCleanup(self.stopIndex, index)
+        cases = [
+            lambda: index._inotifyEvent(None, self.share, inotify.IN_ATTRIB),
+            lambda: index._inotifyEvent(None, self.share.child("a"), inotify.IN_Q_OVERFLOW),
+            lambda: [index._inotifyEvent(None, self.share.child(f"n{i}"), inotify.IN_CREATE) for i in range(MAX_NAMED_SCAN + 1)],
+            lambda: (index._inotifyEvent(None, self.share.child("a"), inotify.IN_CREATE), index._changed()),
+        ]
+        for case in cases:
+            case()
+            self.clock.advance(0.1)
+            self.assertEqual(threads.names(), ["scan"])
+            threads.runAll()
 
     def test_rescanWaitsForLaterScan(self) -> None:
         """

@@ -84,3 +84,48 @@ class SortingTests(SynchronousTestCase):
         for step in [1, 3, 64, 1000]:
             self.patch(sharescan, "STEP", step)
             self.assertEqual(sharescan._sortedInSteps(list(items)), sorted(items))
+
+
+class NamedScanTests(SynchronousTestCase):
+    """
+    L{sharescan.ShareScanner.scanNames}: looking again at some names only
+    builds the state a full scan would.
+    """
+
+    def test_sameStateAsAFullScan(self) -> None:
+        """
+        After a file is added, one changed, one removed, one given a name
+        that is not shared and one replaced by a symlink out of the share,
+        a scan of those names gives the full scan's entries, change
+        numbers, tombstones, hash cache and problems, and the same changes.
+        """
+        share = FilePath(self.mktemp())
+        share.makedirs()
+        outside = FilePath(self.mktemp())
+        outside.setContent(b"outside")
+        for i in range(30):
+            share.child(f"f{i:02d}").setContent(b"%d" % i)
+        scanner = sharescan.ShareScanner(share, FilePath(self.mktemp()).child("cache.json"))
+        old = scanner.scan(sharescan.EMPTY).state
+        share.child("f00new").setContent(b"new")
+        share.child("f05").setContent(b"changed, longer")
+        share.child("f09").remove()
+        with open(os.path.join(os.fsencode(share.path), b"bad\xff"), "wb") as f:
+            f.write(b"x")
+        share.child("f12").remove()
+        os.symlink(outside.path, share.child("f12").path)
+        names = ["f00new", "f05", "f09", os.fsdecode(b"bad\xff"), "f12"]
+        full = scanner.scan(old)
+        named = scanner.scanNames(old, names)
+        for field in ("entries", "seqs", "tombstones", "seq", "floor", "cache"):
+            self.assertEqual(getattr(named.state, field), getattr(full.state, field), field)
+        self.assertEqual(list(named.state.entries), list(full.state.entries))
+        self.assertEqual(named.state.reported.keys(), full.state.reported.keys())
+        self.assertEqual(named.changed, full.changed)
+        self.assertEqual(named.removed, full.removed)
+        self.assertEqual(sorted(repr(p.key) for p in named.newProblems), sorted(repr(p.key) for p in full.newProblems))
+        self.assertEqual([p.key for p in named.newProblems], [b"bad\xff", "f12"])
+        # Nothing changed since: the same names give back the same state.
+        again = scanner.scanNames(named.state, names)
+        self.assertEqual((again.changed, again.removed, again.newProblems), ([], [], []))
+        self.assertIs(again.state.entries, named.state.entries)
