@@ -9,13 +9,16 @@ Two things hold the reactor thread up that no code on it can shorten:
     runs it, for as long as it takes to walk every object it tracks: at
     100,000 shared files (a L{FileEntry} each) that is tens of
     milliseconds, and more with the modules, classes and functions that
-    start-up loaded.  Objects that live for the whole run are moved out of
-    its sight (C{gc.freeze()}): those start-up made, and those still alive
-    after a slow full pass (the pass has just removed what was garbage, so
-    what it leaves is what the node holds).  Frozen objects are freed as
-    usual when their count of references drops to zero; only a reference
-    cycle among them is never reclaimed, so a freeze happens only at start
-    and after a slow pass, a few times in a node's life.
+    start-up loaded.  What start-up made (modules, classes, functions)
+    lives for the whole run and is moved out of its sight (C{gc.freeze()}).
+    Nothing is frozen later: frozen objects are freed as usual when their
+    count of references drops to zero, but a reference cycle among them is
+    never reclaimed, and a node always holds some that will end (each
+    connection's protocol and transport refer to each other), so a freeze
+    while a flood of connections is open would keep them all for good.  The
+    index's own objects are few and hold no cycles (compact records,
+    L{FileEntry} slots), and scans keep the collector off while they build
+    their state (L{ProcessPolicy.quietCollector}).
   - The reactor thread gives the GIL up at every system call (each send,
     each C{epoll_wait}) and, when a scan thread holds it, waits the
     interpreter's switch interval (5 ms by default) before asking for it
@@ -42,7 +45,7 @@ from twisted.logger import Logger
 
 from p2pfiles.scanworker import WORKER_NICE, ProcessObserver
 
-__all__ = ["GC_THRESHOLDS", "LOGGED_PASS", "NoPolicy", "ProcessPolicy", "SLOW_PASS", "SWITCH_INTERVAL"]
+__all__ = ["GC_THRESHOLDS", "LOGGED_PASS", "NoPolicy", "ProcessPolicy", "SWITCH_INTERVAL"]
 
 # Seconds a thread that wants the GIL waits before asking for it.  Python's
 # default is 5 ms; a heartbeat tick makes tens of system calls, each one a
@@ -54,10 +57,6 @@ SWITCH_INTERVAL = 0.0005
 # first one means fewer passes and fewer short-lived objects promoted to
 # live through a full one.  Python's default is (700, 10, 10).
 GC_THRESHOLDS = (10_000, 10, 10)
-
-# A full pass at least this long means many long-lived objects: freeze what
-# it left.
-SLOW_PASS = 0.02
 
 # A pass at least this long is logged.
 LOGGED_PASS = 0.05
@@ -109,7 +108,6 @@ class ProcessPolicy:
         timer: Callable[[], float] = time.perf_counter,
         thresholds: Tuple[int, int, int] = GC_THRESHOLDS,
         switchInterval: float = SWITCH_INTERVAL,
-        slowPass: float = SLOW_PASS,
         scanNice: int = WORKER_NICE,
     ) -> None:
         self.clock = clock
@@ -118,11 +116,9 @@ class ProcessPolicy:
         self.timer = timer
         self.thresholds = thresholds
         self.switchInterval = switchInterval
-        self.slowPass = slowPass
         self.scanNice = scanNice
         self.freezes = 0
         self._started: Optional[float] = None
-        self._freezeAsked = False
         self._running = False
 
     def start(self) -> None:
@@ -184,17 +180,9 @@ class ProcessPolicy:
         generation = info.get("generation")
         if pause >= LOGGED_PASS:
             self.clock.callFromThread(self._logPause, generation, pause)
-        if generation == 2 and pause >= self.slowPass and not self._freezeAsked:
-            self._freezeAsked = True
-            self.clock.callFromThread(self._freezeAfterSlowPass)
 
     def _logPause(self, generation: Any, pause: float) -> None:
         self.log.info("a pass of the garbage collector (generation {generation}) took {ms:.0f} ms", generation=generation, ms=pause * 1000)
-
-    def _freezeAfterSlowPass(self) -> None:
-        self._freezeAsked = False
-        if self._running:
-            self._freeze()
 
     def _freeze(self) -> None:
         self.gc.freeze()
