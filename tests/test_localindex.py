@@ -121,6 +121,19 @@ class LocalIndexTestsMixin:
         self.addCleanup(self.stopIndex, index)
         return index
 
+    def startManual(self, **kwargs: Any) -> Tuple[LocalIndex, "ManualThreads"]:
+        """
+        A started index whose thread work runs only when the test says
+        (its first scan done), and that L{ManualThreads}.
+        """
+        threads = ManualThreads()
+        index = self.makeIndex(runInThread=threads, **kwargs)
+        started = index.start()
+        threads.runAll()
+        self.successResultOf(started)
+        self.addCleanup(self.stopIndex, index)
+        return index, threads
+
     def stopIndex(self, index: LocalIndex) -> None:
         stopped = index.stop()
         threads = getattr(self, "manualThreads", None)
@@ -668,12 +681,7 @@ class WatchingTests(LocalIndexTestsMixin, SynchronousTestCase):
         Many change events within the coalescing delay cause one scan; events
         during a running scan cause exactly one more scan after it.
         """
-        threads = ManualThreads()
-        index = self.makeIndex(runInThread=threads)
-        started = index.start()
-        threads.runAll()
-        self.successResultOf(started)
-        self.addCleanup(self.stopIndex, index)
+        index, threads = self.startManual()
         for i in range(50):
             index._changed()  # what an inotify event or a poll calls
         self.assertEqual(len(self.clock.getDelayedCalls()), 2)  # poll + scan
@@ -700,12 +708,7 @@ class WatchingTests(LocalIndexTestsMixin, SynchronousTestCase):
         """
         for i in range(20):
             self.write(f"f{i:02d}", b"x" * i)
-        threads = ManualThreads()
-        index = self.makeIndex(runInThread=threads)
-        started = index.start()
-        threads.runAll()
-        self.successResultOf(started)
-        self.addCleanup(self.stopIndex, index)
+        index, threads = self.startManual()
         seen = self.subscribed(index)
         self.hasher.calls.clear()
         self.write("new", b"new")
@@ -735,12 +738,7 @@ class WatchingTests(LocalIndexTestsMixin, SynchronousTestCase):
         A poll, an event about the share itself (or a queue overflow) and
         more than L{MAX_NAMED_SCAN} names each make the next scan a full one.
         """
-        threads = ManualThreads()
-        index = self.makeIndex(runInThread=threads)
-        started = index.start()
-        threads.runAll()
-        self.successResultOf(started)
-        self.addCleanup(self.stopIndex, index)
+        index, threads = self.startManual()
         cases = [
             lambda: index._inotifyEvent(None, self.share, inotify.IN_ATTRIB),
             lambda: index._inotifyEvent(None, self.share.child("a"), inotify.IN_Q_OVERFLOW),
@@ -758,12 +756,7 @@ class WatchingTests(LocalIndexTestsMixin, SynchronousTestCase):
         rescan() during a running scan fires only after a scan that started
         after the call; a rescan while idle starts one at once.
         """
-        threads = ManualThreads()
-        index = self.makeIndex(runInThread=threads)
-        started = index.start()
-        threads.runAll()
-        self.successResultOf(started)
-        self.addCleanup(self.stopIndex, index)
+        index, threads = self.startManual()
         first = index.rescan()
         self.assertEqual(threads.names(), ["scan"])
         second = index.rescan()

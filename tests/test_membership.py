@@ -458,18 +458,27 @@ class FakeLink:
         self.aborted += 1
 
 
+def membershipOnMemory(case: SynchronousTestCase, observer: Any) -> Membership:
+    """
+    The membership of node C{ME} on a L{MemoryReactorClock} (set as
+    C{case.reactor}), its links' connection attempts going nowhere, its log
+    events given to C{observer}.
+    """
+    case.reactor = MemoryReactorClock()
+    case.patch(
+        membership, "clientEndpoint", lambda reactor, address, timeout, security: FakeEndpoint([], address, security)
+    )
+    case.patch(Membership, "log", Logger(observer=observer))
+    return Membership(ME, "127.0.0.1:9001", identity(ME), case.reactor, Handler)
+
+
 class MembershipTests(SynchronousTestCase):
     """
     L{Membership}: members, their links, and where messages go.
     """
 
     def setUp(self) -> None:
-        self.reactor = MemoryReactorClock()
-        self.patch(
-            membership, "clientEndpoint", lambda reactor, address, timeout, security: FakeEndpoint([], address, security)
-        )
-        self.patch(Membership, "log", Logger(observer=lambda e: None))
-        self.members = Membership(ME, "127.0.0.1:9001", identity(ME), self.reactor, Handler)
+        self.members = membershipOnMemory(self, lambda e: None)
         self.ups: List[int] = []
         self.downs: List[int] = []
         self.losts: List[int] = []
@@ -667,13 +676,8 @@ class ForgetTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.reactor = MemoryReactorClock()
-        self.patch(
-            membership, "clientEndpoint", lambda reactor, address, timeout, security: FakeEndpoint([], address, security)
-        )
         self.events: List[dict] = []
-        self.patch(Membership, "log", Logger(observer=self.events.append))
-        self.members = Membership(ME, "127.0.0.1:9001", identity(ME), self.reactor, Handler)
+        self.members = membershipOnMemory(self, self.events.append)
         self.members.forgetAfter = 600.0
         self.members.startService()
         self.addCleanup(self.members.stopService)
@@ -763,13 +767,8 @@ class ConflictTests(SynchronousTestCase):
     IMPOSTOR = "sha256:" + "99" * 32
 
     def setUp(self) -> None:
-        self.reactor = MemoryReactorClock()
-        self.patch(
-            membership, "clientEndpoint", lambda reactor, address, timeout, security: FakeEndpoint([], address, security)
-        )
         self.events: List[dict] = []
-        self.patch(Membership, "log", Logger(observer=self.events.append))
-        self.members = Membership(ME, "127.0.0.1:9001", identity(ME), self.reactor, Handler)
+        self.members = membershipOnMemory(self, self.events.append)
         self.members.forgetAfter = 600.0
         self.ups: List[int] = []
         self.members.onLinkUp = self.ups.append
