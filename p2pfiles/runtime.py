@@ -10,10 +10,8 @@ Two things hold the reactor thread up that no code on it can shorten:
     100,000 shared files (a L{FileEntry} each) that is tens of
     milliseconds, and more with the modules, classes and functions that
     start-up loaded.  What start-up made (modules, classes, functions)
-    lives for the whole run and is moved out of its sight (C{gc.freeze()}),
-    and so is what the first scan of the share built (its entries, a
-    hundred thousand objects or more, walked otherwise by the first young
-    pass after it).  Nothing is frozen later: frozen objects are freed as usual when their
+    lives for the whole run and is moved out of its sight (C{gc.freeze()}).
+    Nothing is frozen later: frozen objects are freed as usual when their
     count of references drops to zero, but a reference cycle among them is
     never reclaimed, and a node always holds some that will end (each
     connection's protocol and transport refer to each other), so a freeze
@@ -120,7 +118,6 @@ class ProcessPolicy:
         self.switchInterval = switchInterval
         self.scanNice = scanNice
         self.freezes = 0
-        self._scanFrozen = False
         self._started: Optional[float] = None
         self._running = False
 
@@ -157,10 +154,9 @@ class ProcessPolicy:
         collected as they come, they would be walked by tens of young and
         middle passes and by full ones, each holding the GIL (tens of
         milliseconds on a busy machine).  Off, they are walked once, by the
-        first young pass after the scan; the first scan's (the whole share)
-        are frozen instead, once.  Later scans freeze nothing: the reactor
-        thread goes on meanwhile, and what it left as garbage cycles must
-        still be collected.
+        first young pass after the scan.  Nothing is frozen here: the
+        reactor thread goes on meanwhile, and what it left as garbage
+        cycles must still be collected.
         """
         if not self._running:
             yield
@@ -168,13 +164,6 @@ class ProcessPolicy:
         self.gc.disable()
         try:
             yield
-            if not self._scanFrozen:
-                # The first scan's state lives until the share changes, and
-                # holds no cycles: out of the collector's sight, it is not
-                # walked by the young pass that would follow.  Once only, as
-                # anything else alive now is frozen too.
-                self._scanFrozen = True
-                self._freeze()
         finally:
             self.gc.enable()
 
