@@ -81,6 +81,17 @@ class MemberView:
         # member has said what changed since.
         self.kept: Optional[Files] = None
 
+    def pullNow(self) -> bool:
+        """
+        Whether to pull now; if a pull is running, False, and one more is
+        asked for when it ends (it may have asked before the change it
+        should bring).
+        """
+        if self.pulling is not None:
+            self.again = True
+            return False
+        return True
+
     def behind(self) -> bool:
         incarnation, seq = self.announced
         if self.incarnation is None or self.kept is not None:
@@ -407,9 +418,7 @@ class IndexKeeper:
         view.announced = (incarnation, seq)
         if not self.gathering or not view.behind():
             return
-        if view.pulling is not None:
-            view.again = True
-        else:
+        if view.pullNow():
             self.pull(member)
 
     def lost(self, member: int) -> None:
@@ -420,9 +429,7 @@ class IndexKeeper:
         view = self.views.get(member)
         if view is None or not self.gathering:
             return
-        if view.pulling is not None:
-            view.again = True
-        else:
+        if view.pullNow():
             self.pull(member)
 
     def pull(self, member: int) -> Deferred:
