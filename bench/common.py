@@ -665,6 +665,38 @@ def logHeader(path: str) -> Dict[str, int]:
     return header
 
 
+def versionOf(path: str) -> Tuple[int, int]:
+    """
+    Which version of C{path} is there: its inode and mtime (a file replaced
+    by rename has a new inode); (0, 0) if there is none.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return (0, 0)
+    return (st.st_ino, st.st_mtime_ns)
+
+
+def waitForVersion(
+    path: str, accept: Callable[[str], bool], deadline: float, seen: Tuple[int, int] = (0, 0), poll: float = 0.01
+) -> Optional[float]:
+    """
+    Look at C{path} every C{poll} seconds until a version of it other than
+    C{seen} (see L{versionOf}) is one that C{accept(path)} takes; return the
+    monotonic time that version was first seen, or None at C{deadline}.
+    Each version is read once.
+    """
+    while time.monotonic() < deadline:
+        version = versionOf(path)
+        if version != (0, 0) and version != seen:
+            noticed = time.monotonic()
+            seen = version
+            if accept(path):
+                return noticed
+        time.sleep(poll)
+    return None
+
+
 def dataLines(path: str) -> int:
     """
     How many entries (non-header lines) peer_files.log holds.

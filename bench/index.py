@@ -150,28 +150,17 @@ def timeAddedFile(cluster: Cluster, follower: int, name: str, timeout: float = 1
     """
     path = cluster.nodes[1].peerFilesLog
     needle = f'"name": "{name}"'.encode()
-    try:
-        st = os.stat(path)
-        seen: Tuple[int, int] = (st.st_ino, st.st_mtime_ns)
-    except FileNotFoundError:
-        seen = (0, 0)
+    seen = common.versionOf(path)
     started = time.monotonic()
     with open(os.path.join(cluster.nodes[follower].share, name), "wb") as f:
         f.write(os.urandom(100))
-    deadline = started + timeout
-    while time.monotonic() < deadline:
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            time.sleep(POLL)
-            continue
-        if (st.st_ino, st.st_mtime_ns) != seen:
-            seen = (st.st_ino, st.st_mtime_ns)
-            with open(path, "rb") as f:
-                if needle in f.read():
-                    return time.monotonic() - started
-        time.sleep(POLL)
-    return None
+
+    def listed(path: str) -> bool:
+        with open(path, "rb") as f:
+            return needle in f.read()
+
+    when = common.waitForVersion(path, listed, started + timeout, seen, POLL)
+    return None if when is None else when - started
 
 
 def main(argv: Optional[List[str]] = None) -> List[Figure]:

@@ -611,24 +611,16 @@ class ScaleRun:
             os.write(fd, os.urandom(size))
         finally:
             os.close(fd)
-        deadline = started + timeout
-        seen: Tuple[int, int] = (0, 0)
-        while time.monotonic() < deadline:
-            try:
-                st = os.stat(path)
-            except FileNotFoundError:
-                time.sleep(POLL)
-                continue
-            if (st.st_ino, st.st_mtime_ns) != seen:
-                seen = (st.st_ino, st.st_mtime_ns)
-                header = logHeader(path)
-                if header.get("files") == expected and header.get("epoch") == epoch:
-                    when = time.monotonic()
-                    with open(path, "rb") as f:
-                        if needle in f.read():
-                            return when - started
-            time.sleep(POLL)
-        return None
+
+        def listed(path: str) -> bool:
+            header = logHeader(path)
+            if header.get("files") != expected or header.get("epoch") != epoch:
+                return False
+            with open(path, "rb") as f:
+                return needle in f.read()
+
+        when = common.waitForVersion(path, listed, started + timeout, poll=POLL)
+        return None if when is None else when - started
 
     def killLeader(self, cluster: Cluster, expected: int) -> Dict[str, Any]:
         """
