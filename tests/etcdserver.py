@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional
 from twisted.trial.unittest import TestCase
 
 from p2pfiles.demo import freePorts
+from tests.support import stopProcess
 
 SKIP_REASON = "etcd not installed (Debian package etcd-server)"
 
@@ -145,16 +146,8 @@ class EtcdMember:
         SIGTERM (after SIGCONT, in case it is paused), then SIGKILL if it has
         not exited within the deadline.
         """
-        if not self.running():
-            return
-        assert self.process is not None
-        self.process.send_signal(signal.SIGCONT)
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=DEADLINE)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=DEADLINE)
+        if self.process is not None:
+            stopProcess(self.process)
 
     def logTail(self, lines: int = 5) -> str:
         try:

@@ -260,14 +260,24 @@ class NodeProcess:
             self.process.wait(timeout=DEADLINE)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=DEADLINE)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stopProcess(self.process)
+
+
+def stopProcess(process: subprocess.Popen) -> None:
+    """
+    Stop C{process} if it runs: SIGTERM (after SIGCONT, in case it is
+    paused), then SIGKILL if it has not exited within L{DEADLINE}; reaped.
+    """
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGCONT)
+    process.terminate()
+    try:
+        process.wait(timeout=DEADLINE)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=DEADLINE)
 
 
 def startProcesses(testcase: TestCase, ids: List[int], extra: List[str] = ()) -> Dict[int, NodeProcess]:
