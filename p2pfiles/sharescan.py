@@ -304,25 +304,32 @@ class ShareScanner:
             # What was said of the name is said again if it still holds.
             reported.pop(raw, None)
             reported.pop(decoded, None)
-            entries.pop(decoded, None)
-            newCache.pop(decoded, None)
+            found = None
             name = self._shareable(raw, problems)
-            if name is None:
-                continue
-            cached = cache.get(name)
-            signature = None if cached is None else (cached["size"], cached["mtime_ns"], cached["inode"])
-            found = self._found(name, observe(self.sharePath, shareReal, name, signature, self.hasher), cache, old.entries)
+            if name is not None:
+                cached = cache.get(name)
+                signature = None if cached is None else (cached["size"], cached["mtime_ns"], cached["inode"])
+                seen = observe(self.sharePath, shareReal, name, signature, self.hasher)
+                found = self._found(name, seen, cache, old.entries)
             if isinstance(found, Problem):
                 problems.append(found)
-            elif found is not None:
-                entry, item, read = found
-                added = added or name not in old.entries
-                entries[name] = entry
-                newCache[name] = item
-                hashed = hashed or read
+                found = None
+            if found is None:
+                entries.pop(decoded, None)
+                newCache.pop(decoded, None)
+                continue
+            entry, item, read = found
+            # Assigned in place, a name keeps its position; a new one goes
+            # last and is put in order below.
+            added = added or name not in entries
+            entries[name] = entry
+            newCache[name] = item
+            hashed = hashed or read
         if added:
-            # Entries stay in name order.
-            entries = {name: entries[name] for name in _sortedInSteps(list(entries))}
+            # Entries (and the cache, written in name order) stay in name order.
+            order = _sortedInSteps(list(entries))
+            entries = {name: entries[name] for name in order}
+            newCache = {name: newCache[name] for name in order}
         cacheChanged = hashed or len(newCache) != len(cache)
         if not cacheChanged:
             newCache = cache

@@ -120,11 +120,22 @@ class NamedScanTests(SynchronousTestCase):
         for field in ("entries", "seqs", "tombstones", "seq", "floor", "cache"):
             self.assertEqual(getattr(named.state, field), getattr(full.state, field), field)
         self.assertEqual(list(named.state.entries), list(full.state.entries))
+        self.assertEqual(list(named.state.cache), list(full.state.cache))
         self.assertEqual(named.state.reported.keys(), full.state.reported.keys())
         self.assertEqual(named.changed, full.changed)
         self.assertEqual(named.removed, full.removed)
         self.assertEqual(sorted(repr(p.key) for p in named.newProblems), sorted(repr(p.key) for p in full.newProblems))
         self.assertEqual([p.key for p in named.newProblems], [b"bad\xff", "f12"])
+        # A changed file (none added) keeps its place: entries and the
+        # cache stay in name order.
+        share.child("f01").setContent(b"changed again")
+        full = scanner.scan(named.state)
+        named = scanner.scanNames(named.state, ["f01"])
+        self.assertEqual([e.name for e in named.changed], ["f01"])
+        self.assertEqual(list(named.state.entries), list(full.state.entries))
+        self.assertEqual(list(named.state.entries), sorted(named.state.entries))
+        self.assertEqual(list(named.state.cache), list(full.state.cache))
+        self.assertEqual(named.state.seqs, full.state.seqs)
         # Nothing changed since: the same names give back the same state.
         again = scanner.scanNames(named.state, names)
         self.assertEqual((again.changed, again.removed, again.newProblems), ([], [], []))
