@@ -67,6 +67,13 @@ SEND_READ = 24 * 1024
 RECORD_OVERHEAD = 32
 
 
+def recordsSize(plaintext: int) -> int:
+    """
+    The most bytes the records of a write of C{plaintext} bytes take.
+    """
+    return plaintext + (plaintext // 16384 + 1) * RECORD_OVERHEAD
+
+
 class BulkTLSProtocol(BufferingTLSTransport):
     """
     Twisted's TLS layer, in fewer and larger steps for file bytes.
@@ -127,7 +134,7 @@ class BulkTLSProtocol(BufferingTLSTransport):
             return
         view = memoryview(data)
         sent = 0
-        expected = len(view) + (len(view) // 16384 + 1) * RECORD_OVERHEAD
+        expected = recordsSize(len(view))
         while sent < len(view):
             try:
                 # All of it at once (see makeContext); a record at a time
@@ -302,7 +309,7 @@ class TLSBinding:
         lower = getattr(self.transport, "transport", None)
         if lower is None:
             return
-        size += (size // 16384 + 1) * RECORD_OVERHEAD
+        size = recordsSize(size)
         for name in ("bufferSize", "SEND_LIMIT"):
             if getattr(lower, name, size) < size:
                 setattr(lower, name, size)
