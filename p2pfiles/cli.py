@@ -45,6 +45,7 @@ from p2pfiles.protocol import LocalIdentity
 from p2pfiles.names import BadName, checkName
 from p2pfiles.partfile import PartialFile, StreamSink
 from p2pfiles.progress import Progress, humanSize
+from p2pfiles.runtime import tuneAllocator
 from p2pfiles.transfer import download
 from p2pfiles.wire import FileEntry, Message, WireError
 
@@ -641,6 +642,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         from p2pfiles import demo
 
         raise SystemExit(demo.main(argv[1:]))
+
+    # A get moves file bytes through this process as a node does.
+    tuneAllocator()
 
     def start(reactor: Any) -> Deferred:
         invocation = Invocation(reactor, argv)

@@ -28,13 +28,26 @@ Two things hold the reactor thread up that no code on it can shorten:
     again to hand it over.  A shorter interval (L{SWITCH_INTERVAL}) shortens
     every such wait.
 
-L{ProcessPolicy} applies both to the process, times every collection
+A third thing costs every byte a transfer moves: the C allocator.  Each
+read of a connection carrying file bytes makes a buffer of up to 256 KiB,
+and TLS makes as large ones for what it decrypts and encrypts.  glibc gives
+a block that large its own memory map (C{mmap}), which the kernel fills
+with zeroed pages on first touch and takes back at C{free}: a page fault
+per 4 KiB moved, more system time than the copy itself.  glibc raises that
+size by itself only after a larger block was freed, which in a node happens
+by chance (a hash of a large file in this process did it; one in a child
+process does not).  L{tuneAllocator} sets it, and how much free memory the
+heap keeps before giving it back, once and explicitly, to sizes above any
+buffer we make (L{MMAP_THRESHOLD}, L{TRIM_THRESHOLD}).
+
+L{ProcessPolicy} applies all three to the process, times every collection
 (C{gc.callbacks}) and logs those of L{LOGGED_PASS} or more, and has the
 share hashed in a child process at a lower CPU priority (see
 L{p2pfiles.scanworker}).  It changes process-wide settings: a node gets one
 only from the twistd plugin, never in tests (see L{NoPolicy}).
 """
 
+import ctypes
 import gc
 import sys
 import time
@@ -45,7 +58,10 @@ from twisted.logger import Logger
 
 from p2pfiles.scanworker import WORKER_NICE, ProcessObserver
 
-__all__ = ["GC_THRESHOLDS", "LOGGED_PASS", "NoPolicy", "ProcessPolicy", "SWITCH_INTERVAL"]
+__all__ = [
+    "GC_THRESHOLDS", "LOGGED_PASS", "MMAP_THRESHOLD", "NoPolicy", "ProcessPolicy", "SWITCH_INTERVAL",
+    "TRIM_THRESHOLD", "tuneAllocator",
+]
 
 # Seconds a thread that wants the GIL waits before asking for it.  Python's
 # default is 5 ms; a heartbeat tick makes tens of system calls, each one a
@@ -60,6 +76,41 @@ GC_THRESHOLDS = (10_000, 10, 10)
 
 # A pass at least this long is logged.
 LOGGED_PASS = 0.05
+
+# Blocks smaller than this come from the heap, not from a memory map of
+# their own: four times the largest buffer a transfer makes (256 KiB reads,
+# as large TLS records in one piece).
+MMAP_THRESHOLD = 4 << 20
+
+# Free memory at the top of the heap kept for the next blocks rather than
+# given back to the kernel at once: two of the largest blocks.
+TRIM_THRESHOLD = 8 << 20
+
+# mallopt()'s parameters (glibc's malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def tuneAllocator(libc: Any = None) -> bool:
+    """
+    Set the C allocator's memory-map and trim thresholds to
+    L{MMAP_THRESHOLD} and L{TRIM_THRESHOLD} (see the module's text).
+    Returns whether it could: only glibc has C{mallopt}; elsewhere the
+    allocator is left as it is.
+
+    @param libc: the C library (by default, the one this process runs on),
+        or a fake with a C{mallopt} function.
+    """
+    if libc is None:
+        try:
+            libc = ctypes.CDLL(None)
+        except OSError:
+            return False
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
+        return False
+    # mallopt() returns 1 on success, 0 on error.
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 class NoPolicy:
@@ -87,8 +138,8 @@ class NoPolicy:
 
 class ProcessPolicy:
     """
-    The collector and switch-interval settings of a node's process, and the
-    timing of its collections.
+    The collector, switch-interval and allocator settings of a node's
+    process, and the timing of its collections.
 
     @param clock: the reactor: what a collection (which may run in any
         thread) asks for, a freeze or a log line, is done on its thread,
@@ -96,6 +147,8 @@ class ProcessPolicy:
     @param gcModule: L{gc}, or a fake with the same functions.
     @param setSwitchInterval: L{sys.setswitchinterval}, or a fake.
     @param timer: measures a pass: L{time.perf_counter}, or a fake.
+    @param allocator: tunes the C allocator at start: L{tuneAllocator}, or
+        a fake.
     """
 
     log = Logger()
@@ -109,6 +162,7 @@ class ProcessPolicy:
         thresholds: Tuple[int, int, int] = GC_THRESHOLDS,
         switchInterval: float = SWITCH_INTERVAL,
         scanNice: int = WORKER_NICE,
+        allocator: Callable[[], Any] = tuneAllocator,
     ) -> None:
         self.clock = clock
         self.gc = gcModule
@@ -117,6 +171,7 @@ class ProcessPolicy:
         self.thresholds = thresholds
         self.switchInterval = switchInterval
         self.scanNice = scanNice
+        self.allocator = allocator
         self.freezes = 0
         self._started: Optional[float] = None
         self._running = False
@@ -127,6 +182,7 @@ class ProcessPolicy:
         collection from now on.
         """
         self._running = True
+        self.allocator()
         self.setSwitchInterval(self.switchInterval)
         self.gc.set_threshold(*self.thresholds)
         self.gc.callbacks.append(self._collection)

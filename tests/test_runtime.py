@@ -9,7 +9,9 @@ from typing import Any, Callable, List, Tuple
 from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2pfiles.runtime import GC_THRESHOLDS, LOGGED_PASS, SWITCH_INTERVAL, NoPolicy, ProcessPolicy
+from p2pfiles.runtime import (
+    GC_THRESHOLDS, LOGGED_PASS, MMAP_THRESHOLD, SWITCH_INTERVAL, TRIM_THRESHOLD, NoPolicy, ProcessPolicy, tuneAllocator,
+)
 from p2pfiles.scanworker import WORKER_NICE, ProcessObserver
 
 
@@ -85,16 +87,19 @@ class ProcessPolicyTests(SynchronousTestCase):
         self.reactor = FakeReactor()
         self.switch: List[float] = []
         self.events: List[dict] = []
-        self.policy = ProcessPolicy(self.reactor, self.gc, self.switch.append, self.timer)
+        self.tuned: List[bool] = []
+        self.policy = ProcessPolicy(self.reactor, self.gc, self.switch.append, self.timer, allocator=lambda: self.tuned.append(True))
         self.policy.log = Logger(observer=self.events.append)
 
     def test_start(self) -> None:
         """
-        Starting applies the thresholds and the switch interval, freezes
+        Starting tunes the allocator, applies the thresholds and the switch interval, freezes
         what start-up made, and times collections; stopping stops timing
         them.
         """
+        self.assertEqual(self.tuned, [])
         self.policy.start()
+        self.assertEqual(self.tuned, [True])
         self.assertEqual(self.gc.thresholds, GC_THRESHOLDS)
         self.assertEqual(self.switch, [SWITCH_INTERVAL])
         self.assertEqual(self.gc.freezes, 1)
@@ -164,3 +169,47 @@ class ProcessPolicyTests(SynchronousTestCase):
         none.start()
         none.stop()
         self.assertIsNone(none.scanObserver())
+
+
+class FakeLibc:
+    """
+    The C library's C{mallopt}, recording what it was asked.
+    """
+
+    def __init__(self, answer: int = 1) -> None:
+        self.answer = answer
+        self.calls: List[Tuple[int, int]] = []
+
+    def mallopt(self, parameter: int, value: int) -> int:
+        self.calls.append((parameter, value))
+        return self.answer
+
+
+class TuneAllocatorTests(SynchronousTestCase):
+    """
+    L{tuneAllocator} sets glibc's memory-map and trim thresholds.
+    """
+
+    def test_setsBothThresholds(self) -> None:
+        """
+        The memory-map threshold (M_MMAP_THRESHOLD, -3) and the trim
+        threshold (M_TRIM_THRESHOLD, -1) are set, the second above the
+        first, both above the largest buffer a transfer makes.
+        """
+        libc = FakeLibc()
+        self.assertTrue(tuneAllocator(libc))
+        self.assertEqual(libc.calls, [(-3, MMAP_THRESHOLD), (-1, TRIM_THRESHOLD)])
+        self.assertGreater(MMAP_THRESHOLD, 256 << 10)
+        self.assertGreater(TRIM_THRESHOLD, MMAP_THRESHOLD)
+
+    def test_refused(self) -> None:
+        """
+        An allocator that refuses the setting is reported as not tuned.
+        """
+        self.assertFalse(tuneAllocator(FakeLibc(answer=0)))
+
+    def test_noMallopt(self) -> None:
+        """
+        A C library without C{mallopt} (not glibc) is left as it is.
+        """
+        self.assertFalse(tuneAllocator(object()))
