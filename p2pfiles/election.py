@@ -24,10 +24,15 @@ The rules:
     a bad member cannot move the leadership.
   - A node claims leadership, with an epoch one above the highest it has
     seen, when it is the smallest live id and it is I{ready}: it has heard a
-    heartbeat from every peer it knows of, or C{leaderTimeout} has passed
-    since it started.  Being ready first is what makes a returning smaller id
-    learn the current epoch and members before it takes over, so it claims
-    once, with a fresh epoch, and nobody flaps.
+    heartbeat from every peer it knows of, or C{startGrace} has passed
+    since it started (C{leaderTimeout} since it resumed from a suspension).
+    Being ready first is what makes a returning smaller id learn the
+    current epoch and members before it takes over, so it claims once, with
+    a fresh epoch, and nobody flaps; and the grace, longer than the leader
+    timeout, is what keeps nodes started together (a cluster's boot, many
+    processes on few cores) from each leading in turn while the smaller ids
+    are still starting: a peer that is not listening yet and a dead one look
+    alike, so only time tells them apart.
   - A follower whose leader's link drops, or whose leader stays silent past
     C{leaderTimeout}, forgets it; the smallest live id then claims.
 """
@@ -93,10 +98,14 @@ class ElectionState:
         leaderTimeout: float,
         epoch: int = 0,
         knownPeers: Iterable[int] = (),
+        startGrace: Optional[float] = None,
     ) -> None:
         self.me = me
         self.clock = clock
         self.leaderTimeout = leaderTimeout
+        # Never shorter than the leader timeout; by default equal to it.
+        self.startGrace = leaderTimeout if startGrace is None else max(leaderTimeout, startGrace)
+        self._readyAfter = self.startGrace
         self.epoch = epoch
         self.role = CANDIDATE
         self.leader: Optional[int] = None
@@ -127,9 +136,16 @@ class ElectionState:
         return sorted([self.me] + [m for m in self._links if self.isLive(m)])
 
     def isReady(self) -> bool:
-        if self.clock.seconds() - self._startedAt >= self.leaderTimeout:
+        if self.clock.seconds() - self._startedAt >= self._readyAfter:
             return True
         return self._known <= self._heard
+
+    def unheard(self) -> List[int]:
+        """
+        The peers this node knows of and has not heard a heartbeat from
+        since it started (or resumed), sorted.
+        """
+        return sorted(self._known - self._heard)
 
     # Events.
 
@@ -288,6 +304,7 @@ class ElectionState:
             self._links[member] = now
         self._leaderSince = now
         self._startedAt = now
+        self._readyAfter = self.leaderTimeout
         self._heard = set()
         return []
 
@@ -332,4 +349,11 @@ class ElectionState:
             epoch=self.epoch,
             members=", ".join(str(m) for m in self.liveMembers()),
         )
+        unheard = self.unheard()
+        if unheard:
+            self.log.info(
+                "claimed without hearing from {unheard}: waited {wait:g}s for them",
+                unheard=", ".join(str(m) for m in unheard),
+                wait=self._readyAfter,
+            )
         return [Claimed(self.epoch)]

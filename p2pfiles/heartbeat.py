@@ -82,6 +82,7 @@ class HeartbeatCoordinator:
         knownPeers: Any = (),
         learn: Callable[[int, str], bool] = lambda member, address: False,
         fingerprintOf: Callable[[int], Optional[str]] = lambda member: None,
+        startGrace: Optional[float] = None,
     ) -> None:
         self.me = me
         self.reactor = reactor
@@ -94,7 +95,9 @@ class HeartbeatCoordinator:
         self.fingerprintOf = fingerprintOf
         self.heartbeat = heartbeat
         self.leaderTimeout = leaderTimeout
-        self.election = ElectionState(me, reactor, leaderTimeout, epoch=0, knownPeers=knownPeers)
+        self.election = ElectionState(
+            me, reactor, leaderTimeout, epoch=0, knownPeers=knownPeers, startGrace=startGrace
+        )
         self.configured = frozenset(knownPeers)
         self.stopping = False
         self._subscribers: List[Callable[[], None]] = []

@@ -83,6 +83,7 @@ class NodeConfig:
         idleTimeout: Optional[float] = 60.0,
         maxMembers: Optional[int] = 64,
         forgetAfter: Optional[float] = 600.0,
+        startGrace: float = 5.0,
     ) -> None:
         # certificate: the node's TLS identity; None to keep it in the state
         # directory (made there on the first start).  etcd: the endpoints
@@ -99,6 +100,9 @@ class NodeConfig:
         self.secret = secret
         self.heartbeat = heartbeat
         self.leaderTimeout = leaderTimeout
+        # Seconds a starting node waits to hear from every peer before it
+        # may claim without them (never less than leaderTimeout).
+        self.startGrace = startGrace
         self.etcd = tuple(etcd)
         self.coordinatorPrefix = coordinatorPrefix
         self.leaseTTL = leaseTTL
@@ -234,6 +238,7 @@ class Node(MultiService):
                 knownPeers=config.peers,
                 learn=self.membership.learn,
                 fingerprintOf=self.membership.fingerprintOf,
+                startGrace=config.startGrace,
             )
         self._joined = Once()
         self.keeper = IndexKeeper(

@@ -182,6 +182,14 @@ class Options(usage.Options):
         ["tls-key", None, None, "PEM private key of --tls-cert (default: STATE/node.key, made on first start)."],
         ["heartbeat", None, 0.25, "Seconds between heartbeats.", _positive],
         ["leader-timeout", None, 1.0, "Seconds of silence after which a member counts as down.", _positive],
+        [
+            "start-grace",
+            None,
+            5.0,
+            "Seconds a starting node waits to hear from every known peer before it may lead without them "
+            "(at least --leader-timeout), so that nodes started together do not each lead in turn.",
+            _positive,
+        ],
         ["max-connections", None, 512, "Most incoming connections open at once; more are refused.", _atLeastOne],
         [
             "max-connections-per-address",
@@ -413,6 +421,7 @@ class Options(usage.Options):
             secret=self["secret"],
             heartbeat=self["heartbeat"],
             leaderTimeout=self["leader-timeout"],
+            startGrace=self["start-grace"],
             partMaxAge=self["part-max-age"] * 86400,
             certificate=self["certificate"],
             pins=self.pins(),

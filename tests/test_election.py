@@ -40,8 +40,9 @@ class FakeCluster:
     resumed.  A killed node's epoch is kept for its restart, as on disk.
     """
 
-    def __init__(self, ids: Iterable[int], latency: float = 0.0) -> None:
+    def __init__(self, ids: Iterable[int], latency: float = 0.0, startGrace: Optional[float] = None) -> None:
         self.clock = Clock()
+        self.startGrace = startGrace
         self.ids = sorted(ids)
         self.latency = latency
         self.nodes: Dict[int, ElectionState] = {}  # started and not killed
@@ -64,7 +65,9 @@ class FakeCluster:
 
     def start(self, n: int) -> None:
         peers = [m for m in self.ids if m != n]
-        self.nodes[n] = ElectionState(n, self.clock, LEADER_TIMEOUT, epoch=self.saved[n], knownPeers=peers)
+        self.nodes[n] = ElectionState(
+            n, self.clock, LEADER_TIMEOUT, epoch=self.saved[n], knownPeers=peers, startGrace=self.startGrace
+        )
         self.lastTick[n] = None
         self._apply(n, [])
         self.loops[n] = loop = LoopingCall(self._timer, n)
@@ -264,8 +267,8 @@ class StartTests(ElectionTestsMixin, SynchronousTestCase):
     Whatever the start order, the smallest id leads and all agree.
     """
 
-    def startAt(self, times: Dict[int, float]) -> FakeCluster:
-        cluster = FakeCluster(times)
+    def startAt(self, times: Dict[int, float], startGrace: Optional[float] = None) -> FakeCluster:
+        cluster = FakeCluster(times, startGrace=startGrace)
         for n, when in times.items():
             cluster.clock.callLater(when, cluster.start, n)
         cluster.run(max(times.values()) + 2)
@@ -315,6 +318,44 @@ class StartTests(ElectionTestsMixin, SynchronousTestCase):
         self.assertEqual([(who, epoch) for (when, who, epoch) in cluster.claims], [(2, 1), (1, 2)])
         self.assertEqual(self.assertLeads(cluster, 1), 2)
         self.assertSteady(cluster, 5)
+
+    def test_slowStartersWithinTheGrace(self) -> None:
+        """
+        Ten nodes started together, the four smallest taking 3 s to come up
+        (longer than the leader timeout, within a 5 s start grace): nobody
+        claims before node 1, which leads the one and only epoch.  Without
+        the grace the first ones up lead in turn.
+        """
+        times = {n: (3.0 if n <= 4 else 0.0) for n in range(1, 11)}
+        cluster = self.startAt(times, startGrace=5.0)
+        self.assertEqual([(who, epoch) for (when, who, epoch) in cluster.claims], [(1, 1)])
+        self.assertEqual(self.assertLeads(cluster, 1), 1)
+        self.assertSteady(cluster, 5)
+        hasty = self.startAt(times)
+        self.assertEqual(hasty.claims[0][1:], (5, 1))
+        self.assertEqual(self.assertLeads(hasty, 1), 2)
+
+    def test_graceEndsWithoutADeadPeer(self) -> None:
+        """
+        A configured peer that never starts delays the first claim by the
+        start grace, no longer: node 2 leads once 5 s have passed.
+        """
+        cluster = FakeCluster([1, 2, 3], startGrace=5.0)
+        for n in (2, 3):
+            cluster.start(n)
+        cluster.run(4.5)
+        self.assertEqual(cluster.claims, [])
+        self.assertEqual(cluster.nodes[2].unheard(), [1])
+        cluster.run(1.0)
+        self.assertEqual([(who, epoch) for (when, who, epoch) in cluster.claims], [(2, 1)])
+        self.assertEqual(self.assertLeads(cluster, 2), 1)
+
+    def test_graceNeverShorterThanTheLeaderTimeout(self) -> None:
+        """
+        A start grace below the leader timeout counts as the leader timeout.
+        """
+        self.assertEqual(ElectionState(1, Clock(), LEADER_TIMEOUT, startGrace=0.1).startGrace, LEADER_TIMEOUT)
+        self.assertEqual(ElectionState(1, Clock(), LEADER_TIMEOUT).startGrace, LEADER_TIMEOUT)
 
     def test_largestLate(self) -> None:
         """
@@ -454,6 +495,20 @@ class FailoverTests(ElectionTestsMixin, SynchronousTestCase):
         self.assertEqual(self.assertLeads(cluster, 1), 3)
         self.assertSteady(cluster, 10)
         self.assertEpochsIncrease(cluster)
+
+    def test_resumedWaitsOnlyTheLeaderTimeout(self) -> None:
+        """
+        After a suspension a node waits the leader timeout to hear from
+        its peers again, not the start grace: the grace is for starting.
+        """
+        clock = Clock()
+        state = ElectionState(2, clock, LEADER_TIMEOUT, knownPeers=[1], startGrace=30.0)
+        clock.advance(31)
+        self.assertTrue(state.isReady())
+        state.resumed()
+        self.assertFalse(state.isReady())
+        clock.advance(LEADER_TIMEOUT)
+        self.assertTrue(state.isReady())
 
     def test_resumedFollower(self) -> None:
         """

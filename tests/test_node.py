@@ -391,8 +391,8 @@ class StatusTests(SynchronousTestCase):
     def test_waitsForConfiguredPeers(self) -> None:
         """
         A node that knows of peers lists them, not alive, and does not claim
-        before it has heard from them or the leader timeout has passed; then
-        it leads, as the smallest live id.
+        before it has heard from them or the start grace (longer than the
+        leader timeout) has passed; then it leads, as the smallest live id.
         """
         harness = Harness(self, node=2, peers={1: address(1), 3: address(3)}).start()
         status = harness.node.status()
@@ -402,7 +402,11 @@ class StatusTests(SynchronousTestCase):
             [(1, "127.0.0.1:9001", False), (2, "127.0.0.1:9002", True), (3, "127.0.0.1:9003", False)],
         )
         self.assertEqual(harness.node.leaderAddress(), None)
+        self.assertGreater(harness.config.startGrace, LEADER_TIMEOUT)
         harness.advance(LEADER_TIMEOUT)
+        self.assertEqual(harness.node.status()["role"], "candidate")
+        for _ in range(round((harness.config.startGrace - LEADER_TIMEOUT) / HEARTBEAT)):
+            harness.advance(HEARTBEAT)
         status = harness.node.status()
         self.assertEqual((status["role"], status["leader"], status["epoch"]), ("leader", 2, 1))
 
@@ -1077,7 +1081,8 @@ class EpochStoreTests(SynchronousTestCase):
         second = Harness(self, node=1, peers={5: address(5)}, state=first.config.state).start()
         self.assertEqual(second.node.status()["epoch"], 1)
         self.assertEqual(second.node.status()["role"], "candidate")
-        second.advance(LEADER_TIMEOUT)
+        for _ in range(round(second.config.startGrace / HEARTBEAT)):
+            second.advance(HEARTBEAT)
         status = second.node.status()
         self.assertEqual((status["role"], status["epoch"]), ("leader", 2))
         self.assertEqual(first.config.state.child("epoch").getContent(), b"2\n")

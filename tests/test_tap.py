@@ -508,6 +508,18 @@ class DirectoryAndTimingTests(OptionsTestCase):
         options = parse("--id", "1")
         self.assertEqual((options["heartbeat"], options["leader-timeout"]), (0.25, 1.0))
 
+    def test_startGrace(self) -> None:
+        """
+        A starting node waits 5 s by default to hear from its peers before
+        leading without them; C{--start-grace} sets it and reaches the
+        node's config; it must be positive and finite like the others.
+        """
+        self.assertEqual(parse("--id", "1")["start-grace"], 5.0)
+        options = parse("--id", "1", "--start-grace", "12.5")
+        self.assertEqual(options.nodeConfig(port=9001).startGrace, 12.5)
+        for bad in ("0", "-1", "nan", "inf", "soon"):
+            self.assertUsageError("--id", "1", "--start-grace", bad)
+
     def test_timingGiven(self) -> None:
         """
         Fractional seconds are accepted for both.
