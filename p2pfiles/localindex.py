@@ -201,6 +201,11 @@ class LocalIndex:
         L{None} once the first scan is complete and C{entries} holds it.
         """
         self._running = True
+        # Watch from the start: a file written while the first scan runs
+        # (after it listed the share) is then looked at right after it,
+        # not at the next safety poll.
+        if self._useInotify and self._notifier is None:
+            self._startInotify()
         if self._recorded:
             # Started again after a stop that left a restart record: take
             # it before serving anything, as a new index would.
@@ -321,7 +326,7 @@ class LocalIndex:
         if not self._running:  # stopped during the first scan
             return
         interval = self._pollInterval
-        if self._useInotify and self._startInotify():
+        if self._notifier is not None:
             interval = self._pollInterval * SAFETY_POLL_FACTOR
         self._poller = LoopingCall(self._changed)
         self._poller.clock = self._reactor
@@ -331,7 +336,13 @@ class LocalIndex:
 
     def _startFailed(self, failure: Failure) -> Failure:
         self._running = False
+        self._stopInotify()
         return failure
+
+    def _stopInotify(self) -> None:
+        if self._notifier is not None:
+            self._notifier.loseConnection()
+            self._notifier = None
 
     def _startInotify(self) -> bool:
         """
@@ -377,7 +388,9 @@ class LocalIndex:
         lists the whole share; else it looks only at the names inotify gave
         (L{ShareScanner.scanNames}), if it can.
         """
-        if not self._running:
+        if not self._running or self._taking:
+            # (While the restart record is taken, no scan has listed the
+            # share yet: the first one, right after, sees this change.)
             return
         if full:
             self._dirty = None
@@ -501,9 +514,7 @@ class LocalIndex:
     async def _stop(self) -> None:
         self._running = False
         self._again = False
-        if self._notifier is not None:
-            self._notifier.loseConnection()
-            self._notifier = None
+        self._stopInotify()
         if self._poller is not None and self._poller.running:
             self._poller.stop()
         self._poller = None

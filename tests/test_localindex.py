@@ -733,6 +733,35 @@ class WatchingTests(LocalIndexTestsMixin, SynchronousTestCase):
         self.assertEqual(index.entries, partial)
         self.assertEqual(len(seen), 1)  # the full scan found nothing more
 
+    def test_eventsDuringTheFirstScan(self) -> None:
+        """
+        An event while the restart record is taken starts nothing (the
+        first scan, next, lists the share); one while the first scan runs
+        is looked at by name right after it, so a file written after the
+        first scan listed the share is shared without waiting for a poll.
+        """
+        self.write("a", b"1")
+        threads = ManualThreads()
+        index = self.makeIndex(runInThread=threads)
+        started = index.start()
+        self.addCleanup(self.stopIndex, index)
+        self.assertEqual(threads.names(), ["takeRecord"])
+        index._inotifyEvent(None, self.share.child("a"), inotify.IN_CLOSE_WRITE)
+        self.clock.advance(1)
+        self.assertEqual(threads.names(), ["takeRecord"])
+        threads.runNext()
+        self.assertEqual(threads.names(), ["_firstScan"])
+        self.write("late", b"2")
+        index._inotifyEvent(None, self.share.child("late"), inotify.IN_CLOSE_WRITE)
+        threads.runNext()  # the first scan: it sees "late" too, as a listing would not have
+        self.successResultOf(started)
+        self.clock.advance(0.1)
+        self.assertIn("scanNames", threads.names())
+        [names] = [args[1] for (f, args, d) in threads.calls if f.__name__ == "scanNames"]
+        self.assertEqual(names, ["late"])
+        threads.runAll()
+        self.assertEqual(sorted(index.entries), ["a", "late"])
+
     def test_fullScanWhenNamesCannotSay(self) -> None:
         """
         A poll, an event about the share itself (or a queue overflow) and
@@ -1438,6 +1467,48 @@ class RealReactorTests(TestCase):
     The index with the real reactor, real threads and inotify if the platform
     has it.
     """
+
+    def test_fileWrittenDuringTheFirstScan(self) -> None:
+        """
+        A file written while the first scan runs, after it listed the
+        share, is shared soon after the scan, by inotify, not at the next
+        poll (here an hour away).
+        """
+        from twisted.internet import reactor
+
+        share = FilePath(self.mktemp())
+        share.makedirs()
+        share.child("first").setContent(b"1")
+        written: List[str] = []
+
+        def hasher(path: str, size: int) -> Tuple[str, int, os.stat_result]:
+            # Called by the first scan, which has listed the share already.
+            if not written:
+                written.append("late")
+                share.child("late").setContent(b"late")
+            return hashOpened(path, size)
+
+        index = LocalIndex(share, FilePath(self.mktemp()), reactor, pollInterval=3600, hasher=hasher)
+        appeared: defer.Deferred = defer.Deferred()
+
+        def changed(entries: List[FileEntry], removed: List[str]) -> None:
+            if any(e.name == "late" for e in entries) and not appeared.called:
+                appeared.callback(None)
+
+        index.subscribe(changed)
+
+        def started(ignored: object) -> defer.Deferred:
+            self.addCleanup(index.stop)
+            self.assertEqual(written, ["late"])
+            if "late" in index.entries:
+                return defer.succeed(None)
+            appeared.addTimeout(30, reactor)
+            return appeared
+
+        def check(ignored: object) -> None:
+            self.assertEqual(index.entries["late"].sha256, sha(b"late"))
+
+        return index.start().addCallback(started).addCallback(check)
 
     def test_newFileAppears(self) -> None:
         """
