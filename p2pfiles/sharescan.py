@@ -45,7 +45,7 @@ from twisted.logger import LogLevel
 from twisted.python.filepath import FilePath
 
 from p2pfiles.atomic import atomicWrite, fsyncDirectory
-from p2pfiles.names import nameProblem
+from p2pfiles.names import MAX_NAME_BYTES, nameProblem
 from p2pfiles.scanworker import (
     HASH_TRIES, Observation, ProcessObserver, Signature, WorkerFailed, hashOpened, observe, problemSignature,
 )
@@ -389,6 +389,11 @@ class ShareScanner:
             return None
         if name.startswith("."):
             return None  # hidden, like partial downloads: not shared, not a problem
+        if len(raw) <= MAX_NAME_BYTES and b"\\" not in raw:
+            # What nameProblem would find: a directory entry's name is never
+            # empty and holds no '/' or NUL, and one decoded strictly is
+            # valid text.  (The common case, at a fraction of the cost.)
+            return name
         problem = nameProblem(name)
         if problem is not None:
             problems.append(self._problem(name, os.path.join(self.sharePath, raw), problem))

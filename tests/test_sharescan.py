@@ -9,10 +9,14 @@ import hashlib
 import os
 import random
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2pfiles import scanworker, sharescan
+from p2pfiles.names import MAX_NAME_BYTES, nameProblem
 from p2pfiles.sharescan import hashFile, hashOpened
 
 
@@ -140,3 +144,44 @@ class NamedScanTests(SynchronousTestCase):
         again = scanner.scanNames(named.state, names)
         self.assertEqual((again.changed, again.removed, again.newProblems), ([], [], []))
         self.assertIs(again.state.entries, named.state.entries)
+
+
+class ShareableNameTests(SynchronousTestCase):
+    """
+    Which directory entries a scan shares: exactly those whose name
+    L{nameProblem} accepts, hidden ones left out silently.
+    """
+
+    @settings(max_examples=500, deadline=None)
+    @given(st.binary(min_size=1, max_size=MAX_NAME_BYTES + 8).filter(lambda b: b"/" not in b and b"\0" not in b))
+    def test_agreesWithNameProblem(self, raw: bytes) -> None:
+        """
+        Any name a directory can hold (no '/', no NUL, not empty) is
+        shared exactly when it decodes as UTF-8, is not hidden and
+        L{nameProblem} finds nothing wrong with it; a refused one that is
+        not hidden is reported as a problem.
+        """
+        scanner = sharescan.ShareScanner(FilePath(self.mktemp()), FilePath(self.mktemp()))
+        problems: list = []
+        name = scanner._shareable(raw, problems)
+        try:
+            decoded = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            decoded = None
+        hidden = raw.startswith(b".")
+        accepted = decoded is not None and not hidden and nameProblem(decoded) is None
+        self.assertEqual(name, decoded if accepted else None)
+        self.assertEqual(len(problems), 0 if accepted or hidden else 1)
+
+    def test_longAndBackslashNamesRefused(self) -> None:
+        """
+        The names the quick check passes on to L{nameProblem}: too long, or
+        holding a backslash, are refused with its reason.
+        """
+        scanner = sharescan.ShareScanner(FilePath(self.mktemp()), FilePath(self.mktemp()))
+        for raw, reason in [(b"a" * (MAX_NAME_BYTES + 1), "longer than"), (b"a\\b", "must not contain")]:
+            problems: list = []
+            self.assertIsNone(scanner._shareable(raw, problems))
+            [problem] = problems
+            self.assertIn(reason, problem.reason)
+        self.assertEqual(scanner._shareable(b"a" * MAX_NAME_BYTES, []), "a" * MAX_NAME_BYTES)
