@@ -111,7 +111,7 @@ class LocalIndex:
         hasher: Callable[[str, int], Tuple[str, int, os.stat_result]] = hashOpened,
         maxTombstones: int = MAX_TOMBSTONES,
         observer: Optional[ProcessObserver] = None,
-        quiet: Callable[[], ContextManager[None]] = nullcontext,
+        quiet: Callable[[bool], ContextManager[None]] = nullcontext,
     ) -> None:
         """
         @param hasher: like L{hashOpened}, run in the scan thread; replaceable
@@ -120,7 +120,7 @@ class LocalIndex:
         @param observer: a child process that hashes for the scans instead
             of the scan thread (see L{p2pfiles.scanworker}); its owner
             closes it.
-        @param quiet: every scan runs inside C{quiet()} (see
+        @param quiet: every scan runs inside C{quiet(settle)} (see
             L{ShareScanner}).
         """
         if runInThread is None:

@@ -11,14 +11,19 @@ Two things hold the reactor thread up that no code on it can shorten:
     milliseconds, and more with the modules, classes and functions that
     start-up loaded.  What start-up made (modules, classes, functions)
     lives for the whole run and is moved out of its sight (C{gc.freeze()}).
-    Nothing is frozen later: frozen objects are freed as usual when their
-    count of references drops to zero, but a reference cycle among them is
-    never reclaimed, and a node always holds some that will end (each
+    So is what the first scan of the share built, once, as it ends: an
+    entry per file, which lives until the file changes; left to the
+    collector, the first young pass after that scan walked all of them at
+    once (60-95 ms at 100,000 files, every node, every start).  Nothing else
+    is frozen: frozen objects are freed as usual when their count of
+    references drops to zero, but a reference cycle among them is never
+    reclaimed, and a node always holds some that will end (each
     connection's protocol and transport refer to each other), so a freeze
-    while a flood of connections is open would keep them all for good.  The
-    index's own objects are few and hold no cycles (compact records,
-    L{FileEntry} slots), and scans keep the collector off while they build
-    their state (L{ProcessPolicy.quietCollector}).
+    while a flood of connections is open would keep them for good.  The one
+    at the first scan keeps at most what is open in the second or two it
+    takes, once per process.  The index's entries hold no cycles (compact
+    records, L{FileEntry} slots), and scans keep the collector off while
+    they build their state (L{ProcessPolicy.quietCollector}).
   - The reactor thread gives the GIL up at every system call (each send,
     each C{epoll_wait}) and, when a scan thread holds it, waits the
     interpreter's switch interval (5 ms by default) before asking for it
@@ -132,7 +137,7 @@ class NoPolicy:
         """
         return None
 
-    def quietCollector(self) -> ContextManager[None]:
+    def quietCollector(self, settle: bool = False) -> ContextManager[None]:
         return nullcontext()
 
 
@@ -203,16 +208,17 @@ class ProcessPolicy:
         return ProcessObserver(self.scanNice)
 
     @contextmanager
-    def quietCollector(self) -> Iterator[None]:
+    def quietCollector(self, settle: bool = False) -> Iterator[None]:
         """
         Keep the collector off while a scan builds its state (in the scan
         thread).  A scan of 100,000 files builds two objects per file;
         collected as they come, they would be walked by tens of young and
         middle passes and by full ones, each holding the GIL (tens of
         milliseconds on a busy machine).  Off, they are walked once, by the
-        first young pass after the scan.  Nothing is frozen here: the
-        reactor thread goes on meanwhile, and what it left as garbage
-        cycles must still be collected.
+        first young pass after the scan, unless C{settle}: then what the
+        scan built lives long (the first scan of the share) and is frozen as
+        the scan ends, once it succeeded (see the module's text for what that
+        costs).
         """
         if not self._running:
             yield
@@ -220,6 +226,8 @@ class ProcessPolicy:
         self.gc.disable()
         try:
             yield
+            if settle:
+                self._freeze()
         finally:
             self.gc.enable()
 

@@ -148,6 +148,20 @@ class ProcessPolicyTests(SynchronousTestCase):
                 1 / 0
         self.assertEqual((self.gc.enabled, self.gc.freezes), (True, 1))
 
+    def test_settle(self) -> None:
+        """
+        C{quietCollector(settle=True)} freezes what was built inside it, once,
+        before the collector is on again; not if the scan failed.
+        """
+        self.policy.start()
+        with self.policy.quietCollector(settle=True):
+            self.assertEqual(self.gc.freezes, 1)
+        self.assertEqual((self.gc.enabled, self.gc.freezes), (True, 2))
+        with self.assertRaises(ZeroDivisionError):
+            with self.policy.quietCollector(settle=True):
+                1 / 0
+        self.assertEqual((self.gc.enabled, self.gc.freezes), (True, 2))
+
     def test_quietCollectorOnlyWhileRunning(self) -> None:
         """
         A policy that is not running leaves the collector alone.

@@ -8,6 +8,8 @@ import errno
 import hashlib
 import os
 import random
+from contextlib import contextmanager
+from typing import Iterator
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -158,8 +160,8 @@ class ShareableNameTests(SynchronousTestCase):
         """
         Any name a directory can hold (no '/', no NUL, not empty) is
         shared exactly when it decodes as UTF-8, is not hidden and
-        L{nameProblem} finds nothing wrong with it; a refused one that is
-        not hidden is reported as a problem.
+        L{nameProblem} finds nothing wrong with it; a refused one is
+        reported as a problem unless it is a hidden UTF-8 name.
         """
         scanner = sharescan.ShareScanner(FilePath(self.mktemp()), FilePath(self.mktemp()))
         problems: list = []
@@ -171,7 +173,8 @@ class ShareableNameTests(SynchronousTestCase):
         hidden = raw.startswith(b".")
         accepted = decoded is not None and not hidden and nameProblem(decoded) is None
         self.assertEqual(name, decoded if accepted else None)
-        self.assertEqual(len(problems), 0 if accepted or hidden else 1)
+        # A name that is not UTF-8 is a problem even when it is hidden.
+        self.assertEqual(len(problems), 0 if accepted or (hidden and decoded is not None) else 1)
 
     def test_longAndBackslashNamesRefused(self) -> None:
         """
@@ -185,3 +188,31 @@ class ShareableNameTests(SynchronousTestCase):
             [problem] = problems
             self.assertIn(reason, problem.reason)
         self.assertEqual(scanner._shareable(b"a" * MAX_NAME_BYTES, []), "a" * MAX_NAME_BYTES)
+
+
+class QuietTests(SynchronousTestCase):
+    """
+    Every scan runs inside the scanner's C{quiet(settle)}; only the first,
+    which builds an entry for every file, settles.
+    """
+
+    def test_firstScanSettles(self) -> None:
+        """
+        The first scan (its state has no cache yet) asks to settle; later
+        full scans and named scans do not.
+        """
+        share = FilePath(self.mktemp())
+        share.makedirs()
+        share.child("a").setContent(b"1")
+        asked: list = []
+
+        @contextmanager
+        def quiet(settle: bool) -> Iterator[None]:
+            asked.append(settle)
+            yield
+
+        scanner = sharescan.ShareScanner(share, FilePath(self.mktemp()), quiet=quiet)
+        first = scanner.scan(sharescan.EMPTY)
+        second = scanner.scan(first.state)
+        scanner.scanNames(second.state, ["a"])
+        self.assertEqual(asked, [True, False, False])
