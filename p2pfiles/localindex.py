@@ -111,7 +111,7 @@ class LocalIndex:
         hasher: Callable[[str, int], Tuple[str, int, os.stat_result]] = hashOpened,
         maxTombstones: int = MAX_TOMBSTONES,
         observer: Optional[ProcessObserver] = None,
-        quiet: Callable[[bool], ContextManager[None]] = nullcontext,
+        settle: Callable[[bool], ContextManager[None]] = nullcontext,
     ) -> None:
         """
         @param hasher: like L{hashOpened}, run in the scan thread; replaceable
@@ -120,7 +120,7 @@ class LocalIndex:
         @param observer: a child process that hashes for the scans instead
             of the scan thread (see L{p2pfiles.scanworker}); its owner
             closes it.
-        @param quiet: every scan runs inside C{quiet(settle)} (see
+        @param settle: every scan runs inside C{settle(first)} (see
             L{ShareScanner}).
         """
         if runInThread is None:
@@ -132,7 +132,7 @@ class LocalIndex:
         self._share = share
         self._cacheFile = state.child(CACHE_NAME)
         self._recordFile = state.child(RECORD_NAME)
-        self._scanner = ShareScanner(share, self._cacheFile, hasher, maxTombstones, observer, quiet)
+        self._scanner = ShareScanner(share, self._cacheFile, hasher, maxTombstones, observer, settle)
         self._reactor = reactor
         self._runInThread = runInThread
         self._pollInterval = pollInterval

@@ -203,7 +203,7 @@ class Node(MultiService):
         self.scanObserver = self.policy.scanObserver()
         self.localIndex = LocalIndex(
             config.share, config.state, reactor, runInThread=runInThread, useInotify=useInotify,
-            observer=self.scanObserver, quiet=self.policy.quietCollector,
+            observer=self.scanObserver, settle=self.policy.settleScan,
         )
         self.localIndex.subscribe(self._localChanges)
         self._localReady = Once()

@@ -12,18 +12,21 @@ Two things hold the reactor thread up that no code on it can shorten:
     start-up loaded.  What start-up made (modules, classes, functions)
     lives for the whole run and is moved out of its sight (C{gc.freeze()}).
     So is what the first scan of the share built, once, as it ends: an
-    entry per file, which lives until the file changes; left to the
-    collector, the first young pass after that scan walked all of them at
-    once (60-95 ms at 100,000 files, every node, every start).  Nothing else
-    is frozen: frozen objects are freed as usual when their count of
+    entry per file, which lives until the file changes, and would otherwise
+    be walked by every full pass for good (L{ProcessPolicy.settleScan}).
+    Nothing else is frozen: frozen objects are freed as usual when their count of
     references drops to zero, but a reference cycle among them is never
     reclaimed, and a node always holds some that will end (each
     connection's protocol and transport refer to each other), so a freeze
     while a flood of connections is open would keep them for good.  The one
     at the first scan keeps at most what is open in the second or two it
     takes, once per process.  The index's entries hold no cycles (compact
-    records, L{FileEntry} slots), and scans keep the collector off while
-    they build their state (L{ProcessPolicy.quietCollector}).
+    records, L{FileEntry} slots).  The collector is never turned off: with
+    it off while a scan ran (seconds, or tens of seconds on a starved
+    machine), everything any thread allocated meanwhile was walked by the
+    first young pass after it at once (0.1-0.5 s seen on a leader that
+    gathered from nine members during its first scan); on, the passes come
+    as the objects do, each short.
   - The reactor thread gives the GIL up at every system call (each send,
     each C{epoll_wait}) and, when a scan thread holds it, waits the
     interpreter's switch interval (5 ms by default) before asking for it
@@ -137,7 +140,7 @@ class NoPolicy:
         """
         return None
 
-    def quietCollector(self, settle: bool = False) -> ContextManager[None]:
+    def settleScan(self, first: bool) -> ContextManager[None]:
         return nullcontext()
 
 
@@ -208,28 +211,16 @@ class ProcessPolicy:
         return ProcessObserver(self.scanNice)
 
     @contextmanager
-    def quietCollector(self, settle: bool = False) -> Iterator[None]:
+    def settleScan(self, first: bool) -> Iterator[None]:
         """
-        Keep the collector off while a scan builds its state (in the scan
-        thread).  A scan of 100,000 files builds two objects per file;
-        collected as they come, they would be walked by tens of young and
-        middle passes and by full ones, each holding the GIL (tens of
-        milliseconds on a busy machine).  Off, they are walked once, by the
-        first young pass after the scan, unless C{settle}: then what the
-        scan built lives long (the first scan of the share) and is frozen as
-        the scan ends, once it succeeded (see the module's text for what that
-        costs).
+        Run a scan (in the scan thread); if it is the C{first} scan of the
+        share and it succeeds, freeze what exists as it ends: the entry of
+        every shared file is then out of every later pass's sight (see the
+        module's text for what that costs).
         """
-        if not self._running:
-            yield
-            return
-        self.gc.disable()
-        try:
-            yield
-            if settle:
-                self._freeze()
-        finally:
-            self.gc.enable()
+        yield
+        if first and self._running:
+            self._freeze()
 
     def _collection(self, phase: str, info: Dict[str, Any]) -> None:
         # Called by the collector, in whichever thread allocated: keep it

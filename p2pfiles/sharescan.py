@@ -194,7 +194,7 @@ class ShareScanner:
         hasher: Callable[[str, int], Tuple[str, int, os.stat_result]] = hashOpened,
         maxTombstones: int = MAX_TOMBSTONES,
         observer: Optional[ProcessObserver] = None,
-        quiet: Callable[[bool], ContextManager[None]] = nullcontext,
+        settle: Callable[[bool], ContextManager[None]] = nullcontext,
     ) -> None:
         """
         @param hasher: hashes a file when it is looked at in the scan
@@ -202,27 +202,27 @@ class ShareScanner:
         @param observer: a child process that looks at the files instead
             (the scan thread then only lists the share and builds the
             state); L{None} to look at them in the scan thread.
-        @param quiet: every scan runs inside C{quiet(settle)}: the process
-            policy keeps the garbage collector from walking the objects a
-            scan builds, and, when C{settle} (the first scan, which builds
-            an entry for every file), out of its sight after it (see
-            L{p2pfiles.runtime.ProcessPolicy.quietCollector}).
+        @param settle: every scan runs inside C{settle(first)}, C{first}
+            true for the first scan (which builds an entry for every file):
+            the process policy then puts what it built out of the garbage
+            collector's sight (see
+            L{p2pfiles.runtime.ProcessPolicy.settleScan}).
         """
         self.sharePath = os.fsencode(share.path)
         self.cacheFile = cacheFile
         self.hasher = hasher
         self.maxTombstones = maxTombstones
         self.observer = observer
-        self.quiet = quiet
+        self.settle = settle
 
     # Scanning
 
     def scan(self, old: ShareState) -> ScanResult:
         """
         Scan the share and return the state that follows C{old}, inside
-        C{quiet(settle)}, settled if it is the first (C{old} has no cache yet).
+        C{settle(first)}, first if C{old} has no cache yet.
         """
-        with self.quiet(old.cache is None):
+        with self.settle(old.cache is None):
             return self._scan(old)
 
     def _scan(self, old: ShareState) -> ScanResult:
@@ -285,12 +285,12 @@ class ShareScanner:
     def scanNames(self, old: ShareState, names: Iterable[str]) -> ScanResult:
         """
         Look again at C{names} only (inotify said they changed) and return
-        the state that follows C{old}, inside C{quiet(False)}: the same state a
+        the state that follows C{old}, inside C{settle(False)}: the same state a
         full scan would build if nothing else changed, at the cost of the
         names looked at plus copying the state, not of listing and checking
         every file.  C{old} must come from a full scan (its cache loaded).
         """
-        with self.quiet(False):
+        with self.settle(False):
             return self._scanNames(old, names)
 
     def _scanNames(self, old: ShareState, names: Iterable[str]) -> ScanResult:

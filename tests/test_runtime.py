@@ -133,41 +133,29 @@ class ProcessPolicyTests(SynchronousTestCase):
             [(1, 125)],
         )
 
-    def test_quietCollector(self) -> None:
+    def test_settleScan(self) -> None:
         """
-        Inside C{quietCollector()} the collector is off; on the way out it
-        is on again, an error included, and nothing is frozen (the reactor
-        thread's garbage must still be collected).
-        """
-        self.policy.start()
-        with self.policy.quietCollector():
-            self.assertFalse(self.gc.enabled)
-        self.assertEqual((self.gc.enabled, self.gc.freezes), (True, 1))
-        with self.assertRaises(ZeroDivisionError):
-            with self.policy.quietCollector():
-                1 / 0
-        self.assertEqual((self.gc.enabled, self.gc.freezes), (True, 1))
-
-    def test_settle(self) -> None:
-        """
-        C{quietCollector(settle=True)} freezes what was built inside it, once,
-        before the collector is on again; not if the scan failed.
+        C{settleScan(first=True)} freezes what exists as the scan ends,
+        once; not if the scan failed, nor for a later scan; the collector
+        is never turned off.
         """
         self.policy.start()
-        with self.policy.quietCollector(settle=True):
-            self.assertEqual(self.gc.freezes, 1)
+        with self.policy.settleScan(True):
+            self.assertEqual((self.gc.enabled, self.gc.freezes), (True, 1))
         self.assertEqual((self.gc.enabled, self.gc.freezes), (True, 2))
         with self.assertRaises(ZeroDivisionError):
-            with self.policy.quietCollector(settle=True):
+            with self.policy.settleScan(True):
                 1 / 0
+        with self.policy.settleScan(False):
+            pass
         self.assertEqual((self.gc.enabled, self.gc.freezes), (True, 2))
 
-    def test_quietCollectorOnlyWhileRunning(self) -> None:
+    def test_settleScanOnlyWhileRunning(self) -> None:
         """
-        A policy that is not running leaves the collector alone.
+        A policy that is not running freezes nothing.
         """
-        with self.policy.quietCollector():
-            self.assertTrue(self.gc.enabled)
+        with self.policy.settleScan(True):
+            pass
         self.assertEqual(self.gc.freezes, 0)
 
     def test_scanObserver(self) -> None:

@@ -267,20 +267,20 @@ class ProcessObserverTests(ShareMixin, SynchronousTestCase):
         self.assertEqual(there.state.cache, here.state.cache)
         self.assertIsNone(there.workerProblem)
 
-    def test_scanInsideQuiet(self) -> None:
+    def test_scanInsideSettle(self) -> None:
         """
-        Each scan runs inside the scanner's C{quiet()}, once.
+        Each scan runs inside the scanner's C{settle(first)}, once.
         """
         self.share.child("a").setContent(b"A")
         entered: List[str] = []
 
         @contextmanager
-        def quiet() -> Iterator[None]:
+        def settle(first: bool) -> Iterator[None]:
             entered.append("in")
             yield
             entered.append("out")
 
-        scanner = ShareScanner(self.share, FilePath(self.mktemp()).child("c.json"), quiet=quiet)
+        scanner = ShareScanner(self.share, FilePath(self.mktemp()).child("c.json"), settle=settle)
         result = scanner.scan(EMPTY)
         self.assertEqual((entered, list(result.state.entries)), (["in", "out"], ["a"]))
 

@@ -190,15 +190,15 @@ class ShareableNameTests(SynchronousTestCase):
         self.assertEqual(scanner._shareable(b"a" * MAX_NAME_BYTES, []), "a" * MAX_NAME_BYTES)
 
 
-class QuietTests(SynchronousTestCase):
+class SettleTests(SynchronousTestCase):
     """
-    Every scan runs inside the scanner's C{quiet(settle)}; only the first,
+    Every scan runs inside the scanner's C{settle(first)}; only the first,
     which builds an entry for every file, settles.
     """
 
     def test_firstScanSettles(self) -> None:
         """
-        The first scan (its state has no cache yet) asks to settle; later
+        The first scan (its state has no cache yet) is settled; later
         full scans and named scans do not.
         """
         share = FilePath(self.mktemp())
@@ -207,11 +207,11 @@ class QuietTests(SynchronousTestCase):
         asked: list = []
 
         @contextmanager
-        def quiet(settle: bool) -> Iterator[None]:
-            asked.append(settle)
+        def settle(first: bool) -> Iterator[None]:
+            asked.append(first)
             yield
 
-        scanner = sharescan.ShareScanner(share, FilePath(self.mktemp()), quiet=quiet)
+        scanner = sharescan.ShareScanner(share, FilePath(self.mktemp()), settle=settle)
         first = scanner.scan(sharescan.EMPTY)
         second = scanner.scan(first.state)
         scanner.scanNames(second.state, ["a"])
