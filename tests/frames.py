@@ -3,7 +3,7 @@ Frames as they travel, for tests that write to or read from a transport.
 """
 
 from struct import pack
-from typing import Any, List, Optional
+from typing import Any, List
 
 from p2pfiles import auth
 from p2pfiles.protocol import LocalIdentity

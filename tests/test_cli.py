@@ -44,7 +44,7 @@ from p2pfiles.tls import TLS
 from tests.channels import certificate
 from p2pfiles.wire import Message
 
-from tests.test_node import HEARTBEAT, Harness, RecordingHandler, heartbeat, nodeIdentity
+from tests.test_node import HEARTBEAT, Harness, RecordingHandler, heartbeat
 
 NODE = "127.0.0.1:9001"
 

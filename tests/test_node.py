@@ -527,7 +527,7 @@ class MembershipTests(SynchronousTestCase):
         def asked() -> List[Tuple[RecordingHandler, Message]]:
             return [(h, m) for h in far for m in h.of("index-since")]
 
-        first, second = harness.peer(2), harness.peer(2)
+        first, _ = harness.peer(2), harness.peer(2)
         first.send(heartbeat(2, 1, 1))
         harness.advance(HEARTBEAT)
         completeAll()
