@@ -25,7 +25,8 @@ The rules:
   - A node claims leadership, with an epoch one above the highest it has
     seen, when it is the smallest live id and it is I{ready}: it has heard a
     heartbeat from every peer it knows of, or C{startGrace} has passed
-    since it started (C{leaderTimeout} since it resumed from a suspension).
+    since it started (C{leaderTimeout} since it resumed from a suspension,
+    and never before the start grace ends).
     Being ready first is what makes a returning smaller id learn the
     current epoch and members before it takes over, so it claims once, with
     a fresh epoch, and nobody flaps; and the grace, longer than the leader
@@ -105,12 +106,13 @@ class ElectionState:
         self.leaderTimeout = leaderTimeout
         # Never shorter than the leader timeout; by default equal to it.
         self.startGrace = leaderTimeout if startGrace is None else max(leaderTimeout, startGrace)
-        self._readyAfter = self.startGrace
         self.epoch = epoch
         self.role = CANDIDATE
         self.leader: Optional[int] = None
         self._leaderSince = 0.0
         self._startedAt = clock.seconds()
+        # Ready by then even without hearing from every known peer.
+        self._readyAt = self._startedAt + self.startGrace
         # Members whose control link is up -> when last heard from (None:
         # link up, no heartbeat yet).
         self._links: Dict[int, Optional[float]] = {}
@@ -136,7 +138,7 @@ class ElectionState:
         return sorted([self.me] + [m for m in self._links if self.isLive(m)])
 
     def isReady(self) -> bool:
-        if self.clock.seconds() - self._startedAt >= self._readyAfter:
+        if self.clock.seconds() >= self._readyAt:
             return True
         return self._known <= self._heard
 
@@ -303,8 +305,11 @@ class ElectionState:
         for member in self._links:
             self._links[member] = now
         self._leaderSince = now
+        # Hear from every peer again, or wait the leader timeout; a node
+        # still in its start grace (a start slow enough to look like a
+        # suspension) waits at least until the grace ends.
         self._startedAt = now
-        self._readyAfter = self.leaderTimeout
+        self._readyAt = max(self._readyAt, now + self.leaderTimeout)
         self._heard = set()
         return []
 
@@ -354,6 +359,6 @@ class ElectionState:
             self.log.info(
                 "claimed without hearing from {unheard}: waited {wait:g}s for them",
                 unheard=", ".join(str(m) for m in unheard),
-                wait=self._readyAfter,
+                wait=round(self.clock.seconds() - self._startedAt, 3),
             )
         return [Claimed(self.epoch)]

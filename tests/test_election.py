@@ -510,6 +510,21 @@ class FailoverTests(ElectionTestsMixin, SynchronousTestCase):
         clock.advance(LEADER_TIMEOUT)
         self.assertTrue(state.isReady())
 
+    def test_resumedDuringTheStartGrace(self) -> None:
+        """
+        A start slow enough to look like a suspension does not cut the
+        start grace short: the node still waits for the grace to end (or
+        to hear from everyone).
+        """
+        clock = Clock()
+        state = ElectionState(2, clock, LEADER_TIMEOUT, knownPeers=[1], startGrace=5.0)
+        clock.advance(2)
+        state.resumed()
+        clock.advance(LEADER_TIMEOUT)
+        self.assertFalse(state.isReady())
+        clock.advance(2)
+        self.assertTrue(state.isReady())
+
     def test_resumedFollower(self) -> None:
         """
         A follower resumed after a suspension does not take the silence it
