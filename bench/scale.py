@@ -17,8 +17,10 @@ In order:
     on each node's share, timed (median of 3; files/s, MB/s).  The files
     are in the page cache for it and for the nodes alike.
   - cold: empty state directories (no hash cache); the nodes are started one
-    after the other, each once the previous one logged "sharing N files", so
-    each hashes alone, as sha256sum did.  Per node, the rate from its start
+    after the other, each once the previous one logged "sharing N files" and
+    node 1's peer_files.log lists every file shared so far (the leader's
+    gather of the previous node is over), so each hashes alone, as sha256sum
+    did.  Per node, the rate from its start
     (Popen) to its "sharing N files" log line, against the baseline of its
     own share: target >= 0.8x (median of the nodes).
   - warm, --warm (3) times: the nodes are stopped (followers first, largest
@@ -523,8 +525,15 @@ class ScaleRun:
         """
         deadlineEach = 120.0 + self.files / 500
         cold = self.results["cold"] = {}
+        leader = cluster.nodes[1]
         with self.phase("cold start (one node at a time)", 1):
+            sharedSoFar = 0
             for id in sorted(cluster.nodes):
+                if sharedSoFar:
+                    # The leader gathers what the previous node shares:
+                    # the next one hashes once that is over, alone.
+                    if waitForLog(leader.peerFilesLog, sharedSoFar, time.monotonic() + deadlineEach) is None:
+                        raise TimeoutError(f"node 1's peer_files.log never listed {sharedSoFar} files; see {leader.log}")
                 after = time.monotonic()
                 cluster.start(id)
                 started = time.monotonic()
@@ -545,8 +554,8 @@ class ScaleRun:
                 )
                 if count != files:
                     print(f"  WARNING: node {id} shares {count} files, expected {files}")
+                sharedSoFar += count
             total = sum(self.shareFiles[id] for id in cluster.nodes)
-            leader = cluster.nodes[1]
             done = waitForLog(leader.peerFilesLog, total, time.monotonic() + 120.0 + total / 5000)
             waitAgreed(cluster, expectLeader=1, timeout=60.0)
             print(f"  cold: node 1's peer_files.log lists all {total} files {common.fmt(None if done is None else done[0] - started, 2)} s after the last start", flush=True)
