@@ -28,7 +28,7 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.protocols.policies import ProtocolWrapper
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, _AggregateSmallWrites
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -74,6 +74,48 @@ def recordsSize(plaintext: int) -> int:
     return plaintext + (plaintext // 16384 + 1) * RECORD_OVERHEAD
 
 
+# Small writes gathered into one TLS write at most (Twisted gathers 64 KB):
+# what a connection that is not read holds, encrypted, is about this much
+# plus TCP's pause threshold, and OpenSSL's outgoing buffer grows to the
+# largest write it was given.
+GATHER_LIMIT = 8 * 1024
+
+# TCP's read size and pause threshold on an accepted connection until it
+# carries file bytes (Twisted's default is 64 KiB): requests are small, and
+# an answer that is not read pauses its producer after this much.
+ACCEPTED_BUFFER = 16 * 1024
+
+# The most the client's first TLS record (its ClientHello: some 300 bytes,
+# under 2 KiB with post-quantum key shares) may announce.  Until it is
+# whole, the bytes wait here and OpenSSL is not asked for anything, so a
+# connection that sends nothing, or trickles, costs no TLS buffers.  What
+# is not a TLS handshake record is refused at once; a larger first record
+# is not read any further and is left to the handshake deadline (closing
+# it at once would only have its sender open another at once).
+FIRST_RECORD_LIMIT = 8 * 1024
+
+# A TLS record's header: content type (22 is a handshake), version (3, x),
+# length.
+RECORD_HEADER = 5
+HANDSHAKE_RECORD = 22
+
+
+class FirstRecordRefused(SSL.Error):
+    """
+    What a client sent first is not a TLS handshake record of an acceptable
+    size.  Like OpenSSL's errors, its argument is a list of (library,
+    function, reason), here of one reason.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__([("p2pfiles", "", reason)])
+
+
+class _GatherSmallWrites(_AggregateSmallWrites):
+    # Twisted's gathering of small writes, with a smaller batch.
+    MAX_BUFFER_SIZE = GATHER_LIMIT
+
+
 class BulkTLSProtocol(BufferingTLSTransport):
     """
     Twisted's TLS layer, in fewer and larger steps for file bytes.
@@ -91,10 +133,66 @@ class BulkTLSProtocol(BufferingTLSTransport):
         piece, as one write to TCP.
 
     Small writes are still gathered until the next turn of the reactor, as
-    L{BufferingTLSTransport} does.  This overrides three private methods of
-    Twisted's C{TLSMemoryBIOProtocol}, keeping their handling of errors and
-    shutdown; C{tests/test_tls.py} pins the behaviour.
+    L{BufferingTLSTransport} does, but at most L{GATHER_LIMIT} bytes.
+
+    On the accepting side, nothing of TLS is done until the client's first
+    record is whole (see L{FIRST_RECORD_LIMIT}), and TCP reads and pauses at
+    L{ACCEPTED_BUFFER} until the connection carries file bytes.
+
+    This overrides private methods of Twisted's C{TLSMemoryBIOProtocol}
+    (and its gathering of small writes), keeping their handling of errors
+    and shutdown; C{tests/test_tls.py} pins the behaviour.
     """
+
+    # The bytes of the client's first record so far, on the accepting side;
+    # None once it is whole (or on the connecting side).
+    _firstRecord: Optional[bytes] = None
+
+    def __init__(self, factory: Any, wrappedProtocol: Any, _connectWrapped: bool = True) -> None:
+        super().__init__(factory, wrappedProtocol, _connectWrapped)
+        self._aggregator = _GatherSmallWrites(super(BufferingTLSTransport, self).write, factory._clock)
+        self.write = self._aggregator.write  # type: ignore[method-assign]
+
+    def makeConnection(self, transport: Any) -> None:
+        if getattr(self.factory, "accepting", False):
+            self._firstRecord = b""
+            if getattr(transport, "bufferSize", 0) > ACCEPTED_BUFFER:
+                transport.bufferSize = ACCEPTED_BUFFER
+        super().makeConnection(transport)
+
+    def _checkHandshakeStatus(self) -> None:
+        # Nothing to ask OpenSSL before the client's first record is here.
+        if self._firstRecord is None:
+            super()._checkHandshakeStatus()
+
+    # True once the client announced too large a first record: what it
+    # sends is no longer read.
+    _ignoring = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._ignoring:
+            return
+        if self._firstRecord is not None:
+            data = self._firstRecord + data
+            problem = _notTLS(data)
+            if problem is not None:
+                self._firstRecord = None
+                self._tlsShutdownFinished(Failure(FirstRecordRefused(problem)))
+                return
+            if len(data) < RECORD_HEADER:
+                self._firstRecord = data
+                return
+            length = int.from_bytes(data[3:5], "big")
+            if length > FIRST_RECORD_LIMIT:
+                self._firstRecord = b""
+                self._ignoring = True
+                self.transport.pauseProducing()
+                return
+            if len(data) < RECORD_HEADER + length:
+                self._firstRecord = data
+                return
+            self._firstRecord = None
+        super().dataReceived(data)
 
     def _flushReceiveBIO(self) -> None:
         pending: list = []
@@ -165,12 +263,27 @@ class BulkTLSProtocol(BufferingTLSTransport):
             self.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
 
+def _notTLS(data: bytes) -> Optional[str]:
+    """
+    Why the first bytes a client sent (C{data}, possibly not all of its
+    first record yet) cannot begin a TLS handshake, or None.
+    """
+    if data[:1] and data[0] != HANDSHAKE_RECORD:
+        return "not TLS: the first record is not a handshake"
+    if data[1:2] and data[1] != 3:
+        return "not TLS: the first record has no TLS version"
+    return None
+
+
 class BulkTLSFactory(TLSMemoryBIOFactory):
     """
     A L{TLSMemoryBIOFactory} whose connections are L{BulkTLSProtocol}s.
+
+    @ivar accepting: True for the accepting side of connections.
     """
 
     protocol = BulkTLSProtocol
+    accepting = False
 
 
 def _acceptAny(connection: Any, certificate: Any, errno: int, depth: int, ok: int) -> bool:
@@ -388,6 +501,7 @@ class TLS:
         C{factory}'s connections as the accepting side of TLS.
         """
         wrapped = BulkTLSFactory(self._creator(server=True), False, factory, clock)
+        wrapped.accepting = True
         # Connections are logged by the protocol, not by the factory.
         wrapped.noisy = False
         return wrapped
