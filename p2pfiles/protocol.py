@@ -181,6 +181,10 @@ class P2PProtocol(Int32StringReceiver):
     peer: Optional[PeerInfo] = None
     channel: Optional[IChannelBinding] = None
     refusal = None
+    # The other end's IP address (None if it has none), and when the
+    # connection was made: what the listener's limits weigh.
+    host: Optional[str] = None
+    openedAt = 0.0
 
     def __init__(
         self,
@@ -235,6 +239,8 @@ class P2PProtocol(Int32StringReceiver):
         self.handler = handler
 
     def connectionMade(self) -> None:
+        self.openedAt = self.clock.seconds()
+        self.host = getattr(self.transport.getPeer(), "host", None)
         if self.factory is not None:
             self.factory.protocols.add(self)
         self._timeout = self.clock.callLater(HANDSHAKE_TIMEOUT, self._handshakeTimedOut)
@@ -301,6 +307,13 @@ class P2PProtocol(Int32StringReceiver):
         """
         return self._dropReason
 
+    @property
+    def authenticated(self) -> bool:
+        """
+        True once the handshake has finished (and after, even closing).
+        """
+        return self.peer is not None
+
     def isReady(self) -> bool:
         """
         True once the handshake has finished and until the connection is
@@ -358,6 +371,18 @@ class P2PProtocol(Int32StringReceiver):
         if tell and code is not None and self._rawRemaining == 0:
             self.sendError(code, reason)
         self.transport.loseConnection()
+
+    def evict(self) -> None:
+        """
+        Close this connection, which has not authenticated, at once and
+        without a log line of its own, to make room for another (the
+        listener's limits count and log evictions).
+        """
+        if self._closed.happened or self._dropReason is not None:
+            return
+        self._dropReason = "closed to make room for another connection"
+        self._cancelTimeout()
+        self.transport.abortConnection()
 
     def refuse(self, code: str, reason: str) -> None:
         """
@@ -690,9 +715,12 @@ class P2PFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> Optional[P2PProtocol]:  # type: ignore[override]
         if self.listening and self.limits is not None:
-            hosts = (getattr(p.transport.getPeer(), "host", None) for p in self.protocols if p.transport)
-            if not self.limits.admit(addr, hosts):
+            open = [p for p in self.protocols if p.dropReason is None and not p.closed]
+            admitted, evict = self.limits.admitOrEvict(addr, open)
+            if not admitted:
                 return None  # the reactor closes the new socket at once
+            if evict is not None:
+                evict.evict()
         handler = self.handler() if self.perConnection else self.handler
         p = self.protocol(self.identity, handler, self.clock, self.listening, self.expectedNode)
         p.factory = self

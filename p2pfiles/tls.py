@@ -111,6 +111,60 @@ class FirstRecordRefused(SSL.Error):
         super().__init__([("p2pfiles", "", reason)])
 
 
+@implementer(IOpenSSLServerConnectionCreator)
+class _FirstRecordCreator:
+    """
+    The accepting side's connection creator, as Twisted's TLS layer sees
+    it: the connection it makes at once is L{_NOT_YET}; the OpenSSL
+    connection is made by C{creator} when the client's first record is whole
+    (L{BulkTLSProtocol.dataReceived}).  An OpenSSL connection costs some
+    14 KiB before it has read a byte, and a flood of connections that never
+    send one should not cost that.
+    """
+
+    def __init__(self, creator: "ConnectionCreator") -> None:
+        self.creator = creator
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> Any:
+        return _NOT_YET
+
+
+class _NotYet:
+    """
+    Stands for the OpenSSL connection of an accepted connection before the
+    client's first record is whole: nothing to read, send or shut down.
+    (Twisted's TLS layer asks this much of it when such a connection is
+    closed.)
+    """
+
+    def set_accept_state(self) -> None:
+        pass
+
+    def set_app_data(self, data: Any) -> None:
+        pass
+
+    def bio_read(self, size: int) -> bytes:
+        raise SSL.WantReadError()
+
+    def recv(self, size: int) -> bytes:
+        raise SSL.WantReadError()
+
+    def send(self, data: Any) -> int:
+        raise SSL.WantReadError()
+
+    def bio_shutdown(self) -> None:
+        pass
+
+    def shutdown(self) -> bool:
+        return True
+
+    def get_peer_certificate(self) -> None:
+        return None
+
+
+_NOT_YET = _NotYet()
+
+
 class _GatherSmallWrites(_AggregateSmallWrites):
     # Twisted's gathering of small writes, with a smaller batch.
     MAX_BUFFER_SIZE = GATHER_LIMIT
@@ -154,7 +208,7 @@ class BulkTLSProtocol(BufferingTLSTransport):
         self.write = self._aggregator.write  # type: ignore[method-assign]
 
     def makeConnection(self, transport: Any) -> None:
-        if getattr(self.factory, "accepting", False):
+        if self.factory.accepting:
             self._firstRecord = b""
             if getattr(transport, "bufferSize", 0) > ACCEPTED_BUFFER:
                 transport.bufferSize = ACCEPTED_BUFFER
@@ -192,6 +246,9 @@ class BulkTLSProtocol(BufferingTLSTransport):
                 self._firstRecord = data
                 return
             self._firstRecord = None
+            self._tlsConnection = self.factory.creator.serverConnectionForTLS(self)
+            # As Twisted's layer does for the connections it makes.
+            self._tlsConnection.set_app_data(self)
         super().dataReceived(data)
 
     def _flushReceiveBIO(self) -> None:
@@ -279,11 +336,18 @@ class BulkTLSFactory(TLSMemoryBIOFactory):
     """
     A L{TLSMemoryBIOFactory} whose connections are L{BulkTLSProtocol}s.
 
-    @ivar accepting: True for the accepting side of connections.
+    @ivar accepting: True for the accepting side of connections: their
+        OpenSSL connection is made by C{creator} once the client's first
+        record is whole.
     """
 
     protocol = BulkTLSProtocol
     accepting = False
+
+    def __init__(self, creator: "ConnectionCreator", isClient: bool, wrappedFactory: Any, clock: IReactorTime) -> None:
+        self.creator = creator
+        self.accepting = not isClient
+        super().__init__(creator if isClient else _FirstRecordCreator(creator), isClient, wrappedFactory, clock)
 
 
 def _acceptAny(connection: Any, certificate: Any, errno: int, depth: int, ok: int) -> bool:
@@ -501,7 +565,6 @@ class TLS:
         C{factory}'s connections as the accepting side of TLS.
         """
         wrapped = BulkTLSFactory(self._creator(server=True), False, factory, clock)
-        wrapped.accepting = True
         # Connections are logged by the protocol, not by the factory.
         wrapped.noisy = False
         return wrapped

@@ -1166,11 +1166,15 @@ class ConnectionLimitTests(SynchronousTestCase):
         counting those refused in between.
         """
         self.factory.limits = limits = ConnectionLimits(self.clock, 1, None)
-        self.connect("10.0.0.1", 1)
+        first = self.connect("10.0.0.1", 1)
         for i in range(100):
             self.assertIsNone(self.connect("10.0.0.2", i))
         self.assertEqual(len(self.lines()), 1)
         self.clock.advance(ConnectionLimits.LOG_INTERVAL)
+        # The first one timed out meanwhile: another takes its place.
+        assert first is not None
+        first.connectionLost(Failure(Exception("gone")))
+        self.assertIsNotNone(self.connect("10.0.0.1", 2))
         self.assertIsNone(self.connect("10.0.0.2", 999))
         lines = self.lines()
         self.assertEqual(len(lines), 2)
