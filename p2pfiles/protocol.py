@@ -47,6 +47,10 @@ HANDSHAKE_TIMEOUT = 5.0
 # How much a connection reads at once while receiving a raw section.
 RAW_READ_SIZE = 256 * 1024
 
+# How much a control link reads at once (index frames are up to 1 MiB); an
+# accepted connection reads less until it is one (see p2pfiles.tls).
+CONTROL_READ_SIZE = 64 * 1024
+
 ROLES = ("node", "client")
 PURPOSES = ("control", "request")
 
@@ -650,6 +654,11 @@ class P2PProtocol(Int32StringReceiver):
         self._cancelTimeout()
         self._expecting = "open"
         self.peer = self._pendingPeer
+        # What the proofs covered is no longer needed.
+        self._connectorHello = self._listenerHello = b""
+        self._pendingPeer = None
+        if self.peer is not None and self.peer.purpose == "control" and self.channel is not None:
+            self.channel.carryBulk(CONTROL_READ_SIZE)
         self.log.info("authenticated {peer}", peer=self.describePeer())
         self._toHandler(self.handler.connectionReady, what="a new connection")
 

@@ -152,7 +152,7 @@ class IRequestContext(Interface):
 
 # Rows per listing frame: small frames (some 4 KB) keep what a reader that
 # does not read leaves in this node's buffers small: the transport pauses
-# the listing once it holds its threshold (16 KiB on an accepted
+# the listing once it holds its threshold (4 KiB on an accepted
 # connection, see p2pfiles.tls), plus the frames being gathered.
 LISTING_ROWS_PER_FRAME = 25
 

@@ -78,12 +78,13 @@ def recordsSize(plaintext: int) -> int:
 # what a connection that is not read holds, encrypted, is about this much
 # plus TCP's pause threshold, and OpenSSL's outgoing buffer grows to the
 # largest write it was given.
-GATHER_LIMIT = 8 * 1024
+GATHER_LIMIT = 4 * 1024
 
 # TCP's read size and pause threshold on an accepted connection until it
-# carries file bytes (Twisted's default is 64 KiB): requests are small, and
-# an answer that is not read pauses its producer after this much.
-ACCEPTED_BUFFER = 16 * 1024
+# carries file bytes or is a control link (Twisted's default is 64 KiB):
+# requests are small, and an answer that is not read pauses its producer
+# after this much.
+ACCEPTED_BUFFER = 4 * 1024
 
 # The most the client's first TLS record (its ClientHello: some 300 bytes,
 # under 2 KiB with post-quantum key shares) may announce.  Until it is

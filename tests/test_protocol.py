@@ -911,8 +911,9 @@ class RawModeTests(SynchronousTestCase):
         alone, so that small connections stay cheap.
         """
         listener = self.readyListener()
+        before = listener.protocol.channel.bulkSize
         listener.protocol.expectRaw(10)
-        self.assertIsNone(listener.protocol.channel.bulkSize)
+        self.assertEqual(listener.protocol.channel.bulkSize, before)
         listener.protocol.dataReceived(self.RAW)
         listener.protocol.expectRaw(RAW_READ_SIZE + 1)
         self.assertEqual(listener.protocol.channel.bulkSize, RAW_READ_SIZE)
