@@ -28,7 +28,7 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.protocols.policies import ProtocolWrapper
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, _AggregateSmallWrites
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -141,6 +141,9 @@ class _NotYet:
     def set_accept_state(self) -> None:
         pass
 
+    def do_handshake(self) -> None:
+        raise SSL.WantReadError()
+
     def set_app_data(self, data: Any) -> None:
         pass
 
@@ -166,9 +169,42 @@ class _NotYet:
 _NOT_YET = _NotYet()
 
 
-class _GatherSmallWrites(_AggregateSmallWrites):
-    # Twisted's gathering of small writes, with a smaller batch.
-    MAX_BUFFER_SIZE = GATHER_LIMIT
+class SmallWrites:
+    """
+    Small writes gathered until the next turn of C{clock}, or until more
+    than L{GATHER_LIMIT} bytes wait, then written with C{write} in one
+    piece: Twisted's gathering of small writes in its TLS layer (which
+    gathers 64 KB), with a smaller batch.
+    """
+
+    def __init__(self, write: Callable[[bytes], Any], clock: IReactorTime) -> None:
+        self._write = write
+        self._clock = clock
+        self._pending: list = []
+        self._size = 0
+        self._scheduled: Any = None
+
+    def write(self, data: bytes) -> None:
+        self._pending.append(bytes(data))
+        self._size += len(data)
+        if self._size > GATHER_LIMIT:
+            self.flush()
+        elif self._scheduled is None:
+            self._scheduled = self._clock.callLater(0, self._scheduledFlush)
+
+    def _scheduledFlush(self) -> None:
+        self._scheduled = None
+        self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            pending, self._pending, self._size = self._pending, [], 0
+            self._write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def close(self) -> None:
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+        self._scheduledFlush()
 
 
 class BulkTLSProtocol(BufferingTLSTransport):
@@ -205,7 +241,9 @@ class BulkTLSProtocol(BufferingTLSTransport):
 
     def __init__(self, factory: Any, wrappedProtocol: Any, _connectWrapped: bool = True) -> None:
         super().__init__(factory, wrappedProtocol, _connectWrapped)
-        self._aggregator = _GatherSmallWrites(super(BufferingTLSTransport, self).write, factory._clock)
+        # In the place of Twisted's gathering, which the layer flushes when
+        # it closes and drops once it is closed.
+        self._aggregator = SmallWrites(super(BufferingTLSTransport, self).write, factory.clock)
         self.write = self._aggregator.write  # type: ignore[method-assign]
 
     def makeConnection(self, transport: Any) -> None:
@@ -214,11 +252,6 @@ class BulkTLSProtocol(BufferingTLSTransport):
             if getattr(transport, "bufferSize", 0) > ACCEPTED_BUFFER:
                 transport.bufferSize = ACCEPTED_BUFFER
         super().makeConnection(transport)
-
-    def _checkHandshakeStatus(self) -> None:
-        # Nothing to ask OpenSSL before the client's first record is here.
-        if self._firstRecord is None:
-            super()._checkHandshakeStatus()
 
     # True once the client announced too large a first record: what it
     # sends is no longer read.
@@ -347,6 +380,7 @@ class BulkTLSFactory(TLSMemoryBIOFactory):
 
     def __init__(self, creator: "ConnectionCreator", isClient: bool, wrappedFactory: Any, clock: IReactorTime) -> None:
         self.creator = creator
+        self.clock = clock
         self.accepting = not isClient
         super().__init__(creator if isClient else _FirstRecordCreator(creator), isClient, wrappedFactory, clock)
 

@@ -1120,7 +1120,7 @@ class FactoryTests(SynchronousTestCase):
         self.assertIs(protocol.identity, LISTENER)
         self.assertIs(protocol.handler, handler)
         self.assertIs(protocol.clock, clock)
-        self.assertTrue(protocol.listening)
+        self.assertTrue(protocol.incoming)
         self.assertIs(protocol.factory, factory)
         self.assertFalse(factory.noisy)
 
