@@ -27,27 +27,33 @@ What is done, and how:
     per-address cap (C{--max-connections-per-address}, 64 by default) does
     not apply: the flood is what many hosts would send.  The total cap
     (C{--max-connections}, 512 by default) would refuse about 400 of the
-    900 connections at connect time, and while it is full a legitimate
-    C{status} is refused too; the nodes therefore run with
-    C{--max-connections 1024} (C{--node-max-connections}) so that the
-    whole flood reaches node 1, the harder case for its memory.  Give
-    C{--node-max-connections 512} to see what the default cap does (the
-    connections it refused are counted).
+    900 connections at connect time; the nodes of the first flood
+    therefore run with C{--max-connections 1024}
+    (C{--node-max-connections}) so that the whole flood reaches node 1, the
+    harder case for its memory.
   - Meanwhile, every C{--interval} (0.5 s): C{status} of node 1, timed (the
     in-process client: the same TLS, handshake and request as C{p2pfiles
     status --json}, without the ~0.5 s of a Python start-up), and the
     status of nodes 2 and 3, whose leader and epoch (and node 1's) must
     never change.  Every 5 s one real C{p2pfiles status --json} is timed
     as well (informative).  VmRSS and VmHWM of node 1 are sampled all the
-    while.  Before the flood the same status timings are taken as the
+    while; VmHWM is reset when the flood starts (C{/proc/PID/clear_refs}),
+    so that its peak is the flood's, not start-up's (which is reported on
+    its own).  Before the flood the same status timings are taken as the
     baseline.
+  - Then the same flood, for C{--default-seconds} (15), against a new
+    cluster whose nodes run with the default C{--max-connections}: the
+    node is full, and a legitimate C{status} (from 127.0.0.1, which holds
+    few connections) must still get in, by taking the place of an
+    unauthenticated flood connection.
 
-Figures: peak RSS of node 1 (VmHWM, target <= 96 MiB), the median status
-time during the flood (target <= 1 s) and its maximum, and how many
-changes of leader or epoch any node reported (target 0).
+Figures: peak RSS of node 1 during the flood (target <= 96 MiB), the
+median status time during the flood (target <= 1 s) and its maximum, and
+how many changes of leader or epoch any node reported (target 0); with the
+default cap, how many status polls were refused (target 0).
 
 Usage: .venv/bin/python bench/flood.py [--files 20000] [--idle 500] [--trickle 100] [--ls 300]
-       [--seconds 30] [--node-max-connections 1024] [--keep]
+       [--seconds 30] [--node-max-connections 1024] [--default-seconds 15] [--keep]
 """
 
 import argparse
@@ -272,10 +278,63 @@ def waitIndexed(address: str, files: int, timeout: float) -> float:
     raise TimeoutError(f"node 1 lists {count} of {files} files after {timeout:g}s")
 
 
-def run(args: argparse.Namespace) -> int:
-    common.installSignalHandlers()
+def resetPeak(pid: int) -> bool:
+    """
+    Reset C{pid}'s VmHWM to its present RSS (Linux: C{5} into
+    C{/proc/PID/clear_refs}), so that the VmHWM read later is the peak of
+    what came after, not of start-up; False if it cannot be done.
+    """
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class FloodResult:
+    """
+    What one flood did to node 1 and the cluster.
+    """
+
+    def __init__(self) -> None:
+        self.counts = Counts()
+        self.lsOpen = 0
+        self.before: Dict[str, int] = {}
+        self.after: Dict[str, int] = {}
+        self.peakReset = False
+        self.peak = 0
+        self.latencies: List[Optional[float]] = []
+        self.cliLatencies: List[Optional[float]] = []
+        self.views: Dict[int, set] = {1: set(), 2: set(), 3: set()}
+        self.unanswered = {1: 0, 2: 0, 3: 0}
+        self.leader: Any = None
+        self.epoch: Any = None
+        self.indexed = 0.0
+        self.baseline: List[Optional[float]] = []
+        self.baselineCli: List[Optional[float]] = []
+        self.finalViews: List[Any] = []
+        self.alive = False
+
+    @property
+    def answered(self) -> List[float]:
+        return [l for l in self.latencies if l is not None]
+
+    @property
+    def changes(self) -> int:
+        return sum(len(v - {(self.leader, self.epoch)}) for v in self.views.values())
+
+
+def flood(args: argparse.Namespace, maxConnections: Optional[int], seconds: float, timeCli: bool) -> FloodResult:
+    """
+    Start a cluster (node 1 with C{--max-connections maxConnections}, or
+    the default if None), flood node 1 for C{seconds} and say what
+    happened.
+    """
+    result = FloodResult()
     root = common.makeTempDir("flood")
-    cluster = Cluster(3, root, extraArgs=["--max-connections", str(args.node_max_connections)])
+    extra = [] if maxConnections is None else ["--max-connections", str(maxConnections)]
+    cluster = Cluster(3, root, extraArgs=extra)
     raw: Optional[RawFlood] = None
     listings: Optional[ListingFlood] = None
     try:
@@ -283,99 +342,62 @@ def run(args: argparse.Namespace) -> int:
         writeShare(cluster.nodes[1].share, args.files)
         cluster.startAll()
         cluster.waitListening()
-        leader, epoch, _ = cluster.waitConverged(expectLeader=1, useCli=False, timeout=60)
-        indexed = waitIndexed(cluster.nodes[1].address, args.files, timeout=300)
-        print(f"cluster agreed on leader {leader} in epoch {epoch}; {args.files} files listed after {indexed:.1f}s", flush=True)
+        result.leader, result.epoch, _ = cluster.waitConverged(expectLeader=1, useCli=False, timeout=60)
+        result.indexed = waitIndexed(cluster.nodes[1].address, args.files, timeout=300)
+        print(
+            f"cluster agreed on leader {result.leader} in epoch {result.epoch}; "
+            f"{args.files} files listed after {result.indexed:.1f}s",
+            flush=True,
+        )
         pid = cluster.nodes[1].pid
-        before = common.procStatus(pid)
         addresses = cluster.addresses()
-        baseline = [timedStatus(addresses[0])[0] for _ in range(10)]
-        baselineCli = [timedCli(addresses[0]) for _ in range(3)]
+        result.baseline = [timedStatus(addresses[0])[0] for _ in range(10)]
+        if timeCli:
+            result.baselineCli = [timedCli(addresses[0]) for _ in range(3)]
+        result.before = common.procStatus(pid)
+        result.peakReset = resetPeak(pid)
         sampler = common.RssSampler(pid, interval=0.05)
-        counts = Counts()
+        counts = result.counts
         raw = RawFlood(addresses[0], args.idle, args.trickle, counts)
         listings = ListingFlood(addresses[0], args.ls, counts)
-        print(f"flooding node 1 for {args.seconds:g}s: {args.idle} idle, {args.trickle} trickling, {args.ls} unread ls", flush=True)
+        limit = "default" if maxConnections is None else str(maxConnections)
+        print(
+            f"flooding node 1 (--max-connections {limit}) for {seconds:g}s: "
+            f"{args.idle} idle, {args.trickle} trickling, {args.ls} unread ls",
+            flush=True,
+        )
         started = time.monotonic()
         raw.start()
         listings.start()
-        latencies: List[Optional[float]] = []
-        cliLatencies: List[Optional[float]] = []
-        views: Dict[int, set] = {1: set(), 2: set(), 3: set()}
-        unanswered = {1: 0, 2: 0, 3: 0}
         nextCli = started + 5
-        while time.monotonic() - started < args.seconds:
+        while time.monotonic() - started < seconds:
             tick = time.monotonic()
             if sampler.maxRss > args.rss_abort * MiB:
                 print(f"node 1 passed {args.rss_abort} MiB: flood stopped early, after {tick - started:.1f}s", flush=True)
                 break
             latency, status = timedStatus(addresses[0])
-            latencies.append(latency)
+            result.latencies.append(latency)
             for node, address in zip((1, 2, 3), addresses):
                 if node != 1:
                     _, status = timedStatus(address)
                 if status is None:
-                    unanswered[node] += 1
+                    result.unanswered[node] += 1
                 else:
-                    views[node].add((status["leader"], status["epoch"]))
-            if tick >= nextCli:
-                cliLatencies.append(timedCli(addresses[0]))
+                    result.views[node].add((status["leader"], status["epoch"]))
+            if timeCli and tick >= nextCli:
+                result.cliLatencies.append(timedCli(addresses[0]))
                 nextCli = tick + 5
             time.sleep(max(0.0, args.interval - (time.monotonic() - tick)))
-        lsOpen = counts.lsOpen
+        result.lsOpen = counts.lsOpen
+        result.after = common.procStatus(pid)
         sampler.stop()
         raw.stop()
         listings.stop()
         raw = listings = None
-        after = common.procStatus(pid)
-        finalViews = common.statuses(addresses, useCli=True, timeout=10)
-        answered = [l for l in latencies if l is not None]
-        # An unanswered poll counts as its 10 s timeout.
-        timed = [10.0 if l is None else l for l in latencies]
-        changes = sum(len(v - {(leader, epoch)}) for v in views.values())
-        alive = cluster.nodes[1].process is not None and cluster.nodes[1].process.poll() is None
-
-        print()
-        common.printTable(
-            ["flood", "opened", "closed by node", "failed to open"],
-            [[k, counts.opened[k], counts.closedByNode[k], counts.failed[k]] for k in ("idle", "trickle", "ls")],
-        )
-        print(f"ls connections open at the end of the flood: {lsOpen} of {args.ls}")
-        print(
-            f"node 1 RSS: {before.get('VmRSS', 0) / MiB:.1f} MiB before the flood, peak VmHWM "
-            f"{after.get('VmHWM', sampler.maxHwm) / MiB:.1f} MiB, VmRSS at the end {after.get('VmRSS', 0) / MiB:.1f} MiB"
-        )
-        print(
-            f"status of node 1: {len(answered)} of {len(latencies)} answered during the flood; "
-            f"baseline median {median([b for b in baseline if b is not None]):.3f}s, "
-            f"CLI baseline median {median([b for b in baselineCli if b is not None]):.3f}s"
-        )
-        print(f"leader/epoch seen: " + "; ".join(f"node {n}: {sorted(v)}" for n, v in views.items()))
-        print(f"unanswered status polls per node: {unanswered}")
-        print(
-            "after the flood: "
-            + "; ".join("-" if s is None else f"node {s['id']}: leader {s['leader']} epoch {s['epoch']}" for s in finalViews)
-        )
-        print()
-        peak = max(after.get("VmHWM", 0), sampler.maxHwm)
-        figures = [
-            Figure("node 1 peak RSS (VmHWM)", peak / MiB, "MiB", PEAK_RSS / MiB, note="during the flood"),
-            Figure("node 1 RSS before the flood", before.get("VmRSS", 0) / MiB, "MiB", None),
-            Figure("status median during the flood", median(timed) if timed else None, "s", STATUS_MEDIAN),
-            Figure("status max during the flood", max(timed) if timed else None, "s", None),
-            Figure("status median before the flood", median([b for b in baseline if b is not None]), "s", None),
-            Figure(
-                "p2pfiles status --json median (CLI)",
-                median([c for c in cliLatencies if c is not None]) if any(c is not None for c in cliLatencies) else None,
-                "s",
-                None,
-            ),
-            Figure("status polls unanswered (10 s timeout)", float(len(latencies) - len(answered)), "", None),
-            Figure("leader/epoch changes on any node", float(changes), "", 0),
-            Figure("node 1 still running", 1.0 if alive else 0.0, "", 1, kind="min"),
-        ]
-        common.printFigures(figures)
-        return 0 if all(f.passed is not False for f in figures) else 1
+        result.peak = max(result.after.get("VmHWM", 0), sampler.maxHwm if result.peakReset else 0, sampler.maxRss)
+        result.finalViews = common.statuses(addresses, useCli=True, timeout=10)
+        result.alive = cluster.nodes[1].process is not None and cluster.nodes[1].process.poll() is None
+        return result
     finally:
         if raw is not None:
             raw.stop()
@@ -389,6 +411,80 @@ def run(args: argparse.Namespace) -> int:
             print(f"kept {root}")
 
 
+def report(result: FloodResult, args: argparse.Namespace) -> None:
+    counts = result.counts
+    common.printTable(
+        ["flood", "opened", "closed by node", "failed to open"],
+        [[k, counts.opened[k], counts.closedByNode[k], counts.failed[k]] for k in ("idle", "trickle", "ls")],
+    )
+    print(f"ls connections open at the end of the flood: {result.lsOpen} of {args.ls}")
+    print(
+        f"node 1 RSS: {result.before.get('VmRSS', 0) / MiB:.1f} MiB before the flood "
+        f"(VmHWM {result.before.get('VmHWM', 0) / MiB:.1f} MiB since start-up), "
+        f"peak during the flood {result.peak / MiB:.1f} MiB"
+        f"{'' if result.peakReset else ' (VmHWM could not be reset: includes start-up)'}, "
+        f"VmRSS at the end {result.after.get('VmRSS', 0) / MiB:.1f} MiB"
+    )
+    print(f"status of node 1: {len(result.answered)} of {len(result.latencies)} answered during the flood")
+    print("leader/epoch seen: " + "; ".join(f"node {n}: {sorted(v)}" for n, v in result.views.items()))
+    print(f"unanswered status polls per node: {result.unanswered}")
+    print(
+        "after the flood: "
+        + "; ".join(
+            "-" if s is None else f"node {s['id']}: leader {s['leader']} epoch {s['epoch']}" for s in result.finalViews
+        )
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    common.installSignalHandlers()
+    main = flood(args, args.node_max_connections, args.seconds, timeCli=True)
+    print()
+    report(main, args)
+    default: Optional[FloodResult] = None
+    if args.default_seconds > 0:
+        print()
+        default = flood(args, None, args.default_seconds, timeCli=False)
+        print()
+        report(default, args)
+    print()
+    timed = [10.0 if l is None else l for l in main.latencies]
+    cli = [c for c in main.cliLatencies if c is not None]
+    figures = [
+        Figure("node 1 peak RSS during the flood", main.peak / MiB, "MiB", PEAK_RSS / MiB, note="VmHWM reset at its start"),
+        Figure("node 1 RSS before the flood", main.before.get("VmRSS", 0) / MiB, "MiB", None),
+        Figure("node 1 VmHWM before the flood", main.before.get("VmHWM", 0) / MiB, "MiB", None, note="start-up"),
+        Figure("status median during the flood", median(timed) if timed else None, "s", STATUS_MEDIAN),
+        Figure("status max during the flood", max(timed) if timed else None, "s", None),
+        Figure("status median before the flood", median([b for b in main.baseline if b is not None]), "s", None),
+        Figure("p2pfiles status --json median (CLI)", median(cli) if cli else None, "s", None),
+        Figure("status polls unanswered (10 s timeout)", float(len(main.latencies) - len(main.answered)), "", None),
+        Figure("leader/epoch changes on any node", float(main.changes), "", 0),
+        Figure("node 1 still running", 1.0 if main.alive else 0.0, "", 1, kind="min"),
+    ]
+    if default is not None:
+        refused = len(default.latencies) - len(default.answered)
+        figures += [
+            Figure(
+                "status polls refused, default --max-connections",
+                float(refused),
+                "",
+                0,
+                note=f"of {len(default.latencies)}",
+            ),
+            Figure(
+                "status median, default --max-connections",
+                median([10.0 if l is None else l for l in default.latencies]) if default.latencies else None,
+                "s",
+                STATUS_MEDIAN,
+            ),
+            Figure("node 1 peak RSS, default --max-connections", default.peak / MiB, "MiB", None),
+            Figure("leader/epoch changes, default --max-connections", float(default.changes), "", 0),
+        ]
+    common.printFigures(figures)
+    return 0 if all(f.passed is not False for f in figures) else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--files", type=int, default=20000)
@@ -398,6 +494,12 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--interval", type=float, default=0.5)
     parser.add_argument("--node-max-connections", type=int, default=1024)
+    parser.add_argument(
+        "--default-seconds",
+        type=float,
+        default=15.0,
+        help="then flood a new cluster with the default --max-connections this long (0: not at all)",
+    )
     parser.add_argument("--rss-abort", type=int, default=1536, help="stop the flood early past this RSS of node 1 (MiB)")
     parser.add_argument("--keep", action="store_true", help="keep the nodes' directories and logs")
     return run(parser.parse_args())

@@ -11,6 +11,9 @@ protocol a fixed binding to drive its handshake without TLS.
 This module imports nothing else of the package.
 """
 
+from typing import Optional
+
+from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
 
 
@@ -81,3 +84,17 @@ class IConnectionSecurity(Interface):
         The L{IChannelBinding} of the secured connection under C{transport};
         raise L{ChannelError} if it is not secured.
         """
+
+
+def closeReason(reason: Optional[Failure]) -> str:
+    """
+    A one-line account of why a connection closed.  OpenSSL's errors are a
+    list of (library, function, reason) tuples: keep the reasons.
+    """
+    if reason is None:
+        return "no reason given"
+    value = reason.value
+    stack = value.args[0] if getattr(value, "args", None) else None
+    if isinstance(stack, list) and stack and all(isinstance(e, tuple) and e for e in stack):
+        return "TLS: " + "; ".join(str(e[-1]) for e in stack)
+    return reason.getErrorMessage().splitlines()[0] if reason.getErrorMessage() else type(value).__name__

@@ -37,7 +37,7 @@ from zope.interface import Interface, implementer
 
 from p2pfiles import auth
 from p2pfiles.admission import ConnectionLimits
-from p2pfiles.channel import ChannelError, IChannelBinding, IConnectionSecurity
+from p2pfiles.channel import ChannelError, IChannelBinding, IConnectionSecurity, closeReason
 from p2pfiles.waiting import Once
 from p2pfiles.wire import MAX_FRAME, PROTOCOL_VERSION, Message, WireError, decode, encode
 
@@ -46,6 +46,9 @@ HANDSHAKE_TIMEOUT = 5.0
 
 # How much a connection reads at once while receiving a raw section.
 RAW_READ_SIZE = 256 * 1024
+
+# How much a control link reads at once: index frames are up to 1 MiB.
+CONTROL_READ_SIZE = 64 * 1024
 
 ROLES = ("node", "client")
 PURPOSES = ("control", "request")
@@ -181,6 +184,11 @@ class P2PProtocol(Int32StringReceiver):
     peer: Optional[PeerInfo] = None
     channel: Optional[IChannelBinding] = None
     refusal = None
+    # What the listener's limits weigh: the other end's IP address, when the
+    # connection was made, whether it finished the handshake.
+    host: Optional[str] = None
+    openedAt = 0.0
+    authenticated = False
 
     def __init__(
         self,
@@ -208,11 +216,6 @@ class P2PProtocol(Int32StringReceiver):
         self._dropReason: Optional[str] = None
         self._closed = Once()
 
-    @property
-    def listening(self) -> bool:
-        # The older name of L{incoming}.
-        return self.incoming
-
     # Description for log lines.
 
     def describePeer(self) -> str:
@@ -235,6 +238,8 @@ class P2PProtocol(Int32StringReceiver):
         self.handler = handler
 
     def connectionMade(self) -> None:
+        self.openedAt = self.clock.seconds()
+        self.host = getattr(self.transport.getPeer(), "host", None)
         if self.factory is not None:
             self.factory.protocols.add(self)
         self._timeout = self.clock.callLater(HANDSHAKE_TIMEOUT, self._handshakeTimedOut)
@@ -272,7 +277,7 @@ class P2PProtocol(Int32StringReceiver):
         if self.channel is None and self._dropReason is None:
             # The security layer never came up: a plaintext or garbage
             # client, a failed TLS handshake, or a peer that hung up.
-            self._dropReason = f"closed before the connection was secured ({_why(reason)})"
+            self._dropReason = f"closed before the connection was secured ({closeReason(reason)})"
             if self.incoming:
                 self.log.warn("dropped {peer}: {reason}", peer=self.describePeer(), reason=self._dropReason)
         self._cancelTimeout()
@@ -339,14 +344,15 @@ class P2PProtocol(Int32StringReceiver):
     def sendError(self, code: str, reason: str) -> None:
         self.sendMessage(Message("error", code=code, reason=reason))
 
-    def drop(self, reason: str, code: Optional[str] = None, tell: bool = True) -> None:
+    def drop(self, reason: str, code: Optional[str] = None, tell: bool = True, quiet: bool = False) -> None:
         """
-        Log why, optionally tell the other end, and close this connection.
+        Log why (unless C{quiet}), optionally tell the other end, and close.
         """
         if self._closed.happened or self._dropReason is not None:
             return
         self._dropReason = reason
-        self.log.warn("dropped {peer}: {reason}", peer=self.describePeer(), reason=reason)
+        if not quiet:
+            self.log.warn("dropped {peer}: {reason}", peer=self.describePeer(), reason=reason)
         onRejected = getattr(self.factory, "onRejected", None)
         if onRejected is not None:
             onRejected(reason, code or "protocol", self.describePeer())
@@ -625,22 +631,11 @@ class P2PProtocol(Int32StringReceiver):
         self._cancelTimeout()
         self._expecting = "open"
         self.peer = self._pendingPeer
+        self.authenticated = True
+        if self.peer is not None and self.peer.purpose == "control" and self.channel is not None:
+            self.channel.carryBulk(CONTROL_READ_SIZE)
         self.log.info("authenticated {peer}", peer=self.describePeer())
         self._toHandler(self.handler.connectionReady, what="a new connection")
-
-
-def _why(reason: Optional[Failure]) -> str:
-    """
-    A one-line account of why a connection closed.  OpenSSL's errors are a
-    list of (library, function, reason) tuples: keep the reasons.
-    """
-    if reason is None:
-        return "no reason given"
-    value = reason.value
-    stack = value.args[0] if getattr(value, "args", None) else None
-    if isinstance(stack, list) and stack and all(isinstance(e, tuple) and e for e in stack):
-        return "TLS: " + "; ".join(str(e[-1]) for e in stack)
-    return reason.getErrorMessage().splitlines()[0] if reason.getErrorMessage() else type(value).__name__
 
 
 class P2PFactory(Factory):
@@ -690,9 +685,12 @@ class P2PFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> Optional[P2PProtocol]:  # type: ignore[override]
         if self.listening and self.limits is not None:
-            hosts = (getattr(p.transport.getPeer(), "host", None) for p in self.protocols if p.transport)
-            if not self.limits.admit(addr, hosts):
+            open = [p for p in self.protocols if p.dropReason is None and not p.closed]
+            admitted, evict = self.limits.admitOrEvict(addr, open)
+            if not admitted:
                 return None  # the reactor closes the new socket at once
+            if evict is not None:  # not authenticated: closed at once; the limits log it
+                evict.drop("closed to make room for another connection", quiet=True)
         handler = self.handler() if self.perConnection else self.handler
         p = self.protocol(self.identity, handler, self.clock, self.listening, self.expectedNode)
         p.factory = self

@@ -150,10 +150,11 @@ class IRequestContext(Interface):
         """
 
 
-# Rows per listing frame: small frames (some 15 KB) keep what a reader
-# that does not read leaves in this node's buffers small (the transport
-# pauses the listing once it holds 64 KiB, plus the frame being written).
-LISTING_ROWS_PER_FRAME = 100
+# Rows per listing frame: small frames (some 4 KB) keep what a reader that
+# does not read leaves in this node's buffers small: the transport pauses
+# the listing once it holds its threshold (4 KiB on an accepted
+# connection, see p2pfiles.tls), plus the frames being gathered.
+LISTING_ROWS_PER_FRAME = 25
 
 
 def encodeListing(files: Iterable[Dict[str, Any]]) -> List[bytes]:

@@ -74,6 +74,139 @@ def recordsSize(plaintext: int) -> int:
     return plaintext + (plaintext // 16384 + 1) * RECORD_OVERHEAD
 
 
+# Small writes gathered into one TLS write at most (Twisted gathers 64 KB):
+# what a connection that is not read holds, encrypted, is about this much
+# plus TCP's pause threshold, and OpenSSL's outgoing buffer grows to the
+# largest write it was given.
+GATHER_LIMIT = 4 * 1024
+
+# TCP's read size and pause threshold on an accepted connection until it
+# carries file bytes or is a control link (Twisted's default is 64 KiB):
+# requests are small, and an answer that is not read pauses its producer
+# after this much.
+ACCEPTED_BUFFER = 4 * 1024
+
+# The most the client's first TLS record (its ClientHello: some 300 bytes,
+# under 2 KiB with post-quantum key shares) may announce.  Until it is
+# whole, the bytes wait here and OpenSSL is not asked for anything, so a
+# connection that sends nothing, or trickles, costs no TLS buffers.  What
+# is not a TLS handshake record is refused at once; a larger first record
+# is not read any further and is left to the handshake deadline (closing
+# it at once would only have its sender open another at once).
+FIRST_RECORD_LIMIT = 8 * 1024
+
+# A TLS record's header: content type (22 is a handshake), version (3, x),
+# length.
+RECORD_HEADER = 5
+HANDSHAKE_RECORD = 22
+
+
+class FirstRecordRefused(SSL.Error):
+    """
+    What a client sent first is not a TLS handshake record of an acceptable
+    size.  Like OpenSSL's errors, its argument is a list of (library,
+    function, reason), here of one reason.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__([("p2pfiles", "", reason)])
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class _FirstRecordCreator:
+    """
+    The accepting side's connection creator, as Twisted's TLS layer sees
+    it: the connection it makes at once is L{_NOT_YET}; the OpenSSL
+    connection is made by C{creator} when the client's first record is whole
+    (L{BulkTLSProtocol.dataReceived}).  An OpenSSL connection costs some
+    14 KiB before it has read a byte, and a flood of connections that never
+    send one should not cost that.
+    """
+
+    def __init__(self, creator: "ConnectionCreator") -> None:
+        self.creator = creator
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> Any:
+        return _NOT_YET
+
+
+class _NotYet:
+    """
+    Stands for the OpenSSL connection of an accepted connection before the
+    client's first record is whole: nothing to read, send or shut down.
+    (Twisted's TLS layer asks this much of it when such a connection is
+    closed.)
+    """
+
+    def set_accept_state(self) -> None:
+        pass
+
+    def do_handshake(self) -> None:
+        raise SSL.WantReadError()
+
+    def set_app_data(self, data: Any) -> None:
+        pass
+
+    def bio_read(self, size: int) -> bytes:
+        raise SSL.WantReadError()
+
+    def recv(self, size: int) -> bytes:
+        raise SSL.WantReadError()
+
+    def send(self, data: Any) -> int:
+        raise SSL.WantReadError()
+
+    def bio_shutdown(self) -> None:
+        pass
+
+    def shutdown(self) -> bool:
+        return True
+
+    def get_peer_certificate(self) -> None:
+        return None
+
+
+_NOT_YET = _NotYet()
+
+
+class SmallWrites:
+    """
+    Small writes gathered until the next turn of C{clock}, or until more
+    than L{GATHER_LIMIT} bytes wait, then written with C{write} in one
+    piece: Twisted's gathering of small writes in its TLS layer (which
+    gathers 64 KB), with a smaller batch.
+    """
+
+    def __init__(self, write: Callable[[bytes], Any], clock: IReactorTime) -> None:
+        self._write = write
+        self._clock = clock
+        self._pending: list = []
+        self._size = 0
+        self._scheduled: Any = None
+
+    def write(self, data: bytes) -> None:
+        self._pending.append(bytes(data))
+        self._size += len(data)
+        if self._size > GATHER_LIMIT:
+            self.flush()
+        elif self._scheduled is None:
+            self._scheduled = self._clock.callLater(0, self._scheduledFlush)
+
+    def _scheduledFlush(self) -> None:
+        self._scheduled = None
+        self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            pending, self._pending, self._size = self._pending, [], 0
+            self._write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def close(self) -> None:
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+        self._scheduledFlush()
+
+
 class BulkTLSProtocol(BufferingTLSTransport):
     """
     Twisted's TLS layer, in fewer and larger steps for file bytes.
@@ -91,10 +224,66 @@ class BulkTLSProtocol(BufferingTLSTransport):
         piece, as one write to TCP.
 
     Small writes are still gathered until the next turn of the reactor, as
-    L{BufferingTLSTransport} does.  This overrides three private methods of
-    Twisted's C{TLSMemoryBIOProtocol}, keeping their handling of errors and
-    shutdown; C{tests/test_tls.py} pins the behaviour.
+    L{BufferingTLSTransport} does, but at most L{GATHER_LIMIT} bytes.
+
+    On the accepting side, nothing of TLS is done until the client's first
+    record is whole (see L{FIRST_RECORD_LIMIT}), and TCP reads and pauses at
+    L{ACCEPTED_BUFFER} until the connection carries file bytes.
+
+    This overrides private methods of Twisted's C{TLSMemoryBIOProtocol}
+    (and its gathering of small writes), keeping their handling of errors
+    and shutdown; C{tests/test_tls.py} pins the behaviour.
     """
+
+    # The bytes of the client's first record so far, on the accepting side;
+    # None once it is whole (or on the connecting side).
+    _firstRecord: Optional[bytes] = None
+
+    def __init__(self, factory: Any, wrappedProtocol: Any, _connectWrapped: bool = True) -> None:
+        super().__init__(factory, wrappedProtocol, _connectWrapped)
+        # In the place of Twisted's gathering, which the layer flushes when
+        # it closes and drops once it is closed.
+        self._aggregator = SmallWrites(super(BufferingTLSTransport, self).write, factory.clock)
+        self.write = self._aggregator.write  # type: ignore[method-assign]
+
+    def makeConnection(self, transport: Any) -> None:
+        if self.factory.accepting:
+            self._firstRecord = b""
+            if getattr(transport, "bufferSize", 0) > ACCEPTED_BUFFER:
+                transport.bufferSize = ACCEPTED_BUFFER
+        super().makeConnection(transport)
+
+    # True once the client announced too large a first record: what it
+    # sends is no longer read.
+    _ignoring = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._ignoring:
+            return
+        if self._firstRecord is not None:
+            data = self._firstRecord + data
+            problem = _notTLS(data)
+            if problem is not None:
+                self._firstRecord = None
+                self._tlsShutdownFinished(Failure(FirstRecordRefused(problem)))
+                return
+            if len(data) < RECORD_HEADER:
+                self._firstRecord = data
+                return
+            length = int.from_bytes(data[3:5], "big")
+            if length > FIRST_RECORD_LIMIT:
+                self._firstRecord = b""
+                self._ignoring = True
+                self.transport.pauseProducing()
+                return
+            if len(data) < RECORD_HEADER + length:
+                self._firstRecord = data
+                return
+            self._firstRecord = None
+            self._tlsConnection = self.factory.creator.serverConnectionForTLS(self)
+            # As Twisted's layer does for the connections it makes.
+            self._tlsConnection.set_app_data(self)
+        super().dataReceived(data)
 
     def _flushReceiveBIO(self) -> None:
         pending: list = []
@@ -165,12 +354,35 @@ class BulkTLSProtocol(BufferingTLSTransport):
             self.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
 
+def _notTLS(data: bytes) -> Optional[str]:
+    """
+    Why the first bytes a client sent (C{data}, possibly not all of its
+    first record yet) cannot begin a TLS handshake, or None.
+    """
+    if data[:1] and data[0] != HANDSHAKE_RECORD:
+        return "not TLS: the first record is not a handshake"
+    if data[1:2] and data[1] != 3:
+        return "not TLS: the first record has no TLS version"
+    return None
+
+
 class BulkTLSFactory(TLSMemoryBIOFactory):
     """
     A L{TLSMemoryBIOFactory} whose connections are L{BulkTLSProtocol}s.
+
+    @ivar accepting: True for the accepting side of connections: their
+        OpenSSL connection is made by C{creator} once the client's first
+        record is whole.
     """
 
     protocol = BulkTLSProtocol
+    accepting = False
+
+    def __init__(self, creator: "ConnectionCreator", isClient: bool, wrappedFactory: Any, clock: IReactorTime) -> None:
+        self.creator = creator
+        self.clock = clock
+        self.accepting = not isClient
+        super().__init__(creator if isClient else _FirstRecordCreator(creator), isClient, wrappedFactory, clock)
 
 
 def _acceptAny(connection: Any, certificate: Any, errno: int, depth: int, ok: int) -> bool:

@@ -697,7 +697,7 @@ class MembershipTests(SynchronousTestCase):
         pump = harness.complete()
         self.assertEqual(peer.ready, 1)
         (link,) = harness.node.membership.members[2].links
-        self.assertFalse(link.listening)
+        self.assertFalse(link.incoming)
         self.assertIs(harness.node.membership.members[2].link(), link)
         self.assertEqual(len(peer.of("heartbeat")), 1)
         harness.reactor.advance(HEARTBEAT)

@@ -23,6 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from p2pfiles import auth
 from p2pfiles.admission import ConnectionLimits
 from p2pfiles.protocol import (
+    CONTROL_READ_SIZE,
     HANDSHAKE_TIMEOUT,
     IConnectionHandler,
     LocalIdentity,
@@ -911,11 +912,28 @@ class RawModeTests(SynchronousTestCase):
         alone, so that small connections stay cheap.
         """
         listener = self.readyListener()
+        before = listener.protocol.channel.bulkSize
         listener.protocol.expectRaw(10)
-        self.assertIsNone(listener.protocol.channel.bulkSize)
+        self.assertEqual(listener.protocol.channel.bulkSize, before)
         listener.protocol.dataReceived(self.RAW)
         listener.protocol.expectRaw(RAW_READ_SIZE + 1)
         self.assertEqual(listener.protocol.channel.bulkSize, RAW_READ_SIZE)
+
+    def test_controlLinksReadMore(self) -> None:
+        """
+        An authenticated control link asks its channel for reads of
+        L{CONTROL_READ_SIZE} (index frames are large); a request connection
+        keeps the small sizes of an accepted connection.
+        """
+        for purpose, size in (("control", CONTROL_READ_SIZE), ("request", None)):
+            listener = Listener()
+            answer = listener.sendHello(purpose=purpose)
+            self.assertIsNone(listener.protocol.channel.bulkSize)
+            listener.protocol.dataReceived(
+                frame(Message("auth", proof=proofFor(SECRET, auth.CONNECTOR, listener.connectorHello, answer)))
+            )
+            self.assertTrue(listener.protocol.authenticated)
+            self.assertEqual(listener.protocol.channel.bulkSize, size, purpose)
 
     def test_byteByByte(self) -> None:
         """
@@ -1102,7 +1120,7 @@ class FactoryTests(SynchronousTestCase):
         self.assertIs(protocol.identity, LISTENER)
         self.assertIs(protocol.handler, handler)
         self.assertIs(protocol.clock, clock)
-        self.assertTrue(protocol.listening)
+        self.assertTrue(protocol.incoming)
         self.assertIs(protocol.factory, factory)
         self.assertFalse(factory.noisy)
 
@@ -1166,16 +1184,94 @@ class ConnectionLimitTests(SynchronousTestCase):
         counting those refused in between.
         """
         self.factory.limits = limits = ConnectionLimits(self.clock, 1, None)
-        self.connect("10.0.0.1", 1)
+        first = self.connect("10.0.0.1", 1)
         for i in range(100):
             self.assertIsNone(self.connect("10.0.0.2", i))
         self.assertEqual(len(self.lines()), 1)
         self.clock.advance(ConnectionLimits.LOG_INTERVAL)
+        # The first one timed out meanwhile: another takes its place.
+        assert first is not None
+        first.connectionLost(Failure(Exception("gone")))
+        self.assertIsNotNone(self.connect("10.0.0.1", 2))
         self.assertIsNone(self.connect("10.0.0.2", 999))
         lines = self.lines()
         self.assertEqual(len(lines), 2)
         self.assertIn("100 refused", lines[1])
         self.assertEqual(limits.refused, 101)
+
+    def authenticate(self, protocol: P2PProtocol) -> None:
+        """
+        Run a connector's half of the handshake on C{protocol}.
+        """
+        transport = protocol.transport
+        nonce = auth.makeNonce()
+        connectorHello = hello(CONNECTOR, nonce)
+        protocol.dataReceived(frame(connectorHello))
+        (answer, _) = parseFrames(transport.value())
+        protocol.dataReceived(frame(Message("auth", proof=proofFor(SECRET, auth.CONNECTOR, connectorHello, answer))))
+        self.assertTrue(protocol.authenticated)
+
+    def test_fullEvictsFromBusiestHost(self) -> None:
+        """
+        When the node is full, a newcomer from a host with few connections
+        takes the place of the oldest unauthenticated connection from the
+        host that holds the most: that one is closed at once (without a log
+        line of its own), the eviction is counted and logged once.
+        """
+        self.factory.limits = limits = ConnectionLimits(self.clock, 4, None)
+        flood = []
+        for port in range(3):
+            flood.append(self.connect("10.0.0.1", port))
+            self.clock.advance(0.1)
+        other = self.connect("10.0.0.2", 1)
+        self.assertIsNotNone(self.connect("10.0.0.9", 1))
+        self.assertTrue(flood[0].transport.disconnecting)
+        self.assertFalse(any(p.transport.disconnecting for p in flood[1:] + [other]))
+        self.assertEqual((limits.evicted, limits.refused), (1, 0))
+        (line,) = self.lines()
+        self.assertIn("to make room for one from 10.0.0.9:1", line)
+        self.assertIn("10.0.0.1", line)
+
+    def test_fullAmongEqualsRefuses(self) -> None:
+        """
+        Hosts that hold as many connections as each other do not displace
+        one another: a newcomer from a host that is as busy as the busiest
+        (or one less) is refused, as with no eviction.
+        """
+        self.factory.limits = limits = ConnectionLimits(self.clock, 5, None)
+        for host in ("10.0.0.1", "10.0.0.2"):
+            for port in range(2):
+                self.connect(host, port)
+        self.connect("10.0.0.3", 1)
+        self.assertIsNone(self.connect("10.0.0.1", 9))
+        self.assertIsNone(self.connect("10.0.0.2", 9))
+        self.assertIsNone(self.connect("10.0.0.3", 9))
+        self.assertEqual((limits.evicted, limits.refused), (0, 3))
+
+    def test_authenticatedNotEvicted(self) -> None:
+        """
+        Authenticated connections are never closed to make room: a full
+        node of authenticated connections refuses the newcomer.
+        """
+        self.factory.limits = limits = ConnectionLimits(self.clock, 3, None)
+        protocols = [self.connect("10.0.0.1", port) for port in range(3)]
+        for protocol in protocols:
+            self.authenticate(protocol)
+        self.assertIsNone(self.connect("10.0.0.9", 1))
+        self.assertFalse(any(p.transport.disconnecting for p in protocols))
+        self.assertEqual((limits.evicted, limits.refused), (0, 1))
+
+    def test_evictedNotCounted(self) -> None:
+        """
+        A connection closed to make room no longer counts while it closes:
+        the next newcomer finds room for itself by evicting another.
+        """
+        self.factory.limits = limits = ConnectionLimits(self.clock, 3, None)
+        flood = [self.connect("10.0.0.1", port) for port in range(3)]
+        self.assertIsNotNone(self.connect("10.0.0.8", 1))
+        self.assertIsNotNone(self.connect("10.0.0.9", 1))
+        self.assertEqual(sum(p.transport.disconnecting for p in flood), 2)
+        self.assertEqual(limits.evicted, 2)
 
     def test_outgoingNotLimited(self) -> None:
         """

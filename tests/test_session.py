@@ -1459,7 +1459,7 @@ class BackPressureTests(Case):
         connection.received()
         connection.send(Message("ls"))
         watcher({"id": ME, "change": 1})
-        for _ in range(100):
+        for _ in range(1000):
             if connection.session.state != SENDING_LISTING:
                 break
             connection.transport.producer.resumeProducing()

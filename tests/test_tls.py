@@ -12,6 +12,7 @@ from typing import Any, List, Optional
 from OpenSSL import SSL
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -32,7 +33,15 @@ from p2pfiles.identity import (
 )
 from p2pfiles.protocol import HANDSHAKE_TIMEOUT, LocalIdentity, P2PFactory, P2PProtocol
 from p2pfiles.tap import Options, parsePeer, readCluster
-from p2pfiles.tls import RECEIVE_BATCH, RECORD_OVERHEAD, TLS, TLSBinding
+from p2pfiles.tls import (
+    ACCEPTED_BUFFER,
+    FIRST_RECORD_LIMIT,
+    GATHER_LIMIT,
+    RECEIVE_BATCH,
+    RECORD_OVERHEAD,
+    TLS,
+    TLSBinding,
+)
 from p2pfiles.wire import Message
 from tests.channels import PLAIN_FINGERPRINT, PlainSecurity, certificate, plainIdentity, tlsConnect
 from tests.test_protocol import RecordingHandler, linesFrom
@@ -196,6 +205,21 @@ class Collector(Protocol):
         self.lost = reason
 
 
+def bulkPair():
+    """
+    Two TLS layers joined in memory, with L{Collector}s above them.
+    """
+    clock = Clock()
+    serverFactory = TLS(certificate(1)).serverFactory(Factory.forProtocol(Collector), clock)
+    clientFactory = TLS(certificate(2)).clientFactory(Factory.forProtocol(Collector), clock)
+    server = serverFactory.buildProtocol(None)
+    client = clientFactory.buildProtocol(None)
+    serverTransport = FakeTransport(server, isServer=True)
+    clientTransport = FakeTransport(client, isServer=False)
+    pump = connect(server, serverTransport, client, clientTransport, greet=True, clock=clock)
+    return server, client, clientTransport, pump, clock
+
+
 class BulkTLSTests(SynchronousTestCase):
     """
     The TLS layer moves file bytes in large pieces: a large write leaves as
@@ -203,15 +227,7 @@ class BulkTLSTests(SynchronousTestCase):
     """
 
     def pair(self):
-        clock = Clock()
-        serverFactory = TLS(certificate(1)).serverFactory(Factory.forProtocol(Collector), clock)
-        clientFactory = TLS(certificate(2)).clientFactory(Factory.forProtocol(Collector), clock)
-        server = serverFactory.buildProtocol(None)
-        client = clientFactory.buildProtocol(None)
-        serverTransport = FakeTransport(server, isServer=True)
-        clientTransport = FakeTransport(client, isServer=False)
-        pump = connect(server, serverTransport, client, clientTransport, greet=True, clock=clock)
-        return server, client, clientTransport, pump, clock
+        return bulkPair()
 
     def test_cipher(self) -> None:
         """
@@ -602,6 +618,112 @@ class PlaintextTests(SynchronousTestCase):
         (line,) = linesFrom(events, server.protocol)
         self.assertIn("handshake not finished", line)
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class AcceptedConnectionTests(SynchronousTestCase):
+    """
+    An accepted connection costs no TLS state until the client's first
+    record (its hello) is whole, and keeps small buffers.
+    """
+
+    def accepted(self, bufferSize: int = 64 * 1024):
+        clock = Clock()
+        factory = TLS(certificate(1)).serverFactory(Factory.forProtocol(Collector), clock)
+        server = factory.buildProtocol(None)
+        transport = StringTransport()
+        transport.bufferSize = bufferSize  # as TCP's
+        server.makeConnection(transport)
+        return server, transport, clock
+
+    def clientHello(self) -> bytes:
+        client = TLS().clientFactory(Factory.forProtocol(Collector), Clock()).buildProtocol(None)
+        transport = StringTransport()
+        client.makeConnection(transport)
+        hello = transport.value()
+        self.assertLessEqual(len(hello), FIRST_RECORD_LIMIT)
+        return hello
+
+    def test_noOpenSSLBeforeTheHello(self) -> None:
+        """
+        Until the client's first record is whole there is no OpenSSL
+        connection and nothing is sent; once it is, the handshake goes on
+        as usual (the server answers).
+        """
+        server, transport, clock = self.accepted()
+        self.assertNotIsInstance(server.getHandle(), SSL.Connection)
+        hello = self.clientHello()
+        for i in range(len(hello) - 1):
+            server.dataReceived(hello[i : i + 1])
+        self.assertNotIsInstance(server.getHandle(), SSL.Connection)
+        self.assertEqual(transport.value(), b"")
+        server.dataReceived(hello[-1:])
+        self.assertIsInstance(server.getHandle(), SSL.Connection)
+        self.assertEqual(transport.value()[:1], b"\x16")
+        self.assertFalse(transport.disconnecting)
+
+    def test_silentCloses(self) -> None:
+        """
+        A connection that sent nothing closes cleanly, and its protocol
+        hears of it.
+        """
+        server, transport, clock = self.accepted()
+        inner = server.wrappedProtocol
+        server.abortConnection()
+        server.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(transport.disconnecting)
+        self.assertIsNotNone(inner.lost)
+
+    def test_oversizedHelloNotRead(self) -> None:
+        """
+        A first record announcing more than L{FIRST_RECORD_LIMIT} bytes is
+        not read any further (TCP is paused, what comes is dropped); the
+        connection is left to the handshake deadline.
+        """
+        server, transport, clock = self.accepted()
+        server.dataReceived(bytes([22, 3, 1]) + (FIRST_RECORD_LIMIT + 1).to_bytes(2, "big"))
+        self.assertEqual(transport.producerState, "paused")
+        server.dataReceived(os.urandom(FIRST_RECORD_LIMIT * 2))
+        self.assertNotIsInstance(server.getHandle(), SSL.Connection)
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(transport.value(), b"")
+
+    def test_notTLSClosedAtOnce(self) -> None:
+        """
+        A first byte that cannot begin a TLS handshake record, or a record
+        without a TLS version, closes the connection at once.
+        """
+        for start in (b"G", bytes([22, 2])):
+            server, transport, clock = self.accepted()
+            inner = server.wrappedProtocol
+            server.dataReceived(start)
+            self.assertTrue(transport.disconnecting, start)
+            server.connectionLost(Failure(ConnectionDone()))
+            self.assertIn("not TLS", str(inner.lost.value))
+
+    def test_acceptedBufferSmall(self) -> None:
+        """
+        An accepted connection reads and pauses at L{ACCEPTED_BUFFER}
+        (never raising a smaller size); a connecting one keeps TCP's sizes.
+        """
+        for before, after in [(64 * 1024, ACCEPTED_BUFFER), (1024, 1024)]:
+            server, transport, clock = self.accepted(before)
+            self.assertEqual(transport.bufferSize, after)
+        client = TLS().clientFactory(Factory.forProtocol(Collector), Clock()).buildProtocol(None)
+        transport = StringTransport()
+        transport.bufferSize = 64 * 1024
+        client.makeConnection(transport)
+        self.assertEqual(transport.bufferSize, 64 * 1024)
+
+    def test_gatheringBounded(self) -> None:
+        """
+        Small writes are gathered until the next turn of the clock, but no
+        more than L{GATHER_LIMIT} bytes: past that they go at once.
+        """
+        server, client, clientTransport, pump, clock = bulkPair()
+        client.write(b"x" * (GATHER_LIMIT // 2))
+        self.assertEqual(clientTransport.stream, [])
+        client.write(b"x" * (GATHER_LIMIT // 2 + 1))
+        self.assertEqual(len(clientTransport.stream), 1)
 
 
 class IdentityTests(SynchronousTestCase):
