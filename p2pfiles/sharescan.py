@@ -52,7 +52,7 @@ from p2pfiles.scanworker import (
 from p2pfiles.wire import FileEntry
 
 __all__ = [
-    "Changes", "EMPTY", "MAX_TOMBSTONES", "Problem", "ScanResult", "ShareScanner", "ShareState",
+    "CacheItem", "Changes", "EMPTY", "MAX_TOMBSTONES", "Problem", "ScanResult", "ShareScanner", "ShareState",
     "HASH_TRIES", "changes", "entriesDigest", "hashFile", "hashOpened", "putRecordBack", "resumed", "takeRecord",
     "writeRecord",
 ]
@@ -76,8 +76,29 @@ STEP = 512
 # Files are read this many bytes at a time by hashFile.
 CHUNK = 1 << 20
 
-# name -> {"size", "mtime_ns", "inode", "sha256"}: the hash cache.
-Cache = Dict[str, Dict[str, Any]]
+
+
+class CacheItem(NamedTuple):
+    """
+    What the hash cache remembers of one file: its signature (size,
+    C{st_mtime_ns}, inode) when it was hashed, and the hash.  A tuple of
+    four, not the file's C{{"size", "mtime_ns", "inode", "sha256"}} object:
+    a node keeps one per shared file, and a dict of four costs twice as
+    much.  The hash is the very string the file's L{FileEntry} holds.
+    """
+
+    size: int
+    mtime_ns: int
+    inode: int
+    sha256: str
+
+    def signature(self) -> Signature:
+        return (self.size, self.mtime_ns, self.inode)
+
+
+# name -> what is remembered of it: the hash cache.
+Cache = Dict[str, CacheItem]
+
 
 _T = TypeVar("_T")
 
@@ -250,7 +271,7 @@ class ShareScanner:
             name = self._shareable(raw, problems)
             if name is not None:
                 cached = cache.get(name)
-                wanted.append((name, None if cached is None else (cached["size"], cached["mtime_ns"], cached["inode"])))
+                wanted.append((name, None if cached is None else cached.signature()))
         # Only the objects shared are kept per file (the entry, its cache
         # item), and those that did not change are the previous scan's: a
         # scan makes little work for the garbage collector, whose full passes
@@ -265,14 +286,16 @@ class ShareScanner:
                 problems.append(found)
             elif found is not None:
                 entry, item, read = found
-                entries[name] = entry
-                newCache[name] = item
+                # Keyed by the entry's own name, which may be the previous
+                # scan's string: one string per file in all of the state.
+                entries[entry.name] = entry
+                newCache[entry.name] = item
                 hashed = hashed or read
         # A name keeps its cached item unless it was hashed, so the cache is
-        # unchanged when nothing was hashed and no name left it.
+        # unchanged when nothing was hashed and no name left it.  (The new
+        # map is kept even then: its keys are the entries' names, where a
+        # loaded cache's are strings of their own.)
         cacheChanged = hashed or len(newCache) != len(cache) or rewrite
-        if not cacheChanged:
-            newCache = cache
         reported = {p.key: p.signature for p in problems}
         newProblems = [p for p in problems if old.reported.get(p.key) != p.signature]
         state, changed, removed = self._diff(old, entries, newCache, reported)
@@ -308,7 +331,7 @@ class ShareScanner:
             name = self._shareable(raw, problems)
             if name is not None:
                 cached = cache.get(name)
-                signature = None if cached is None else (cached["size"], cached["mtime_ns"], cached["inode"])
+                signature = None if cached is None else cached.signature()
                 seen = observe(self.sharePath, shareReal, name, signature, self.hasher)
                 found = self._found(name, seen, cache, old.entries)
             if isinstance(found, Problem):
@@ -322,8 +345,8 @@ class ShareScanner:
             # Assigned in place, a name keeps its position; a new one goes
             # last and is put in order below.
             added = added or name not in entries
-            entries[name] = entry
-            newCache[name] = item
+            entries[entry.name] = entry
+            newCache[entry.name] = item
             hashed = hashed or read
         if added:
             # Entries (and the cache, written in name order) stay in name order.
@@ -429,13 +452,12 @@ class ShareScanner:
             _, size, mtimeNs, inode, mtime, digest = seen
             if digest is None:
                 cached = cache[name]
-                digest = cached["sha256"]
+                digest = cached.sha256
                 previous = oldEntries.get(name)
                 if previous is not None and previous.size == size and previous.mtime == mtime and previous.sha256 == digest:
                     return previous, cached, False  # the same object in both states
                 return FileEntry(name, size, mtime, digest), cached, False
-            item = {"size": size, "mtime_ns": mtimeNs, "inode": inode, "sha256": digest}
-            return FileEntry(name, size, mtime, digest), item, True
+            return FileEntry(name, size, mtime, digest), CacheItem(size, mtimeNs, inode, digest), True
         if kind == "problem":
             _, reason, signature, osError = seen
             # Reported under the name's bytes when the system refused it, as
@@ -453,13 +475,14 @@ class ShareScanner:
     def writeCache(self, cache: Cache) -> None:
         """
         Write C{cache} (never mutated once handed over: each scan builds a new
-        one) in pieces of L{STEP} names, one piece to a line, in name order.
+        one) in pieces of L{STEP} names, one piece to a line, in name order;
+        each item as the object C{{"inode", "mtime_ns", "sha256", "size"}}.
         """
         self.cacheFile.parent().makedirs(ignoreExistingDirectory=True)
         pieces = []
         items = iter(cache.items())
         while True:
-            piece = dict(islice(items, STEP))
+            piece = {name: item._asdict() for name, item in islice(items, STEP)}
             if not piece:
                 break
             pieces.append(json.dumps(piece, sort_keys=True)[1:-1].encode("utf-8"))
@@ -479,38 +502,59 @@ class ShareScanner:
             return {}, None, False
         except OSError as e:
             return {}, f"cannot read it: {e}", False
-        files = parseCacheLines(data)
-        current = files is not None
-        if files is None:
-            # Not laid out as we write it (an older or edited file): parse it
-            # whole, in one step.
-            try:
-                parsed = json.loads(data)
-            except (ValueError, RecursionError):
-                return {}, "not valid JSON", False
-            if not isinstance(parsed, dict) or parsed.get("version") != CACHE_VERSION:
-                return {}, "not a version 1 hash cache", False
-            files = parsed.get("files")
-            if not isinstance(files, dict):
-                return {}, "not a version 1 hash cache", False
-        for item in files.values():
-            # Exact types, as json.loads makes them; str.strip leaves
-            # nothing of a string of hex digits alone.
-            if type(item) is not dict:
-                return {}, "malformed entry", False
-            size, mtimeNs, inode, digest = item.get("size"), item.get("mtime_ns"), item.get("inode"), item.get("sha256")
-            if not (
-                type(size) is int and type(mtimeNs) is int and type(inode) is int
-                and type(digest) is str and len(digest) == 64 and not digest.strip("0123456789abcdef")
-            ):
-                return {}, "malformed entry", False
+        try:
+            files = parseCacheLines(data)
+            current = files is not None
+            if files is None:
+                # Not laid out as we write it (an older or edited file):
+                # parse it whole, in one step.
+                try:
+                    parsed = json.loads(data)
+                except (ValueError, RecursionError):
+                    return {}, "not valid JSON", False
+                if not isinstance(parsed, dict) or parsed.get("version") != CACHE_VERSION:
+                    return {}, "not a version 1 hash cache", False
+                items = parsed.get("files")
+                if not isinstance(items, dict):
+                    return {}, "not a version 1 hash cache", False
+                files = _cacheItems(items)
+        except _Malformed:
+            return {}, "malformed entry", False
         return files, None, current
+
+
+class _Malformed(ValueError):
+    # An item of the hash cache file is not what writeCache writes.
+    pass
+
+
+def _cacheItems(items: Dict[str, Any]) -> Cache:
+    """
+    The L{CacheItem}s of C{items}, file objects as the cache file holds
+    them; raises L{_Malformed} if one is not such an object.
+    """
+    files: Cache = {}
+    for name, item in items.items():
+        # Exact types, as json.loads makes them; str.strip leaves nothing of
+        # a string of hex digits alone.
+        if type(item) is not dict:
+            raise _Malformed(name)
+        size, mtimeNs, inode, digest = item.get("size"), item.get("mtime_ns"), item.get("inode"), item.get("sha256")
+        if not (
+            type(size) is int and type(mtimeNs) is int and type(inode) is int
+            and type(digest) is str and len(digest) == 64 and not digest.strip("0123456789abcdef")
+        ):
+            raise _Malformed(name)
+        files[name] = CacheItem(size, mtimeNs, inode, digest)
+    return files
 
 
 def parseCacheLines(data: bytes) -> Optional[Cache]:
     """
     Read a hash cache laid out as L{ShareScanner.writeCache} writes it, a line
-    at a time; L{None} if it is laid out otherwise.
+    at a time; L{None} if it is laid out otherwise.  Each line's objects
+    become L{CacheItem}s at once, so that loading never holds an object per
+    file (raises L{_Malformed} if one is not a file's object).
     """
     lines = data.split(b"\n")
     if lines[0] != b'{"files": {' or lines[-2:] != [b'}, "version": %d}' % (CACHE_VERSION,), b""]:
@@ -525,7 +569,7 @@ def parseCacheLines(data: bytes) -> Optional[Cache]:
             piece = json.loads(b"{" + line + b"}")
         except (ValueError, RecursionError):
             return None
-        files.update(piece)
+        files.update(_cacheItems(piece))
     return files
 
 
