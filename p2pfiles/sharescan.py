@@ -46,6 +46,7 @@ from twisted.python.filepath import FilePath
 
 from p2pfiles.atomic import atomicWrite, fsyncDirectory
 from p2pfiles.names import nameProblem
+from p2pfiles.runtime import trimAllocator
 from p2pfiles.scanworker import (
     HASH_TRIES, Observation, ProcessObserver, Signature, WorkerFailed, hashOpened, observe, problemSignature,
 )
@@ -242,7 +243,12 @@ class ShareScanner:
         C{quiet()}.
         """
         with self.quiet():
-            return self._scan(old)
+            result = self._scan(old)
+        if old.cache is None or result.cacheChanged:
+            # The first scan read the cache file; one that hashed built a
+            # new cache: what it freed goes back (see trimAllocator).
+            trimAllocator()
+        return result
 
     def _scan(self, old: ShareState) -> ScanResult:
         # Every scan (re)creates the share: one that was removed is then an
@@ -455,6 +461,9 @@ class ShareScanner:
                 digest = cached.sha256
                 previous = oldEntries.get(name)
                 if previous is not None and previous.size == size and previous.mtime == mtime and previous.sha256 == digest:
+                    if cached.sha256 is not previous.sha256:
+                        # A loaded cache: its hash strings are not the entries'.
+                        cached = cached._replace(sha256=previous.sha256)
                     return previous, cached, False  # the same object in both states
                 return FileEntry(name, size, mtime, digest), cached, False
             return FileEntry(name, size, mtime, digest), CacheItem(size, mtimeNs, inode, digest), True
@@ -488,6 +497,8 @@ class ShareScanner:
             pieces.append(json.dumps(piece, sort_keys=True)[1:-1].encode("utf-8"))
         data = b'{"files": {\n' + b",\n".join(pieces) + b'\n}, "version": %d}\n' % (CACHE_VERSION,)
         atomicWrite(self.cacheFile, data)
+        del data, pieces
+        trimAllocator()
 
     def loadCache(self) -> Tuple[Cache, Optional[str], bool]:
         """
