@@ -203,10 +203,8 @@ def childMemory(args: argparse.Namespace) -> Dict[str, Any]:
     index.replaceNode(1, "127.0.0.1:9001", own)
     del own
     for k, count in enumerate(sizes[1:], 2):
+        # The member's frames are freed once read, as a gatherer's are.
         frames = memberFrames(k, count, args.shared)
-        if args.trace:
-            # The member's frames are not the leader's: their bytes off.
-            before -= sum(map(sys.getsizeof, frames)) + sys.getsizeof(frames)
         files = pulled(frames)
         del frames
         index.replaceNode(k, f"127.0.0.1:{9000 + k}", files)
