@@ -81,11 +81,9 @@ CHUNK = 1 << 20
 
 class CacheItem(NamedTuple):
     """
-    What the hash cache remembers of one file: its signature (size,
-    C{st_mtime_ns}, inode) when it was hashed, and the hash.  A tuple of
-    four, not the file's C{{"size", "mtime_ns", "inode", "sha256"}} object:
-    a node keeps one per shared file, and a dict of four costs twice as
-    much.  The hash is the very string the file's L{FileEntry} holds.
+    What the hash cache remembers of a file: its signature when hashed, and
+    the hash (the very string its L{FileEntry} holds).  A tuple, at half
+    the cost of the cache file's object of four.
     """
 
     size: int
@@ -240,13 +238,12 @@ class ShareScanner:
     def scan(self, old: ShareState) -> ScanResult:
         """
         Scan the share and return the state that follows C{old}, inside
-        C{quiet()}.
+        C{quiet()}.  A first scan (it read the cache file) or one that built
+        a new cache gives back what it freed (see L{trimAllocator}).
         """
         with self.quiet():
             result = self._scan(old)
         if old.cache is None or result.cacheChanged:
-            # The first scan read the cache file; one that hashed built a
-            # new cache: what it freed goes back (see trimAllocator).
             trimAllocator()
         return result
 
@@ -292,15 +289,13 @@ class ShareScanner:
                 problems.append(found)
             elif found is not None:
                 entry, item, read = found
-                # Keyed by the entry's own name, which may be the previous
-                # scan's string: one string per file in all of the state.
+                # By the entry's own name (maybe the last scan's): one string.
                 entries[entry.name] = entry
                 newCache[entry.name] = item
                 hashed = hashed or read
         # A name keeps its cached item unless it was hashed, so the cache is
-        # unchanged when nothing was hashed and no name left it.  (The new
-        # map is kept even then: its keys are the entries' names, where a
-        # loaded cache's are strings of their own.)
+        # unchanged when nothing was hashed and no name left it (the new
+        # map is kept even then: a loaded cache's keys are other strings).
         cacheChanged = hashed or len(newCache) != len(cache) or rewrite
         reported = {p.key: p.signature for p in problems}
         newProblems = [p for p in problems if old.reported.get(p.key) != p.signature]
@@ -461,8 +456,7 @@ class ShareScanner:
                 digest = cached.sha256
                 previous = oldEntries.get(name)
                 if previous is not None and previous.size == size and previous.mtime == mtime and previous.sha256 == digest:
-                    if cached.sha256 is not previous.sha256:
-                        # A loaded cache: its hash strings are not the entries'.
+                    if cached.sha256 is not previous.sha256:  # a loaded cache's string
                         cached = cached._replace(sha256=previous.sha256)
                     return previous, cached, False  # the same object in both states
                 return FileEntry(name, size, mtime, digest), cached, False
@@ -484,8 +478,7 @@ class ShareScanner:
     def writeCache(self, cache: Cache) -> None:
         """
         Write C{cache} (never mutated once handed over: each scan builds a new
-        one) in pieces of L{STEP} names, one piece to a line, in name order;
-        each item as the object C{{"inode", "mtime_ns", "sha256", "size"}}.
+        one) in pieces of L{STEP} names, one piece to a line, in name order.
         """
         self.cacheFile.parent().makedirs(ignoreExistingDirectory=True)
         pieces = []
@@ -535,15 +528,11 @@ class ShareScanner:
 
 
 class _Malformed(ValueError):
-    # An item of the hash cache file is not what writeCache writes.
-    pass
+    """An item of the hash cache file is not what writeCache writes."""
 
 
 def _cacheItems(items: Dict[str, Any]) -> Cache:
-    """
-    The L{CacheItem}s of C{items}, file objects as the cache file holds
-    them; raises L{_Malformed} if one is not such an object.
-    """
+    # The CacheItems of items, the cache file's objects; or _Malformed.
     files: Cache = {}
     for name, item in items.items():
         # Exact types, as json.loads makes them; str.strip leaves nothing of
