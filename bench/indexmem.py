@@ -1,30 +1,41 @@
 """
-What the leader's cluster index costs: memory per entry, and the speed of
-writing peer_files.log from it.
+What the leader holds per entry of the cluster index, part by part, and the
+speed of writing peer_files.log from it.  The headline figure for a real
+leader is bench/scale.py's (a twistd process's VmRSS over an idle node's,
+per entry); this is its breakdown.
 
 Each measurement runs in a fresh child process (so that one run's freed
 memory does not hide the next one's):
 
   - memory: N synthetic entries over K nodes (camera names like
     C{IMG_20240101_123456_0001.jpg}, sizes of a few MB, sub-second mtimes,
-    random SHA-256s) go into a ClusterIndex with replaceNode, one node at a
-    time, from a generator (so the FileEntry objects are what the index
-    keeps, nothing more).  Printed: tracemalloc's retained bytes per entry
-    (Python heap the index holds, measured in a run of its own since
-    tracing costs memory too), and in a separate run without tracing the
-    process's VmRSS growth per entry, its whole VmRSS and VmHWM (peak), and
-    the build time.  Names are distinct per node unless --shared (every
-    node holds the same names, as a fully replicated cluster would).
-  - render: the lines per second of renderLog (the whole log in memory) and,
-    for the current code, of writeLog (streamed to a temporary directory,
-    fsync included), checked byte for byte against renderLog; the time of
+    random SHA-256s), held as a leader holds them.  Node 1 is the leader
+    itself: its own files are its local index's state (the hash cache, as
+    loaded from the file a scan writes, L{CacheItem}s; the name -> entry
+    and name -> seq maps), and its map in the ClusterIndex packed from those
+    entries, as the keeper packs them.  Every other node's files come as a
+    gatherer gets them: C{index-delta} frames encoded by the member, decoded
+    and packed frame by frame (as pullIndex does), then replaceNode.  Last,
+    the encoded C{ls} answer is made (as the request context caches it
+    while it is asked for).  Printed per entry of the whole index, from
+    tracemalloc (Python heap retained, in a run of its own since tracing
+    costs memory too): the local index, the ClusterIndex, their sum (what a
+    leader holds while nobody asks ls), the ls answer; and from a separate
+    run without tracing, the process's VmRSS growth per entry (ls answer
+    excluded), its whole VmRSS and VmHWM (peak), and the build time.  Names
+    are distinct per node unless --shared (every node holds the same names,
+    as a fully replicated cluster would).
+  - render: the lines per second of renderLog (the whole log in memory) and
+    of peerlog.writeLog (streamed to a temporary directory, fsync included),
+    checked byte for byte against renderLog; the time of
     snapshot(), of a one-entry applyChanges right after it (copy-on-write),
     of listingOf(snapshot); and the longest pause of a second thread (the
     stand-in for the reactor: it sleeps 1 ms in a loop) while the log is
     written in a thread.
 
 --baseline REV measures p2pfiles/index.py as of REV too (loaded with
-C{git show}), e.g. the commit before the compact index, for a before/after
+C{git show}; the index only, with writeLog and the local index of this
+checkout), e.g. the commit before the compact index, for a before/after
 table.
 
 Usage: .venv/bin/python bench/indexmem.py [--entries 100000,300000,1000000]
@@ -45,6 +56,7 @@ import threading
 import time
 import tracemalloc
 import types
+from itertools import chain
 from typing import Any, Dict, Iterator, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -89,13 +101,70 @@ def entries(node: int, count: int, shared: bool) -> Iterator[FileEntry]:
         yield FileEntry(name, rng.randrange(500_000, 12_000_000), mtime, f"{rng.getrandbits(256):064x}")
 
 
+def counts(total: int, nodes: int) -> List[int]:
+    return [total // nodes + (1 if k < total % nodes else 0) for k in range(nodes)]
+
+
 def build(module: types.ModuleType, total: int, nodes: int, shared: bool) -> Any:
     index = module.ClusterIndex()
-    for k in range(nodes):
-        count = total // nodes + (1 if k < total % nodes else 0)
+    for k, count in enumerate(counts(total, nodes)):
         index.replaceNode(k + 1, f"127.0.0.1:{9001 + k}", entries(k + 1, count, shared))
     assert index.fileCount() == total, (index.fileCount(), total)
     return index
+
+
+def cacheFileOf(count: int) -> bytes:
+    """
+    The hash cache file of the leader's own C{count} files, as a scan
+    writes it.
+    """
+    from twisted.python.filepath import FilePath
+
+    from p2pfiles.sharescan import CacheItem, ShareScanner
+
+    cache = {}
+    for inode, entry in enumerate(entries(1, count, False), 1_000_000):
+        cache[entry.name] = CacheItem(entry.size, int(entry.mtime * 1e9), inode, entry.sha256)
+    directory = tempfile.mkdtemp(prefix="indexmem-")
+    try:
+        scanner = ShareScanner(FilePath(directory), FilePath(os.path.join(directory, "hashcache.json")))
+        scanner.writeCache(cache)
+        with open(scanner.cacheFile.path, "rb") as f:
+            return f.read()
+    finally:
+        shutil.rmtree(directory)
+
+
+def buildLocal(data: bytes) -> Any:
+    """
+    The leader's own local index as its first scan leaves it, from its hash
+    cache file: the cache, and the name -> entry and name -> seq maps, every
+    map keyed by one string per name.
+    """
+    from p2pfiles.sharescan import ShareState, parseCacheLines
+
+    cache = parseCacheLines(data)
+    own = {name: FileEntry(name, item.size, item.mtime_ns / 1e9, item.sha256) for name, item in cache.items()}
+    return ShareState(own, dict.fromkeys(own, 1), {}, 1, 0, cache, {})
+
+
+def memberFrames(node: int, count: int, shared: bool) -> List[bytes]:
+    # What member node sends a gatherer: its whole list, encoded.
+    from p2pfiles.wire import deltaFrames
+
+    return list(deltaFrames("incarnation", 1, True, list(entries(node, count, shared)), []))
+
+
+def pulled(frames: List[bytes]) -> Dict[str, bytes]:
+    # What pullIndex makes of a full answer: decoded and packed frame by frame.
+    from p2pfiles.index import packEntry
+    from p2pfiles.wire import decode
+
+    files: Dict[str, bytes] = {}
+    for frame in frames:
+        for entry in decode(frame).entries:
+            files[entry.name] = packEntry(entry)
+    return files
 
 
 def rss() -> Dict[str, int]:
@@ -103,22 +172,55 @@ def rss() -> Dict[str, int]:
 
 
 def childMemory(args: argparse.Namespace) -> Dict[str, Any]:
+    """
+    Build what a leader holds (see the module's text), measuring each part
+    as it is added: tracemalloc's retained bytes with --trace, else VmRSS.
+    What the member nodes send is encoded beforehand and not counted.
+    """
+    from p2pfiles.index import listingChunks
+    from p2pfiles.session import encodeListing
+
     module = loadIndex(args.rev)
+    sizes = counts(args.total, args.k)
+    cacheFile = cacheFileOf(sizes[0])
     gc.collect()
-    before = rss()
     if args.trace:
         tracemalloc.start()
+
+    def measure() -> int:
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0] if args.trace else rss()["VmRSS"]
+
+    result: Dict[str, Any] = {}
+    before = measure()
     started = time.perf_counter()
-    index = build(module, args.total, args.k, args.shared)
-    seconds = time.perf_counter() - started
-    gc.collect()
-    result: Dict[str, Any] = {"seconds": seconds}
+    local = buildLocal(cacheFile)
+    del cacheFile
+    afterLocal = measure()
+    index = module.ClusterIndex()
+    own: Dict[str, bytes] = {}
+    module.packEntries(local.entries.values(), own)
+    index.replaceNode(1, "127.0.0.1:9001", own)
+    del own
+    for k, count in enumerate(sizes[1:], 2):
+        # The member's frames are freed once read, as a gatherer's are.
+        frames = memberFrames(k, count, args.shared)
+        files = pulled(frames)
+        del frames
+        index.replaceNode(k, f"127.0.0.1:{9000 + k}", files)
+        del files
+    result["seconds"] = time.perf_counter() - started
+    assert index.fileCount() == args.total, (index.fileCount(), args.total)
+    afterIndex = measure()
+    result.update(local=afterLocal - before, index=afterIndex - afterLocal)
     if args.trace:
-        result["traced"] = tracemalloc.get_traced_memory()[0]
+        frames = encodeListing(chain.from_iterable(listingChunks(index.snapshot())))
+        result["listing"] = measure() - afterIndex
+        del frames
     else:
-        after = rss()
-        result.update(rssDelta=after["VmRSS"] - before["VmRSS"], rss=after["VmRSS"], hwm=after["VmHWM"])
-    del index
+        status = rss()
+        result.update(rssDelta=afterIndex - before, rss=status["VmRSS"], hwm=status["VmHWM"])
+    del index, local
     return result
 
 
@@ -170,16 +272,18 @@ def childRender(args: argparse.Namespace) -> Dict[str, Any]:
     directory = tempfile.mkdtemp(prefix="indexmem-")
     try:
         path = os.path.join(directory, "peer_files.log")
-        if hasattr(module, "writeLog"):
+        if hasattr(module, "listingOf"):
             from twisted.python.filepath import FilePath
+
+            from p2pfiles.peerlog import writeLog
 
             target = FilePath(path)
             started = time.perf_counter()
-            module.writeLog(target, snapshot, LEADER, EPOCH, NOW)
+            writeLog(target, snapshot, LEADER, EPOCH, NOW)
             result["write"] = time.perf_counter() - started
             with open(path, "rb") as f:
                 result["identical"] = f.read() == expected
-            result["pause"] = longestPause(lambda: module.writeLog(target, snapshot, LEADER, EPOCH, NOW))
+            result["pause"] = longestPause(lambda: writeLog(target, snapshot, LEADER, EPOCH, NOW))
             started = time.perf_counter()
             module.listingOf(snapshot)
             result["listing"] = time.perf_counter() - started
@@ -244,7 +348,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                         (rev or "current"),
                         total,
                         nodes,
-                        round(traced["traced"] / total),
+                        round(traced["local"] / total),
+                        round(traced["index"] / total),
+                        round((traced["local"] + traced["index"]) / total),
+                        round(traced["listing"] / total),
                         round(measured["rssDelta"] / total),
                         round(measured["rss"] / common.MiB),
                         round(measured["hwm"] / common.MiB),
@@ -252,9 +359,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                     ]
                 )
                 print("memory", rows[-1], file=sys.stderr, flush=True)
-    print(f"Memory of the cluster index ({'shared' if args.shared else 'distinct'} names per node)")
+    print(f"What a leader holds, per entry of the whole index ({'shared' if args.shared else 'distinct'} names per node; node 1's are its own)")
     common.printTable(
-        ["code", "entries", "nodes", "traced B/entry", "RSS B/entry", "RSS MiB", "peak MiB", "build s"], rows
+        [
+            "code", "entries", "nodes", "local index B", "ClusterIndex B", "both B", "ls answer B",
+            "RSS B (both)", "RSS MiB", "peak MiB", "build s",
+        ],
+        rows,
     )
     print()
 

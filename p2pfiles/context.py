@@ -3,13 +3,17 @@ The view of a node that its request sessions get: L{RequestContext}, the
 node's side of L{p2pfiles.session.IRequestContext}.  It answers from the
 node's parts (coordinator, keeper, local index, fetcher, status board) and
 holds the one thing of its own, the C{ls} answer encoded once per version
-of the index.
+of the index.  The encoded answer is a whole copy of the index (about 150
+bytes a file), so it is kept only while it is asked for: it is dropped
+L{LISTING_KEPT} seconds after the last ask (a sender still writing it holds
+its own reference), and made again at the next.
 """
 
 from itertools import chain
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall
 from zope.interface import implementer
 
 from p2pfiles.errors import P2PError
@@ -17,6 +21,11 @@ from p2pfiles.index import listingChunks
 from p2pfiles.partfile import openShared
 from p2pfiles.session import IRequestContext, encodeListing
 from p2pfiles.wire import FileEntry
+
+# Seconds the encoded ls answer is kept after it was last asked for: a burst
+# of asks, or a client polling every few seconds, shares one encoding; an
+# answer nobody asks for costs no memory.
+LISTING_KEPT = 30.0
 
 
 @implementer(IRequestContext)
@@ -30,8 +39,10 @@ class RequestContext:
         self.me = node.id
         self.clock = node.reactor
         self._relayCount = 0
-        # (index, version, frames): the ls answer, encoded once per version.
+        # (index, version, frames): the ls answer, encoded once per version,
+        # and the call that drops it (see LISTING_KEPT).
         self._listing: Optional[Tuple[Any, int, List[bytes]]] = None
+        self._dropListing: Optional[IDelayedCall] = None
 
     def isLeader(self) -> bool:
         return self._node.coordinator.isLeader()
@@ -57,7 +68,23 @@ class RequestContext:
         if cached is None or cached[0] is not index or cached[1] != index.version:
             rows = chain.from_iterable(listingChunks(index.snapshot()))
             self._listing = cached = (index, index.version, encodeListing(rows))
+        if self._dropListing is not None and self._dropListing.active():
+            self._dropListing.reset(LISTING_KEPT)
+        else:
+            self._dropListing = self.clock.callLater(LISTING_KEPT, self._forgetListing)
         return cached[2]
+
+    def _forgetListing(self) -> None:
+        self._dropListing = None
+        self._listing = None
+
+    def stop(self) -> None:
+        """
+        Drop the encoded ls answer and its timer: the node is stopping.
+        """
+        if self._dropListing is not None and self._dropListing.active():
+            self._dropListing.cancel()
+        self._forgetListing()
 
     def content(self, name: str, sha256: Optional[str], everyone: bool = False) -> Any:
         node = self._node

@@ -37,6 +37,7 @@ from p2pfiles.index import ClusterIndex, Files, packEntries
 from p2pfiles.indexstream import Pulled, pullIndex
 from p2pfiles.names import nameProblem
 from p2pfiles.peerlog import LogContent, LogWriter
+from p2pfiles.runtime import trimAllocator
 from p2pfiles.viewfile import KeptMember, ViewError, loadView, writeView
 from p2pfiles.waiting import Once
 from p2pfiles.wire import FileEntry
@@ -183,7 +184,7 @@ class IndexKeeper:
             return succeed(None)
         assert self.viewPath is not None
         started = self.clock.seconds()
-        d = self.runInThread(loadView, self.viewPath, self.me)
+        d = self.runInThread(_loadView, self.viewPath, self.me)
 
         def loaded(kept: Optional[List[KeptMember]]) -> None:
             if kept:
@@ -664,6 +665,14 @@ def _packed(entries: List[FileEntry]) -> Files:
     files: Files = {}
     packEntries(entries, files)
     return files
+
+
+def _loadView(path: FilePath, me: int) -> Optional[List[KeptMember]]:
+    # In a thread: loadView, and the pieces it read given back.
+    try:
+        return loadView(path, me)
+    finally:
+        trimAllocator()
 
 
 def _whenDone(pulling: Deferred, member: int) -> Deferred:

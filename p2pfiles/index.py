@@ -40,9 +40,8 @@ Holder = Tuple[int, str, FileEntry]
 _RECORD = struct.Struct("<qd32s")
 _DIGEST = slice(16, 48)
 
-# One node's name -> record map; who holds a name: an id or a sorted tuple.
+# One node's name -> record map.
 Files = Dict[str, bytes]
-Held = Union[int, Tuple[int, ...]]
 
 
 def packEntry(entry: FileEntry) -> bytes:
@@ -113,6 +112,7 @@ class IndexView:
         return self._files[node]
 
     def _holderIds(self, name: str) -> Iterable[int]:
+        # Every node's map is asked: a few dict lookups, as nodes are few.
         return [node for node in sorted(self._files) if name in self._files[node]]
 
     def holders(self, name: str, sha256: Optional[str] = None) -> List[Holder]:
@@ -165,20 +165,21 @@ class ClusterIndex(IndexView):
     Every live node's shared files, as the leader knows them.
 
     Entries are kept per node, as name -> record maps, so that a node
-    leaving costs only its own files, with a name -> holders map beside them
-    (one id, or a sorted tuple of ids) so that finding the holders of a file
-    does not scan the cluster; a name is one C{str}, the key in both maps.
-    C{version} changes whenever the content does, so a writer can tell
-    whether the log needs rewriting.  A node's map is changed in place only
-    while no snapshot has seen it; after L{snapshot}, the next change to it
-    copies it first (O(that node's files), never O(the cluster)).
+    leaving costs only its own files; a name is one C{str}, the key in its
+    node's map.  Who holds a file is found by asking each node's map (a few
+    dict lookups: nodes are few), not from a name -> holders map beside
+    them, which would cost another dict slot per entry (about 40 bytes at
+    a million entries) to save microseconds.  C{version} changes whenever
+    the content does, so a writer can tell whether the log needs
+    rewriting.  A node's map is changed in place only while no snapshot has
+    seen it; after L{snapshot}, the next change to it copies it first
+    (O(that node's files), never O(the cluster)).
     """
 
     log = Logger()
 
     def __init__(self) -> None:
         super().__init__({}, {}, 0)
-        self._byName: Dict[str, Held] = {}
         # Nodes whose current map no snapshot has seen: changed in place.
         self._owned: set = set()
 
@@ -199,28 +200,6 @@ class ClusterIndex(IndexView):
         old = self._files.get(node)
         if old is not None and old == files and self._addresses[node] == address:
             return
-        byName = self._byName
-        if old is None and byName.keys().isdisjoint(files):
-            # The usual case of a node joining with names nobody else holds:
-            # in one C call, not a loop of 100,000 on the reactor.
-            byName.update(dict.fromkeys(files, node))
-            self._files[node] = files
-            self._addresses[node] = address
-            self._owned.add(node)
-            self.version += 1
-            return
-        if old is not None:
-            for name in old:
-                if name not in files:
-                    self._dropHolder(name, node)
-        for name in files:
-            held = byName.get(name)
-            if held == node:
-                # Re-key by the new map's name object: the old one is freed.
-                del byName[name]
-                byName[name] = node
-            else:
-                byName[name] = _withHolder(held, node)
         self._files[node] = files
         self._addresses[node] = address
         self._owned.add(node)
@@ -247,14 +226,9 @@ class ClusterIndex(IndexView):
                 files = current
             else:
                 return
-        byName = self._byName
-        for name, record in records.items():
-            if name not in files:
-                byName[name] = _withHolder(byName.get(name), node)
-            files[name] = record
+        files.update(records)
         for name in removed:
-            if files.pop(name, None) is not None:
-                self._dropHolder(name, node)
+            files.pop(name, None)
         if files is not current:
             self._files[node] = files
             self._owned.add(node)
@@ -265,10 +239,7 @@ class ClusterIndex(IndexView):
         """
         Forget C{node} and all its files: it left the cluster.
         """
-        files = self._files.pop(node, None)
-        if files is not None:
-            for name in files:
-                self._dropHolder(name, node)
+        if self._files.pop(node, None) is not None:
             del self._addresses[node]
             self._owned.discard(node)
             self.version += 1
@@ -278,7 +249,7 @@ class ClusterIndex(IndexView):
         Forget everything, e.g. when this node stops leading.
         """
         if self._files:
-            self._files, self._addresses, self._byName, self._owned = {}, {}, {}, set()
+            self._files, self._addresses, self._owned = {}, {}, set()
             self.version += 1
 
     def snapshot(self) -> IndexSnapshot:
@@ -289,30 +260,9 @@ class ClusterIndex(IndexView):
         self._owned.clear()
         return IndexSnapshot(dict(self._files), dict(self._addresses), self.version)
 
-    def _holderIds(self, name: str) -> Iterable[int]:
-        held = self._byName.get(name)
-        return () if held is None else held if isinstance(held, tuple) else (held,)
-
-    def _dropHolder(self, name: str, node: int) -> None:
-        held = self._byName.get(name)
-        if isinstance(held, tuple):
-            rest = tuple(n for n in held if n != node)
-            self._byName[name] = rest[0] if len(rest) == 1 else rest
-        elif held == node:
-            del self._byName[name]
-
     def _refused(self, node: int, count: int) -> None:
         if count:
             self.log.warn("ignored {count} entries from node {node} that the index cannot hold", count=count, node=node)
-
-
-def _withHolder(held: Optional[Held], node: int) -> Held:
-    # The holders held, with node added.
-    if held is None or held == node:
-        return node
-    if isinstance(held, tuple):
-        return held if node in held else tuple(sorted(held + (node,)))
-    return (held, node) if held < node else (node, held)
 
 
 # Names are sorted in runs of at most this many, merged lazily: one sort of

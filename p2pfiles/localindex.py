@@ -318,7 +318,7 @@ class LocalIndex:
         item = state.cache.get(name)
         if item is None:
             return None
-        return (item["size"], item["mtime_ns"], item["inode"])
+        return item.signature()
 
     # Watching
 

@@ -377,6 +377,7 @@ class Node(MultiService):
             stopped.addCallback(lambda _: self.runInThread(self.scanObserver.close))
         stopping.append(stopped)
         stopping.append(self.keeper.stop())
+        self.context.stop()
         self.policy.stop()
         self._localReady.fire(Failure(P2PError("the node stopped", "unavailable")))
         return DeferredList(stopping, consumeErrors=True)

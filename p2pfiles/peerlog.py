@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
 from p2pfiles.atomic import atomicWrite, fsyncDirectory
+from p2pfiles.runtime import trimAllocator
 from p2pfiles.index import LINES_PER_WRITE, IndexView, formatLine, headerOf, linePrefix, logChunks, sortedKeys
 from p2pfiles.waiting import Waiters
 
@@ -368,6 +369,8 @@ def _buildAndWrite(path: FilePath, data: Any, cache: Optional[LogCache] = None) 
         data = data()
     if isinstance(data, LogContent):
         writeLog(path, data.snapshot, data.leader, data.epoch, data.now, cache, data.versions)
+        # The lines made for it are freed, in this thread's arena.
+        trimAllocator()
     else:
         atomicWrite(path, data)
 

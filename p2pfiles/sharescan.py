@@ -25,11 +25,10 @@ not hold) is looked at by L{p2pfiles.scanworker.observe}: in the scan
 thread, or, for a node, in child processes that share no GIL with the
 reactor (L{ShareScanner}'s C{observer}).
 
-The reactor thread shares the GIL with the rest of this work.  It gives the
-GIL up at every system call and waits to get it back, so no single C call
-here may run long (sorting and JSON go in pieces of L{STEP}); and the objects a scan
-keeps per file are only those it shares, the previous scan's where nothing
-changed, because a full pass of the garbage collector holds the GIL too.
+The reactor thread shares the GIL with this work, so no single C call here
+may run long (sorting and JSON go in pieces of L{STEP}); and a scan keeps per
+file only what it shares, the previous scan's where nothing changed, because
+a full pass of the garbage collector holds the GIL too.
 """
 
 import hashlib
@@ -46,13 +45,14 @@ from twisted.python.filepath import FilePath
 
 from p2pfiles.atomic import atomicWrite, fsyncDirectory
 from p2pfiles.names import MAX_NAME_BYTES, nameProblem
+from p2pfiles.runtime import trimAllocator
 from p2pfiles.scanworker import (
     HASH_TRIES, Observation, ProcessObserver, Signature, WorkerFailed, hashOpened, observe, problemSignature,
 )
 from p2pfiles.wire import FileEntry
 
 __all__ = [
-    "Changes", "EMPTY", "MAX_TOMBSTONES", "Problem", "ScanResult", "ShareScanner", "ShareState",
+    "CacheItem", "Changes", "EMPTY", "MAX_TOMBSTONES", "Problem", "ScanResult", "ShareScanner", "ShareState",
     "HASH_TRIES", "changes", "entriesDigest", "hashFile", "hashOpened", "putRecordBack", "resumed", "takeRecord",
     "writeRecord",
 ]
@@ -76,8 +76,25 @@ STEP = 512
 # Files are read this many bytes at a time by hashFile.
 CHUNK = 1 << 20
 
-# name -> {"size", "mtime_ns", "inode", "sha256"}: the hash cache.
-Cache = Dict[str, Dict[str, Any]]
+
+class CacheItem(NamedTuple):
+    """
+    What the hash cache remembers of a file: its signature when hashed, and
+    the hash (the very string its L{FileEntry} holds).  A tuple, at half
+    the cost of the cache file's object of four.
+    """
+
+    size: int
+    mtime_ns: int
+    inode: int
+    sha256: str
+
+    def signature(self) -> Signature:
+        return (self.size, self.mtime_ns, self.inode)
+
+
+# name -> what is remembered of it: the hash cache.
+Cache = Dict[str, CacheItem]
 
 _T = TypeVar("_T")
 
@@ -220,10 +237,14 @@ class ShareScanner:
     def scan(self, old: ShareState) -> ScanResult:
         """
         Scan the share and return the state that follows C{old}, inside
-        C{settle(first)}, first if C{old} has no cache yet.
+        C{settle(first)}, first if C{old} has no cache yet; then give back
+        what a first scan or a new cache freed (see L{trimAllocator}).
         """
         with self.settle(old.cache is None):
-            return self._scan(old)
+            result = self._scan(old)
+        if old.cache is None or result.cacheChanged:
+            trimAllocator()
+        return result
 
     def _scan(self, old: ShareState) -> ScanResult:
         # Every scan (re)creates the share: one that was removed is then an
@@ -252,11 +273,10 @@ class ShareScanner:
             name = self._shareable(raw, problems)
             if name is not None:
                 cached = cache.get(name)
-                wanted.append((name, None if cached is None else (cached["size"], cached["mtime_ns"], cached["inode"])))
+                wanted.append((name, None if cached is None else cached.signature()))
         # Only the objects shared are kept per file (the entry, its cache
-        # item), and those that did not change are the previous scan's: a
-        # scan makes little work for the garbage collector, whose full passes
-        # hold the GIL.
+        # item), the previous scan's where nothing changed: full passes of
+        # the garbage collector hold the GIL.
         workerProblem: List[str] = []
         # (Not zip(): it would leave the observations unfinished, and the
         # child's answers are read to the end.)
@@ -267,14 +287,14 @@ class ShareScanner:
                 problems.append(found)
             elif found is not None:
                 entry, item, read = found
-                entries[name] = entry
-                newCache[name] = item
+                # By the entry's own name (maybe the last scan's): one string.
+                entries[entry.name] = entry
+                newCache[entry.name] = item
                 hashed = hashed or read
         # A name keeps its cached item unless it was hashed, so the cache is
-        # unchanged when nothing was hashed and no name left it.
+        # unchanged when nothing was hashed and no name left it (the new
+        # map is kept even then: a loaded cache's keys are other strings).
         cacheChanged = hashed or len(newCache) != len(cache) or rewrite
-        if not cacheChanged:
-            newCache = cache
         reported = {p.key: p.signature for p in problems}
         newProblems = [p for p in problems if old.reported.get(p.key) != p.signature]
         state, changed, removed = self._diff(old, entries, newCache, reported)
@@ -310,7 +330,7 @@ class ShareScanner:
             name = self._shareable(raw, problems)
             if name is not None:
                 cached = cache.get(name)
-                signature = None if cached is None else (cached["size"], cached["mtime_ns"], cached["inode"])
+                signature = None if cached is None else cached.signature()
                 seen = observe(self.sharePath, shareReal, name, signature, self.hasher)
                 found = self._found(name, seen, cache, old.entries)
             if isinstance(found, Problem):
@@ -324,8 +344,8 @@ class ShareScanner:
             # Assigned in place, a name keeps its position; a new one goes
             # last and is put in order below.
             added = added or name not in entries
-            entries[name] = entry
-            newCache[name] = item
+            entries[entry.name] = entry
+            newCache[entry.name] = item
             hashed = hashed or read
         if added:
             # Entries (and the cache, written in name order) stay in name order.
@@ -392,10 +412,7 @@ class ShareScanner:
         if name.startswith("."):
             return None  # hidden, like partial downloads: not shared, not a problem
         if len(raw) <= MAX_NAME_BYTES and b"\\" not in raw:
-            # What nameProblem would find: a directory entry's name is never
-            # empty and holds no '/' or NUL, and one decoded strictly is
-            # valid text.  (The common case, at a fraction of the cost.)
-            return name
+            return name  # nameProblem agrees: a listed name has no '/' or NUL
         problem = nameProblem(name)
         if problem is not None:
             problems.append(self._problem(name, os.path.join(self.sharePath, raw), problem))
@@ -436,13 +453,14 @@ class ShareScanner:
             _, size, mtimeNs, inode, mtime, digest = seen
             if digest is None:
                 cached = cache[name]
-                digest = cached["sha256"]
+                digest = cached.sha256
                 previous = oldEntries.get(name)
                 if previous is not None and previous.size == size and previous.mtime == mtime and previous.sha256 == digest:
+                    if cached.sha256 is not previous.sha256:  # a loaded cache's string
+                        cached = cached._replace(sha256=previous.sha256)
                     return previous, cached, False  # the same object in both states
                 return FileEntry(name, size, mtime, digest), cached, False
-            item = {"size": size, "mtime_ns": mtimeNs, "inode": inode, "sha256": digest}
-            return FileEntry(name, size, mtime, digest), item, True
+            return FileEntry(name, size, mtime, digest), CacheItem(size, mtimeNs, inode, digest), True
         if kind == "problem":
             _, reason, signature, osError = seen
             # Reported under the name's bytes when the system refused it, as
@@ -466,12 +484,14 @@ class ShareScanner:
         pieces = []
         items = iter(cache.items())
         while True:
-            piece = dict(islice(items, STEP))
+            piece = {name: item._asdict() for name, item in islice(items, STEP)}
             if not piece:
                 break
             pieces.append(json.dumps(piece, sort_keys=True)[1:-1].encode("utf-8"))
         data = b'{"files": {\n' + b",\n".join(pieces) + b'\n}, "version": %d}\n' % (CACHE_VERSION,)
         atomicWrite(self.cacheFile, data)
+        del data, pieces
+        trimAllocator()
 
     def loadCache(self) -> Tuple[Cache, Optional[str], bool]:
         """
@@ -486,38 +506,55 @@ class ShareScanner:
             return {}, None, False
         except OSError as e:
             return {}, f"cannot read it: {e}", False
-        files = parseCacheLines(data)
-        current = files is not None
-        if files is None:
-            # Not laid out as we write it (an older or edited file): parse it
-            # whole, in one step.
-            try:
-                parsed = json.loads(data)
-            except (ValueError, RecursionError):
-                return {}, "not valid JSON", False
-            if not isinstance(parsed, dict) or parsed.get("version") != CACHE_VERSION:
-                return {}, "not a version 1 hash cache", False
-            files = parsed.get("files")
-            if not isinstance(files, dict):
-                return {}, "not a version 1 hash cache", False
-        for item in files.values():
-            # Exact types, as json.loads makes them; str.strip leaves
-            # nothing of a string of hex digits alone.
-            if type(item) is not dict:
-                return {}, "malformed entry", False
-            size, mtimeNs, inode, digest = item.get("size"), item.get("mtime_ns"), item.get("inode"), item.get("sha256")
-            if not (
-                type(size) is int and type(mtimeNs) is int and type(inode) is int
-                and type(digest) is str and len(digest) == 64 and not digest.strip("0123456789abcdef")
-            ):
-                return {}, "malformed entry", False
+        try:
+            files = parseCacheLines(data)
+            current = files is not None
+            if files is None:
+                # Not laid out as we write it (an older or edited file):
+                # parse it whole, in one step.
+                try:
+                    parsed = json.loads(data)
+                except (ValueError, RecursionError):
+                    return {}, "not valid JSON", False
+                if not isinstance(parsed, dict) or parsed.get("version") != CACHE_VERSION:
+                    return {}, "not a version 1 hash cache", False
+                items = parsed.get("files")
+                if not isinstance(items, dict):
+                    return {}, "not a version 1 hash cache", False
+                files = _cacheItems(items)
+        except _Malformed:
+            return {}, "malformed entry", False
         return files, None, current
+
+
+class _Malformed(ValueError):
+    """An item of the hash cache file is not what writeCache writes."""
+
+
+def _cacheItems(items: Dict[str, Any]) -> Cache:
+    # The CacheItems of items, the cache file's objects; or _Malformed.
+    files: Cache = {}
+    for name, item in items.items():
+        # Exact types, as json.loads makes them; str.strip leaves nothing of
+        # a string of hex digits alone.
+        if type(item) is not dict:
+            raise _Malformed(name)
+        size, mtimeNs, inode, digest = item.get("size"), item.get("mtime_ns"), item.get("inode"), item.get("sha256")
+        if not (
+            type(size) is int and type(mtimeNs) is int and type(inode) is int
+            and type(digest) is str and len(digest) == 64 and not digest.strip("0123456789abcdef")
+        ):
+            raise _Malformed(name)
+        files[name] = CacheItem(size, mtimeNs, inode, digest)
+    return files
 
 
 def parseCacheLines(data: bytes) -> Optional[Cache]:
     """
     Read a hash cache laid out as L{ShareScanner.writeCache} writes it, a line
-    at a time; L{None} if it is laid out otherwise.
+    at a time; L{None} if it is laid out otherwise.  Each line's objects
+    become L{CacheItem}s at once, so that loading never holds an object per
+    file (raises L{_Malformed} if one is not a file's object).
     """
     lines = data.split(b"\n")
     if lines[0] != b'{"files": {' or lines[-2:] != [b'}, "version": %d}' % (CACHE_VERSION,), b""]:
@@ -532,7 +569,7 @@ def parseCacheLines(data: bytes) -> Optional[Cache]:
             piece = json.loads(b"{" + line + b"}")
         except (ValueError, RecursionError):
             return None
-        files.update(piece)
+        files.update(_cacheItems(piece))
     return files
 
 

@@ -22,6 +22,7 @@ from twisted.test.iosim import ConnectionCompleter, FakeTransport, IOPump, conne
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2pfiles import __version__, auth, external
+from p2pfiles.context import LISTING_KEPT
 from p2pfiles.coordinator import CoordinatorError
 from p2pfiles.external import ExternalCoordinator
 from p2pfiles.node import Node, NodeConfig
@@ -730,6 +731,29 @@ class ListingFramesTests(SynchronousTestCase):
         second = context.listingFrames()
         self.assertIsNot(second, first)
         self.assertEqual([row["name"] for m in map(decode, second) for row in m.files], ["a.txt", "b.txt"])
+
+    def test_droppedWhenNotAsked(self) -> None:
+        """
+        The encoded answer (a whole copy of the index) is kept
+        C{LISTING_KEPT} seconds after the last ask, each ask restarting
+        that time, then dropped; the next ask encodes it again, equal to
+        the dropped one.  Stopping the node drops it and leaves no timer.
+        """
+        harness = Harness(self, node=1, files={"a.txt": b"x"}).start()
+        context, reactor = harness.node.context, harness.reactor
+        first = context.listingFrames()
+        reactor.advance(LISTING_KEPT - 1)
+        self.assertIs(context.listingFrames(), first)
+        reactor.advance(LISTING_KEPT - 1)
+        self.assertIs(context.listingFrames(), first, "each ask keeps it longer")
+        reactor.advance(LISTING_KEPT)
+        again = context.listingFrames()
+        self.assertIsNot(again, first)
+        self.assertEqual(again, first)
+        pending = len(reactor.getDelayedCalls())
+        context.stop()
+        self.assertEqual(len(reactor.getDelayedCalls()), pending - 1)
+        self.assertIsNot(context.listingFrames(), again)
 
 
 class HeartbeatTests(SynchronousTestCase):

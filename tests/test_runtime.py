@@ -10,7 +10,7 @@ from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2pfiles.runtime import (
-    GC_THRESHOLDS, LOGGED_PASS, MMAP_THRESHOLD, SWITCH_INTERVAL, TRIM_THRESHOLD, NoPolicy, ProcessPolicy, tuneAllocator,
+    GC_THRESHOLDS, LOGGED_PASS, MMAP_THRESHOLD, SWITCH_INTERVAL, TRIM_THRESHOLD, NoPolicy, ProcessPolicy, trimAllocator, tuneAllocator,
 )
 from p2pfiles.scanworker import WORKER_NICE, ProcessObserver
 
@@ -186,6 +186,10 @@ class FakeLibc:
         self.calls.append((parameter, value))
         return self.answer
 
+    def malloc_trim(self, pad: int) -> int:
+        self.calls.append(("trim", pad))
+        return 1
+
 
 class TuneAllocatorTests(SynchronousTestCase):
     """
@@ -215,3 +219,35 @@ class TuneAllocatorTests(SynchronousTestCase):
         A C library without C{mallopt} (not glibc) is left as it is.
         """
         self.assertFalse(tuneAllocator(object()))
+
+
+class TrimAllocatorTests(SynchronousTestCase):
+    """
+    L{trimAllocator} gives every free page of the C heap back to the kernel.
+    """
+
+    def test_trims(self) -> None:
+        """
+        C{malloc_trim(0)} is called once: no padding kept at the top of the
+        heap.
+        """
+        libc = FakeLibc()
+        self.assertTrue(trimAllocator(libc))
+        self.assertEqual(libc.calls, [("trim", 0)])
+
+    def test_noMallocTrim(self) -> None:
+        """
+        A C library without C{malloc_trim} (not glibc) is left as it is.
+        """
+        self.assertFalse(trimAllocator(object()))
+
+    def test_thisProcess(self) -> None:
+        """
+        With no C library given, the process's own is asked, and on glibc
+        it answers (the call is harmless: the heap only gives back what is
+        free).
+        """
+        import ctypes
+
+        expected = hasattr(ctypes.CDLL(None), "malloc_trim")
+        self.assertEqual(trimAllocator(), expected)

@@ -216,3 +216,72 @@ class SettleTests(SynchronousTestCase):
         second = scanner.scan(first.state)
         scanner.scanNames(second.state, ["a"])
         self.assertEqual(asked, [True, False, False])
+
+
+class HashCacheTests(SynchronousTestCase):
+    """
+    The hash cache in memory is one L{sharescan.CacheItem} per file; the
+    file it is kept in does not change.
+    """
+
+    def setUp(self) -> None:
+        root = FilePath(self.mktemp())
+        self.share = root.child("share")
+        self.share.makedirs()
+        self.scanner = sharescan.ShareScanner(self.share, root.child("state").child("hashcache.json"))
+
+    def test_roundTrip(self) -> None:
+        """
+        What L{ShareScanner.writeCache} writes, in the cache file's JSON
+        objects (C{inode}, C{mtime_ns}, C{sha256}, C{size}), L{loadCache}
+        reads back as equal L{CacheItem}s, the file's layout current.
+        """
+        cache = {
+            f"f{i:04d}": sharescan.CacheItem(i, 1_700_000_000_123_456_789 + i, 10**12 + i, sha(b"%d" % i))
+            for i in range(sharescan.STEP * 2 + 3)
+        }
+        self.scanner.writeCache(cache)
+        data = self.scanner.cacheFile.getContent()
+        import json
+
+        self.assertEqual(
+            json.loads(data)["files"]["f0001"],
+            {"size": 1, "mtime_ns": 1_700_000_000_123_456_790, "inode": 10**12 + 1, "sha256": sha(b"1")},
+        )
+        loaded, problem, current = self.scanner.loadCache()
+        self.assertEqual((loaded, problem, current), (cache, None, True))
+        self.assertTrue(all(type(item) is sharescan.CacheItem for item in loaded.values()))
+        self.assertEqual(loaded["f0002"].signature(), (2, 1_700_000_000_123_456_791, 10**12 + 2))
+
+    def test_malformedItem(self) -> None:
+        """
+        A file object with a field of the wrong type makes the whole cache
+        count as empty, whether the file is laid out as written or not.
+        """
+        good = {"size": 1, "mtime_ns": 2, "inode": 3, "sha256": sha(b"")}
+        for files in ({"a": good, "b": dict(good, size="1")}, {"a": dict(good, sha256="x" * 64)}):
+            import json
+
+            laidOut = b'{"files": {\n' + json.dumps(files, sort_keys=True)[1:-1].encode() + b'\n}, "version": 1}\n'
+            for data in (laidOut, json.dumps({"files": files, "version": 1}).encode()):
+                self.scanner.cacheFile.parent().makedirs(ignoreExistingDirectory=True)
+                self.scanner.cacheFile.setContent(data)
+                self.assertEqual(self.scanner.loadCache(), ({}, "malformed entry", False))
+
+    def test_oneStringPerName(self) -> None:
+        """
+        After a scan that took its hashes from a loaded cache, the entries,
+        the change numbers and the cache are keyed by the very string each
+        entry holds (a loaded cache's own key strings are not kept).
+        """
+        for name in ("a.txt", "b.txt"):
+            self.share.child(name).setContent(name.encode())
+        first = self.scanner.scan(sharescan.EMPTY).state
+        self.scanner.writeCache(first.cache)
+        second = self.scanner.scan(first._replace(cache=None)).state
+        self.assertEqual(second.cache, first.cache)
+        for key in second.cache:
+            entry = second.entries[key]
+            self.assertIs([k for k in second.entries if k == key][0], entry.name)
+            self.assertIs([k for k in second.cache if k == key][0], entry.name)
+            self.assertIs(second.cache[key].sha256, entry.sha256)
