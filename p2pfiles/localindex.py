@@ -28,6 +28,10 @@ Changes are noticed with inotify where available, and by polling every
 C{pollInterval} seconds where not.  With inotify a slow safety poll (every
 C{SAFETY_POLL_FACTOR * pollInterval}) still runs, because inotify can drop
 events (queue overflow) and cannot see a share directory that is replaced.
+A poll lists and checks every file, so on a large share it is skipped until
+the last full scan ended L{POLL_DUTY} (with inotify L{SAFETY_POLL_DUTY})
+times that scan's length ago: however large the share, polling keeps at
+most about a tenth (a hundredth) of a core busy.
 """
 
 import os
@@ -68,6 +72,11 @@ RECORD_NAME = "incarnation.json"
 
 # With inotify, the safety poll runs this many times less often than polling.
 SAFETY_POLL_FACTOR = 10
+
+# A poll is skipped until the last full scan ended this many times its
+# length ago: polling alone, and the safety poll beside inotify.
+POLL_DUTY = 10
+SAFETY_POLL_DUTY = 100
 
 # More names than this changed at once (a copy into the share): one full scan
 # rather than looking at each name.
@@ -161,6 +170,8 @@ class LocalIndex:
         # None when the next scan must be a full one (a poll, a rescan,
         # too many names, an event about the share itself).
         self._dirty: Optional[Set[str]] = None
+        # When the last full scan started and ended (reactor time).
+        self._lastFull: Optional[Tuple[float, float]] = None
         self._waiters = Waiters()  # for the next scan to start
         self._idleWaiters = Waiters()  # for the running scan to end
 
@@ -328,11 +339,19 @@ class LocalIndex:
         interval = self._pollInterval
         if self._notifier is not None:
             interval = self._pollInterval * SAFETY_POLL_FACTOR
-        self._poller = LoopingCall(self._changed)
+        self._poller = LoopingCall(self._poll)
         self._poller.clock = self._reactor
         self._poller.start(interval, now=False).addErrback(
             lambda f: self.log.failure("polling {share} failed", f, share=self._share.path)
         )
+
+    def _poll(self) -> None:
+        if self._lastFull is not None:
+            started, ended = self._lastFull
+            duty = SAFETY_POLL_DUTY if self._notifier is not None else POLL_DUTY
+            if self._reactor.seconds() - ended < (ended - started) * duty:
+                return
+        self._changed()
 
     def _startFailed(self, failure: Failure) -> Failure:
         self._running = False
@@ -368,7 +387,9 @@ class LocalIndex:
         return True
 
     def _inotifyEvent(self, ignored: object, path: FilePath, mask: int) -> None:
-        inShare = path.dirname() == self._share.path and not mask & inotify.IN_Q_OVERFLOW
+        # inotify gives paths as bytes; the share's may be text.
+        path = path.asTextMode()
+        inShare = path.dirname() == self._share.asTextMode().path and not mask & inotify.IN_Q_OVERFLOW
         if inShare and path.basename().startswith("."):
             return  # hidden names (partial downloads among them) are never shared
         if self._dirty is not None and inShare:
@@ -426,6 +447,7 @@ class LocalIndex:
         dirty, self._dirty = self._dirty, set()
         # Scans never overlap, so the state handed over is the one the
         # result replaces.
+        started = None if self._firstDone and dirty else self._reactor.seconds()
         if self._firstDone and dirty:
             d = self._runInThread(self._scanner.scanNames, self._state, sorted(dirty))
         elif self._firstDone:
@@ -435,7 +457,7 @@ class LocalIndex:
             d.addCallback(self._resume)
         d.addCallback(self._applyScan)
         d.addErrback(self._scanFailed)
-        d.addBoth(self._scanFinished, waiters)
+        d.addBoth(self._scanFinished, waiters, started)
 
     def _firstScan(self, state: Any) -> Tuple[ScanResult, Optional[str]]:
         """
@@ -471,8 +493,10 @@ class LocalIndex:
         self.log.failure("scan of {share} failed", failure, share=self._share.path)
         return failure
 
-    def _scanFinished(self, result: Optional[Failure], waiters: Waiters) -> None:
+    def _scanFinished(self, result: Optional[Failure], waiters: Waiters, started: Optional[float]) -> None:
         self._scanning = False
+        if started is not None:
+            self._lastFull = (started, self._reactor.seconds())
         waiters.fire(result)
         self._idleWaiters.fire(None)
         if self._again and self._running:

@@ -18,7 +18,9 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from p2pfiles import sharescan
-from p2pfiles.localindex import MAX_NAMED_SCAN, MAX_TOMBSTONES, Changes, IndexStopped, LocalIndex, hashOpened
+from p2pfiles.localindex import (
+    MAX_NAMED_SCAN, MAX_TOMBSTONES, POLL_DUTY, Changes, IndexStopped, LocalIndex, hashOpened,
+)
 from p2pfiles.sharescan import HASH_TRIES
 from p2pfiles.wire import FileEntry
 
@@ -761,6 +763,51 @@ class WatchingTests(LocalIndexTestsMixin, SynchronousTestCase):
         self.assertEqual(names, ["late"])
         threads.runAll()
         self.assertEqual(sorted(index.entries), ["a", "late"])
+
+    def test_slowScansPollLessOften(self) -> None:
+        """
+        A poll does not start a full scan until the last one ended
+        L{POLL_DUTY} times its length ago: a share whose full scan takes
+        2 s is polled every 20 s, not every second; a scan of no length
+        (a small share) leaves polling at its interval.
+        """
+        threads = ManualThreads()
+        index = self.makeIndex(runInThread=threads)
+        started = index.start()
+        self.addCleanup(self.stopIndex, index)
+        threads.runNext()  # the record
+        self.clock.advance(2.0)  # the first scan takes 2 s
+        threads.runAll()
+        self.successResultOf(started)
+        for _ in range(19):
+            self.clock.advance(1.0)
+            self.assertEqual(threads.names(), [])
+        self.clock.advance(1.0)
+        self.clock.advance(0.1)
+        self.assertEqual(threads.names(), ["scan"])
+        threads.runAll()  # this one takes no time
+        self.clock.advance(0.9)  # the next poll
+        self.clock.advance(0.1)
+        self.assertEqual(threads.names(), ["scan"])
+        threads.runAll()
+
+    def test_eventsGivenAsBytes(self) -> None:
+        """
+        inotify gives paths as bytes: an event about a file in the share
+        still makes a scan of that name only, and one about a hidden name
+        schedules nothing.
+        """
+        self.write("a", b"1")
+        index, threads = self.startManual()
+        self.write("b", b"2")
+        index._inotifyEvent(None, self.share.child(".b.part").asBytesMode(), inotify.IN_MODIFY)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)  # the poll only
+        index._inotifyEvent(None, self.share.child("b").asBytesMode(), inotify.IN_CLOSE_WRITE)
+        self.clock.advance(0.1)
+        self.assertEqual(threads.names(), ["scanNames"])
+        self.assertEqual(threads.calls[0][1][1], ["b"])
+        threads.runAll()
+        self.assertEqual(sorted(index.entries), ["a", "b"])
 
     def test_fullScanWhenNamesCannotSay(self) -> None:
         """
