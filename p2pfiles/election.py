@@ -17,9 +17,11 @@ The rules:
     itself claims to lead (this node counts when it leads and is ready).  Such a claim
     with a higher epoch is adopted at once; a leadership claim with a lower
     epoch is answered with a L{Stale} notice naming the current one.  Any
-    other claim (a member naming another leader, or a larger id while a
-    smaller live one leads) is answered with a L{Stale} notice, logged once
-    per sender and epoch, and not adopted; a leader that sees one with a
+    other claim (a member naming another leader that is not live here, or a
+    larger id while a smaller live one leads) is answered with a L{Stale} notice, logged once
+    per sender and epoch, and not adopted (a node that does not lead just
+    waits, silently, when the leader named is a member it knows of: just
+    started, it hears a follower before its leader); a leader that sees one with a
     higher epoch moves above it and claims again, so epochs only go up and
     a bad member cannot move the leadership.
   - A node claims leadership, with an epoch one above the highest it has
@@ -188,9 +190,11 @@ class ElectionState:
         self._says[sender] = leader
         actions: List[object] = []
         if leader is not None and (epoch > self.epoch or (epoch == self.epoch and leader != self.leader)):
-            if sender != leader and self.isLive(leader):
+            if sender != leader and (self.isLive(leader) or (self.role != LEADER and leader in self._known)):
                 # A member reporting whom it follows: wait for that
-                # leader's own heartbeat.
+                # leader's own heartbeat (a node just started hears a
+                # follower before its leader).  A leader answers a report
+                # naming a member not live here, and moves above it.
                 return self._evaluate()
             refusal = self._refusal(sender, epoch, leader)
             if refusal is not None:

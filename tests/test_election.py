@@ -722,6 +722,23 @@ class HostileClaimTests(SynchronousTestCase):
         state.heartbeatReceived(1, 2, 1)
         self.assertEqual((state.role, state.leader, state.epoch), (FOLLOWER, 1, 2))
 
+    def test_reportNamingAKnownMemberWaits(self) -> None:
+        """
+        A node just started that hears a follower name a known member as
+        leader before it hears that leader itself waits for the leader's
+        own word, without a warning or a stale notice; then follows it.
+        """
+        clock = Clock()
+        state = ElectionState(3, clock, LEADER_TIMEOUT, knownPeers=[1, 2])
+        state.memberUp(2)
+        with capturedLogs() as events:
+            self.assertEqual(state.heartbeatReceived(2, 1, 1), [])
+        self.assertEqual([formatEvent(e) for e in events if "refused" in formatEvent(e)], [])
+        self.assertEqual((state.role, state.leader, state.epoch), (CANDIDATE, None, 0))
+        state.memberUp(1)
+        state.heartbeatReceived(1, 1, 1)
+        self.assertEqual((state.role, state.leader, state.epoch), (FOLLOWER, 1, 1))
+
     def test_leaderMovesAbove(self) -> None:
         """
         A leader told by a larger id that it leads epoch 101 keeps leading:
