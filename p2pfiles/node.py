@@ -393,12 +393,15 @@ class Node(MultiService):
         )
         self._localReady.fire(None)
         self._announceChanges()
+        # The standby stands by from now on (see _leadershipChanged).
+        self._leadershipChanged()
 
     def _localFailed(self, reason: Failure) -> None:
         self.log.failure("cannot index the share {share}", reason, share=self.config.share.path)
         self.keeper.ownListed([]).addErrback(lambda f: self.log.failure("cannot index this node's files", f))
         # Nobody waits for a first scan that will not come.
         self._localReady.fire(Failure(P2PError(f"cannot index the share {self.config.share.path}", "io")))
+        self._leadershipChanged()
 
     def whenJoined(self) -> Deferred:
         """
@@ -474,7 +477,11 @@ class Node(MultiService):
                     # current (see _localChanges): packing them all again,
                     # on the reactor, at every change of the live members
                     # would hold up heartbeats.  _tick reconciles members.
-                    if not self.keeper.gathering:
+                    # A node still scanning its own share first stands by
+                    # once that is done (_localStarted): copying the others'
+                    # lists meanwhile would slow its scan, on a start of
+                    # the whole cluster when every node is busy.
+                    if not self.keeper.gathering and self._localReady.happened:
                         self.keeper.standBy(list(self.localIndex.entries.values()), self._liveMembers())
                 else:
                     self.keeper.idle()

@@ -7,7 +7,7 @@ request handlers, with a L{MemoryReactorClock} and in-memory connections.
 import json
 import random
 from struct import pack
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from zope.interface import implementer
 
@@ -177,6 +177,7 @@ class Harness:
         etcd: Optional[FakeCoordinator] = None,
         at: Optional[str] = None,
         share: Optional[FilePath] = None,
+        runInThread: Callable[..., Deferred] = inline,
     ) -> None:
         """
         @param at: the node's address (by default 127.0.0.1:9000+node).
@@ -209,7 +210,7 @@ class Harness:
         if etcd is not None:
             case.patch(external, "EtcdCoordinator", lambda *args: etcd)
         security = TLS(certificate(("node", node))) if tls else PLAIN
-        self.node = Node(self.config, self.reactor, runInThread=inline, useInotify=False, security=security)
+        self.node = Node(self.config, self.reactor, runInThread=runInThread, useInotify=False, security=security)
         self.factory = self.node.listeningFactory()
         self.links: List[Link] = []
         self.pumps: List[IOPump] = []
@@ -1024,6 +1025,31 @@ class ExternalCoordinatorTests(SynchronousTestCase):
         self.assertEqual(harness.node.leaderAddress(), address(1))
         fake.set(1, 5, 1)
         self.assertEqual([(m["id"], m["alive"]) for m in harness.node.status()["members"]], [(1, True), (2, True), (3, False)])
+
+    def test_standbyWaitsForItsOwnFirstScan(self) -> None:
+        """
+        The standby (the smallest id after the leader) does not copy the
+        others' lists while its own first scan runs; it stands by once that
+        scan is done.
+        """
+        held: List[Tuple[Callable[..., Any], Tuple[Any, ...], Deferred]] = []
+
+        def threads(f: Callable[..., Any], *args: Any) -> Deferred:
+            if getattr(f, "__name__", "") == "_firstScan":
+                d: Deferred = Deferred()
+                held.append((f, args, d))
+                return d
+            return inline(f, *args)
+
+        fake = FakeCoordinator(2, atOnce=True)
+        harness = Harness(self, node=2, etcd=fake, files={"a.txt": b"a"}, runInThread=threads)
+        harness.start()
+        fake.set(1, 5, 1, 3)
+        self.assertEqual(len(held), 1)
+        self.assertFalse(harness.node.keeper.gathering)
+        f, args, d = held.pop()
+        d.callback(f(*args))
+        self.assertTrue(harness.node.keeper.gathering)
 
     def test_leaderGathers(self) -> None:
         """
