@@ -201,8 +201,12 @@ class Node(MultiService):
             "node", config.id, config.address, config.secret, "control", security, config.pins
         )
         self.scanObserver = self.policy.scanObserver()
+        background = self.policy.backgroundThreads()
+        # Scans and the keeper's lists and log: at a lower priority where
+        # the policy gives threads for it (see BackgroundThreads).
+        backgroundRun = background.runInThread if background is not None else runInThread
         self.localIndex = LocalIndex(
-            config.share, config.state, reactor, runInThread=runInThread, useInotify=useInotify,
+            config.share, config.state, reactor, runInThread=backgroundRun, useInotify=useInotify,
             observer=self.scanObserver, settle=self.policy.settleScan,
         )
         self.localIndex.subscribe(self._localChanges)
@@ -246,7 +250,7 @@ class Node(MultiService):
             config.address,
             config.state.child("peer_files.log"),
             reactor,
-            runInThread,
+            backgroundRun,
             self.openRequest,
             viewPath=config.state.child(VIEW_NAME),
             ownNumbers=lambda: (self.localIndex.incarnation, self.localIndex.seq),

@@ -57,6 +57,11 @@ is read and written) stay in the process once freed, tens of MiB of them
 at 1,000,000 files.  L{trimAllocator} (C{malloc_trim}) hands every free page
 of every arena back; the threads that do such work call it when done.
 
+A node's background work (scanning its share, the keeper's lists and log)
+runs in threads of its own at the hashing's lower priority
+(L{BackgroundThreads}): when many processes share few cores, the kernel
+then runs the reactor threads first.
+
 L{ProcessPolicy} applies all three to the process, times every collection
 (C{gc.callbacks}) and logs those of L{LOGGED_PASS} or more, and has the
 share hashed in a child process at a lower CPU priority (see
@@ -66,17 +71,22 @@ only from the twistd plugin, never in tests (see L{NoPolicy}).
 
 import ctypes
 import gc
+import os
 import sys
+import threading
 import time
 from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, ContextManager, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterator, Optional, Set, Tuple
 
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 
 from p2pfiles.scanworker import WORKER_NICE, ProcessObserver
 
 __all__ = [
-    "GC_THRESHOLDS", "LOGGED_PASS", "MMAP_THRESHOLD", "NoPolicy", "ProcessPolicy", "SWITCH_INTERVAL",
+    "BackgroundThreads", "GC_THRESHOLDS", "LOGGED_PASS", "MMAP_THRESHOLD", "NoPolicy", "ProcessPolicy", "SWITCH_INTERVAL",
     "TRIM_THRESHOLD", "trimAllocator", "tuneAllocator",
 ]
 
@@ -88,8 +98,11 @@ SWITCH_INTERVAL = 0.0005
 # The collector's thresholds: objects allocated (net) before a young pass,
 # then young passes per middle pass, middle passes per full pass.  A larger
 # first one means fewer passes and fewer short-lived objects promoted to
-# live through a full one.  Python's default is (700, 10, 10).
-GC_THRESHOLDS = (10_000, 10, 10)
+# live through a full one; but a middle pass walks up to the first times
+# the second objects, and a scan that keeps two per file fills it: at
+# 10,000 those passes held the GIL 60-190 ms on nodes sharing two cores.
+# Python's default is (700, 10, 10).
+GC_THRESHOLDS = (2_000, 10, 10)
 
 # A pass at least this long is logged.
 LOGGED_PASS = 0.05
@@ -158,6 +171,60 @@ def trimAllocator(libc: Any = None) -> bool:
     return True
 
 
+class BackgroundThreads:
+    """
+    Threads for a node's background work (scanning its share, the keeper's
+    lists and log), each running C{nice} lower than the node once it has
+    started: on a machine whose cores are short (a cluster starting, many
+    nodes on one host) the kernel then runs every node's reactor thread,
+    which sends the heartbeats, before this work.  A thread whose priority
+    is lowered cannot raise it again, so this work has threads of its own
+    rather than the reactor's pool, which also serves what must be prompt
+    (the epoch's fsync, received files).
+    """
+
+    def __init__(self, reactor: Any, nice: int = WORKER_NICE, threads: int = 2) -> None:
+        self.reactor = reactor
+        self.nice = nice
+        self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="p2pfiles-background")
+        self._lowered: Set[int] = set()
+        self._trigger: Any = None
+
+    def runInThread(self, f: Callable[..., Any], *args: Any) -> Deferred:
+        """
+        Run C{f(*args)} in one of these threads; the Deferred fires with its
+        result on the reactor thread.
+        """
+        if self._trigger is None:
+            self.pool.start()
+            self._trigger = self.reactor.addSystemEventTrigger("during", "shutdown", self.stop)
+        return deferToThreadPool(self.reactor, self.pool, self._lowerThen, f, *args)
+
+    def stop(self) -> None:
+        """
+        Stop the threads (at the reactor's shutdown, or when told), once
+        what was handed to them has run.
+        """
+        if self._trigger is not None:
+            trigger, self._trigger = self._trigger, None
+            try:
+                self.reactor.removeSystemEventTrigger(trigger)
+            except (ValueError, KeyError):
+                pass  # it is what is running
+            self.pool.stop()
+
+    def _lowerThen(self, f: Callable[..., Any], *args: Any) -> Any:
+        me = threading.get_native_id()
+        if me not in self._lowered:
+            self._lowered.add(me)
+            try:
+                now = os.getpriority(os.PRIO_PROCESS, me)
+                os.setpriority(os.PRIO_PROCESS, me, min(19, now + self.nice))
+            except (AttributeError, OSError):
+                pass  # not Linux, or not allowed: run as the node does
+        return f(*args)
+
+
 class NoPolicy:
     """
     Leaves the process as it is: what a node uses unless given a
@@ -174,6 +241,13 @@ class NoPolicy:
     def scanObserver(self) -> None:
         """
         No child process: the share is hashed in the scan thread.
+        """
+        return None
+
+    def backgroundThreads(self) -> None:
+        """
+        No threads of its own: background work runs where the node's other
+        thread work does.
         """
         return None
 
@@ -246,6 +320,13 @@ class ProcessPolicy:
         The child process that hashes the share, at a lower priority.
         """
         return ProcessObserver(self.scanNice)
+
+    def backgroundThreads(self) -> BackgroundThreads:
+        """
+        The threads of the node's background work, at the same lower
+        priority as the hashing.
+        """
+        return BackgroundThreads(self.clock, self.scanNice)
 
     @contextmanager
     def settleScan(self, first: bool) -> Iterator[None]:

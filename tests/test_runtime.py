@@ -4,12 +4,15 @@ node applies to its process, with a fake collector (the tests' own process
 is never changed).
 """
 
+import os
+import threading
 from typing import Any, Callable, List, Tuple
 
 from twisted.logger import Logger
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from p2pfiles.runtime import (
+    BackgroundThreads,
     GC_THRESHOLDS, LOGGED_PASS, MMAP_THRESHOLD, SWITCH_INTERVAL, TRIM_THRESHOLD, NoPolicy, ProcessPolicy, trimAllocator, tuneAllocator,
 )
 from p2pfiles.scanworker import WORKER_NICE, ProcessObserver
@@ -251,3 +254,45 @@ class TrimAllocatorTests(SynchronousTestCase):
 
         expected = hasattr(ctypes.CDLL(None), "malloc_trim")
         self.assertEqual(trimAllocator(), expected)
+
+
+class BackgroundThreadsTests(TestCase):
+    """
+    L{BackgroundThreads} runs work in threads of its own, at a lower CPU
+    priority than the rest of the process.
+    """
+
+    def test_lowerPriority(self) -> None:
+        """
+        The work runs in another thread whose nice value is the process's
+        plus the one given (at most 19), and its result reaches the
+        Deferred; the threads stop when told.
+        """
+        from twisted.internet import reactor
+
+        background = BackgroundThreads(reactor, nice=3)
+        self.addCleanup(background.stop)
+        here = threading.get_native_id()
+        base = os.getpriority(os.PRIO_PROCESS, here)
+
+        def where() -> Tuple[int, int]:
+            me = threading.get_native_id()
+            return me, os.getpriority(os.PRIO_PROCESS, me)
+
+        def check(result: Tuple[int, int]) -> None:
+            thread, nice = result
+            self.assertNotEqual(thread, here)
+            self.assertEqual(nice, min(19, base + 3))
+            self.assertEqual(os.getpriority(os.PRIO_PROCESS, here), base)
+
+        return background.runInThread(where).addCallback(check)
+
+    def test_noThreadsWithoutPolicy(self) -> None:
+        """
+        L{NoPolicy} gives no threads of its own; L{ProcessPolicy} gives them
+        at its scan niceness.
+        """
+        self.assertIsNone(NoPolicy().backgroundThreads())
+        background = ProcessPolicy(FakeReactor(), FakeGC(), scanNice=4).backgroundThreads()
+        self.assertIsInstance(background, BackgroundThreads)
+        self.assertEqual(background.nice, 4)
