@@ -86,7 +86,7 @@ from twisted.python.threadpool import ThreadPool
 from p2pfiles.scanworker import WORKER_NICE, ProcessObserver
 
 __all__ = [
-    "BackgroundThreads", "GC_THRESHOLDS", "LOGGED_PASS", "MMAP_THRESHOLD", "NoPolicy", "ProcessPolicy", "SWITCH_INTERVAL",
+    "ARENA_MAX", "BackgroundThreads", "GC_THRESHOLDS", "LOGGED_PASS", "MMAP_THRESHOLD", "NoPolicy", "ProcessPolicy", "SWITCH_INTERVAL",
     "TRIM_THRESHOLD", "trimAllocator", "tuneAllocator",
 ]
 
@@ -116,15 +116,25 @@ MMAP_THRESHOLD = 4 << 20
 # given back to the kernel at once: two of the largest blocks.
 TRIM_THRESHOLD = 8 << 20
 
+# Arenas (heaps) at most: the main one and one shared by every other thread.
+# glibc gives each thread that allocates while another holds an arena one
+# of its own, up to eight per core, and each keeps freed memory of its own:
+# a node's threads (the reactor's pool, the background ones) each held
+# megabytes nobody else could reuse.  (Measured: 4-5 MiB less for a node
+# with 20,000 files under a flood of connections.)
+ARENA_MAX = 2
+
 # mallopt()'s parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 
 
 def tuneAllocator(libc: Any = None) -> bool:
     """
     Set the C allocator's memory-map and trim thresholds to
-    L{MMAP_THRESHOLD} and L{TRIM_THRESHOLD} (see the module's text).
+    L{MMAP_THRESHOLD} and L{TRIM_THRESHOLD} (see the module's text), and
+    its arenas to at most L{ARENA_MAX}.  Call it before threads start.
     Returns whether it could: only glibc has C{mallopt}; elsewhere the
     allocator is left as it is.
 
@@ -140,7 +150,13 @@ def tuneAllocator(libc: Any = None) -> bool:
     if mallopt is None:
         return False
     # mallopt() returns 1 on success, 0 on error.
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return all(
+        [
+            bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)),
+            bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)),
+            bool(mallopt(_M_ARENA_MAX, ARENA_MAX)),
+        ]
+    )
 
 
 _libc: Any = None

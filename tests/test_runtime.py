@@ -12,6 +12,7 @@ from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from p2pfiles.runtime import (
+    ARENA_MAX,
     BackgroundThreads,
     GC_THRESHOLDS, LOGGED_PASS, MMAP_THRESHOLD, SWITCH_INTERVAL, TRIM_THRESHOLD, NoPolicy, ProcessPolicy, trimAllocator, tuneAllocator,
 )
@@ -203,11 +204,12 @@ class TuneAllocatorTests(SynchronousTestCase):
         """
         The memory-map threshold (M_MMAP_THRESHOLD, -3) and the trim
         threshold (M_TRIM_THRESHOLD, -1) are set, the second above the
-        first, both above the largest buffer a transfer makes.
+        first, both above the largest buffer a transfer makes; and the
+        arenas (M_ARENA_MAX, -8) to two.
         """
         libc = FakeLibc()
         self.assertTrue(tuneAllocator(libc))
-        self.assertEqual(libc.calls, [(-3, MMAP_THRESHOLD), (-1, TRIM_THRESHOLD)])
+        self.assertEqual(libc.calls, [(-3, MMAP_THRESHOLD), (-1, TRIM_THRESHOLD), (-8, ARENA_MAX)])
         self.assertGreater(MMAP_THRESHOLD, 256 << 10)
         self.assertGreater(TRIM_THRESHOLD, MMAP_THRESHOLD)
 
