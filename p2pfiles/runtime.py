@@ -133,6 +133,23 @@ _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 
 
+_libc: Any = None
+
+
+def _cLibrary() -> Any:
+    """
+    The C library this process runs on (looked up once), or L{None} if it
+    cannot be loaded.
+    """
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(None)
+        except OSError:
+            _libc = False
+    return _libc or None
+
+
 def tuneAllocator(libc: Any = None) -> bool:
     """
     Set the C allocator's memory-map and trim thresholds to
@@ -144,12 +161,7 @@ def tuneAllocator(libc: Any = None) -> bool:
     @param libc: the C library (by default, the one this process runs on),
         or a fake with a C{mallopt} function.
     """
-    if libc is None:
-        try:
-            libc = ctypes.CDLL(None)
-        except OSError:
-            return False
-    mallopt = getattr(libc, "mallopt", None)
+    mallopt = getattr(libc if libc is not None else _cLibrary(), "mallopt", None)
     if mallopt is None:
         return False
     # mallopt() returns 1 on success, 0 on error.
@@ -162,9 +174,6 @@ def tuneAllocator(libc: Any = None) -> bool:
     )
 
 
-_libc: Any = None
-
-
 def trimAllocator(libc: Any = None) -> bool:
     """
     Give the kernel back every free page of the C heap, in every arena
@@ -175,15 +184,7 @@ def trimAllocator(libc: Any = None) -> bool:
     @param libc: the C library (by default, the one this process runs on),
         or a fake with a C{malloc_trim} function.
     """
-    global _libc
-    if libc is None:
-        if _libc is None:
-            try:
-                _libc = ctypes.CDLL(None)
-            except OSError:
-                _libc = False
-        libc = _libc
-    trim = getattr(libc, "malloc_trim", None)
+    trim = getattr(libc if libc is not None else _cLibrary(), "malloc_trim", None)
     if trim is None:
         return False
     trim(0)
