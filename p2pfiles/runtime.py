@@ -74,12 +74,10 @@ only from the twistd plugin, never in tests (see L{NoPolicy}).
 
 import ctypes
 import gc
-import os
 import sys
-import threading
 import time
 from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, ContextManager, Dict, Iterator, Optional, Set, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterator, Optional, Tuple
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
@@ -194,17 +192,13 @@ def trimAllocator(libc: Any = None) -> bool:
 class BackgroundThreads:
     """
     Threads for a node's background work (scanning its share, the keeper's
-    lists and log), at most C{threads}, apart from the reactor's pool.
-    Each may run C{nice} lower than the node once it has started (a thread
-    whose priority is lowered cannot raise it again, one more reason for
-    threads of their own); a node uses 0, see the module's text.
+    lists and log), at most C{threads}, apart from the reactor's pool, at
+    the node's own priority (see the module's text).
     """
 
-    def __init__(self, reactor: Any, nice: int = 0, threads: int = 2) -> None:
+    def __init__(self, reactor: Any, threads: int = 2) -> None:
         self.reactor = reactor
-        self.nice = nice
         self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="p2pfiles-background")
-        self._lowered: Set[int] = set()
         self._trigger: Any = None
 
     def runInThread(self, f: Callable[..., Any], *args: Any) -> Deferred:
@@ -215,7 +209,7 @@ class BackgroundThreads:
         if self._trigger is None:
             self.pool.start()
             self._trigger = self.reactor.addSystemEventTrigger("during", "shutdown", self.stop)
-        return deferToThreadPool(self.reactor, self.pool, self._lowerThen, f, *args)
+        return deferToThreadPool(self.reactor, self.pool, f, *args)
 
     def stop(self) -> None:
         """
@@ -229,17 +223,6 @@ class BackgroundThreads:
             except (ValueError, KeyError):
                 pass  # it is what is running
             self.pool.stop()
-
-    def _lowerThen(self, f: Callable[..., Any], *args: Any) -> Any:
-        me = threading.get_native_id()
-        if self.nice and me not in self._lowered:
-            self._lowered.add(me)
-            try:
-                now = os.getpriority(os.PRIO_PROCESS, me)
-                os.setpriority(os.PRIO_PROCESS, me, min(19, now + self.nice))
-            except (AttributeError, OSError):
-                pass  # not Linux, or not allowed: run as the node does
-        return f(*args)
 
 
 class NoPolicy:

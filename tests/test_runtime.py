@@ -260,19 +260,18 @@ class TrimAllocatorTests(SynchronousTestCase):
 
 class BackgroundThreadsTests(TestCase):
     """
-    L{BackgroundThreads} runs work in threads of its own, at a lower CPU
-    priority than the rest of the process.
+    L{BackgroundThreads} runs work in threads of its own, at the node's
+    priority.
     """
 
-    def test_lowerPriority(self) -> None:
+    def test_ownThreadsSamePriority(self) -> None:
         """
-        The work runs in another thread whose nice value is the process's
-        plus the one given (at most 19), and its result reaches the
-        Deferred; the threads stop when told.
+        The work runs in another thread whose nice value is the process's,
+        and its result reaches the Deferred; the threads stop when told.
         """
         from twisted.internet import reactor
 
-        background = BackgroundThreads(reactor, nice=3)
+        background = BackgroundThreads(reactor)
         self.addCleanup(background.stop)
         here = threading.get_native_id()
         base = os.getpriority(os.PRIO_PROCESS, here)
@@ -284,18 +283,18 @@ class BackgroundThreadsTests(TestCase):
         def check(result: Tuple[int, int]) -> None:
             thread, nice = result
             self.assertNotEqual(thread, here)
-            self.assertEqual(nice, min(19, base + 3))
+            self.assertEqual(nice, base)
             self.assertEqual(os.getpriority(os.PRIO_PROCESS, here), base)
 
         return background.runInThread(where).addCallback(check)
 
     def test_noThreadsWithoutPolicy(self) -> None:
         """
-        L{NoPolicy} gives no threads of its own; L{ProcessPolicy} gives them
+        L{NoPolicy} gives no threads of its own; L{ProcessPolicy} gives two,
         at the node's own priority (lowered, they made the reactor wait for
         the GIL they held).
         """
         self.assertIsNone(NoPolicy().backgroundThreads())
         background = ProcessPolicy(FakeReactor(), FakeGC(), scanNice=4).backgroundThreads()
         self.assertIsInstance(background, BackgroundThreads)
-        self.assertEqual(background.nice, 0)
+        self.assertEqual(background.pool.max, 2)
