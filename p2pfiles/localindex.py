@@ -447,8 +447,10 @@ class LocalIndex:
         dirty, self._dirty = self._dirty, set()
         # Scans never overlap, so the state handed over is the one the
         # result replaces.
-        started = None if self._firstDone and dirty else self._reactor.seconds()
-        if self._firstDone and dirty:
+        named = self._firstDone and bool(dirty)
+        # A full scan's start and end space out the polls (see _poll).
+        started = None if named else self._reactor.seconds()
+        if named:
             d = self._runInThread(self._scanner.scanNames, self._state, sorted(dirty))
         elif self._firstDone:
             d = self._runInThread(self._scanner.scan, self._state)
