@@ -149,22 +149,28 @@ def buildLocal(data: bytes) -> Any:
 
 
 def memberFrames(node: int, count: int, shared: bool) -> List[bytes]:
-    # What member node sends a gatherer: its whole list, encoded.
+    # What member node sends a gatherer: its whole list, encoded, in name
+    # order as a node's scan lists it.
     from p2pfiles.wire import deltaFrames
 
-    return list(deltaFrames("incarnation", 1, True, list(entries(node, count, shared)), []))
+    return list(deltaFrames("incarnation", 1, True, sorted(entries(node, count, shared), key=lambda e: e.name), []))
 
 
-def pulled(frames: List[bytes]) -> Dict[str, bytes]:
-    # What pullIndex makes of a full answer: decoded and packed frame by frame.
+def pulled(frames: List[bytes], module: types.ModuleType) -> Any:
+    # What pullIndex makes of a full answer: decoded and packed frame by
+    # frame (into a PackedFiles, or a dict for an index from before them).
     from p2pfiles.index import packEntry
+    from p2pfiles.packed import PackedBuilder
     from p2pfiles.wire import decode
 
+    packed = hasattr(module, "packFiles")
+    builder = PackedBuilder()
     files: Dict[str, bytes] = {}
+    add = builder.add if packed else files.__setitem__
     for frame in frames:
         for entry in decode(frame).entries:
-            files[entry.name] = packEntry(entry)
-    return files
+            add(entry.name, packEntry(entry))
+    return builder.build() if packed else files
 
 
 def rss() -> Dict[str, int]:
@@ -198,14 +204,17 @@ def childMemory(args: argparse.Namespace) -> Dict[str, Any]:
     del cacheFile
     afterLocal = measure()
     index = module.ClusterIndex()
-    own: Dict[str, bytes] = {}
-    module.packEntries(local.entries.values(), own)
+    if hasattr(module, "packFiles"):
+        own, refused = module.packFiles(local.entries.values())
+    else:
+        own = {}
+        module.packEntries(local.entries.values(), own)
     index.replaceNode(1, "127.0.0.1:9001", own)
     del own
     for k, count in enumerate(sizes[1:], 2):
         # The member's frames are freed once read, as a gatherer's are.
         frames = memberFrames(k, count, args.shared)
-        files = pulled(frames)
+        files = pulled(frames, module)
         del frames
         index.replaceNode(k, f"127.0.0.1:{9000 + k}", files)
         del files

@@ -33,7 +33,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
-from p2pfiles.index import ClusterIndex, Files, packEntries
+from p2pfiles.index import ClusterIndex, Compactor, Files, packFiles
+from p2pfiles.packed import PackedFiles
 from p2pfiles.indexstream import Pulled, pullIndex
 from p2pfiles.names import nameProblem
 from p2pfiles.peerlog import LogContent, LogWriter
@@ -167,6 +168,7 @@ class IndexKeeper:
         # Own changes waiting for the scan's list to be packed.
         self._ownPacking: Optional[List[Tuple[List[FileEntry], List[str]]]] = None
         self._writtenVersion = -1
+        self._compactor = Compactor(self.index, runInThread)
         # Fired once the copies kept across a restart are loaded; until
         # then nobody is asked anything (the answer would be everything).
         self._loaded = Once()
@@ -308,7 +310,7 @@ class IndexKeeper:
         C{listed}: C{entries} is the scan's list, packed.
         """
         if self._ownProvisional is not None:
-            self.index.replaceNode(self.me, self.address, dict(self._ownProvisional))
+            self.index.replaceNode(self.me, self.address, self._ownProvisional)
             return
         if not listed and self._ownCurrent and self.index.hasNode(self.me):
             return
@@ -359,12 +361,12 @@ class IndexKeeper:
             for changed, removed in pending or []:
                 self.ownChanges(changed, removed)
 
-        return self.runInThread(_packed, entries).addCallback(packed)
+        return self.runInThread(packFiles, entries).addCallback(lambda result: packed(result[0]))
 
     def _listed(self, files: Optional[Files]) -> None:
         self._ownListed = True
         if self.gathering:
-            self._own(files if files is not None else {}, listed=files is not None)
+            self._own(files if files is not None else PackedFiles.empty(), listed=files is not None)
         else:
             self._ownCurrent = False
         if self._holding:
@@ -504,8 +506,7 @@ class IndexKeeper:
             entries = self._acceptable(member, changes.entries)
             if kept is not None:
                 # The copy was of the very change the member answers from.
-                # A copy: the index changes its maps in place.
-                self.index.replaceNode(member, view.address, dict(kept))
+                self.index.replaceNode(member, view.address, kept)
             self.index.applyChanges(member, view.address, entries, changes.removed)
         view.incarnation = changes.incarnation
         view.seq = changes.seq
@@ -559,6 +560,7 @@ class IndexKeeper:
     # The log.
 
     def _changed(self) -> None:
+        self._compactor.start()
         if self.epoch is None or self._holding or self.index.version == self._writtenVersion:
             return
         self._writtenVersion = self.index.version
@@ -658,13 +660,6 @@ class IndexKeeper:
         for view in list(self.views.values()):
             if view.pulling is not None:
                 view.pulling.cancel()
-
-
-def _packed(entries: List[FileEntry]) -> Files:
-    # In a thread: the name -> record map of entries (see packEntries).
-    files: Files = {}
-    packEntries(entries, files)
-    return files
 
 
 def _loadView(path: FilePath, me: int) -> Optional[List[KeptMember]]:

@@ -7,10 +7,12 @@ C{p2pfiles ls}.  L{logChunks} makes the content of C{peer_files.log}, a
 line-based file that other tools read, from a snapshot of it, and
 L{parseLog} reads it back; L{p2pfiles.peerlog} writes it to disk.
 
-A file costs a name and a 48-byte packed record (size, mtime, SHA-256);
+A file costs about 75 bytes: its name in UTF-8 and a 48-byte record (size,
+mtime, SHA-256) in the packed buffers of its node's L{PackedFiles};
 L{FileEntry} objects are made only when asked for.  A node's map is never
-changed once a snapshot has seen it, so a snapshot costs one small copy per
-node and can be read in another thread while the index goes on changing.
+changed, only replaced by one made from it, so a snapshot costs one small
+copy per node and can be read in another thread while the index goes on
+changing.
 
 This is a decision/data module: it knows nothing of protocols, transports or
 the reactor.  Time and threads are handed in by the node service.
@@ -23,10 +25,11 @@ from datetime import datetime, timezone
 from itertools import chain, islice, repeat
 import json
 from json.encoder import encode_basestring
-from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
 from twisted.logger import Logger
 
+from p2pfiles.packed import RECORD_SIZE, PackedBuilder, PackedFiles, packItems
 from p2pfiles.wire import FileEntry
 
 LOG_FORMAT_VERSION = 1
@@ -38,10 +41,11 @@ Holder = Tuple[int, str, FileEntry]
 
 # One file's record, 48 bytes: size (int64), mtime (float64), raw SHA-256.
 _RECORD = struct.Struct("<qd32s")
+assert _RECORD.size == RECORD_SIZE
 _DIGEST = slice(16, 48)
 
 # One node's name -> record map.
-Files = Dict[str, bytes]
+Files = PackedFiles
 
 
 def packEntry(entry: FileEntry) -> bytes:
@@ -66,19 +70,32 @@ def unpackEntry(name: str, record: bytes) -> FileEntry:
     return FileEntry(name, size, mtime, digest.hex())
 
 
-def packEntries(entries: Iterable[FileEntry], into: Files) -> int:
+def packEntries(entries: Iterable[FileEntry], into: Union[PackedBuilder, Dict[str, bytes]]) -> int:
     """
-    Add every entry's record to C{into} (name -> record, keyed by the
-    entry's own name object; a later entry of a name wins).  Returns how
-    many entries no record can hold (see L{packEntry}), left out.
+    Add every entry's record to C{into} (a L{PackedBuilder}, or a dict keyed
+    by the entry's own name object; a later entry of a name wins).  Returns
+    how many entries no record can hold (see L{packEntry}), left out.
     """
+    add = into.add if isinstance(into, PackedBuilder) else into.__setitem__
     refused = 0
     for entry in entries:
         try:
-            into[entry.name] = packEntry(entry)
+            record = packEntry(entry)
         except ValueError:
             refused += 1
+        else:
+            add(entry.name, record)
     return refused
+
+
+def packFiles(entries: Iterable[FileEntry]) -> Tuple[PackedFiles, int]:
+    """
+    The L{PackedFiles} of C{entries} (best in name order), and how many no
+    record can hold (left out).  O(entries): in a thread for many.
+    """
+    builder = PackedBuilder()
+    refused = packEntries(entries, builder)
+    return builder.build(), refused
 
 
 class IndexView:
@@ -105,9 +122,10 @@ class IndexView:
     def address(self, node: int) -> str:
         return self._addresses[node]
 
-    def nodeFiles(self, node: int) -> Mapping[str, bytes]:
+    def nodeFiles(self, node: int) -> PackedFiles:
         """
-        The name -> record map of C{node} (see L{unpackEntry}), to read only.
+        The name -> record map of C{node} (see L{unpackEntry}); it never
+        changes, so any thread may read it.
         """
         return self._files[node]
 
@@ -150,7 +168,7 @@ class IndexView:
         """
         Every C{(node, address, entry)}, sorted by name then node.
         """
-        return [(node, self._addresses[node], unpackEntry(name, self._files[node][name])) for name, node in sortedKeys(self)]
+        return [(node, self._addresses[node], unpackEntry(name, record)) for name, node, record in sortedItems(self)]
 
 
 class IndexSnapshot(IndexView):
@@ -164,45 +182,44 @@ class ClusterIndex(IndexView):
     """
     Every live node's shared files, as the leader knows them.
 
-    Entries are kept per node, as name -> record maps, so that a node
-    leaving costs only its own files; a name is one C{str}, the key in its
-    node's map.  Who holds a file is found by asking each node's map (a few
-    dict lookups: nodes are few), not from a name -> holders map beside
-    them, which would cost another dict slot per entry (about 40 bytes at
-    a million entries) to save microseconds.  C{version} changes whenever
-    the content does, so a writer can tell whether the log needs
-    rewriting.  A node's map is changed in place only while no snapshot has
-    seen it; after L{snapshot}, the next change to it copies it first
-    (O(that node's files), never O(the cluster)).
+    Entries are kept per node, as L{PackedFiles} maps, so that a node
+    leaving costs only its own files.  Who holds a file is found by asking
+    each node's map (a binary search in each: nodes are few), not from a
+    name -> holders map beside them, which would cost more than the packed
+    entry itself.  C{version} changes whenever the content does, so a
+    writer can tell whether the log needs rewriting.  A change replaces the
+    node's map with one made from it (see L{PackedFiles.changed}): O(the
+    changes kept beside its packed buffers), never O(its files); when those
+    grow, L{compactable} names the node and L{compacted} takes the result
+    of packing them in, made in a thread.
     """
 
     log = Logger()
 
     def __init__(self) -> None:
         super().__init__({}, {}, 0)
-        # Nodes whose current map no snapshot has seen: changed in place.
-        self._owned: set = set()
 
-    def replaceNode(self, node: int, address: str, entries: Union[Files, Iterable[FileEntry]]) -> None:
+    def replaceNode(self, node: int, address: str, entries: Union[Files, Mapping[str, bytes], Iterable[FileEntry]]) -> None:
         """
         Set the full index of C{node}, as gathered from it.  A node with no
         files is still recorded as present.
 
-        C{entries} is either L{FileEntry} objects or an already built
-        name -> record map (see L{packEntries}), which the index then takes
-        over: the caller must not change it afterwards.
+        C{entries} is either L{FileEntry} objects or a name -> record map
+        (see L{packEntry}), best an already built L{PackedFiles}, which the
+        index then holds as it is.
         """
-        if isinstance(entries, dict):
+        if isinstance(entries, PackedFiles):
             files = entries
+        elif isinstance(entries, Mapping):
+            files = packItems(sorted(entries.items()))
         else:
-            files = {}
-            self._refused(node, packEntries(entries, files))
+            files, refused = packFiles(entries)
+            self._refused(node, refused)
         old = self._files.get(node)
-        if old is not None and old == files and self._addresses[node] == address:
+        if old is not None and (old is files or old == files) and self._addresses[node] == address:
             return
         self._files[node] = files
         self._addresses[node] = address
-        self._owned.add(node)
         self.version += 1
 
     def applyChanges(self, node: int, address: str, changed: Iterable[FileEntry], removed: Iterable[str]) -> None:
@@ -211,29 +228,38 @@ class ClusterIndex(IndexView):
         any of the same name, C{removed} names go.  Removing a name the node
         does not have is not an error: updates may cross a full gather.
         """
-        records: Files = {}
+        records: Dict[str, bytes] = {}
         self._refused(node, packEntries(changed, records))
-        removed = list(removed)
         current = self._files.get(node)
         if current is None:
-            files: Files = {}
-        else:
-            records = {name: r for name, r in records.items() if current.get(name) != r}
-            if records or any(name in current for name in removed):
-                # Copy-on-write: a snapshot may be reading this map.
-                files = current if node in self._owned else current.copy()
-            elif self._addresses[node] != address:
-                files = current
-            else:
-                return
-        files.update(records)
-        for name in removed:
-            files.pop(name, None)
-        if files is not current:
-            self._files[node] = files
-            self._owned.add(node)
+            current = PackedFiles.empty()
+        files = current.changed(records, removed)
+        if files is current and node in self._files and self._addresses[node] == address:
+            return
+        self._files[node] = files
         self._addresses[node] = address
         self.version += 1
+
+    def compactable(self) -> List[int]:
+        """
+        The nodes whose maps hold enough changes beside their packed
+        buffers that packing them in pays (see L{compacted}).
+        """
+        return [node for node, files in sorted(self._files.items()) if files.wantsCompacting()]
+
+    def compacted(self, node: int, older: PackedFiles, packed: PackedFiles) -> None:
+        """
+        C{packed} is C{older.compacted()}, made in a thread: take it for
+        C{node}, with any changes made since C{older} carried over, if the
+        node's map still comes from C{older}.  The content is the same, so
+        the version does not change.
+        """
+        current = self._files.get(node)
+        if current is None:
+            return
+        rebased = current.rebased(older, packed)
+        if rebased is not None:
+            self._files[node] = rebased
 
     def removeNode(self, node: int) -> None:
         """
@@ -241,7 +267,6 @@ class ClusterIndex(IndexView):
         """
         if self._files.pop(node, None) is not None:
             del self._addresses[node]
-            self._owned.discard(node)
             self.version += 1
 
     def clear(self) -> None:
@@ -249,7 +274,7 @@ class ClusterIndex(IndexView):
         Forget everything, e.g. when this node stops leading.
         """
         if self._files:
-            self._files, self._addresses, self._owned = {}, {}, set()
+            self._files, self._addresses = {}, {}
             self.version += 1
 
     def snapshot(self) -> IndexSnapshot:
@@ -257,7 +282,6 @@ class ClusterIndex(IndexView):
         The index as it is now, which later changes do not touch: O(number
         of nodes) to take on the reactor thread, safe to read in another.
         """
-        self._owned.clear()
         return IndexSnapshot(dict(self._files), dict(self._addresses), self.version)
 
     def _refused(self, node: int, count: int) -> None:
@@ -265,34 +289,65 @@ class ClusterIndex(IndexView):
             self.log.warn("ignored {count} entries from node {node} that the index cannot hold", count=count, node=node)
 
 
-# Names are sorted in runs of at most this many, merged lazily: one sort of
-# a million names holds the interpreter lock for seconds, a run of this
-# size for a few tens of milliseconds, so a thread sorting a large index
-# leaves the reactor thread its turns.
-SORT_RUN = 16384
+class Compactor:
+    """
+    Packs in the changes that the maps of a L{ClusterIndex} keep beside
+    their packed buffers, once they are many (see L{ClusterIndex.compactable}):
+    one node at a time, each in a thread (C{runInThread(f)} returns a
+    Deferred).  The node keeping the index calls L{start} at every change.
+    """
+
+    log = Logger()
+
+    def __init__(self, index: ClusterIndex, runInThread: Callable[..., Any]) -> None:
+        self.index = index
+        self.runInThread = runInThread
+        self.running = False
+
+    def start(self) -> None:
+        """
+        Compact the first node that needs it, unless a compaction runs.
+        """
+        nodes = self.index.compactable()
+        if self.running or not nodes:
+            return
+        self.running = True
+        node = nodes[0]
+        older = self.index.nodeFiles(node)
+
+        def compacted(packed: PackedFiles) -> None:
+            self.running = False
+            self.index.compacted(node, older, packed)
+            self.start()
+
+        def failed(reason: Any) -> None:
+            # Tried again at the next change, not at once.
+            self.running = False
+            self.log.failure("cannot compact node {node}'s files", reason, node=node)
+
+        self.runInThread(older.compacted).addCallbacks(compacted, failed)
 
 
-def sortedKeys(view: IndexView) -> Iterator[Tuple[str, int]]:
+def sortedItems(view: IndexView) -> Iterator[Tuple[str, int, bytes]]:
     """
-    Every C{(name, node)} of C{view}, sorted by name then node.
+    Every C{(name, node, record)} of C{view}, sorted by name then node: the
+    nodes' maps, each in name order already, merged as consumed.
     """
-    runs = []
-    for node in view.nodes():
-        names = list(view.nodeFiles(node))
-        for start in range(0, len(names), SORT_RUN):
-            run = names[start : start + SORT_RUN]
-            run.sort()
-            runs.append(zip(run, repeat(node)))
+    runs = [_tagged(node, view.nodeFiles(node)) for node in view.nodes()]
     if len(runs) == 1:
         return runs[0]
     return heapq.merge(*runs)
 
 
+def _tagged(node: int, files: PackedFiles) -> Iterator[Tuple[str, int, bytes]]:
+    for name, record in files.items():
+        yield name, node, record
+
+
 def _listingRows(snapshot: IndexView) -> Iterator[dict]:
-    maps = {node: snapshot.nodeFiles(node) for node in snapshot.nodes()}
     last: Optional[str] = None
     held: List[Tuple[bytes, int]] = []  # (record, node) for the name "last"
-    for name, node in chain(sortedKeys(snapshot), [(None, None)]):
+    for name, node, itsRecord in chain(sortedItems(snapshot), [(None, None, None)]):
         if name != last:
             if len(held) == 1:  # the usual case: one holder, one row
                 record, only = held[0]
@@ -306,7 +361,7 @@ def _listingRows(snapshot: IndexView) -> Iterator[dict]:
                     yield {"name": last, "size": groups[digest][0], "sha256": digest.hex(), "holders": groups[digest][1]}
             last, held = name, []
         if name is not None:
-            held.append((maps[node][name], node))
+            held.append((itsRecord, node))
 
 
 def listingChunks(snapshot: IndexView, rowsPerChunk: int = 500) -> Iterator[List[dict]]:
@@ -372,12 +427,10 @@ def formatLine(prefix: str, name: str, record: bytes) -> str:
 
 def _keyedLines(view: IndexView) -> Iterator[Tuple[Tuple[str, int], str]]:
     # Every data line of view with its (name, node), sorted by both.
-    maps = {node: view.nodeFiles(node) for node in view.nodes()}
-    prefixes = {node: linePrefix(node, view.address(node)) for node in maps}
+    prefixes = {node: linePrefix(node, view.address(node)) for node in view.nodes()}
     line = formatLine
-    for key in sortedKeys(view):
-        name, node = key
-        yield key, line(prefixes[node], name, maps[node][name])
+    for name, node, record in sortedItems(view):
+        yield (name, node), line(prefixes[node], name, record)
 
 
 def _logLines(view: IndexView) -> Iterator[str]:

@@ -20,6 +20,7 @@ from zope.interface import implementer
 from p2pfiles.client import bounded
 from p2pfiles.errors import P2PError
 from p2pfiles.index import packEntry
+from p2pfiles.packed import PackedBuilder, PackedFiles
 from p2pfiles.localindex import Changes
 from p2pfiles.names import nameProblem
 from p2pfiles.wire import FileEntry, Message, deltaFrames
@@ -75,7 +76,7 @@ class Pulled(NamedTuple):
     @ivar full: the answer is the member's whole list, in C{files}, which
         replaces what the asker held; otherwise it is the changes, in
         C{entries} and C{removed}.
-    @ivar files: when C{full}, name -> record (see
+    @ivar files: when C{full}, the packed name -> record map (see
         L{p2pfiles.index.packEntry}) of each acceptable entry, built frame
         by frame as the answer came in.
     @ivar refused: entries of a full answer left out of C{files}: names no
@@ -87,7 +88,7 @@ class Pulled(NamedTuple):
     full: bool
     entries: List[FileEntry]
     removed: List[str]
-    files: Dict[str, bytes]
+    files: PackedFiles
     refused: int
 
 
@@ -113,7 +114,7 @@ async def pullIndex(
     connection.send(Message("index-since", incarnation=incarnation, since=since))
     entries: List[FileEntry] = []
     removed: List[str] = []
-    files: Dict[str, bytes] = {}
+    files = PackedBuilder()
     count = refused = 0
     first: Optional[Message] = None
     while True:
@@ -131,7 +132,7 @@ async def pullIndex(
             for entry in frame.entries:
                 if nameProblem(entry.name) is None:
                     try:
-                        files[entry.name] = packEntry(entry)
+                        files.add(entry.name, packEntry(entry))
                         continue
                     except ValueError:
                         pass
@@ -140,4 +141,4 @@ async def pullIndex(
             entries.extend(frame.entries)
         removed.extend(frame.removed)
         if frame.last:
-            return Pulled(first.incarnation, first.seq, first.full, entries, removed, files, refused)
+            return Pulled(first.incarnation, first.seq, first.full, entries, removed, files.build(), refused)

@@ -23,8 +23,9 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
 from p2pfiles.atomic import atomicWrite, fsyncDirectory
+from p2pfiles.index import LINES_PER_WRITE, IndexView, formatLine, headerOf, linePrefix, logChunks, sortedItems
+from p2pfiles.packed import differences
 from p2pfiles.runtime import trimAllocator
-from p2pfiles.index import LINES_PER_WRITE, IndexView, formatLine, headerOf, linePrefix, logChunks, sortedKeys
 from p2pfiles.waiting import Waiters
 
 __all__ = ["LogCache", "LogContent", "LogWriter", "writeLog"]
@@ -239,36 +240,25 @@ class LogCache:
             if address != oldAddress and old and new:
                 return None  # every line of the node changes
             prefix = linePrefix(node, address)
-            added = 0
-            for name, record in new.items():
-                if old.get(name) != record:
-                    dirty[(name, node)] = formatLine(prefix, name, record)
-                    if name not in old:
-                        added += 1
-                    if len(dirty) > limit:
-                        return None
-            if len(new) - added != len(old):
-                for name in old:
-                    if name not in new:
-                        dirty[(name, node)] = None
-                        if len(dirty) > limit:
-                            return None
+            for name, record in differences(old, new):
+                dirty[(name, node)] = None if record is None else formatLine(prefix, name, record)
+                if len(dirty) > limit:
+                    return None
         return dirty
 
     def _writeAll(self, fd: int, view: IndexView, start: int) -> List[Tuple[Key, int, int]]:
         pieces = []
-        maps = {node: view.nodeFiles(node) for node in view.nodes()}
-        prefixes = {node: linePrefix(node, view.address(node)) for node in maps}
-        keys = sortedKeys(view)
+        prefixes = {node: linePrefix(node, view.address(node)) for node in view.nodes()}
+        items = sortedItems(view)
         line = formatLine
         position = start
         while True:
-            batch = list(islice(keys, LINES_PER_WRITE))
+            batch = list(islice(items, LINES_PER_WRITE))
             if not batch:
                 break
-            data = "".join([line(prefixes[node], name, maps[node][name]) for name, node in batch]).encode("utf-8")
+            data = "".join([line(prefixes[node], name, record) for name, node, record in batch]).encode("utf-8")
             _writeAll(fd, data)
-            pieces.append((batch[-1], position, position + len(data)))
+            pieces.append((batch[-1][:2], position, position + len(data)))
             position += len(data)
             self.made += len(batch)
         return pieces

@@ -29,18 +29,17 @@ import json
 import os
 import struct
 from itertools import islice
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, List, NamedTuple, Optional, Tuple
 
 from twisted.python.filepath import FilePath
 
 from p2pfiles.atomic import fsyncDirectory
+from p2pfiles.packed import RECORD_SIZE, PackedBuilder, PackedFiles
 
 MAGIC = b"p2pfiles keeper view 1\n"
 
 # Files per piece: about 300 KB, a few milliseconds to build or parse.
 PIECE = 4096
-
-RECORD_SIZE = 48
 
 # The longest header line read: a member costs about 150 bytes of it.
 MAX_HEADER = 1 << 20
@@ -66,7 +65,7 @@ class KeptMember(NamedTuple):
     address: str
     incarnation: str
     seq: int
-    files: Dict[str, bytes]
+    files: PackedFiles
 
 
 def writeView(path: FilePath, me: int, members: List[KeptMember]) -> None:
@@ -161,7 +160,7 @@ def loadView(path: FilePath, me: int) -> Optional[List[KeptMember]]:
         members = _header(reader.line(), me)
         kept = []
         for member, address, incarnation, seq, count in members:
-            files: Dict[str, bytes] = {}
+            files = PackedBuilder()
             left = count
             while left:
                 n = min(left, PIECE)
@@ -173,11 +172,13 @@ def loadView(path: FilePath, me: int) -> Optional[List[KeptMember]]:
                 if len(names) != n:
                     raise ViewError("a piece holds the wrong number of names")
                 records = reader.read(n * RECORD_SIZE)
-                files.update(zip(names, [records[i : i + RECORD_SIZE] for i in range(0, len(records), RECORD_SIZE)]))
+                for at, name in enumerate(names):
+                    files.add(name, records[at * RECORD_SIZE : (at + 1) * RECORD_SIZE])
                 left -= n
-            if len(files) != count:
+            packed = files.build()
+            if len(packed) != count:
                 raise ViewError("a member's names repeat")
-            kept.append(KeptMember(member, address, incarnation, seq, files))
+            kept.append(KeptMember(member, address, incarnation, seq, packed))
         expected = reader.digest.digest()
         if f.read(len(expected) + 1) != expected:
             raise ViewError("the digest does not match")

@@ -703,7 +703,7 @@ class OwnPackingTests(SynchronousTestCase):
         keeper.ownChanges([entry("c")], ["a"])
         self.assertEqual(dict(keeper.index.nodeFiles(ME)), {})
         [(f, args, d)] = calls
-        self.assertEqual(f.__name__, "_packed")
+        self.assertEqual(f.__name__, "packFiles")
         d.callback(f(*args))
         self.successResultOf(listed)
         self.assertEqual(sorted(keeper.index.nodeFiles(ME)), ["b", "c"])

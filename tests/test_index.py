@@ -18,21 +18,24 @@ from twisted.logger import LogLevel, capturedLogs
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2pfiles import atomic, index as indexModule
+from p2pfiles import atomic
 from p2pfiles import peerlog
 from p2pfiles.index import (
     LOG_KEYS,
     ClusterIndex,
+    Compactor,
     IndexSnapshot,
     listingChunks,
     listingOf,
     logChunks,
     packEntries,
     packEntry,
+    packFiles,
     parseLog,
     renderLog,
     unpackEntry,
 )
+from p2pfiles.packed import COMPACT_MIN
 from p2pfiles.peerlog import LogCache, LogContent, LogWriter, writeLog
 from p2pfiles.wire import FileEntry
 
@@ -710,18 +713,20 @@ class CompactIndexTests(SynchronousTestCase):
 
     def test_replaceNodeWithPackedMap(self) -> None:
         """
-        C{replaceNode} takes an already built name -> record map as it is:
-        that map becomes the node's, and holders and entries read from it.
+        C{replaceNode} takes an already built L{PackedFiles} as it is: that
+        map becomes the node's, and holders and entries read from it.  An
+        equal map, or a dict of the same records, changes nothing.
         """
-        files = {}
-        packEntries([entry("a"), entry("b", "c")], files)
+        files, refused = packFiles([entry("a"), entry("b", "c")])
+        self.assertEqual(refused, 0)
         index = ClusterIndex()
         index.replaceNode(4, "h:4", files)
         self.assertIs(index.nodeFiles(4), files)
         self.assertEqual(index.holders("b"), [(4, "h:4", entry("b", "c"))])
         self.assertEqual(index.fileCount(), 2)
         version = index.version
-        index.replaceNode(4, "h:4", dict(files))
+        index.replaceNode(4, "h:4", packFiles([entry("a"), entry("b", "c")])[0])
+        index.replaceNode(4, "h:4", dict(files.items()))
         self.assertEqual(index.version, version)
 
     def test_holdersManyNodes(self) -> None:
@@ -741,15 +746,81 @@ class CompactIndexTests(SynchronousTestCase):
         index.removeNode(2)
         self.assertEqual(index.holders("x"), [])
 
-    def test_nameObjectShared(self) -> None:
+    def test_fullListsArePacked(self) -> None:
         """
-        A node's map is keyed by the name objects of the entries it was
-        built from: the index keeps no second copy of a name.
+        A node's full list, in name order as nodes send it, is held packed:
+        no change is kept beside the packed buffers.  Out of order, it
+        reads the same.
         """
-        name = "".join(["IMG_", "0001.jpg"])
         index = ClusterIndex()
-        index.replaceNode(1, "h:1", [FileEntry(name, 1, 1.0, sha("a"))])
-        self.assertIs(next(iter(index.nodeFiles(1))), name)
+        index.replaceNode(1, "h:1", [entry("a"), entry("b"), entry("c")])
+        self.assertEqual(index.nodeFiles(1).changeCount, 0)
+        index.replaceNode(2, "h:2", [entry("b"), entry("a"), entry("c")])
+        self.assertEqual(list(index.nodeFiles(2).items()), list(index.nodeFiles(1).items()))
+
+    def test_compacted(self) -> None:
+        """
+        A node whose map keeps many changes beside its packed buffers is
+        named by C{compactable}; the compacted map, taken after more
+        changes, keeps those changes, packs the rest, and leaves the
+        version alone.
+        """
+        index = ClusterIndex()
+        index.replaceNode(1, "h:1", [entry("a")])
+        index.replaceNode(2, "h:2", [entry("b")])
+        index.applyChanges(1, "h:1", [entry(f"n{i:05d}") for i in range(COMPACT_MIN)], [])
+        self.assertEqual(index.compactable(), [1])
+        older = index.nodeFiles(1)
+        packed = older.compacted()
+        index.applyChanges(1, "h:1", [entry("late")], ["a"])
+        version = index.version
+        index.compacted(1, older, packed)
+        self.assertEqual(index.version, version)
+        self.assertEqual(index.compactable(), [])
+        self.assertEqual(index.nodeFiles(1).changeCount, 2)
+        self.assertEqual(len(index.nodeFiles(1)), COMPACT_MIN + 1)
+        self.assertEqual([h[0] for h in index.holders("late")], [1])
+        self.assertEqual(index.holders("a"), [])
+        index.compacted(1, older, packed)
+        self.assertEqual(len(index.nodeFiles(1)), COMPACT_MIN + 1, "taken once only")
+        index.removeNode(1)
+        index.compacted(1, older, packed)
+        self.assertFalse(index.hasNode(1))
+
+    def test_compactor(self) -> None:
+        """
+        L{Compactor} packs in one node at a time, each in a thread, while
+        nodes ask for it; a failure is logged and tried again at the next
+        start (the next change), not at once.
+        """
+        index = ClusterIndex()
+        calls: list = []
+
+        def runInThread(f, *args):
+            d = defer.Deferred()
+            calls.append((f, d))
+            return d
+
+        compactor = Compactor(index, runInThread)
+        compactor.start()
+        self.assertEqual(calls, [])
+        for node in (1, 2, 3):
+            index.applyChanges(node, f"h:{node}", [entry(f"n{i:05d}") for i in range(COMPACT_MIN)], [])
+        compactor.start()
+        compactor.start()
+        self.assertEqual(len(calls), 1, "one at a time")
+        f, d = calls.pop()
+        with capturedLogs() as events:
+            d.errback(RuntimeError("no memory"))
+        self.assertEqual([e["node"] for e in events if e.get("log_failure")], [1])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual((calls, compactor.running), ([], False))
+        compactor.start()
+        for expected in ([1, 2, 3], [2, 3], [3]):
+            self.assertEqual(index.compactable(), expected)
+            f, d = calls.pop()
+            d.callback(f())
+        self.assertEqual((index.compactable(), calls, compactor.running), ([], [], False))
 
     def test_content(self) -> None:
         """
@@ -765,12 +836,11 @@ class CompactIndexTests(SynchronousTestCase):
         self.assertEqual(index.content("x", sha("b")), (entry("x", "b"), [(3, "h:3")]))
         self.assertIsNone(index.content("y"))
 
-    def test_entriesAcrossSortRuns(self) -> None:
+    def test_entriesMergedInOrder(self) -> None:
         """
-        Names sorted in many short runs and merged still come out sorted by
+        The nodes' maps, each in name order, merge into entries sorted by
         name then node.
         """
-        self.patch(indexModule, "SORT_RUN", 2)
         model = buildModel()
         index = indexOf(model)
         expected = sorted((e.name, node) for node, (_, entries) in model.items() for e in entries)
@@ -893,20 +963,23 @@ class CopyOnWriteTests(SynchronousTestCase):
         self.assertEqual(renderLog(snapshot, 1, 1, 0.0), before)
         self.assertEqual(snapshot.nodes(), [1, 2])
 
-    def test_copiedOncePerSnapshot(self) -> None:
+    def test_changesAreNotCopies(self) -> None:
         """
-        The first change to a node after a snapshot copies that node's map
-        only; later changes before the next snapshot change the copy in
-        place.
+        A change to a node after a snapshot makes a new map from the old
+        one, sharing its packed buffers: the snapshot's map is untouched,
+        the other nodes' maps are the very same.
         """
         snapshot = self.index.snapshot()
         self.index.applyChanges(1, "h:1", [entry("z")], [])
-        copied = self.index.nodeFiles(1)
-        self.assertIsNot(copied, snapshot.nodeFiles(1))
+        changed = self.index.nodeFiles(1)
+        self.assertIsNot(changed, snapshot.nodeFiles(1))
         self.assertIs(self.index.nodeFiles(2), snapshot.nodeFiles(2))
         self.index.applyChanges(1, "h:1", [entry("y")], ["a"])
-        self.assertIs(self.index.nodeFiles(1), copied)
-        self.assertEqual(sorted(copied), ["b", "y", "z"])
+        self.assertEqual(sorted(self.index.nodeFiles(1)), ["b", "y", "z"])
+        self.assertEqual(self.index.nodeFiles(1).differences(snapshot.nodeFiles(1)), {
+            "a": None, "y": packEntry(entry("y")), "z": packEntry(entry("z"))
+        })
+        self.assertEqual(sorted(snapshot.nodeFiles(1)), ["a", "b"])
 
     def test_addressChangeKeepsSharing(self) -> None:
         """

@@ -57,6 +57,9 @@ MAX_METHODS_ALLOWED = {"P2PProtocol": 36}
 PRIVATE_ALLOWED = {
     # FileEntry.__eq__ compares with another FileEntry's key.
     ("wire.py", "other._key"),
+    # PackedFiles compares with, and tells what it shares with, another.
+    ("packed.py", "other._layout"),
+    ("packed.py", "older._layout"),
     # Not an attribute of another object: os._exit is the documented way to
     # end a process with a status once twistd, which has none, is done.
     ("tap.py", "os._exit"),
@@ -230,12 +233,14 @@ class ImportTests(SynchronousTestCase):
         """
         The decision objects (election, index, name checks) import at most
         the codec, the error type and the waiting helper; the index also
-        writes its log with C{atomic}, itself a leaf.
+        writes its log with C{atomic} and packs its maps with C{packed},
+        both leaves.
         """
         allowed = {"wire", "errors", "waiting"}
         self.assertLessEqual(self.imports["election"], allowed)
         self.assertLessEqual(self.imports["names"], allowed)
-        self.assertLessEqual(self.imports["index"], allowed | {"atomic"})
+        self.assertLessEqual(self.imports["index"], allowed | {"atomic", "packed"})
+        self.assertEqual(self.imports["packed"], set())
 
     def test_onlyTapImportsNode(self) -> None:
         """
