@@ -46,6 +46,10 @@ from p2pfiles.wire import FileEntry
 # How long a member may take between two frames of its index.
 GATHER_TIMEOUT = 10.0
 
+# Own lists up to this long are packed on the reactor (a few ms); longer
+# ones in a thread.
+PACK_HERE = 2000
+
 # How long a new leader holds back its first peer_files.log while the gather
 # is under way, once its own files are listed: a complete first log soon
 # beats a partial one at once, the more so for a large log, where a partial
@@ -314,10 +318,29 @@ class IndexKeeper:
             return
         if not listed and self._ownCurrent and self.index.hasNode(self.me):
             return
-        self.index.replaceNode(self.me, self.address, entries)
-        # The index follows this node's files from the scan's list on, while
-        # gathering (see ownChanges).
-        self._ownCurrent = self._ownListed
+        if not isinstance(entries, PackedFiles) and len(entries) <= PACK_HERE:
+            entries = packFiles(entries)[0]
+        if isinstance(entries, PackedFiles):
+            self.index.replaceNode(self.me, self.address, entries)
+            # The index follows this node's files from the scan's list on,
+            # while gathering (see ownChanges).
+            self._ownCurrent = self._ownListed
+        elif self._ownPacking is None:
+            # Packed in a thread, as the scan's list is (see ownListed); own
+            # changes and the log wait for them meanwhile.
+            queue: List[Tuple[List[FileEntry], List[str]]] = []
+            self._ownPacking = queue
+
+            def packed(files: Files) -> None:
+                if self._ownPacking is queue:  # else the scan's list is on its way
+                    self._ownPacking = None
+                    if self.gathering:
+                        self._own(files)
+                    for changed, removed in queue:
+                        self.ownChanges(changed, removed)
+                    self._changed()
+
+            self.runInThread(packFiles, entries).addCallback(lambda result: packed(result[0]))
 
     def ownVouched(self, numbers: Optional[Tuple[str, int]]) -> Deferred:
         """
@@ -561,7 +584,7 @@ class IndexKeeper:
 
     def _changed(self) -> None:
         self._compactor.start()
-        if self.epoch is None or self._holding or self.index.version == self._writtenVersion:
+        if self.epoch is None or self._holding or self._ownPacking is not None or self.index.version == self._writtenVersion:
             return
         self._writtenVersion = self.index.version
         epoch, index = self.epoch, self.index

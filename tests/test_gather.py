@@ -17,6 +17,7 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2pfiles.errors import P2PError
+from p2pfiles import gather
 from p2pfiles.gather import FIRST_WRITE_HOLD, GATHER_TIMEOUT, IndexKeeper
 from p2pfiles.index import parseLog
 from p2pfiles.wire import FileEntry, Message, decode, encode
@@ -709,3 +710,48 @@ class OwnPackingTests(SynchronousTestCase):
         self.assertEqual(sorted(keeper.index.nodeFiles(ME)), ["b", "c"])
         keeper.lead(2, [entry("stale")], {})
         self.assertEqual(sorted(keeper.index.nodeFiles(ME)), ["b", "c"], "current: not replaced")
+
+    def test_longOwnListPackedInAThread(self) -> None:
+        """
+        A long own list handed to C{lead} (or C{standBy}) is packed in a
+        thread too: own changes wait for it and the log is not written
+        without it; if the scan's list comes meanwhile, that one wins.
+        """
+        self.patch(gather, "PACK_HERE", 1)
+        calls: list = []
+
+        def runInThread(f, *args):
+            d = defer.Deferred()
+            calls.append((f, args, d))
+            return d
+
+        state = FilePath(self.mktemp())
+        state.makedirs()
+        log = state.child("peer_files.log")
+        clock = Clock()
+        keeper = IndexKeeper(ME, MY_ADDRESS, log, clock, runInThread, Network().open)
+        keeper.lead(1, [entry("a"), entry("b")], {})
+        keeper.ownChanges([entry("c")], ["a"])
+        clock.advance(10)
+        self.assertFalse(keeper.index.hasNode(ME))
+        self.assertEqual([f.__name__ for f, args, d in calls], ["packFiles"])
+        f, args, d = calls.pop()
+        d.callback(f(*args))
+        self.assertEqual(sorted(keeper.index.nodeFiles(ME)), ["b", "c"])
+        self.assertTrue(all(f.__name__ != "packFiles" for f, args, d in calls))
+        keeper.resign()
+
+        # Superseded: the scan's list arrives while the lead's is packed.
+        calls.clear()
+        other = IndexKeeper(ME, MY_ADDRESS, log, clock, runInThread, Network().open)
+        other.awaitOwnFiles()
+        other.standBy([entry("old1"), entry("old2")], {})
+        listed = other.ownListed([entry("new")])
+        packing = [(f, args, d) for f, args, d in calls if f.__name__ == "packFiles"]
+        self.assertEqual(len(packing), 2)
+        (f2, args2, d2) = packing[1]
+        d2.callback(f2(*args2))
+        self.successResultOf(listed)
+        (f1, args1, d1) = packing[0]
+        d1.callback(f1(*args1))
+        self.assertEqual(sorted(other.index.nodeFiles(ME)), ["new"])
