@@ -16,13 +16,11 @@ the same incarnation) and, when it stops, writes every copy it holds to
 C{keeper.view} in the state directory (L{p2pfiles.viewfile}); it reads the
 file back when it starts, so that a node restarted with its cluster asks
 each member only what changed since, which after clean stops is nothing.
-A copy is used only once its member has answered: a copy that turns out to
-be of an older incarnation is replaced by the full list before anything of
-it reaches the index.
+A copy is used only once its member has answered: a copy of an older
+incarnation is replaced by the full list before it reaches the index.
 
-While leading, the keeper keeps C{peer_files.log} current.  It knows nothing
-of connections: it opens request connections through a callable and keeps
-time with an injected clock.
+While leading, the keeper keeps C{peer_files.log} current.  It opens request
+connections through a callable and keeps time with an injected clock.
 """
 
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
@@ -46,8 +44,7 @@ from p2pfiles.wire import FileEntry
 # How long a member may take between two frames of its index.
 GATHER_TIMEOUT = 10.0
 
-# Own lists up to this long are packed on the reactor (a few ms); longer
-# ones in a thread.
+# Own lists up to this long are packed on the reactor, longer ones in a thread.
 PACK_HERE = 2000
 
 # How long a new leader holds back its first peer_files.log while the gather
@@ -322,8 +319,7 @@ class IndexKeeper:
             entries = packFiles(entries)[0]
         if isinstance(entries, PackedFiles):
             self.index.replaceNode(self.me, self.address, entries)
-            # The index follows this node's files from the scan's list on,
-            # while gathering (see ownChanges).
+            # From the scan's list on, ownChanges keeps the index current.
             self._ownCurrent = self._ownListed
         elif self._ownPacking is None:
             # Packed in a thread, as the scan's list is (see ownListed); own
@@ -331,16 +327,16 @@ class IndexKeeper:
             queue: List[Tuple[List[FileEntry], List[str]]] = []
             self._ownPacking = queue
 
-            def packed(files: Files) -> None:
+            def packed(result: Tuple[Files, int]) -> None:
                 if self._ownPacking is queue:  # else the scan's list is on its way
                     self._ownPacking = None
                     if self.gathering:
-                        self._own(files)
+                        self._own(result[0])
                     for changed, removed in queue:
                         self.ownChanges(changed, removed)
                     self._changed()
 
-            self.runInThread(packFiles, entries).addCallback(lambda result: packed(result[0]))
+            self.runInThread(packFiles, entries).addCallback(packed)
 
     def ownVouched(self, numbers: Optional[Tuple[str, int]]) -> Deferred:
         """
