@@ -22,7 +22,7 @@ import heapq
 import re
 import struct
 from datetime import datetime, timezone
-from itertools import chain, islice, repeat
+from itertools import chain, islice
 import json
 from json.encoder import encode_basestring
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union

@@ -11,7 +11,7 @@ is built long before it can be sent.  None of this travels on control links,
 so it never delays a heartbeat.
 """
 
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional
+from typing import Any, Iterator, List, NamedTuple, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPullProducer
