@@ -14,13 +14,17 @@ Two things hold the reactor thread up that no code on it can shorten:
     So is what the first scan of the share built, once, as it ends: an
     entry per file, which lives until the file changes, and would otherwise
     be walked by every full pass for good (L{ProcessPolicy.settleScan}).
+    While that scan runs, full passes wait (young and middle ones go on):
+    each would walk every entry built so far, 80-300 ms with ten nodes on
+    two cores, for entries the freeze then hides anyway.
     Nothing else is frozen: frozen objects are freed as usual when their count of
     references drops to zero, but a reference cycle among them is never
     reclaimed, and a node always holds some that will end (each
     connection's protocol and transport refer to each other), so a freeze
     while a flood of connections is open would keep them for good.  The one
-    at the first scan keeps at most what is open in the second or two it
-    takes, once per process.  The index's entries hold no cycles (compact
+    at the first scan keeps, once per process, what is open as it ends and
+    the cycles of what ended during it after living long enough to leave
+    the young generations (a tenth of a second or so while it runs).  The index's entries hold no cycles (compact
     records, L{FileEntry} slots).  The collector is never turned off: with
     it off while a scan ran (seconds, or tens of seconds on a starved
     machine), everything any thread allocated meanwhile was walked by the
@@ -87,7 +91,7 @@ from twisted.python.threadpool import ThreadPool
 from p2pfiles.scanworker import WORKER_NICE, ProcessObserver
 
 __all__ = [
-    "ARENA_MAX", "BackgroundThreads", "GC_THRESHOLDS", "LOGGED_PASS", "MMAP_THRESHOLD", "NoPolicy", "ProcessPolicy", "SWITCH_INTERVAL",
+    "ARENA_MAX", "BackgroundThreads", "GC_THRESHOLDS", "LOGGED_PASS", "MMAP_THRESHOLD", "NO_FULL_PASSES", "NoPolicy", "ProcessPolicy", "SWITCH_INTERVAL",
     "TRIM_THRESHOLD", "trimAllocator", "tuneAllocator",
 ]
 
@@ -104,6 +108,10 @@ SWITCH_INTERVAL = 0.0005
 # 10,000 those passes held the GIL 60-190 ms on nodes sharing two cores.
 # Python's default is (700, 10, 10).
 GC_THRESHOLDS = (2_000, 10, 10)
+
+# The oldest generation's threshold while the first scan runs: more middle
+# passes than any scan makes.
+NO_FULL_PASSES = 1 << 30
 
 # A pass at least this long is logged.
 LOGGED_PASS = 0.05
@@ -335,9 +343,19 @@ class ProcessPolicy:
         every shared file is then out of every later pass's sight (see the
         module's text for what that costs).
         """
-        yield
-        if first and self._running:
+        if not (first and self._running):
+            yield
+            return
+        # No full pass while the first scan builds an entry per file: each
+        # would walk all built so far (100-300 ms seen with ten nodes on
+        # two cores), only for the freeze to put them out of sight anyway.
+        # Young passes go on as usual.
+        self.gc.set_threshold(self.thresholds[0], self.thresholds[1], NO_FULL_PASSES)
+        try:
+            yield
             self._freeze()
+        finally:
+            self.gc.set_threshold(*self.thresholds)
 
     def _collection(self, phase: str, info: Dict[str, Any]) -> None:
         # Called by the collector, in whichever thread allocated: keep it

@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from p2pfiles.runtime import (
     ARENA_MAX,
     BackgroundThreads,
-    GC_THRESHOLDS, LOGGED_PASS, MMAP_THRESHOLD, SWITCH_INTERVAL, TRIM_THRESHOLD, NoPolicy, ProcessPolicy, trimAllocator, tuneAllocator,
+    GC_THRESHOLDS, LOGGED_PASS, MMAP_THRESHOLD, NO_FULL_PASSES, SWITCH_INTERVAL, TRIM_THRESHOLD, NoPolicy, ProcessPolicy, trimAllocator, tuneAllocator,
 )
 from p2pfiles.scanworker import WORKER_NICE, ProcessObserver
 
@@ -141,17 +141,20 @@ class ProcessPolicyTests(SynchronousTestCase):
         """
         C{settleScan(first=True)} freezes what exists as the scan ends,
         once; not if the scan failed, nor for a later scan; the collector
-        is never turned off.
+        is never turned off, and only its full passes wait while a first
+        scan runs.
         """
         self.policy.start()
         with self.policy.settleScan(True):
             self.assertEqual((self.gc.enabled, self.gc.freezes), (True, 1))
-        self.assertEqual((self.gc.enabled, self.gc.freezes), (True, 2))
+            self.assertEqual(self.gc.thresholds, (GC_THRESHOLDS[0], GC_THRESHOLDS[1], NO_FULL_PASSES))
+        self.assertEqual((self.gc.enabled, self.gc.freezes, self.gc.thresholds), (True, 2, GC_THRESHOLDS))
         with self.assertRaises(ZeroDivisionError):
             with self.policy.settleScan(True):
                 1 / 0
+        self.assertEqual(self.gc.thresholds, GC_THRESHOLDS)
         with self.policy.settleScan(False):
-            pass
+            self.assertEqual(self.gc.thresholds, GC_THRESHOLDS)
         self.assertEqual((self.gc.enabled, self.gc.freezes), (True, 2))
 
     def test_settleScanOnlyWhileRunning(self) -> None:
