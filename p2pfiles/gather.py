@@ -515,7 +515,7 @@ class IndexKeeper:
         if changes.full:
             if changes.refused:
                 self.log.warn(
-                    "ignored {count} entries with unacceptable names or values from node {member}",
+                    "ignored {count} entries with unacceptable names or values, or out of name order, from node {member}",
                     count=changes.refused,
                     member=member,
                 )

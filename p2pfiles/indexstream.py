@@ -80,7 +80,8 @@ class Pulled(NamedTuple):
         L{p2pfiles.index.packEntry}) of each acceptable entry, built frame
         by frame as the answer came in.
     @ivar refused: entries of a full answer left out of C{files}: names no
-        node accepts, or values no record holds.
+        node accepts, values no record holds, or entries out of name order
+        (a name again included).
     """
 
     incarnation: str
@@ -114,7 +115,8 @@ async def pullIndex(
     connection.send(Message("index-since", incarnation=incarnation, since=since))
     entries: List[FileEntry] = []
     removed: List[str] = []
-    files = PackedBuilder()
+    # Nodes send their lists in name order; entries out of it are refused.
+    files = PackedBuilder(strict=True)
     count = refused = 0
     first: Optional[Message] = None
     while True:
@@ -132,8 +134,8 @@ async def pullIndex(
             for entry in frame.entries:
                 if nameProblem(entry.name) is None:
                     try:
-                        files.add(entry.name, packEntry(entry))
-                        continue
+                        if files.add(entry.name, packEntry(entry)):
+                            continue
                     except ValueError:
                         pass
                 refused += 1

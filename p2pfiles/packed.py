@@ -261,29 +261,38 @@ class PackedFiles(Mapping[str, bytes]):
 
 class PackedBuilder:
     """
-    Packs C{(name, record)} pairs given in name order into a L{PackedFiles};
-    a pair out of order (or a name again) is kept as a change, where a later
-    pair of a name wins, so any order gives the right map.
+    Packs C{(name, record)} pairs given in name order into a L{PackedFiles}.
+    A pair out of order (or a name again) is kept as a change, where a later
+    pair of a name wins, so any order gives the right map; or, if C{strict}
+    (a list from another node, which must come in order), refused: keeping
+    many as changes would cost their packing on the reactor at L{build}.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, strict: bool = False) -> None:
+        self.strict = strict
         self._names = bytearray()
         self._ends = array("Q", [0])
         self._records = bytearray()
         self._last: Optional[bytes] = None
         self._late: Dict[str, bytes] = {}
 
-    def add(self, name: str, record: bytes) -> None:
+    def add(self, name: str, record: bytes) -> bool:
+        """
+        Add a pair; L{False} if it was refused (see C{strict}).
+        """
         if len(record) != RECORD_SIZE:
             raise ValueError(f"a record is {RECORD_SIZE} bytes, not {len(record)}")
         raw = _encode(name)
         if self._last is not None and raw <= self._last:
+            if self.strict:
+                return False
             self._late[name] = record
-            return
+            return True
         self._last = raw
         self._names += raw
         self._ends.append(len(self._names))
         self._records += record
+        return True
 
     def __len__(self) -> int:
         return len(self._ends) - 1 + len(self._late)
@@ -294,7 +303,7 @@ class PackedBuilder:
         """
         files = PackedFiles(bytes(self._names), self._ends, bytes(self._records), {}, len(self._ends) - 1)
         late = self._late
-        self.__init__()  # type: ignore[misc]
+        self.__init__(self.strict)  # type: ignore[misc]
         return files.changed(late, ()) if late else files
 
 

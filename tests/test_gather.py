@@ -217,6 +217,22 @@ class LeadTests(KeeperCase):
         self.assertEqual(self.names(2), ["good"])
         self.assertTrue(any("2 entries with unacceptable names" in formatEvent(e) for e in events))
 
+    def test_entriesOutOfOrderAreDropped(self) -> None:
+        """
+        A full list comes in name order (members send it so); an entry out
+        of that order, or a name again, is dropped and counted in the one
+        warning, and the rest is packed whole.
+        """
+        self.keeper.lead(3, [], members(2))
+        upstream = self.network.connect(2)
+        with capturedLogs() as events:
+            upstream.answer("i2", 1, True, [entry("b"), entry("d"), entry("c"), entry("d", "b"), entry("e")], last=False)
+            upstream.answer("i2", 1, True, [entry("a"), entry("f")])
+        self.assertEqual(self.names(2), ["b", "d", "e", "f"])
+        self.assertEqual(self.keeper.index.nodeFiles(2).changeCount, 0)
+        self.assertEqual(self.keeper.index.holders("d")[0][2], entry("d"))
+        self.assertTrue(any("ignored 3 entries" in formatEvent(e) and "out of name order" in formatEvent(e) for e in events))
+
     def test_listLargerThanTheCapIsRefused(self) -> None:
         """
         A member listing more files than the cap is refused with one line,
@@ -359,7 +375,7 @@ class FailoverTests(KeeperCase):
         as that small answer is in.
         """
         self.keeper.standBy([entry("mine")], members(2))
-        self.network.connect(2).answer("i2", 50, True, [entry(f"f{i}") for i in range(1000)])
+        self.network.connect(2).answer("i2", 50, True, [entry(f"f{i:04d}") for i in range(1000)])
         self.assertFalse(self.logPath.exists())
         d = self.keeper.lead(4, [entry("mine")], members(2))
         self.assertEqual(self.network.pending(2), 0, "nothing new was announced: nothing to ask")
