@@ -504,15 +504,15 @@ class IndexKeeper:
     async def _pull(self, member: int, view: MemberView) -> Pulled:
         connection = await self.openUpstream(view.address)
         try:
-            return await pullIndex(
-                self.clock, connection, view.incarnation, view.seq, self.gatherTimeout, self.maxEntries
-            )
+            base = view.kept if view.kept is not None else self.index.nodeFiles(member) if self.index.hasNode(member) else None
+            asked = (view.incarnation, view.seq, self.gatherTimeout, self.maxEntries, base, self.runInThread)
+            return await pullIndex(self.clock, connection, *asked)
         finally:
             connection.close()
 
     def _apply(self, member: int, view: MemberView, changes: Pulled) -> None:
         kept, view.kept = view.kept, None
-        if changes.full:
+        if changes.full or changes.made:
             if changes.refused:
                 self.log.warn(
                     "ignored {count} entries with unacceptable names or values, or out of name order, from node {member}",

@@ -11,7 +11,7 @@ is built long before it can be sent.  None of this travels on control links,
 so it never delays a heartbeat.
 """
 
-from typing import Any, Iterator, List, NamedTuple, Optional
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPullProducer
@@ -24,6 +24,10 @@ from p2pfiles.packed import PackedBuilder, PackedFiles
 from p2pfiles.localindex import Changes
 from p2pfiles.names import nameProblem
 from p2pfiles.wire import FileEntry, Message, deltaFrames
+
+
+# A delta of more names than this is applied in a thread (see pullIndex).
+LARGE_DELTA = 2000
 
 
 @implementer(IPullProducer)
@@ -81,7 +85,9 @@ class Pulled(NamedTuple):
         by frame as the answer came in.
     @ivar refused: entries of a full answer left out of C{files}: names no
         node accepts, values no record holds, or entries out of name order
-        (a name again included).
+        (a name again included); of a large delta, the first two.
+    @ivar made: the answer is a large delta, already applied, in a thread,
+        to the asker's copy (C{base}): C{files} is the member's whole list.
     """
 
     incarnation: str
@@ -91,6 +97,7 @@ class Pulled(NamedTuple):
     removed: List[str]
     files: PackedFiles
     refused: int
+    made: bool = False
 
 
 async def pullIndex(
@@ -100,6 +107,8 @@ async def pullIndex(
     since: int,
     timeout: float,
     maxEntries: int,
+    base: Optional[PackedFiles] = None,
+    runInThread: Optional[Callable[..., Deferred]] = None,
 ) -> Pulled:
     """
     Ask the node at the other end of C{connection} for what changed since
@@ -111,6 +120,9 @@ async def pullIndex(
     The entries of a full answer are checked and packed as each frame
     comes, so that the work is spread over the answer (a few hundred
     entries at a time) instead of done at the end, in one long stretch.
+    A delta of more than L{LARGE_DELTA} names, given the asker's copy
+    (C{base}, the member's files at C{since}) and C{runInThread}, is
+    checked and applied to that copy in a thread (see L{Pulled.made}).
     """
     connection.send(Message("index-since", incarnation=incarnation, since=since))
     entries: List[FileEntry] = []
@@ -143,4 +155,27 @@ async def pullIndex(
             entries.extend(frame.entries)
         removed.extend(frame.removed)
         if frame.last:
-            return Pulled(first.incarnation, first.seq, first.full, entries, removed, files.build(), refused)
+            break
+    if not first.full and base is not None and runInThread is not None and len(entries) + len(removed) > LARGE_DELTA:
+        made, refused = await runInThread(deltaApplied, base, entries, removed)
+        return Pulled(first.incarnation, first.seq, first.full, entries, removed, made, refused, made=True)
+    return Pulled(first.incarnation, first.seq, first.full, entries, removed, files.build(), refused)
+
+
+def deltaApplied(base: PackedFiles, entries: List[FileEntry], removed: List[str]) -> Tuple[PackedFiles, int]:
+    """
+    C{base} with a member's changes applied, leaving out names no node
+    accepts and values no record holds; and how many were left out.  Runs
+    in a thread: O(changes), but a large delta is many.
+    """
+    records: Dict[str, bytes] = {}
+    refused = 0
+    for entry in entries:
+        if nameProblem(entry.name) is None:
+            try:
+                records[entry.name] = packEntry(entry)
+                continue
+            except ValueError:
+                pass
+        refused += 1
+    return base.changed(records, removed), refused

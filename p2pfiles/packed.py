@@ -154,13 +154,25 @@ class PackedFiles(Mapping[str, bytes]):
         if len(self) != len(other):
             return False
         if isinstance(other, PackedFiles):
-            mine, theirs = self._layout, other._layout
-            if not (mine[3] or theirs[3]):
-                return mine[:3] == theirs[:3]  # compared by memcmp, not name by name
+            if self.quicklyEqual(other):
+                return True
+            if not (self._changes or other.changeCount):
+                return False  # packed whole, both: the buffers are the content
             return all(a == b for a, b in zip(self.items(), other.items()))
         return all(other.get(name) == record for name, record in self.items())
 
     __hash__ = None  # type: ignore[assignment]
+
+    def quicklyEqual(self, other: "PackedFiles") -> bool:
+        """
+        Whether C{other} is certainly equal, told at the cost of comparing
+        the buffers (C{memcmp}), never name by name: the same map, or both
+        with no changes and equal buffers.  L{False} says nothing.
+        """
+        if other is self:
+            return True
+        ends, names, records, changes = other._layout
+        return not (self._changes or changes) and (self._ends, self._names, self._records) == (ends, names, records)
 
     def __repr__(self) -> str:
         return f"<PackedFiles of {self._length} names, {len(self._changes)} changed>"

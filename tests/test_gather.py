@@ -17,7 +17,7 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2pfiles.errors import P2PError
-from p2pfiles import gather
+from p2pfiles import gather, indexstream
 from p2pfiles.gather import FIRST_WRITE_HOLD, GATHER_TIMEOUT, IndexKeeper
 from p2pfiles.index import parseLog
 from p2pfiles.wire import FileEntry, Message, decode, encode
@@ -383,6 +383,39 @@ class FailoverTests(KeeperCase):
         self.clock.advance(MIN_INTERVAL)
         header, rows = parseLog(self.logPath.getContent())
         self.assertEqual((header["epoch"], header["files"]), (4, 1001))
+
+    def test_largeDeltaAppliedInAThread(self) -> None:
+        """
+        A delta of more than L{indexstream.LARGE_DELTA} names is checked and
+        applied to the keeper's copy in a thread, not on the reactor; bad
+        names are left out and counted; the copy kept beside it is not
+        touched.
+        """
+        self.patch(indexstream, "LARGE_DELTA", 2)
+        threaded: list = []
+
+        def runInThread(f, *args):
+            threaded.append(f.__name__)
+            return syncThread(f, *args)
+
+        keeper = IndexKeeper(ME, MY_ADDRESS, self.logPath, self.clock, runInThread, self.network.open)
+        self.addCleanup(lambda: self.successResultOf(keeper.stop()))
+        keeper.lead(3, [], members(2))
+        self.network.connect(2).answer("i2", 5, True, [entry("a"), entry("b"), entry("c")])
+        before = keeper.index.nodeFiles(2)
+        self.assertNotIn("deltaApplied", threaded)
+        keeper.noticed(2, "i2", 6)
+        with capturedLogs() as events:
+            self.network.connect(2).answer("i2", 6, False, [entry("b", "b"), entry("d"), entry(".bad")], ["a"])
+        self.assertEqual(threaded.count("deltaApplied"), 1)
+        self.assertEqual(sorted(keeper.index.nodeFiles(2)), ["b", "c", "d"])
+        self.assertEqual(keeper.index.holders("b")[0][2], entry("b", "b"))
+        self.assertEqual(sorted(before), ["a", "b", "c"])
+        self.assertTrue(any("ignored 1 entries" in formatEvent(e) for e in events))
+        # A small one is applied on the reactor, as before.
+        keeper.noticed(2, "i2", 7)
+        self.network.connect(2).answer("i2", 7, False, [entry("e")], [])
+        self.assertEqual((threaded.count("deltaApplied"), sorted(keeper.index.nodeFiles(2))), (1, ["b", "c", "d", "e"]))
 
     def test_resignKeepsTheIndex(self) -> None:
         """

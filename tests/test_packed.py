@@ -144,3 +144,16 @@ class PackedFilesTests(SynchronousTestCase):
         self.assertEqual(list(one.items()), [("a", record("a"))])
         self.assertEqual(len(one.changed({}, ["a"])), 0)
 
+    def test_quicklyEqual(self) -> None:
+        """
+        C{quicklyEqual} says yes only when it can tell by the buffers: the
+        same map, or both packed whole alike; a map with changes beside its
+        buffers is not told equal that way, even when it is.
+        """
+        packed = packItems([("a", record("a")), ("b", record("b"))])
+        self.assertTrue(packed.quicklyEqual(packed))
+        self.assertTrue(packed.quicklyEqual(packItems([("a", record("a")), ("b", record("b"))])))
+        self.assertFalse(packed.quicklyEqual(packItems([("a", record("a"))])))
+        changed = packItems([("a", record("a"))]).changed({"b": record("b")}, [])
+        self.assertFalse(packed.quicklyEqual(changed))
+        self.assertEqual(packed, changed)
