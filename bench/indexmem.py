@@ -108,7 +108,8 @@ def counts(total: int, nodes: int) -> List[int]:
 def build(module: types.ModuleType, total: int, nodes: int, shared: bool) -> Any:
     index = module.ClusterIndex()
     for k, count in enumerate(counts(total, nodes)):
-        index.replaceNode(k + 1, f"127.0.0.1:{9001 + k}", entries(k + 1, count, shared))
+        # In name order, as a node's scan lists them and members send them.
+        index.replaceNode(k + 1, f"127.0.0.1:{9001 + k}", sorted(entries(k + 1, count, shared), key=lambda e: e.name))
     assert index.fileCount() == total, (index.fileCount(), total)
     return index
 
