@@ -8,7 +8,7 @@ L{Clock}, threads run synchronously and C{peer_files.log} is a real file in
 a temporary directory.  No socket, no real second.
 """
 
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
@@ -731,28 +731,33 @@ class OwnPackingTests(SynchronousTestCase):
     The first scan's list is packed in a thread, not on the reactor.
     """
 
+    def setUp(self) -> None:
+        # Every call to runInThread, held until the test fires it.
+        self.calls: list = []
+        self.state = FilePath(self.mktemp())
+        self.state.makedirs()
+
+    def runInThread(self, f, *args):
+        d = defer.Deferred()
+        self.calls.append((f, args, d))
+        return d
+
+    def keeper(self, clock: Clock) -> IndexKeeper:
+        return IndexKeeper(ME, MY_ADDRESS, self.state.child("peer_files.log"), clock, self.runInThread, Network().open)
+
     def test_changesWaitForThePackedList(self) -> None:
         """
         The own list is packed by C{runInThread}; own changes meanwhile are
         applied after it, in order; a later lead does not pack the list
         again.
         """
-        calls: list = []
-
-        def runInThread(f, *args):
-            d = defer.Deferred()
-            calls.append((f, args, d))
-            return d
-
-        state = FilePath(self.mktemp())
-        state.makedirs()
-        keeper = IndexKeeper(ME, MY_ADDRESS, state.child("peer_files.log"), Clock(), runInThread, Network().open)
+        keeper = self.keeper(Clock())
         keeper.awaitOwnFiles()
         keeper.standBy([], {})
         listed = keeper.ownListed([entry("a"), entry("b")])
         keeper.ownChanges([entry("c")], ["a"])
         self.assertEqual(dict(keeper.index.nodeFiles(ME)), {})
-        [(f, args, d)] = calls
+        [(f, args, d)] = self.calls
         self.assertEqual(f.__name__, "packFiles")
         d.callback(f(*args))
         self.successResultOf(listed)
@@ -767,18 +772,9 @@ class OwnPackingTests(SynchronousTestCase):
         without it; if the scan's list comes meanwhile, that one wins.
         """
         self.patch(gather, "PACK_HERE", 1)
-        calls: list = []
-
-        def runInThread(f, *args):
-            d = defer.Deferred()
-            calls.append((f, args, d))
-            return d
-
-        state = FilePath(self.mktemp())
-        state.makedirs()
-        log = state.child("peer_files.log")
+        calls = self.calls
         clock = Clock()
-        keeper = IndexKeeper(ME, MY_ADDRESS, log, clock, runInThread, Network().open)
+        keeper = self.keeper(clock)
         keeper.lead(1, [entry("a"), entry("b")], {})
         keeper.ownChanges([entry("c")], ["a"])
         clock.advance(10)
@@ -792,7 +788,7 @@ class OwnPackingTests(SynchronousTestCase):
 
         # Superseded: the scan's list arrives while the lead's is packed.
         calls.clear()
-        other = IndexKeeper(ME, MY_ADDRESS, log, clock, runInThread, Network().open)
+        other = self.keeper(clock)
         other.awaitOwnFiles()
         other.standBy([entry("old1"), entry("old2")], {})
         listed = other.ownListed([entry("new")])
