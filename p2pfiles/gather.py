@@ -34,7 +34,6 @@ from twisted.python.filepath import FilePath
 from p2pfiles.index import ClusterIndex, Compactor, Files, packFiles
 from p2pfiles.packed import PackedFiles
 from p2pfiles.indexstream import Pulled, pullIndex
-from p2pfiles.names import nameProblem
 from p2pfiles.peerlog import LogContent, LogWriter
 from p2pfiles.runtime import trimAllocator
 from p2pfiles.viewfile import KeptMember, ViewError, loadView, writeView
@@ -322,21 +321,32 @@ class IndexKeeper:
             # From the scan's list on, ownChanges keeps the index current.
             self._ownCurrent = self._ownListed
         elif self._ownPacking is None:
-            # Packed in a thread, as the scan's list is (see ownListed); own
-            # changes and the log wait for them meanwhile.
-            queue: List[Tuple[List[FileEntry], List[str]]] = []
-            self._ownPacking = queue
 
-            def packed(result: Tuple[Files, int]) -> None:
-                if self._ownPacking is queue:  # else the scan's list is on its way
-                    self._ownPacking = None
-                    if self.gathering:
-                        self._own(result[0])
-                    for changed, removed in queue:
-                        self.ownChanges(changed, removed)
-                    self._changed()
+            def packed(files: Files) -> None:
+                if self.gathering:
+                    self._own(files)
 
-            self.runInThread(packFiles, entries).addCallback(packed)
+            self._packOwn(entries, packed)
+
+    def _packOwn(self, entries: List[FileEntry], then: Callable[[Files], None]) -> Deferred:
+        """
+        Pack this node's own C{entries} in a thread and hand them to
+        C{then}; own changes meanwhile wait and are applied after, and the
+        log waits too (see L{_changed}).  A later packing (the scan's list)
+        supersedes this one.  Fires when done.
+        """
+        queue: List[Tuple[List[FileEntry], List[str]]] = []
+        self._ownPacking = queue
+
+        def packed(result: Tuple[Files, int]) -> None:
+            if self._ownPacking is queue:
+                self._ownPacking = None
+                then(result[0])
+                for changed, removed in queue:
+                    self.ownChanges(changed, removed)
+                self._changed()
+
+        return self.runInThread(packFiles, entries).addCallback(packed)
 
     def ownVouched(self, numbers: Optional[Tuple[str, int]]) -> Deferred:
         """
@@ -370,17 +380,13 @@ class IndexKeeper:
         at the latest C{FIRST_WRITE_HOLD} seconds from then.  Own changes
         meanwhile wait for them.  Fires when done.
         """
-        self._ownPacking = []
 
         def packed(files: Files) -> None:
-            pending, self._ownPacking = self._ownPacking, None
             self._ownProvisional = None
             self._ownKept = None
             self._listed(files)
-            for changed, removed in pending or []:
-                self.ownChanges(changed, removed)
 
-        return self.runInThread(packFiles, entries).addCallback(lambda result: packed(result[0]))
+        return self._packOwn(entries, packed)
 
     def _listed(self, files: Optional[Files]) -> None:
         self._ownListed = True
@@ -502,31 +508,29 @@ class IndexKeeper:
         return d.addBoth(done)
 
     async def _pull(self, member: int, view: MemberView) -> Pulled:
+        def base() -> Files:
+            # The copy a delta is an answer to (none: no files).
+            copy = self._copyOf(member, view)
+            return PackedFiles.empty() if copy is None else copy.files
+
         connection = await self.openUpstream(view.address)
         try:
-            base = view.kept if view.kept is not None else self.index.nodeFiles(member) if self.index.hasNode(member) else None
             asked = (view.incarnation, view.seq, self.gatherTimeout, self.maxEntries, base, self.runInThread)
             return await pullIndex(self.clock, connection, *asked)
         finally:
             connection.close()
 
     def _apply(self, member: int, view: MemberView, changes: Pulled) -> None:
-        kept, view.kept = view.kept, None
-        if changes.full or changes.made:
-            if changes.refused:
-                self.log.warn(
-                    "ignored {count} entries with unacceptable names or values, or out of name order, from node {member}",
-                    count=changes.refused,
-                    member=member,
-                )
-            # Checked and packed frame by frame as it came (see pullIndex).
-            self.index.replaceNode(member, view.address, changes.files)
-        else:
-            entries = self._acceptable(member, changes.entries)
-            if kept is not None:
-                # The copy was of the very change the member answers from.
-                self.index.replaceNode(member, view.address, kept)
-            self.index.applyChanges(member, view.address, entries, changes.removed)
+        view.kept = None
+        if changes.refused:
+            self.log.warn(
+                "ignored {count} entries with unacceptable names or values, or out of name order, from node {member}",
+                count=changes.refused,
+                member=member,
+            )
+        # Checked and packed as it came, or this keeper's copy with the
+        # changes applied (see pullIndex).
+        self.index.replaceNode(member, view.address, changes.files)
         view.incarnation = changes.incarnation
         view.seq = changes.seq
         if view.announced[0] != changes.incarnation:
@@ -534,21 +538,6 @@ class IndexKeeper:
             # answer we now hold): the answer is the newer word.
             view.announced = (changes.incarnation, changes.seq)
         self._changed()
-
-    def _acceptable(self, member: int, entries: List[FileEntry]) -> List[FileEntry]:
-        """
-        The entries whose names every node would accept: a member's list is
-        checked again here, since whatever enters the index is offered to
-        every client.
-        """
-        good = [e for e in entries if nameProblem(e.name) is None]
-        if len(good) != len(entries):
-            self.log.warn(
-                "ignored {count} entries with unacceptable names from node {member}",
-                count=len(entries) - len(good),
-                member=member,
-            )
-        return good
 
     def ownChanges(self, changed: List[FileEntry], removed: List[str]) -> None:
         if self._ownPacking is not None:
@@ -597,9 +586,8 @@ class IndexKeeper:
         """
         What this keeper holds of C{member}'s files, and at which change,
         if anything: the index's map is the copy once the member answered,
-        the kept one before.  Maps in the index change in place until a
-        snapshot is taken, so callers reading the copy in a thread take one
-        (see L{saveView}).
+        the kept one before.  Maps are never changed, so any thread may
+        read the copy.
         """
         if view is None or view.incarnation is None:
             return None
@@ -619,23 +607,19 @@ class IndexKeeper:
         """
         if self.viewPath is None or not self._loaded.happened:
             return succeed(None)
-        # After a snapshot the index copies a map before changing it, so the
-        # maps handed to the thread stay as they are.
-        snapshot = self.index.snapshot()
+        # Maps are never changed: the thread reads them as they are now.
         copies = dict(self.departed)
         for member, view in sorted(self.views.items()):
             copy = self._copyOf(member, view)
             if copy is not None:
-                if view.kept is None:
-                    copy = copy._replace(files=snapshot.nodeFiles(member))
                 copies[member] = copy
         if self._ownProvisional is not None:
             # Still standing in (no scan listed them): the copy it came from.
             incarnation, seq = self._ownProvisionalNumbers
             copies[self.me] = KeptMember(self.me, self.address, incarnation, seq, self._ownProvisional)
-        elif self.ownNumbers is not None and self._ownCurrent and snapshot.hasNode(self.me):
+        elif self.ownNumbers is not None and self._ownCurrent and self.index.hasNode(self.me):
             incarnation, seq = self.ownNumbers()
-            copies[self.me] = KeptMember(self.me, self.address, incarnation, seq, snapshot.nodeFiles(self.me))  # type: ignore[arg-type]
+            copies[self.me] = KeptMember(self.me, self.address, incarnation, seq, self.index.nodeFiles(self.me))
         kept = [copies[m] for m in sorted(copies)]
         d = self.runInThread(writeView, self.viewPath, self.me, kept)
         return d.addErrback(lambda f: self.log.failure("cannot save {path}", f, path=self.viewPath.path))

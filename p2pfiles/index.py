@@ -74,7 +74,8 @@ def packEntries(entries: Iterable[FileEntry], into: Union[PackedBuilder, Dict[st
     """
     Add every entry's record to C{into} (a L{PackedBuilder}, or a dict keyed
     by the entry's own name object; a later entry of a name wins).  Returns
-    how many entries no record can hold (see L{packEntry}), left out.
+    how many entries were left out: no record can hold them (see
+    L{packEntry}), or a strict builder refused them (out of name order).
     """
     add = into.add if isinstance(into, PackedBuilder) else into.__setitem__
     refused = 0
@@ -84,7 +85,8 @@ def packEntries(entries: Iterable[FileEntry], into: Union[PackedBuilder, Dict[st
         except ValueError:
             refused += 1
         else:
-            add(entry.name, record)
+            if add(entry.name, record) is False:
+                refused += 1
     return refused
 
 
@@ -130,7 +132,7 @@ class IndexView:
         return self._files[node]
 
     def _holderIds(self, name: str) -> Iterable[int]:
-        # Every node's map is asked: a few dict lookups, as nodes are few.
+        # Every node's map is asked: a binary search in each, as nodes are few.
         return [node for node in sorted(self._files) if name in self._files[node]]
 
     def holders(self, name: str, sha256: Optional[str] = None) -> List[Holder]:

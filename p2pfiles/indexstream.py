@@ -19,7 +19,7 @@ from zope.interface import implementer
 
 from p2pfiles.client import bounded
 from p2pfiles.errors import P2PError
-from p2pfiles.index import packEntry
+from p2pfiles.index import packEntries
 from p2pfiles.packed import PackedBuilder, PackedFiles
 from p2pfiles.localindex import Changes
 from p2pfiles.names import nameProblem
@@ -77,17 +77,16 @@ class Pulled(NamedTuple):
     """
     A member's answer to C{index-since}, as L{pullIndex} collected it.
 
-    @ivar full: the answer is the member's whole list, in C{files}, which
-        replaces what the asker held; otherwise it is the changes, in
-        C{entries} and C{removed}.
-    @ivar files: when C{full}, the packed name -> record map (see
-        L{p2pfiles.index.packEntry}) of each acceptable entry, built frame
-        by frame as the answer came in.
-    @ivar refused: entries of a full answer left out of C{files}: names no
-        node accepts, values no record holds, or entries out of name order
-        (a name again included); of a large delta, the first two.
-    @ivar made: the answer is a large delta, already applied, in a thread,
-        to the asker's copy (C{base}): C{files} is the member's whole list.
+    @ivar full: the answer is the member's whole list, which replaces what
+        the asker held; otherwise it is the changes, in C{entries} and
+        C{removed}.
+    @ivar files: the member's whole list after this answer, packed (see
+        L{p2pfiles.index.packEntry}): a full answer's acceptable entries,
+        packed frame by frame as they came, or the asker's copy with the
+        changes applied.
+    @ivar refused: entries left out of C{files}: names no node accepts,
+        values no record holds, or, in a full answer, entries out of name
+        order (a name again included).
     """
 
     incarnation: str
@@ -97,7 +96,6 @@ class Pulled(NamedTuple):
     removed: List[str]
     files: PackedFiles
     refused: int
-    made: bool = False
 
 
 async def pullIndex(
@@ -107,7 +105,7 @@ async def pullIndex(
     since: int,
     timeout: float,
     maxEntries: int,
-    base: Optional[PackedFiles] = None,
+    base: Callable[[], PackedFiles] = PackedFiles.empty,
     runInThread: Optional[Callable[..., Deferred]] = None,
 ) -> Pulled:
     """
@@ -120,9 +118,10 @@ async def pullIndex(
     The entries of a full answer are checked and packed as each frame
     comes, so that the work is spread over the answer (a few hundred
     entries at a time) instead of done at the end, in one long stretch.
-    A delta of more than L{LARGE_DELTA} names, given the asker's copy
-    (C{base}, the member's files at C{since}) and C{runInThread}, is
-    checked and applied to that copy in a thread (see L{Pulled.made}).
+    The changes of a delta are checked and applied, when the last frame is
+    in, to C{base()}, the asker's copy of the member's files at C{since}:
+    in a thread (C{runInThread}) if there are more than L{LARGE_DELTA}
+    names.
     """
     connection.send(Message("index-since", incarnation=incarnation, since=since))
     entries: List[FileEntry] = []
@@ -143,39 +142,34 @@ async def pullIndex(
         if count > maxEntries:
             raise P2PError(f"more than {maxEntries} files in one node's list", "limit")
         if first.full:
-            for entry in frame.entries:
-                if nameProblem(entry.name) is None:
-                    try:
-                        if files.add(entry.name, packEntry(entry)):
-                            continue
-                    except ValueError:
-                        pass
-                refused += 1
+            refused += _packAcceptable(frame.entries, files)
         else:
             entries.extend(frame.entries)
         removed.extend(frame.removed)
         if frame.last:
             break
-    if not first.full and base is not None and runInThread is not None and len(entries) + len(removed) > LARGE_DELTA:
-        made, refused = await runInThread(deltaApplied, base, entries, removed)
-        return Pulled(first.incarnation, first.seq, first.full, entries, removed, made, refused, made=True)
-    return Pulled(first.incarnation, first.seq, first.full, entries, removed, files.build(), refused)
+    if first.full:
+        packed = files.build()
+    elif runInThread is not None and len(entries) + len(removed) > LARGE_DELTA:
+        packed, refused = await runInThread(deltaApplied, base(), entries, removed)
+    else:
+        packed, refused = deltaApplied(base(), entries, removed)
+    return Pulled(first.incarnation, first.seq, first.full, entries, removed, packed, refused)
+
+
+def _packAcceptable(entries: List[FileEntry], into: Any) -> int:
+    # Pack into `into` the entries whose names every node accepts (whatever
+    # enters the index is offered to every client); how many were left out.
+    good = [entry for entry in entries if nameProblem(entry.name) is None]
+    return len(entries) - len(good) + packEntries(good, into)
 
 
 def deltaApplied(base: PackedFiles, entries: List[FileEntry], removed: List[str]) -> Tuple[PackedFiles, int]:
     """
     C{base} with a member's changes applied, leaving out names no node
-    accepts and values no record holds; and how many were left out.  Runs
-    in a thread: O(changes), but a large delta is many.
+    accepts and values no record holds; and how many were left out.
+    O(changes): run it in a thread for many.
     """
     records: Dict[str, bytes] = {}
-    refused = 0
-    for entry in entries:
-        if nameProblem(entry.name) is None:
-            try:
-                records[entry.name] = packEntry(entry)
-                continue
-            except ValueError:
-                pass
-        refused += 1
+    refused = _packAcceptable(entries, records)
     return base.changed(records, removed), refused
