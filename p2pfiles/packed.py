@@ -203,29 +203,32 @@ class PackedFiles(Mapping[str, bytes]):
         changes: Optional[Dict[str, Optional[bytes]]] = None
         length = self._length
 
-        def current(name: str) -> Optional[bytes]:
+        def lookup(name: str) -> Tuple[Optional[bytes], Optional[bytes]]:
+            # The name's record now and its packed one: one search each.
+            packed = self._packedGet(name)
             record = (self._changes if changes is None else changes).get(name, _MISSING)
-            return self._packedGet(name) if record is _MISSING else record  # type: ignore[return-value]
+            return (packed if record is _MISSING else record), packed  # type: ignore[return-value]
 
         for name, record in records.items():
-            old = current(name)
+            old, packed = lookup(name)
             if old == record:
                 continue
             if changes is None:
                 changes = dict(self._changes)
             if old is None:
                 length += 1
-            if self._packedGet(name) == record:
+            if packed == record:
                 del changes[name]  # back to the packed record
             else:
                 changes[name] = record
         for name in removed:
-            if current(name) is None:
+            old, packed = lookup(name)
+            if old is None:
                 continue
             if changes is None:
                 changes = dict(self._changes)
             length -= 1
-            if self._packedGet(name) is None:
+            if packed is None:
                 del changes[name]
             else:
                 changes[name] = None
