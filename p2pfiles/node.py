@@ -202,8 +202,9 @@ class Node(MultiService):
         )
         self.scanObserver = self.policy.scanObserver()
         background = self.policy.backgroundThreads()
-        # Scans and the keeper's lists and log: at a lower priority where
-        # the policy gives threads for it (see BackgroundThreads).
+        # Scans and the keeper's lists and log: in threads of their own,
+        # apart from the reactor's pool, where the policy gives them (see
+        # BackgroundThreads).
         backgroundRun = background.runInThread if background is not None else runInThread
         self.localIndex = LocalIndex(
             config.share, config.state, reactor, runInThread=backgroundRun, useInotify=useInotify,
